@@ -1,0 +1,350 @@
+"""Site configuration: TOML files validated by pydantic, device templates expanded into rows.
+
+A bad file fails at start with one message naming the file, the key and the problem
+(`ConfigError`). Units on the wire of the config are kW and seconds, as operators write
+them; `DeviceSpec` carries SI watts for the fleet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Protocol = Literal["modbus"]
+FailsafePolicy = Literal["hold", "baseline", "min"]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator: file, key, what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class MqttConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    prefix: str = "rampd"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    tls: TlsConfig | None = None
+    reconnect_max_s: PositiveFloat = 30.0
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_is_topic_safe(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+\0") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("must be a non-empty topic level without '#', '+' or edge '/'")
+        return v
+
+
+class SiteLimits(_Strict):
+    """What the dispatcher may ask for, and how close counts as arrived."""
+
+    min_kw: NonNegFloat = 0.0
+    max_kw: PositiveFloat
+    deadband_kw: NonNegFloat = 5.0
+    telemetry_max_age_s: PositiveFloat = 10.0
+    max_issued_age_s: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SiteLimits:
+        if self.min_kw >= self.max_kw:
+            raise ValueError("min_kw must be below max_kw")
+        return self
+
+
+class FailsafeConfig(_Strict):
+    dispatch_timeout_s: PositiveFloat = 60.0
+    policy: FailsafePolicy = "hold"
+    baseline_kw: NonNegFloat | None = None
+    ramp_s: NonNegFloat = 30.0
+
+    @model_validator(mode="after")
+    def _baseline_given(self) -> FailsafeConfig:
+        if self.policy == "baseline" and self.baseline_kw is None:
+            raise ValueError("policy 'baseline' needs baseline_kw")
+        return self
+
+
+class MetricsConfig(_Strict):
+    listen: str = "127.0.0.1:9470"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        split_host_port(v, default_port=9470)
+        return v
+
+
+class ControlConfig(_Strict):
+    """Gains of the meter feedback; the defaults suit a 100 ms cycle."""
+
+    observer_tau_s: PositiveFloat = 1.0
+    meter_max_age_s: PositiveFloat = 1.0
+
+
+class MeterConfig(_Strict):
+    protocol: Protocol = "modbus"
+    host: str = "127.0.0.1"
+    port: Port = 502
+    unit: Annotated[int, Field(ge=0, le=255)] = 1
+    poll_s: PositiveFloat = 0.1
+    timeout_s: PositiveFloat = 1.0
+
+
+class DeviceTemplate(_Strict):
+    """One device class: its protocol, limits and dynamics. Numbers in a template are sourced."""
+
+    kind: str
+    protocol: Protocol
+    p_min_kw: NonNegFloat
+    p_max_kw: PositiveFloat
+    p_idle_kw: NonNegFloat = 0.0
+    ramp_up_kw_s: PositiveFloat
+    ramp_down_kw_s: PositiveFloat
+    dead_time_s: NonNegFloat = 0.0
+    wake_s: NonNegFloat = 0.0
+    sleep_s: NonNegFloat = 0.0
+    step_kw: NonNegFloat = 0.0
+    deadband_kw: NonNegFloat = 0.0
+    noise_kw: NonNegFloat = 0.0
+    priority: int = 0
+    port: Port = 502
+    unit: Annotated[int, Field(ge=0, le=255)] = 1
+    poll_s: PositiveFloat = 2.0
+    timeout_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeviceTemplate:
+        if self.p_min_kw > self.p_max_kw:
+            raise ValueError("p_min_kw must not exceed p_max_kw")
+        if self.p_idle_kw > self.p_min_kw:
+            raise ValueError("p_idle_kw must not exceed p_min_kw")
+        return self
+
+
+class DeviceGroup(_Strict):
+    """Devices listed one by one (count 1) or generated from a template over an address range."""
+
+    name: str
+    template: str
+    count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    address: ipaddress.IPv4Address
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError("use letters, digits, '-' and '_'")
+        return v
+
+
+class SiteConfig(_Strict):
+    site_id: str
+    cycle_s: Annotated[float, Field(ge=0.01, le=5.0)] = 0.1
+    mqtt: MqttConfig = MqttConfig()
+    site: SiteLimits
+    failsafe: FailsafeConfig = FailsafeConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    control: ControlConfig = ControlConfig()
+    meter: MeterConfig
+    devices: list[DeviceGroup] = Field(min_length=1)
+    noncontrollable_kw: NonNegFloat = 0.0
+    """Simulator only: mean non-flexible load (cooling, auxiliaries) behind the meter."""
+
+    @field_validator("site_id")
+    @classmethod
+    def _site_id_ok(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError("use letters, digits, '-' and '_'")
+        return v
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One expanded device row, SI units."""
+
+    name: str
+    kind: str
+    protocol: str
+    host: str
+    port: int
+    unit: int
+    p_min_w: float
+    p_max_w: float
+    p_idle_w: float
+    ramp_up_w_s: float
+    ramp_down_w_s: float
+    dead_time_s: float
+    wake_s: float
+    sleep_s: float
+    step_w: float
+    deadband_w: float
+    noise_w: float
+    priority: int
+    poll_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    path: Path
+    site: SiteConfig
+    templates: dict[str, DeviceTemplate]
+    devices: tuple[DeviceSpec, ...]
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.site.mqtt.prefix}/{self.site.site_id}"
+
+
+def split_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """'host:port', 'host' or '[v6]:port' -> (host, port); ValueError when malformed."""
+    host, sep, port_s = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        return text.strip("[]"), default_port
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port_s)
+
+
+def _loc(err: dict[str, Any]) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "(top level)"
+
+
+def _format_validation(path: Path, exc: ValidationError, prefix: str = "") -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        key = f"{prefix}{_loc(err)}"
+        lines.append(f"  {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def template_dirs(config_path: Path) -> list[Path]:
+    """Where templates are looked up: beside the site file, then the shipped ones."""
+    shipped = Path(__file__).resolve().parent.parent / "configs" / "devices"
+    return [config_path.parent / "devices", shipped]
+
+
+def _load_template(name: str, config_path: Path) -> tuple[Path, DeviceTemplate]:
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad template name {name!r}")
+    for folder in template_dirs(config_path):
+        candidate = folder / f"{name}.toml"
+        if candidate.is_file():
+            raw = _read_toml(candidate)
+            try:
+                return candidate, DeviceTemplate.model_validate(raw)
+            except ValidationError as exc:
+                raise ConfigError(_format_validation(candidate, exc)) from None
+    searched = ", ".join(str(d) for d in template_dirs(config_path))
+    raise ConfigError(f"{config_path}: devices: template {name!r} not found in {searched}")
+
+
+def _expand(
+    groups: list[DeviceGroup], templates: dict[str, DeviceTemplate], path: Path
+) -> Iterator[DeviceSpec]:
+    seen: set[str] = set()
+    for gi, group in enumerate(groups):
+        key = f"devices.{gi}"
+        base = templates[group.template]
+        try:
+            tpl = DeviceTemplate.model_validate({**base.model_dump(), **group.overrides})
+        except ValidationError as exc:
+            raise ConfigError(_format_validation(path, exc, prefix=f"{key}.overrides.")) from None
+        last = int(group.address) + group.count - 1
+        if last > int(ipaddress.IPv4Address("255.255.255.254")):
+            raise ConfigError(f"{path}: {key}.address: range of {group.count} overflows IPv4")
+        if group.name in seen:
+            raise ConfigError(f"{path}: {key}.name: duplicate group name {group.name!r}")
+        seen.add(group.name)
+        width = max(4, len(str(group.count)))
+        for i in range(group.count):
+            yield DeviceSpec(
+                name=group.name if group.count == 1 else f"{group.name}-{i:0{width}d}",
+                kind=tpl.kind,
+                protocol=tpl.protocol,
+                host=str(group.address + i),
+                port=tpl.port,
+                unit=tpl.unit,
+                p_min_w=tpl.p_min_kw * 1e3,
+                p_max_w=tpl.p_max_kw * 1e3,
+                p_idle_w=tpl.p_idle_kw * 1e3,
+                ramp_up_w_s=tpl.ramp_up_kw_s * 1e3,
+                ramp_down_w_s=tpl.ramp_down_kw_s * 1e3,
+                dead_time_s=tpl.dead_time_s,
+                wake_s=tpl.wake_s,
+                sleep_s=tpl.sleep_s,
+                step_w=tpl.step_kw * 1e3,
+                deadband_w=tpl.deadband_kw * 1e3,
+                noise_w=tpl.noise_kw * 1e3,
+                priority=tpl.priority,
+                poll_s=tpl.poll_s,
+                timeout_s=tpl.timeout_s,
+            )
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read, validate and expand a site file; raise ConfigError with file, key and problem."""
+    p = Path(path)
+    raw = _read_toml(p)
+    try:
+        site = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(p, exc)) from None
+    templates: dict[str, DeviceTemplate] = {}
+    for gi, group in enumerate(site.devices):
+        if group.template not in templates:
+            try:
+                templates[group.template] = _load_template(group.template, p)[1]
+            except ValueError as exc:
+                raise ConfigError(f"{p}: devices.{gi}.template: {exc}") from None
+    devices = tuple(_expand(site.devices, templates, p))
+    endpoints: dict[tuple[str, int], str] = {(site.meter.host, site.meter.port): "meter"}
+    for dev in devices:
+        other = endpoints.setdefault((dev.host, dev.port), dev.name)
+        if other != dev.name:
+            raise ConfigError(
+                f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}"
+            )
+    return LoadedConfig(path=p, site=site, templates=templates, devices=devices)
