@@ -344,7 +344,5 @@ def load_config(path: str | Path) -> LoadedConfig:
     for dev in devices:
         other = endpoints.setdefault((dev.host, dev.port), dev.name)
         if other != dev.name:
-            raise ConfigError(
-                f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}"
-            )
+            raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")
     return LoadedConfig(path=p, site=site, templates=templates, devices=devices)

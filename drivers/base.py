@@ -136,23 +136,25 @@ class CommandFunnel:
         self._deadband = deadband_w
         self.last_sent_w = np.full(len(p_min_w), np.nan)
 
-    def shape(self, setpoints_w: F64) -> F64:
-        """Bounds and quantization, without deciding what to send."""
-        sp = np.clip(setpoints_w, self._lo, self._hi)
-        quantized = self._step > 0
+    def shape(self, rows: Rows, setpoints_w: F64) -> F64:
+        """Bounds and quantization for `rows`, without deciding what to send."""
+        lo, step = self._lo[rows], self._step[rows]
+        sp = np.clip(setpoints_w, lo, self._hi[rows])
+        quantized = step > 0
         if quantized.any():
-            step = np.where(quantized, self._step, 1.0)
+            safe = np.where(quantized, step, 1.0)
             # Round down so a quantized device never exceeds the share it was given.
-            sp = np.where(quantized, np.maximum(np.floor(sp / step + 1e-9) * step, self._lo), sp)
+            sp = np.where(quantized, np.maximum(np.floor(sp / safe + 1e-9) * safe, lo), sp)
         return sp
 
-    def changed(self, setpoints_w: F64) -> tuple[Rows, F64]:
-        sp = self.shape(setpoints_w)
-        delta = np.abs(sp - self.last_sent_w)
-        send = ~(delta <= self._deadband)  # NaN last_sent -> send
-        rows = np.flatnonzero(send)
-        self.last_sent_w[rows] = sp[rows]
-        return rows, sp[rows]
+    def changed_rows(self, rows: Rows, setpoints_w: F64) -> tuple[Rows, F64]:
+        """Of `rows` with their new setpoints, those whose command must go out, and the values."""
+        sp = self.shape(rows, setpoints_w)
+        delta = np.abs(sp - self.last_sent_w[rows])
+        send = ~(delta <= self._deadband[rows])  # NaN last_sent -> send
+        out_rows = rows[send]
+        self.last_sent_w[out_rows] = sp[send]
+        return out_rows, sp[send]
 
     def forget(self, rows: Rows) -> None:
         """Force a resend (a device rebooted or reconnected and lost its setpoint)."""

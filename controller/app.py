@@ -1,0 +1,236 @@
+"""Composition root: builds fleet, drivers, control, MQTT and metrics, and runs them together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
+
+from controller.config import LoadedConfig, split_host_port
+from controller.control import Controller, FleetParams
+from controller.cycle import ControlCycle, CycleOutput
+from controller.dispatch import DispatchRejected, MqttLink, ack_payload, parse_dispatch
+from controller.fleet import Fleet
+from controller.metrics import Metrics
+from controller.target import TargetTracker
+from drivers.base import CommandFunnel, Driver
+
+log = logging.getLogger("rampd")
+
+
+def rampd_version() -> str:
+    try:
+        return version("rampd")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def _rfc3339(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds")
+
+
+def _kw(w: float) -> float | None:
+    return None if w != w else round(w / 1e3, 3)  # NaN -> null: JSON has no NaN
+
+
+@dataclass(slots=True)
+class Overrides:
+    mqtt: str | None = None
+    metrics_listen: str | None = None
+
+
+class Daemon:
+    def __init__(self, cfg: LoadedConfig, overrides: Overrides | None = None) -> None:
+        self.cfg = cfg
+        site = cfg.site
+        ov = overrides or Overrides()
+        mqtt_cfg = site.mqtt
+        if ov.mqtt:
+            host, port = split_host_port(ov.mqtt, default_port=1883)
+            mqtt_cfg = mqtt_cfg.model_copy(update={"host": host, "port": port})
+        self.metrics_listen = ov.metrics_listen or site.metrics.listen
+
+        protocols = list(dict.fromkeys(s.protocol for s in cfg.devices))
+        driver_ids = [protocols.index(s.protocol) for s in cfg.devices]
+        self.fleet = Fleet.from_specs(cfg.devices, driver_ids)
+        self.metrics = Metrics(rampd_version())
+        self.drivers: list[Driver] = []
+        for pid, protocol in enumerate(protocols):
+            rows = [r for r, d in enumerate(driver_ids) if d == pid]
+            specs = [cfg.devices[r] for r in rows]
+            if protocol == "modbus":
+                self.drivers.append(
+                    ModbusLoadDriver(
+                        "modbus",
+                        self.fleet,
+                        rows,
+                        specs,
+                        on_command=self.metrics.observe_command,
+                    )
+                )
+            else:  # pragma: no cover - config validation admits only known protocols
+                raise ValueError(f"no driver for protocol {protocol!r}")
+        self.meter = ModbusMeter(site.meter)
+        params = FleetParams.from_fleet(self.fleet)
+        self.controller = Controller(
+            params,
+            deadband_w=site.site.deadband_kw * 1e3,
+            observer_tau_s=site.control.observer_tau_s,
+        )
+        self.funnel = CommandFunnel(
+            self.fleet.p_min_w, self.fleet.p_max_w, self.fleet.step_w, self.fleet.deadband_w
+        )
+        self.tracker = TargetTracker(site.site, site.failsafe, initial_w=site.site.max_kw * 1e3)
+        self.cycle = ControlCycle(
+            fleet=self.fleet,
+            controller=self.controller,
+            funnel=self.funnel,
+            drivers=self.drivers,
+            meter=self.meter,
+            tracker=self.tracker,
+            metrics=self.metrics,
+            period_s=site.cycle_s,
+            telemetry_max_age_s=site.site.telemetry_max_age_s,
+            meter_max_age_s=site.control.meter_max_age_s,
+        )
+        self.link = MqttLink(
+            mqtt_cfg,
+            cfg.topic_root,
+            on_dispatch=self.on_dispatch,
+            on_heartbeat=self.on_heartbeat,
+        )
+        self._mode = ""
+        self.cycle.on_tick(self._after_tick)
+
+    # -- dispatch in ---------------------------------------------------------------------
+    def on_dispatch(self, payload: bytes) -> None:
+        now_unix, now = time.time(), time.monotonic()
+        try:
+            d = parse_dispatch(
+                payload,
+                now_unix=now_unix,
+                last_seq=self.tracker.last_seq,
+                limits=self.cfg.site.site,
+            )
+        except DispatchRejected as exc:
+            log.warning("dispatch rejected: id=%s seq=%s: %s", exc.id, exc.seq, exc.reason)
+            self.metrics.count_dispatch(False, exc.code)
+            self.link.publish("ack", ack_payload(exc.id, exc.seq, False, exc.reason))
+            return
+        self.tracker.accept(d, now, now_unix)
+        log.info(
+            "dispatch accepted: id=%s seq=%d mode=%s target=%.1f kW ramp=%.1fs",
+            d.id,
+            d.seq,
+            d.mode,
+            d.target_w / 1e3,
+            d.ramp_s,
+        )
+        self.metrics.count_dispatch(True, "")
+        self.link.publish("ack", ack_payload(d.id, d.seq, True, ""))
+        self._publish_status_if_changed()
+
+    def on_heartbeat(self, payload: bytes) -> None:
+        self.tracker.heartbeat(time.monotonic())
+
+    # -- out -------------------------------------------------------------------------------
+    def _after_tick(self, out: CycleOutput) -> None:
+        self._publish_status_if_changed()
+
+    def _publish_status_if_changed(self) -> None:
+        mode = self.tracker.mode
+        if mode != self._mode:
+            if self._mode:
+                log.info("mode %s -> %s", self._mode, mode)
+            self._mode = mode
+            self.link.set_status(mode)
+
+    def telemetry(self) -> dict[str, Any]:
+        out = self.cycle.last
+        counts = self.fleet.counts_by_state()
+        self.metrics.set_device_counts(counts)
+        self.metrics.mqtt_connected.set(1 if self.link.connected else 0)
+        if out is None:
+            return {"at": _rfc3339(time.time()), "mode": self.tracker.mode, "devices": counts}
+        cap = out.capability
+        for h, up, down in zip(cap.horizons_s, cap.up_w, cap.down_w, strict=True):
+            self.metrics.capability.labels(direction="up", horizon=f"{h:g}s").set(up)
+            self.metrics.capability.labels(direction="down", horizon=f"{h:g}s").set(down)
+        measured = out.meter_w if out.meter_fresh else out.result.predicted_site_w
+        return {
+            "at": _rfc3339(time.time()),
+            "measured_kw": _kw(measured),
+            "measured_source": "meter" if out.meter_fresh else "estimate",
+            "target_kw": _kw(out.target_w),
+            "min_kw": _kw(cap.min_w),
+            "max_kw": _kw(cap.max_w),
+            "noncontrollable_kw": _kw(out.result.noncontrollable_w),
+            "capability": {
+                "up_kw": {f"{h:g}s": _kw(v) for h, v in zip(cap.horizons_s, cap.up_w, strict=True)},
+                "down_kw": {
+                    f"{h:g}s": _kw(v) for h, v in zip(cap.horizons_s, cap.down_w, strict=True)
+                },
+            },
+            "devices": counts,
+            "mode": self.tracker.mode,
+            "saturated": out.result.saturated,
+            "cycle": {"count": self.cycle.cycles, "overruns": self.cycle.overruns},
+        }
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.link.publish("telemetry", json.dumps(self.telemetry()).encode(), qos=0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        host, port = split_host_port(self.metrics_listen, default_port=9470)
+        bound = self.metrics.serve(host, port)
+        log.info(
+            "rampd %s: site %s, %d devices, cycle %.0f ms, metrics on %s:%d, broker %s:%d",
+            rampd_version(),
+            self.cfg.site.site_id,
+            self.fleet.n,
+            self.cfg.site.cycle_s * 1e3,
+            host,
+            bound,
+            self.link.host,
+            self.link.port,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for driver in self.drivers:
+                    tg.create_task(driver.run(), name=f"driver:{driver.name}")
+                tg.create_task(self.meter.run(), name="meter")
+                tg.create_task(self.link.run(), name="mqtt")
+                tg.create_task(self.cycle.run(), name="cycle")
+                tg.create_task(self._telemetry_loop(), name="telemetry")
+        finally:
+            self.metrics.close()
+
+
+async def run_daemon(cfg: LoadedConfig, overrides: Overrides | None = None) -> None:
+    """Run until SIGTERM/SIGINT; devices keep their last setpoints, status goes offline."""
+    daemon = Daemon(cfg, overrides)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def stop(signame: str) -> None:
+        log.info("%s: stopping", signame)
+        main.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig.name)
+    with contextlib.suppress(asyncio.CancelledError):
+        await daemon.run()
+    log.info("stopped")

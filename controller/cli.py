@@ -1,0 +1,143 @@
+"""`rampd run | sim | demo | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from controller.config import ConfigError, LoadedConfig, load_config
+
+DEFAULT_SIM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim-site.toml"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # Library chatter (reconnect noise per attempt) is not an event of ours.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+def _load(path: str) -> LoadedConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"rampd: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def summarize(cfg: LoadedConfig) -> str:
+    """One screen: devices by kind with their power range, the meter, broker and limits."""
+    site = cfg.site
+    groups: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    for d in cfg.devices:
+        g = groups[(d.kind, d.protocol)]
+        g[0] += 1
+        g[1] += d.p_min_w
+        g[2] += d.p_max_w
+    lines = [
+        f"{cfg.path}: OK",
+        f"site {site.site_id!r}: cycle {site.cycle_s * 1e3:.0f} ms, "
+        f"target range {site.site.min_kw:g}..{site.site.max_kw:g} kW, "
+        f"deadband {site.site.deadband_kw:g} kW",
+        f"mqtt {site.mqtt.host}:{site.mqtt.port} topics {cfg.topic_root}/"
+        f"{{dispatch,heartbeat,ack,telemetry,status}}"
+        f"{' (TLS)' if site.mqtt.tls else ''}",
+        f"meter {site.meter.protocol} {site.meter.host}:{site.meter.port} "
+        f"unit {site.meter.unit}, every {site.meter.poll_s:g} s",
+        f"failsafe after {site.failsafe.dispatch_timeout_s:g} s silence: {site.failsafe.policy}",
+        f"metrics http://{site.metrics.listen}/metrics",
+        "",
+        f"{'kind':<20} {'protocol':<10} {'count':>7} {'min kW':>12} {'max kW':>12}",
+    ]
+    total = [0, 0.0, 0.0]
+    for (kind, protocol), (count, lo, hi) in sorted(groups.items()):
+        lines.append(f"{kind:<20} {protocol:<10} {count:>7} {lo / 1e3:>12.1f} {hi / 1e3:>12.1f}")
+        total = [total[0] + count, total[1] + lo, total[2] + hi]
+    lines.append(f"{'total':<31} {total[0]:>7} {total[1] / 1e3:>12.1f} {total[2] / 1e3:>12.1f}")
+    return "\n".join(lines)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    print(summarize(_load(args.config)))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from controller.app import Overrides, run_daemon
+
+    cfg = _load(args.config)
+    asyncio.run(run_daemon(cfg, Overrides(mqtt=args.mqtt, metrics_listen=args.metrics_listen)))
+    return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from drivers.sim.site import run_sim
+
+    cfg = _load(args.config)
+    try:
+        asyncio.run(run_sim(cfg, Path(args.truth) if args.truth else None, seed=args.seed))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from controller.demo import run_demo
+
+    return asyncio.run(
+        run_demo(
+            Path(args.config),
+            mqtt=args.mqtt,
+            regulation_s=args.regulation_s,
+            hold_s=args.hold_s,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rampd", description="Grid-dispatch controller for flexible loads"
+    )
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", required=True, help="site TOML file")
+    run.add_argument("--mqtt", help="broker HOST:PORT, overrides the config")
+    run.add_argument("--metrics-listen", help="HOST:PORT for /metrics, overrides the config")
+    run.set_defaults(func=_cmd_run)
+
+    sim = sub.add_parser("sim", help="serve a simulated site for a config")
+    sim.add_argument("-c", "--config", default=str(DEFAULT_SIM_CONFIG), help="site TOML file")
+    sim.add_argument("--truth", help="append ground truth as JSON lines to this file")
+    sim.add_argument("--seed", type=int, default=0, help="random seed of the physics")
+    sim.set_defaults(func=_cmd_sim)
+
+    demo = sub.add_parser("demo", help="broker + simulated site + daemon, and a dispatch script")
+    demo.add_argument("-c", "--config", default=str(DEFAULT_SIM_CONFIG), help="site TOML file")
+    demo.add_argument("--mqtt", help="use this broker HOST:PORT instead of finding or starting one")
+    demo.add_argument("--hold-s", type=float, default=15.0, help="seconds per setpoint step")
+    demo.add_argument("--regulation-s", type=float, default=60.0, help="seconds of regulation")
+    demo.set_defaults(func=_cmd_demo)
+
+    check = sub.add_parser("check-config", help="validate a site file and summarize it")
+    check.add_argument("config", help="site TOML file")
+    check.set_defaults(func=_cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

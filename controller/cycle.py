@@ -1,0 +1,160 @@
+"""The phased control cycle: snapshot -> step -> hand setpoints to drivers -> metrics/watchdog.
+
+The cycle never awaits device I/O. Drivers write telemetry into the fleet arrays on their
+own tasks and drain their mailboxes on their own tasks, so a slow device cannot stall it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.control import Capability, Controller, Snapshot, StepResult
+from controller.fleet import Fleet
+from controller.metrics import Metrics
+from controller.target import TargetTracker
+from drivers.base import CommandFunnel, Driver
+
+log = logging.getLogger("rampd.cycle")
+
+
+class MeterSource:
+    """What the cycle needs of a site meter: its last value and when it was read."""
+
+    value_w: float
+    at: float
+
+
+@dataclass(slots=True)
+class CycleOutput:
+    """The latest cycle's outcome, read by telemetry and status publishers."""
+
+    t: float
+    target_w: float
+    meter_w: float
+    meter_fresh: bool
+    result: StepResult
+    capability: Capability
+
+
+class ControlCycle:
+    def __init__(
+        self,
+        *,
+        fleet: Fleet,
+        controller: Controller,
+        funnel: CommandFunnel,
+        drivers: Sequence[Driver],
+        meter: MeterSource,
+        tracker: TargetTracker,
+        metrics: Metrics,
+        period_s: float,
+        telemetry_max_age_s: float,
+        meter_max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fleet = fleet
+        self.controller = controller
+        self.funnel = funnel
+        self.drivers = tuple(drivers)
+        self.meter = meter
+        self.tracker = tracker
+        self.metrics = metrics
+        self.period_s = period_s
+        self.telemetry_max_age_s = telemetry_max_age_s
+        self.meter_max_age_s = meter_max_age_s
+        self.clock = clock
+        self.cycles = 0
+        self.overruns = 0
+        self.last: CycleOutput | None = None
+        self._seen_at = np.full(fleet.n, -np.inf)
+        self._last_t: float | None = None
+        self._on_tick: list[Callable[[CycleOutput], None]] = []
+        self._meter_was_fresh: bool | None = None
+
+    def on_tick(self, callback: Callable[[CycleOutput], None]) -> None:
+        """Run after every cycle (watchdog kick, readiness); must be quick and not raise."""
+        self._on_tick.append(callback)
+
+    def tick(self) -> CycleOutput:
+        now = self.clock()
+        dt = self.period_s if self._last_t is None else max(now - self._last_t, 1e-3)
+        self._last_t = now
+        fleet = self.fleet
+
+        # 1. Freeze a snapshot of telemetry and the target.
+        fleet.mark_stale(now, self.telemetry_max_age_s)
+        new_reading = fleet.measured_at > self._seen_at  # NaN -> False
+        self._seen_at[new_reading] = fleet.measured_at[new_reading]
+        meter_fresh = bool(now - self.meter.at <= self.meter_max_age_s)
+        meter_w = float(self.meter.value_w) if meter_fresh else float("nan")
+        if meter_fresh != self._meter_was_fresh:
+            log.log(
+                logging.INFO if meter_fresh else logging.WARNING,
+                "site meter %s",
+                "fresh" if meter_fresh else "stale: controlling on device telemetry",
+            )
+            self._meter_was_fresh = meter_fresh
+        snap = Snapshot(
+            t=now,
+            meter_w=meter_w,
+            measured_w=fleet.measured_w.copy(),
+            new_reading=new_reading,
+            state=fleet.state.copy(),
+        )
+        target_w = self.tracker.target_w(now)
+
+        # 2. Pure control step.
+        result = self.controller.step(snap, target_w, dt)
+        fleet.setpoint_w[:] = result.setpoints_w
+
+        # 3. Hand changed setpoints of controllable rows to their drivers.
+        ctl = np.flatnonzero(result.controllable)
+        if ctl.size:
+            changed, values = self.funnel.changed_rows(ctl, result.setpoints_w[ctl])
+            if changed.size:
+                owners = fleet.driver_id[changed]
+                for driver_id, driver in enumerate(self.drivers):
+                    mine = owners == driver_id
+                    if mine.any():
+                        driver.submit(changed[mine], values[mine])
+
+        # 4. Metrics, then the tick callbacks (watchdog).
+        capability = self.controller.capability()
+        out = CycleOutput(
+            t=now,
+            target_w=target_w,
+            meter_w=meter_w,
+            meter_fresh=meter_fresh,
+            result=result,
+            capability=capability,
+        )
+        self.last = out
+        m = self.metrics
+        m.site_target.set(target_w)
+        m.site_power.set(meter_w if meter_fresh else result.predicted_site_w)
+        m.noncontrollable.set(result.noncontrollable_w)
+        self.cycles += 1
+        for cb in self._on_tick:
+            cb(out)
+        m.cycle_duration.observe(self.clock() - now)
+        return out
+
+    async def run(self) -> None:
+        """Tick on a fixed monotonic schedule; an overrun skips ahead instead of bunching."""
+        next_t = self.clock()
+        while True:
+            self.tick()
+            next_t += self.period_s
+            now = self.clock()
+            if now > next_t:
+                self.overruns += 1
+                self.metrics.cycle_overruns.inc()
+                missed = int((now - next_t) / self.period_s) + 1
+                next_t += missed * self.period_s
+            await asyncio.sleep(next_t - now)

@@ -1,0 +1,227 @@
+"""`rampd demo`: a broker, the simulated site and the daemon, driven by a short dispatch script.
+
+Everything runs as it would on site: the simulator and the daemon are separate processes that
+talk Modbus over loopback, and the demo publishes dispatches over MQTT like a grid dispatcher.
+Progress and the settle figures come from the simulator's ground truth, not the daemon's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from controller.broker import LocalBroker, reachable
+from controller.config import load_config, split_host_port
+from controller.ramp_metrics import RampFigures, TruthTail, format_table, ramp_figures, tolerance_kw
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+async def _spawn(args: list[str], log_path: Path) -> asyncio.subprocess.Process:
+    log = log_path.open("ab")
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller.cli", *args, stdout=log, stderr=log
+        )
+    finally:
+        log.close()
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), 10.0)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _broker(cfg_host: str, cfg_port: int, mqtt: str | None) -> AsyncIterator[tuple[str, int]]:
+    if mqtt:
+        yield split_host_port(mqtt, default_port=1883)
+    elif await reachable(cfg_host, cfg_port):
+        print(f"using the broker at {cfg_host}:{cfg_port}")
+        yield cfg_host, cfg_port
+    else:
+        async with LocalBroker() as broker:
+            print(
+                f"no broker at {cfg_host}:{cfg_port}; started {broker.kind} on port {broker.port}"
+            )
+            yield broker.host, broker.port
+
+
+class Dispatcher:
+    """Publishes dispatches like a grid dispatcher and keeps the daemon's latest telemetry."""
+
+    def __init__(self, client: aiomqtt.Client, root: str) -> None:
+        self.client = client
+        self.root = root
+        self.seq = int(time.time() * 1000)
+        self.telemetry: dict[str, Any] = {}
+        self.acks: list[dict[str, Any]] = []
+
+    async def listen(self) -> None:
+        async for msg in self.client.messages:
+            payload = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
+            if msg.topic.matches(f"{self.root}/telemetry"):
+                self.telemetry = payload
+            elif msg.topic.matches(f"{self.root}/ack"):
+                self.acks.append(payload)
+
+    async def send(self, **fields: Any) -> float:
+        self.seq += 1
+        body = {"id": f"demo-{self.seq}", "seq": self.seq, "issued_at": _now_rfc3339(), **fields}
+        await self.client.publish(f"{self.root}/dispatch", json.dumps(body), qos=1)
+        return time.time()
+
+
+def _agc_signal(t: float) -> float:
+    """A synthetic AGC-like regulation signal in -1..+1 (two slow tones and a faster one)."""
+    s = 0.55 * math.sin(2 * math.pi * t / 47) + 0.3 * math.sin(2 * math.pi * t / 17 + 1.0)
+    return max(-1.0, min(1.0, s + 0.1 * math.sin(2 * math.pi * t / 6.1)))
+
+
+async def _show(tail: TruthTail, target_kw: float, t_from: float, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        await asyncio.sleep(min(1.0, max(0.0, end - time.time())))
+        tail.poll()
+        now = tail.latest()
+        if now is not None:
+            err = now - target_kw
+            print(
+                f"  t={time.time() - t_from:6.1f}s  target {target_kw:9.1f} kW  "
+                f"measured {now:9.1f} kW  error {err:+8.1f} kW ({100 * err / max(target_kw, 1):+5.1f}%)"
+            )
+
+
+async def run_demo(config: Path, *, mqtt: str | None, regulation_s: float, hold_s: float) -> int:
+    cfg = load_config(config)
+    root = cfg.topic_root
+    n_devices = len(cfg.devices)
+    site_max = cfg.site.site.max_kw
+    workdir = Path(tempfile.mkdtemp(prefix="rampd-demo-"))
+    truth = workdir / "truth.jsonl"
+    print(
+        f"rampd demo: site {cfg.site.site_id!r}, {n_devices} simulated devices; logs in {workdir}"
+    )
+    async with _broker(cfg.site.mqtt.host, cfg.site.mqtt.port, mqtt) as (host, port):
+        sim = await _spawn(["sim", "-c", str(config), "--truth", str(truth)], workdir / "sim.log")
+        daemon = await _spawn(
+            [
+                "run",
+                "-c",
+                str(config),
+                "--mqtt",
+                f"{host}:{port}",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            workdir / "rampd.log",
+        )
+        try:
+            return await _script(host, port, root, n_devices, site_max, truth, hold_s, regulation_s)
+        finally:
+            await _stop(daemon)
+            await _stop(sim)
+
+
+async def _script(
+    host: str,
+    port: int,
+    root: str,
+    n_devices: int,
+    site_max: float,
+    truth: Path,
+    hold_s: float,
+    regulation_s: float,
+) -> int:
+    async with aiomqtt.Client(host, port, identifier=f"rampd-demo-{os.getpid()}") as client:
+        await client.subscribe(f"{root}/telemetry", qos=0)
+        await client.subscribe(f"{root}/ack", qos=1)
+        d = Dispatcher(client, root)
+        listener = asyncio.create_task(d.listen())
+        try:
+            deadline = time.time() + 60
+            print("waiting for the daemon to see every device ...")
+            while d.telemetry.get("devices", {}).get("on", 0) < n_devices:
+                if time.time() > deadline:
+                    print(f"the daemon did not see all devices in 60 s: {d.telemetry}")
+                    return 1
+                await asyncio.sleep(0.2)
+            lo, hi = float(d.telemetry["min_kw"]), float(d.telemetry["max_kw"])
+            print(f"site range {lo:.0f}..{hi:.0f} kW; measured {d.telemetry['measured_kw']} kW")
+            tail = TruthTail(truth)
+            t_start = time.time()
+            steps: list[tuple[str, float, float, float]] = []
+            for frac in (0.2, 0.8, 0.5):
+                target = round(lo + frac * (hi - lo), 1)
+                print(f"\ndispatch: setpoint {target:.1f} kW ({frac:.0%} of the flexible range)")
+                t0 = await d.send(mode="setpoint", target_kw=target, ramp_s=0)
+                await _show(tail, target, t_start, hold_s)
+                steps.append((f"setpoint {frac:.0%}", t0, time.time(), target))
+            base, band = round(lo + 0.5 * (hi - lo), 1), round(0.3 * (hi - lo), 1)
+            print(
+                f"\nregulation: base {base:.1f} kW, band +-{band:.1f} kW for {regulation_s:.0f} s"
+            )
+            reg: list[tuple[float, float]] = []
+            t_reg = time.time()
+            while time.time() - t_reg < regulation_s:
+                s = round(_agc_signal(time.time() - t_reg), 4)
+                await d.send(mode="regulation", target_kw=base, band_kw=band, signal=s)
+                reg.append((time.time(), base + s * band))
+                await _show(tail, base + s * band, t_start, 2.0)
+            tail.poll()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+    return _summary(tail, steps, reg, site_max, d)
+
+
+def _summary(
+    tail: TruthTail,
+    steps: list[tuple[str, float, float, float]],
+    reg: list[tuple[float, float]],
+    site_max: float,
+    d: Dispatcher,
+) -> int:
+    t, kw = tail.arrays()
+    figures: list[tuple[str, RampFigures]] = []
+    for name, t0, t_end, target in steps:
+        tol = tolerance_kw(target, site_max)
+        figures.append(
+            (name, ramp_figures(t, kw, t0=t0, t_end=t_end, target_kw=target, tol_kw=tol))
+        )
+    print("\ntime to settle (ground truth enters and stays within +-2% of target):")
+    print(format_table(figures))
+    if reg and t.size:
+        rt = np.asarray([r[0] for r in reg])
+        want = np.asarray([r[1] for r in reg])
+        sel = t >= rt[0]
+        # The requested power is piecewise constant between regulation updates.
+        req = want[np.searchsorted(rt, t[sel], side="right") - 1]
+        mae = float(np.mean(np.abs(kw[sel] - req)))
+        band = float(np.ptp(want)) / 2 or 1.0
+        print(f"regulation: mean |error| {mae:.1f} kW ({100 * mae / band:.1f}% of the band)")
+    rejected = [a for a in d.acks if not a.get("accepted")]
+    print(f"acks: {len(d.acks)} received, {len(rejected)} rejected")
+    return 0 if all(f.settle_s is not None for _, f in figures) and not rejected else 1

@@ -1,0 +1,119 @@
+"""Config loading: good files expand templates; bad files name the file, the key and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main, summarize
+from controller.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """
+site_id = "t1"
+[site]
+max_kw = 1000
+[meter]
+host = "127.0.9.1"
+port = 1502
+[[devices]]
+name = "row"
+template = "modbus-load"
+count = 3
+address = "127.0.8.254"
+overrides = { port = 1502, p_max_kw = 100 }
+[[devices]]
+name = "pdu-a"
+template = "modbus-load"
+address = "127.0.7.1"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load() -> None:
+    for name in ("sim-site.toml", "example-site.toml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.devices
+
+
+def test_sim_site_has_the_promised_shape() -> None:
+    cfg = load_config(REPO / "configs" / "sim-site.toml")
+    assert cfg.site.site_id == "sim"
+    assert sum(d.protocol == "modbus" for d in cfg.devices) >= 50
+
+
+def test_template_group_expands_with_overrides_and_address_carry(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    names = [d.name for d in cfg.devices]
+    assert names == ["row-0000", "row-0001", "row-0002", "pdu-a"]
+    assert [d.host for d in cfg.devices[:3]] == ["127.0.8.254", "127.0.8.255", "127.0.9.0"]
+    assert cfg.devices[0].p_max_w == 100_000.0  # override, in W
+    assert cfg.devices[3].p_max_w == 250_000.0  # template value
+    assert cfg.devices[3].port == 502
+    assert cfg.topic_root == "rampd/t1"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (GOOD.replace("max_kw = 1000", "max_kw = -5"), "site.max_kw", "greater than 0"),
+        (GOOD.replace('site_id = "t1"', 'site_id = "a/b"'), "site_id", "letters"),
+        (GOOD.replace("count = 3", "count = 0"), "devices.0.count", "greater than or equal"),
+        (GOOD.replace("[meter]", "[meter]\nbogus = 1"), "meter.bogus", "Extra inputs"),
+        (GOOD.replace('address = "127.0.7.1"', 'address = "nope"'), "devices.1.address", "IPv4"),
+        (
+            GOOD.replace("p_max_kw = 100", "p_max_kw = 1"),
+            "devices.0.overrides",
+            "p_min_kw must not exceed p_max_kw",
+        ),
+        (GOOD.replace('"modbus-load"\ncount', '"no-such"\ncount'), "template", "not found"),
+        (
+            GOOD.replace("[site]", '[failsafe]\npolicy = "baseline"\n[site]'),
+            "failsafe",
+            "baseline_kw",
+        ),
+        (GOOD.replace('host = "127.0.9.1"', 'host = "127.0.8.254"'), "devices", "share"),
+    ],
+)
+def test_bad_config_names_file_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert str(path) in msg
+    assert key in msg
+    assert problem in msg
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "site_id = [unclosed"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_check_config_summary_and_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = write(tmp_path, GOOD)
+    assert main(["check-config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "modbus_load" in out and "4" in out
+    summary = summarize(load_config(good))
+    # 3 rows of 100 kW + one of 250 kW.
+    assert "550.0" in summary.splitlines()[-1]
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace("max_kw = 1000", "max_kw = 'lots'"))
+    with pytest.raises(SystemExit) as exc:
+        main(["check-config", str(bad)])
+    assert exc.value.code == 2
+    assert "site.max_kw" in capsys.readouterr().err
