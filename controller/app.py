@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
-
 from controller.config import LoadedConfig, split_host_port
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
@@ -23,6 +21,7 @@ from controller.fleet import Fleet
 from controller.metrics import Metrics
 from controller.target import TargetTracker
 from drivers.base import CommandFunnel, Driver
+from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
 
 log = logging.getLogger("rampd")
 

@@ -21,6 +21,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def find_mosquitto() -> str | None:
+    """mosquitto on PATH, or where Debian puts it (sbin is not on every user's PATH)."""
+    return shutil.which("mosquitto") or next(
+        (p for p in MOSQUITTO_CANDIDATES if Path(p).is_file()), None
+    )
+
+
 async def reachable(host: str, port: int, timeout_s: float = 0.5) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
@@ -49,10 +59,7 @@ class LocalBroker:
         self._amqtt: Any = None
 
     async def __aenter__(self) -> LocalBroker:
-        exe = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
-            None,
-        )
+        exe = find_mosquitto()
         if self.prefer == "mosquitto" and exe:
             await self._start_mosquitto(exe)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections import defaultdict
@@ -81,10 +82,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from drivers.sim.site import run_sim
 
     cfg = _load(args.config)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_sim(cfg, Path(args.truth) if args.truth else None, seed=args.seed))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -107,9 +107,10 @@ async def _show(tail: TruthTail, target_kw: float, t_from: float, seconds: float
         now = tail.latest()
         if now is not None:
             err = now - target_kw
+            pct = 100 * err / max(target_kw, 1.0)
             print(
                 f"  t={time.time() - t_from:6.1f}s  target {target_kw:9.1f} kW  "
-                f"measured {now:9.1f} kW  error {err:+8.1f} kW ({100 * err / max(target_kw, 1):+5.1f}%)"
+                f"measured {now:9.1f} kW  error {err:+8.1f} kW ({pct:+5.1f}%)"
             )
 
 

@@ -1,0 +1,662 @@
+"""Dispatch over MQTT: validate what the dispatcher sends, and own the broker connection.
+
+Two halves, kept apart so the first stays pure and testable:
+
+* `parse_dispatch()` turns a raw payload into a `Dispatch` (SI units) or raises
+  `DispatchRejected` with a short reason that goes into the ack. It never raises anything else.
+* `MqttLink` keeps one aiomqtt connection alive for the life of the daemon: subscribes to
+  `<root>/dispatch` and `<root>/heartbeat`, hands payloads to sync callbacks, publishes from a
+  bounded non-blocking out-queue, keeps the retained `<root>/status` (also the MQTT will), and
+  reconnects with capped exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, cast
+
+import aiomqtt
+
+from controller.config import ConfigError, MqttConfig, SiteLimits
+
+log = logging.getLogger("rampd.dispatch")
+
+DispatchMode = Literal["setpoint", "regulation", "release"]
+MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release"})
+
+REJECT_CODES: Final[frozenset[str]] = frozenset(
+    {
+        "too_large", "not_utf8", "not_json", "not_object",  # the payload as a whole
+        "missing", "bad_type", "not_finite", "out_of_range",  # a field
+        "bad_id", "bad_mode", "bad_time",
+        "stale", "future", "replay", "expired", "bad_schedule",  # timing and ordering
+    }
+)  # fmt: skip
+
+MAX_PAYLOAD_BYTES: Final = 64 * 1024
+MAX_ID_LEN: Final = 128
+MAX_RAMP_S: Final = 3600.0
+# Tolerated dispatcher clock lead: issued_at this far in the future is still accepted.
+MAX_CLOCK_SKEW_S: Final = 5.0
+# A start_at further ahead than this is a dispatcher bug, not a schedule we should keep.
+MAX_START_AHEAD_S: Final = 2 * 86400.0
+# Fits a signed 64-bit column (journal) and every JSON library's integers.
+MAX_SEQ: Final = 2**63 - 1
+
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """One validated dispatch, SI units (W, s), times as unix seconds.
+
+    For `regulation`, `target_w` is the base and the requested power is
+    `target_w + signal * band_w`. For `release`, `target_w` is the site maximum.
+    """
+
+    id: str
+    seq: int
+    issued_at: float
+    mode: DispatchMode
+    target_w: float
+    ramp_s: float
+    start_at: float | None
+    expires_at: float | None
+    signal: float | None
+    band_w: float | None
+
+
+class DispatchRejected(Exception):
+    """A payload we will not act on. `reason` (human text) goes into the ack verbatim.
+
+    `code` is a short label from a fixed set (`REJECT_CODES`), fit for a metrics label.
+    `id` and `seq` are filled when they could be read, so the ack can name the dispatch even
+    when something else in it is wrong.
+    """
+
+    def __init__(
+        self, reason: str, *, code: str, id: str | None = None, seq: int | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.id = id
+        self.seq = seq
+
+
+def rfc3339(unix: float) -> str:
+    """Unix seconds -> '2024-05-01T12:00:00.123Z' (UTC, milliseconds)."""
+    text = datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def ack_payload(
+    id: str | None,
+    seq: int | None,
+    accepted: bool,
+    reason: str,
+    *,
+    now_unix: float | None = None,
+) -> bytes:
+    """The ack for one dispatch: {"id","seq","accepted","reason","at"} as UTF-8 JSON."""
+    at = time.time() if now_unix is None else now_unix
+    body = {"id": id, "seq": seq, "accepted": accepted, "reason": reason, "at": rfc3339(at)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def status_payload(state: Literal["online", "offline"], mode: str | None, detail: str) -> bytes:
+    return json.dumps({"state": state, "mode": mode, "detail": detail}).encode()
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> float:
+    # json.loads accepts NaN/Infinity by default; they are not JSON and never a valid value.
+    raise ValueError(f"non-finite number {name}")
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise DispatchRejected(
+            f"payload too large ({len(payload)} > {MAX_PAYLOAD_BYTES} bytes)", code="too_large"
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DispatchRejected("payload not UTF-8", code="not_utf8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise DispatchRejected("payload not JSON: nested too deeply", code="not_json") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
+        first = str(exc).splitlines()[0][:80]
+        raise DispatchRejected(f"payload not JSON: {first}", code="not_json") from None
+    if not isinstance(obj, dict):
+        raise DispatchRejected("payload not a JSON object", code="not_object")
+    return obj
+
+
+def _present(obj: dict[str, Any], key: str) -> bool:
+    # JSON null counts as absent for optional fields.
+    return obj.get(key) is not None
+
+
+def _number(obj: dict[str, Any], key: str, ctx: _Ctx) -> float:
+    if not _present(obj, key):
+        raise ctx.reject(f"{key} missing", code="missing")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ctx.reject(f"{key} must be a number", code="bad_type")
+    try:
+        f = float(value)
+    except OverflowError:
+        raise ctx.reject(f"{key} out of range", code="out_of_range") from None
+    if not math.isfinite(f):
+        raise ctx.reject(f"{key} must be finite", code="not_finite")
+    return f
+
+
+def _time(obj: dict[str, Any], key: str, ctx: _Ctx) -> float:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        if value is None:
+            raise ctx.reject(f"{key} missing", code="missing")
+        raise ctx.reject(f"{key} must be an RFC3339 string", code="bad_type")
+    if not _RFC3339.fullmatch(value):
+        raise ctx.reject(f"{key} not RFC3339 (e.g. 2024-05-01T12:00:00Z)", code="bad_time")
+    try:
+        parsed = datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise ctx.reject(f"{key} not a valid date and time", code="bad_time") from None
+    return parsed.timestamp()
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """What is known so far about the payload, so every rejection can carry id and seq."""
+
+    id: str | None = None
+    seq: int | None = None
+
+    def reject(self, reason: str, *, code: str) -> DispatchRejected:
+        return DispatchRejected(reason, code=code, id=self.id, seq=self.seq)
+
+
+def parse_dispatch(
+    payload: bytes, *, now_unix: float, last_seq: int | None, limits: SiteLimits
+) -> Dispatch:
+    """Validate one wire dispatch (kW, RFC3339) into a `Dispatch` (W, unix seconds).
+
+    Pure: the clock and the last accepted seq are passed in. Raises only `DispatchRejected`.
+    Unknown fields are ignored (forward compatibility); `null` counts as absent.
+    """
+    obj = _decode(payload)
+    ctx = _Ctx()
+
+    # id and seq first: every later rejection can then name the dispatch in its ack.
+    raw_id = obj.get("id")
+    if isinstance(raw_id, str) and raw_id.strip() and len(raw_id) <= MAX_ID_LEN:
+        ctx.id = raw_id
+    raw_seq = obj.get("seq")
+    if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) and 0 <= raw_seq <= MAX_SEQ:
+        ctx.seq = raw_seq
+
+    if raw_id is None:
+        raise ctx.reject("id missing", code="missing")
+    if not isinstance(raw_id, str):
+        raise ctx.reject("id must be a string", code="bad_type")
+    if not raw_id.strip():
+        raise ctx.reject("id empty", code="bad_id")
+    if len(raw_id) > MAX_ID_LEN:
+        raise ctx.reject(f"id longer than {MAX_ID_LEN} characters", code="bad_id")
+    if raw_seq is None:
+        raise ctx.reject("seq missing", code="missing")
+    if isinstance(raw_seq, bool) or not isinstance(raw_seq, int):
+        raise ctx.reject("seq must be an integer", code="bad_type")
+    if raw_seq < 0:
+        raise ctx.reject("seq must not be negative", code="out_of_range")
+    if raw_seq > MAX_SEQ:
+        raise ctx.reject("seq out of range", code="out_of_range")
+    seq = raw_seq
+
+    mode = obj.get("mode")
+    if mode is None:
+        raise ctx.reject("mode missing", code="missing")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ctx.reject("mode unknown (setpoint, regulation or release)", code="bad_mode")
+
+    issued_at = _time(obj, "issued_at", ctx)
+    age = now_unix - issued_at
+    if age > limits.max_issued_age_s:
+        raise ctx.reject(
+            f"issued_at stale ({age:.1f} s old > {limits.max_issued_age_s} s)", code="stale"
+        )
+    if age < -MAX_CLOCK_SKEW_S:
+        raise ctx.reject(f"issued_at {-age:.1f} s in the future (clock skew?)", code="future")
+
+    # Checked after freshness: a replay of an old message is reported as stale or as a replay,
+    # whichever the operator can act on; both reject.
+    if last_seq is not None and seq <= last_seq:
+        raise ctx.reject(
+            f"seq {seq} not above last accepted {last_seq} (replayed or older)", code="replay"
+        )
+
+    ramp_s = 0.0
+    if _present(obj, "ramp_s"):
+        ramp_s = _number(obj, "ramp_s", ctx)
+        if ramp_s < 0:
+            raise ctx.reject("ramp_s must not be negative", code="out_of_range")
+        if ramp_s > MAX_RAMP_S:
+            raise ctx.reject(f"ramp_s above {MAX_RAMP_S:.0f}", code="out_of_range")
+
+    start_at: float | None = None
+    if _present(obj, "start_at"):
+        start_at = _time(obj, "start_at", ctx)
+        if start_at - now_unix > MAX_START_AHEAD_S:
+            raise ctx.reject(
+                f"start_at more than {MAX_START_AHEAD_S:.0f} s ahead", code="bad_schedule"
+            )
+    expires_at: float | None = None
+    if _present(obj, "expires_at"):
+        expires_at = _time(obj, "expires_at", ctx)
+        if expires_at <= now_unix:
+            raise ctx.reject("expires_at already past", code="expired")
+        if start_at is not None and expires_at <= start_at:
+            raise ctx.reject("expires_at not after start_at", code="bad_schedule")
+
+    min_kw, max_kw = limits.min_kw, limits.max_kw
+    signal: float | None = None
+    band_w: float | None = None
+    if mode == "release":
+        # No constraint: the site goes back to its own maximum. A target_kw, if sent, is
+        # ignored but must still be a number (garbage is garbage).
+        if _present(obj, "target_kw"):
+            _number(obj, "target_kw", ctx)
+        target_kw = max_kw
+    else:
+        target_kw = _number(obj, "target_kw", ctx)
+        if target_kw < 0:
+            raise ctx.reject("target_kw must not be negative", code="out_of_range")
+        if target_kw > max_kw:
+            raise ctx.reject(f"target_kw above site maximum {max_kw}", code="out_of_range")
+        if target_kw < min_kw:
+            raise ctx.reject(f"target_kw below site minimum {min_kw}", code="out_of_range")
+        if mode == "regulation":
+            band_kw = _number(obj, "band_kw", ctx)
+            if band_kw <= 0:
+                raise ctx.reject("band_kw must be above 0", code="out_of_range")
+            signal = _number(obj, "signal", ctx) if _present(obj, "signal") else 0.0
+            if not -1.0 <= signal <= 1.0:
+                raise ctx.reject("signal outside -1..+1", code="out_of_range")
+            # The whole band must be reachable, not only today's signal: the next regulation
+            # message may ask for either edge.
+            if target_kw + band_kw > max_kw:
+                raise ctx.reject(
+                    f"target_kw + band_kw above site maximum {max_kw}", code="out_of_range"
+                )
+            if target_kw - band_kw < min_kw:
+                raise ctx.reject(
+                    f"target_kw - band_kw below site minimum {min_kw}", code="out_of_range"
+                )
+            band_w = band_kw * 1e3
+
+    return Dispatch(
+        id=raw_id,
+        seq=seq,
+        issued_at=issued_at,
+        mode=cast(DispatchMode, mode),  # checked against MODES above
+        target_w=target_kw * 1e3,
+        ramp_s=ramp_s,
+        start_at=start_at,
+        expires_at=expires_at,
+        signal=signal,
+        band_w=band_w,
+    )
+
+
+# --- the MQTT link -------------------------------------------------------------------------
+
+PayloadHandler = Callable[[bytes], None]
+
+# Out-queue classes: telemetry is dropped first when full, acks never.
+_DROP_FIRST: Final = "telemetry"
+_NEVER_DROP: Final = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    suffix: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+def _read_password(cfg: MqttConfig) -> str | None:
+    if cfg.password_file is None:
+        return cfg.password
+    try:
+        return cfg.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"mqtt.password_file: cannot read {cfg.password_file}: {exc}") from None
+
+
+class MqttLink:
+    """The daemon's one broker connection. Create it, then run `await link.run()` in a task.
+
+    Everything the rest of the daemon calls (`publish`, `set_status`) is sync and never
+    blocks: outgoing messages wait in a bounded queue, which survives reconnects. Incoming
+    dispatches and heartbeats are handed to sync callbacks in arrival order; a callback that
+    raises is logged and the link carries on.
+
+    Sessions are clean (no broker-side queueing while we are away): a dispatch sent while the
+    link is down is the dispatcher's to resend, and would be stale by the time we saw it.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        topic_root: str,
+        on_dispatch: PayloadHandler,
+        on_heartbeat: PayloadHandler,
+        *,
+        queue_max: int = 1000,
+        timeout_s: float = 5.0,
+        backoff_base_s: float = 0.25,
+    ) -> None:
+        if queue_max < 1:
+            raise ValueError("queue_max must be at least 1")
+        self._cfg = cfg
+        self._root = topic_root.rstrip("/")
+        self._on_dispatch = on_dispatch
+        self._on_heartbeat = on_heartbeat
+        self._queue_max = queue_max
+        # Acks may overrun queue_max (they are never dropped for telemetry), up to this cap.
+        self._hard_max = 4 * queue_max
+        self._timeout_s = timeout_s
+        self._backoff_base_s = backoff_base_s
+        self._password = _read_password(cfg)
+        self._tls = (
+            aiomqtt.TLSParameters(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+            )
+            if cfg.tls is not None
+            else None
+        )
+
+        self._out: deque[_Out] = deque()
+        self._wake = asyncio.Event()
+        self._mode: str = "starting"
+        self._detail = ""
+        self._status_dirty = False
+        self._dropping = False
+
+        self._session_up = False  # this session got as far as "connected"
+        self._sessions = 0
+        self.connected = False
+        self.attempts = 0  # connection attempts, successful or not
+        self.reconnects = 0  # successful connections after the first
+        self.dropped = 0
+        self.published = 0
+
+    # -- topics ---------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return self._cfg.host
+
+    @property
+    def port(self) -> int:
+        return self._cfg.port
+
+    def topic(self, suffix: str) -> str:
+        return f"{self._root}/{suffix}"
+
+    @property
+    def queued(self) -> int:
+        return len(self._out)
+
+    # -- the daemon's side (sync, non-blocking) -------------------------------------------
+
+    def publish(self, suffix: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Queue a message for `<root>/<suffix>`; never blocks. Full queue: drop telemetry."""
+        if qos not in (0, 1, 2):
+            raise ValueError(f"bad qos {qos}")
+        if not suffix or any(c in suffix for c in "#+\0"):
+            raise ValueError(f"bad topic suffix {suffix!r}")
+        if len(self._out) >= self._queue_max and not self._make_room(suffix):
+            self._count_drop(suffix)
+            return
+        self._out.append(_Out(suffix, payload, qos, retain))
+        self._wake.set()
+        if self._dropping and len(self._out) <= self._queue_max // 2:
+            self._dropping = False
+            log.info("mqtt out-queue below half again; %d messages dropped so far", self.dropped)
+
+    def set_status(self, mode: str, detail: str = "") -> None:
+        """Set the retained status; published now if connected, and again on every connect."""
+        if (mode, detail) != (self._mode, self._detail):
+            self._mode, self._detail = mode, detail
+            self._status_dirty = True
+            self._wake.set()
+
+    def _make_room(self, suffix: str) -> bool:
+        """Drop one queued message to fit a new one. False: drop the new one instead."""
+        for victim_class in (_DROP_FIRST, None):
+            for i, item in enumerate(self._out):
+                if item.suffix == _NEVER_DROP:
+                    continue
+                if victim_class is None or item.suffix == victim_class:
+                    del self._out[i]
+                    self._count_drop(item.suffix)
+                    return True
+        # Only acks queued: an ack still goes in, up to the hard cap; anything else is dropped.
+        return suffix == _NEVER_DROP and len(self._out) < self._hard_max
+
+    def _count_drop(self, suffix: str) -> None:
+        self.dropped += 1
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "mqtt out-queue full (%d, broker slow or down): dropping oldest %s first",
+                len(self._out),
+                suffix,
+            )
+
+    # -- the connection -------------------------------------------------------------------
+
+    def _client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self._cfg.host,
+            self._cfg.port,
+            username=self._cfg.username,
+            password=self._password,
+            identifier=self._cfg.client_id,
+            will=aiomqtt.Will(
+                self.topic("status"),
+                status_payload("offline", None, "connection lost"),
+                qos=1,
+                retain=True,
+            ),
+            clean_session=True,
+            keepalive=self._cfg.keepalive_s,
+            timeout=self._timeout_s,
+            tls_params=self._tls,
+            # Bounded so a flooding dispatcher cannot eat memory; far above any sane rate.
+            max_queued_incoming_messages=10_000,
+        )
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect; forever, until cancelled (then publish offline)."""
+        failures = 0
+        last_reason: str | None = None
+        where = f"{self._cfg.host}:{self._cfg.port}"
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except aiomqtt.MqttError as exc:
+                reason = str(exc) or type(exc).__name__
+                if exc.__cause__ is not None:  # aiomqtt keeps the real cause here
+                    reason = f"{reason} ({exc.__cause__})"
+            except OSError as exc:  # TLS files, DNS: reported and retried like a broker error
+                reason = f"{type(exc).__name__}: {exc}"
+            was_connected = self._session_up
+            self._session_up = False
+            # A connection that held for a while resets the backoff; a flapping one does not.
+            if time.monotonic() - started >= min(10.0, self._cfg.reconnect_max_s):
+                failures = 0
+            delay = min(self._cfg.reconnect_max_s, self._backoff_base_s * 2.0**failures)
+            delay *= random.uniform(0.5, 1.0)
+            failures = min(failures + 1, 32)
+            if was_connected:
+                log.warning("mqtt lost %s: %s; retrying in %.1f s", where, reason, delay)
+            elif reason != last_reason:
+                log.warning(
+                    "mqtt cannot connect to %s: %s; retrying in %.1f s", where, reason, delay
+                )
+            else:
+                log.debug("mqtt still cannot connect: %s; retrying in %.1f s", reason, delay)
+            last_reason = reason
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        """One connection, from connect to loss. Raises MqttError when it ends."""
+        self.attempts += 1
+        client = self._client()
+        try:
+            # aiomqtt bounds the socket connect and the CONNACK wait; this bounds the sum
+            # (DNS included) so a hung resolver cannot stall reconnects.
+            async with asyncio.timeout(3 * self._timeout_s):
+                await client.__aenter__()
+        except TimeoutError:
+            raise aiomqtt.MqttError("connect timed out") from None
+        try:
+            await client.publish(self.topic("status"), self._status("online"), qos=1, retain=True)
+            self._status_dirty = False
+            await client.subscribe(
+                [(self.topic("dispatch"), 1), (self.topic("heartbeat"), 1)],
+                timeout=self._timeout_s,
+            )
+            self.connected = self._session_up = True
+            self._sessions += 1
+            if self._sessions > 1:
+                self.reconnects += 1
+            log.info("mqtt connected to %s:%d as %s", self._cfg.host, self._cfg.port, self._root)
+            await self._serve(client)
+        except asyncio.CancelledError:
+            await self._goodbye(client)
+            raise
+        except aiomqtt.MqttError:
+            # Still connected (e.g. a SUBACK timed out)? Say offline so the retained status
+            # does not claim "online" while we back off.
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await client.publish(
+                        self.topic("status"),
+                        self._status("offline", "reconnecting"),
+                        qos=1,
+                        retain=True,
+                        timeout=1.0,
+                    )
+            raise
+        finally:
+            self.connected = False
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                async with asyncio.timeout(self._timeout_s):
+                    await client.__aexit__(None, None, None)
+
+    def _status(self, state: Literal["online", "offline"], detail: str | None = None) -> bytes:
+        return status_payload(state, self._mode, self._detail if detail is None else detail)
+
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        """Clean stop: retained offline first; a clean DISCONNECT suppresses the will."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await client.publish(
+                    self.topic("status"), self._status("offline", "stopped"), qos=1, retain=True
+                )
+            log.info("mqtt published offline status")
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("mqtt could not publish offline status: %s", exc)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        tasks = [
+            asyncio.create_task(self._drain(client), name="mqtt-drain"),
+            asyncio.create_task(self._receive(client), name="mqtt-receive"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            t.result()  # re-raises the MqttError that ended the session
+        raise aiomqtt.MqttError("mqtt session ended")
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            if self._status_dirty:
+                self._status_dirty = False
+                try:
+                    await client.publish(
+                        self.topic("status"), self._status("online"), qos=1, retain=True
+                    )
+                except BaseException:
+                    self._status_dirty = True  # republished on reconnect anyway
+                    raise
+                continue
+            if not self._out:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self._out.popleft()
+            try:
+                await client.publish(
+                    self.topic(item.suffix), item.payload, qos=item.qos, retain=item.retain
+                )
+            except (aiomqtt.MqttError, asyncio.CancelledError):
+                # Not (known to be) delivered: back to the head, sent again after reconnect.
+                # QoS 1 is at-least-once anyway; the dispatcher dedupes acks by id.
+                if item.qos > 0:
+                    self._out.appendleft(item)
+                raise
+            except Exception:
+                # paho refused this one message (e.g. oversized): drop it, keep the link.
+                log.exception("mqtt cannot publish to %s; message dropped", item.suffix)
+                self.dropped += 1
+                continue
+            self.published += 1
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        dispatch_topic, heartbeat_topic = self.topic("dispatch"), self.topic("heartbeat")
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload
+            data = payload if isinstance(payload, bytes) else str(payload or "").encode()
+            if topic == dispatch_topic:
+                handler = self._on_dispatch
+            elif topic == heartbeat_topic:
+                handler = self._on_heartbeat
+            else:
+                continue
+            try:
+                handler(data)
+            except Exception:
+                log.exception("mqtt handler for %s failed; link continues", topic)

@@ -1,0 +1,1 @@
+"""Test package: makes `tests.helpers` importable from every test directory."""
