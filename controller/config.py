@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 Protocol = Literal["modbus"]
 FailsafePolicy = Literal["hold", "baseline", "min"]
@@ -236,7 +237,7 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port_s)
 
 
-def _loc(err: dict[str, Any]) -> str:
+def _loc(err: ErrorDetails) -> str:
     return ".".join(str(p) for p in err["loc"]) or "(top level)"
 
 

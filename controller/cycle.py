@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -23,11 +24,14 @@ from drivers.base import CommandFunnel, Driver
 log = logging.getLogger("rampd.cycle")
 
 
-class MeterSource:
+class MeterSource(Protocol):
     """What the cycle needs of a site meter: its last value and when it was read."""
 
-    value_w: float
-    at: float
+    @property
+    def value_w(self) -> float: ...
+
+    @property
+    def at(self) -> float: ...
 
 
 @dataclass(slots=True)

@@ -80,7 +80,7 @@ class Dispatcher:
 
     async def listen(self) -> None:
         async for msg in self.client.messages:
-            payload = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
+            payload = json.loads(bytes(msg.payload))
             if msg.topic.matches(f"{self.root}/telemetry"):
                 self.telemetry = payload
             elif msg.topic.matches(f"{self.root}/ack"):
