@@ -232,7 +232,7 @@ def split_host_port(text: str, default_port: int) -> tuple[str, int]:
     host, sep, port_s = text.rpartition(":")
     if not sep or (host.count(":") and not host.startswith("[")):
         return text.strip("[]"), default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:  # 0: any free port
         raise ValueError(f"bad port in {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port_s)
 

@@ -1,0 +1,123 @@
+"""The simulated site: physics stepped on a fixed monotonic schedule, served over real sockets.
+
+`run_sim` serves every device of a site config on its own address (and the meter), steps the
+physics at 50 Hz, and appends the ground truth as JSON lines ({"t": unix s, "site_kw": kW})
+so benchmarks can score the site independently of the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TextIO
+
+from controller.config import LoadedConfig
+from drivers.modbus.sim_server import SimServers
+from drivers.sim.physics import SitePhysics
+
+log = logging.getLogger("rampd.sim")
+
+MAX_CATCH_UP_S = 0.25
+"""After a stall longer than this the schedule restarts instead of stepping a huge dt."""
+
+
+class SimSite:
+    """Physics plus its servers. `start()`, then `run(stop)`; `close()` always."""
+
+    def __init__(
+        self,
+        cfg: LoadedConfig,
+        *,
+        seed: int = 0,
+        rate_hz: float = 50.0,
+        initial_fraction: float = 1.0,
+    ) -> None:
+        self.cfg = cfg
+        self.dt_s = 1.0 / rate_hz
+        self.physics = SitePhysics(
+            cfg.devices,
+            cfg.site.noncontrollable_kw * 1e3,
+            seed=seed,
+            dt_s=self.dt_s,
+            initial_fraction=initial_fraction,
+        )
+        self.servers: SimServers | None = None
+
+    async def start(self) -> None:
+        m = self.cfg.site.meter
+        self.servers = await SimServers.start(
+            self.physics, self.cfg.devices, (m.host, m.port, m.unit)
+        )
+        log.info(
+            "sim: serving %d devices and the meter (%s:%d)",
+            len(self.servers.servers) - 1,
+            m.host,
+            m.port,
+        )
+
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        truth: TextIO | None = None,
+        truth_hz: float = 10.0,
+    ) -> None:
+        """Step until `stop` is set (or cancelled); physics time follows the monotonic clock."""
+        dt = self.dt_s
+        t0 = time.monotonic()
+        k = 0
+        next_truth = t0
+        while stop is None or not stop.is_set():
+            k += 1
+            delay = t0 + k * dt - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                step = dt
+            elif -delay > MAX_CATCH_UP_S:
+                # Stalled (debugger, overloaded host): step what was lost once, re-anchor.
+                step = min(dt - delay, 1.0)
+                t0, k = time.monotonic(), 0
+                log.warning("sim: stalled %.2f s; physics stepped once to catch up", -delay)
+            else:
+                step = dt  # slightly late: the next ticks come sooner and catch up
+            self.physics.step(step)
+            now = time.monotonic()
+            if truth is not None and now >= next_truth:
+                next_truth += 1.0 / truth_hz
+                if next_truth <= now:  # fell behind: keep the rate, do not burst
+                    next_truth = now + 1.0 / truth_hz
+                line = {"t": round(time.time(), 3), "site_kw": round(self.physics.truth() / 1e3, 3)}
+                truth.write(json.dumps(line) + "\n")
+
+    async def close(self) -> None:
+        if self.servers is not None:
+            await self.servers.close()
+            self.servers = None
+
+
+async def run_sim(
+    cfg: LoadedConfig,
+    truth_path: Path | None,
+    stop: asyncio.Event | None = None,
+    seed: int = 0,
+    *,
+    rate_hz: float = 50.0,
+    initial_fraction: float = 1.0,
+) -> None:
+    """Serve the simulated site until `stop` is set or the task is cancelled."""
+    site = SimSite(cfg, seed=seed, rate_hz=rate_hz, initial_fraction=initial_fraction)
+    truth: TextIO | None = None
+    try:
+        if truth_path is not None:
+            truth_path.parent.mkdir(parents=True, exist_ok=True)
+            # Line-buffered: an external reader sees each sample as it is written.
+            truth = truth_path.open("a", buffering=1, encoding="utf-8")
+        await site.start()
+        await site.run(stop, truth)
+    finally:
+        await site.close()
+        if truth is not None:
+            truth.close()
+        log.info("sim: stopped")

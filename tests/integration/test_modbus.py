@@ -1,0 +1,343 @@
+"""Modbus TCP end to end over real sockets: simulated devices and meter, stock client, our driver.
+
+Every device listens on its own loopback address (127.x.y.z needs no setup on Linux). Waits
+poll a condition against a deadline; bounds are generous because timing is not under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from controller.config import DeviceSpec, MeterConfig, load_config
+from controller.fleet import DeviceState, Fleet
+from drivers.base import Driver
+from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
+from drivers.modbus.registers import (
+    LOAD_MAP,
+    M21X_OFFSETS,
+    METER_MAP,
+    METER_MODEL_ADDR,
+    as_f32,
+    regs_to_f32,
+)
+from drivers.modbus.sim_server import SimServers
+from drivers.sim.physics import Fault, SitePhysics
+from drivers.sim.site import run_sim
+
+DT = 0.02
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def free_subnet() -> tuple[str, int]:
+    """A random 127.a.b.0 net and a port free on its .1 (other hosts of it are unused)."""
+    rnd = random.Random()
+    for _ in range(50):
+        net = f"127.{rnd.randint(10, 250)}.{rnd.randint(1, 250)}"
+        with socket.socket() as s:
+            try:
+                s.bind((f"{net}.1", 0))
+            except OSError:
+                continue
+            return net, int(s.getsockname()[1])
+    raise RuntimeError("no free loopback address")
+
+
+def make_specs(net: str, port: int, n: int) -> list[DeviceSpec]:
+    base = DeviceSpec(
+        name="x",
+        kind="modbus_load",
+        protocol="modbus",
+        host="",
+        port=port,
+        unit=1,
+        p_min_w=25e3,
+        p_max_w=250e3,
+        p_idle_w=5e3,
+        ramp_up_w_s=50e3,
+        ramp_down_w_s=100e3,
+        dead_time_s=0.2,
+        wake_s=1.0,
+        sleep_s=0.5,
+        step_w=0.0,
+        deadband_w=500.0,
+        noise_w=500.0,
+        priority=0,
+        poll_s=0.25,
+        timeout_s=0.5,
+    )
+    return [replace(base, name=f"row-{i}", host=f"{net}.{i + 1}") for i in range(n)]
+
+
+async def step_forever(ph: SitePhysics) -> None:
+    t0, k = time.monotonic(), 0
+    while True:
+        k += 1
+        await asyncio.sleep(max(0.0, t0 + k * DT - time.monotonic()))
+        ph.step(DT)
+
+
+@dataclass
+class Rig:
+    specs: list[DeviceSpec]
+    physics: SitePhysics
+    fleet: Fleet
+    driver: ModbusLoadDriver
+    commands: list[tuple[str, float, bool]] = field(default_factory=list)
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    net, port = free_subnet()
+    specs = make_specs(net, port, 5)
+    ph = SitePhysics(specs, 50e3, seed=1, dt_s=DT)
+    servers = await SimServers.start(ph, specs, None)
+    fleet = Fleet.from_specs(specs, [0] * len(specs))
+    commands: list[tuple[str, float, bool]] = []
+    driver = ModbusLoadDriver(
+        "modbus",
+        fleet,
+        np.arange(len(specs)),
+        specs,
+        on_command=lambda name, s, ok: commands.append((name, s, ok)),
+        backoff_cap_s=2.0,
+    )
+    tasks = [asyncio.create_task(step_forever(ph)), asyncio.create_task(driver.run())]
+    try:
+        yield Rig(specs, ph, fleet, driver, commands)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await servers.close()
+
+
+async def polled(rig: Rig) -> None:
+    await until(lambda: bool(np.isfinite(rig.fleet.measured_at).all()), 5, "first polls")
+
+
+# --- (a) the simulated meter, read by a stock client; the simulated site from a config ---
+
+
+def write_site(tmp_path: Path, net: str, port: int) -> Path:
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "test-load.toml").write_text(
+        'kind = "modbus_load"\nprotocol = "modbus"\np_max_kw = 250.0\np_min_kw = 25.0\n'
+        "p_idle_kw = 5.0\nramp_up_kw_s = 50.0\nramp_down_kw_s = 100.0\nnoise_kw = 0.5\n"
+    )
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'site_id = "t"\nnoncontrollable_kw = 100.0\n[site]\nmax_kw = 1000.0\n'
+        f'[meter]\nhost = "{net}.100"\nport = {port}\npoll_s = 0.1\ntimeout_s = 0.5\n'
+        f'[[devices]]\nname = "row"\ntemplate = "test-load"\ncount = 3\n'
+        f'address = "{net}.1"\noverrides = {{ port = {port} }}\n'
+    )
+    return site
+
+
+async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path: Path) -> None:
+    net, port = free_subnet()
+    cfg = load_config(write_site(tmp_path, net, port))
+    truth_path = tmp_path / "truth.jsonl"
+    stop = asyncio.Event()
+    sim = asyncio.create_task(run_sim(cfg, truth_path, stop, seed=3))
+    client = AsyncModbusTcpClient(f"{net}.100", port=port, timeout=1, retries=0)
+    meter = ModbusMeter(MeterConfig(host=f"{net}.100", port=port, poll_s=0.1, timeout_s=0.5))
+    meter_task: asyncio.Task[None] | None = None
+    try:
+        await until(lambda: truth_path.exists() and truth_path.stat().st_size > 0, 5, "truth")
+        assert await client.connect()
+
+        rr = await client.read_holding_registers(40000, count=4, device_id=1)
+        assert not rr.isError()
+        marker = client.convert_from_registers(rr.registers[:2], client.DATATYPE.STRING)
+        assert marker == "SunS"
+        assert rr.registers[2:] == [1, 66]  # common model
+        rr = await client.read_holding_registers(40004, count=16, device_id=1)
+        assert client.convert_from_registers(rr.registers, client.DATATYPE.STRING) == "rampd"
+        rr = await client.read_holding_registers(40070, count=2, device_id=1)
+        assert rr.registers == [213, 124]
+        rr = await client.read_holding_registers(40196, count=2, device_id=1)
+        assert rr.registers == [0xFFFF, 0]
+
+        rr = await client.read_holding_registers(40096, count=4, device_id=1)  # Hz, W
+        hz = client.convert_from_registers(rr.registers[:2], client.DATATYPE.FLOAT32)
+        w = client.convert_from_registers(rr.registers[2:], client.DATATYPE.FLOAT32)
+        assert isinstance(w, float) and isinstance(hz, float)
+        assert hz == pytest.approx(60.0, abs=0.1)
+        # Three rows at p_max plus ~100 kW of cooling; the truth log agrees with the meter.
+        assert w == pytest.approx(850e3, rel=0.05)
+        last = json.loads(truth_path.read_text().splitlines()[-1])
+        assert last["site_kw"] * 1e3 == pytest.approx(w, rel=0.01)
+        assert abs(last["t"] - time.time()) < 5
+
+        rr = await client.read_holding_registers(40138, count=2, device_id=1)  # TotWhImp
+        e1 = client.convert_from_registers(rr.registers, client.DATATYPE.FLOAT32)
+        assert isinstance(e1, float)
+        await until(lambda: len(truth_path.read_text().splitlines()) >= 5, 5, "live truth log")
+        rr = await client.read_holding_registers(40138, count=2, device_id=1)
+        e2 = client.convert_from_registers(rr.registers, client.DATATYPE.FLOAT32)
+        assert isinstance(e2, float) and e2 > e1 > 0
+
+        # Writes to a meter are refused with a Modbus exception, not silently taken.
+        rr = await client.write_registers(40098, [0, 0], device_id=1)
+        assert rr.isError()
+
+        # Our meter client discovers model 213 by walking the chain and polls W.
+        meter_task = asyncio.create_task(meter.run())
+        await until(lambda: meter.ok and meter.reads >= 5, 5, "meter polls")
+        assert meter.value_w == pytest.approx(850e3, rel=0.05)
+        assert time.monotonic() - meter.at < 1.0
+    finally:
+        client.close()
+        if meter_task is not None:
+            meter_task.cancel()
+            await asyncio.gather(meter_task, return_exceptions=True)
+        stop.set()
+        await asyncio.wait_for(sim, 5)
+
+
+def test_register_maps_match_the_spec() -> None:
+    assert LOAD_MAP.span("setpoint_w", "p_max_w") == (0, 10)
+    assert [LOAD_MAP[n].address for n in ("setpoint_w", "run", "measured_w", "state")] == [
+        0,
+        2,
+        3,
+        5,
+    ]
+    assert all(r.writable == (r.address < 3) for r in LOAD_MAP.regs)
+    assert METER_MODEL_ADDR == 40070
+    assert M21X_OFFSETS == {"Hz": 26, "W": 28, "TotWhImp": 68}
+    assert METER_MAP["Evt"].address == 40070 + 2 + 122
+    assert METER_MAP["End_ID"].address == 40070 + 2 + 124
+    assert regs_to_f32(*METER_MAP["W"].encode(1234.5)) == 1234.5
+
+
+# --- (b) our driver against simulated devices ---
+
+
+async def test_polls_fill_the_fleet_arrays(rig: Rig) -> None:
+    driver: Driver = rig.driver  # the protocol the control cycle relies on
+    assert isinstance(driver, Driver)
+    await polled(rig)
+    await until(lambda: bool((rig.fleet.state == DeviceState.ON).all()), 5, "states")
+    assert np.allclose(rig.fleet.measured_w, 250e3, atol=5e3)
+    first = rig.fleet.measured_at.copy()
+    await until(lambda: bool((rig.fleet.measured_at > first).all()), 3, "second round of polls")
+    assert rig.driver.poll_errors == 0 and rig.driver.polls_ok >= 10
+
+
+async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> None:
+    ph = rig.physics
+    await polled(rig)
+    rig.driver.submit(np.array([1, 3]), np.array([100e3, 50e3]))
+    await until(lambda: ph.cmd_setpoint_w[1] == 100e3, 3, "setpoint register")
+    landed = time.monotonic()
+    assert ph.cmd_setpoint_w[3] == pytest.approx(50e3)
+    assert ph.cmd_setpoint_w[[0, 2, 4]].tolist() == [250e3] * 3
+    await until(lambda: ph.power_w[1] < 240e3, 2, "response after the dead time")
+    await until(lambda: ph.power_w[1] <= 100e3 + 1, 5, "ramp to target")
+    took = time.monotonic() - landed
+    # 150 kW at 100 kW/s is 1.5 s, after a 0.2 s dead time; never faster than the ramp limit.
+    assert 1.4 <= took <= 3.5
+    await until(lambda: abs(rig.fleet.measured_w[1] - 100e3) < 3e3, 3, "poll sees the new power")
+    ok = [c for c in rig.commands if c[2]]
+    assert len(ok) >= 2 and all(name == "modbus" and 0 <= s < 1.0 for name, s, _ in ok)
+    assert rig.driver.commands_ok == len(ok) and rig.driver.command_errors == 0
+
+
+async def test_latest_value_wins(rig: Rig) -> None:
+    ph = rig.physics
+    await polled(rig)
+    before = rig.driver.commands_ok
+    for v in np.linspace(30e3, 240e3, 200):
+        rig.driver.submit(np.array([2]), np.array([v]))
+    rig.driver.submit(np.array([2]), np.array([123_456.7]))
+    await until(lambda: ph.cmd_setpoint_w[2] == as_f32(123_456.7), 3, "last value")
+    await until(lambda: ph.power_w[2] <= 123_457.0, 5, "device at the last value")
+    assert rig.driver.commands_ok - before <= 3  # 201 submits, one or two writes
+
+
+async def test_sleep_and_wake_through_the_setpoint(rig: Rig) -> None:
+    ph, fleet = rig.physics, rig.fleet
+    await polled(rig)
+    rig.driver.submit(np.array([4]), np.array([0.0]))  # below p_min: sleep
+    await until(lambda: fleet.state[4] == DeviceState.SLEEPING, 5, "asleep")
+    assert ph.cmd_run[4] == 0 and ph.power_w[4] == 5e3
+    rig.driver.submit(np.array([4]), np.array([200e3]))
+    await until(lambda: fleet.state[4] == DeviceState.WAKING, 3, "waking")
+    await until(lambda: fleet.state[4] == DeviceState.ON, 5, "awake")
+    await until(lambda: ph.power_w[4] >= 200e3 - 1, 8, "ramped up")
+
+
+async def test_rebooted_device_gets_its_setpoint_again(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    ph = rig.physics
+    await polled(rig)
+    rig.driver.submit(np.array([3]), np.array([60e3]))
+    await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, "setpoint")
+    with caplog.at_level(logging.WARNING, logger="rampd.drivers.modbus"):
+        ph.reboot(3)
+        await until(lambda: ph.cmd_setpoint_w[3] == 250e3, 2, "reboot to default")
+        await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, "resent after readback")
+    assert rig.driver.resends >= 1
+    msgs = [r.getMessage() for r in caplog.records if "row-3" in r.getMessage()]
+    assert sum("readback" in m for m in msgs) == 1, msgs
+
+
+# --- (c) faults are isolated per device ---
+
+
+@pytest.mark.parametrize(
+    "fault", [Fault.SILENT, Fault.ERROR, Fault.SLOW, Fault.GARBAGE], ids=lambda f: f.name
+)
+async def test_faulty_device_is_isolated_and_recovers(
+    rig: Rig, fault: Fault, caplog: pytest.LogCaptureFixture
+) -> None:
+    ph, fleet = rig.physics, rig.fleet
+    others = np.array([0, 1, 3, 4])
+    await polled(rig)
+    await until(lambda: fleet.state[2] == DeviceState.ON, 3, "device 2 on")
+    caplog.set_level(logging.INFO, logger="rampd.drivers.modbus")
+
+    ph.set_fault(2, fault)
+    await until(lambda: fleet.state[2] == DeviceState.FAULT, 10, "FAULT")
+    # A command for the faulty device waits; the others' go through at once.
+    rig.driver.submit(np.array([2, 0]), np.array([80e3, 90e3]))
+    await until(lambda: ph.cmd_setpoint_w[0] == 90e3, 2, "healthy device commanded")
+    # While it stays broken, the others keep their polling cadence and their state.
+    end = time.monotonic() + 2.5
+    while time.monotonic() < end:
+        age = time.monotonic() - fleet.measured_at[others]
+        assert (age < 4 * 0.25).all(), f"poll ages {age}"
+        assert (fleet.state[others] == DeviceState.ON).all()
+        assert fleet.state[2] == DeviceState.FAULT
+        await asyncio.sleep(0.05)
+    assert ph.cmd_setpoint_w[2] == 250e3  # nothing landed while broken
+    assert rig.driver.errors_by_device[2] >= 3 and rig.driver.errors_by_device[others].sum() == 0
+
+    ph.set_fault(2, Fault.NONE)
+    await until(lambda: fleet.state[2] == DeviceState.ON, 10, "recovery")
+    await until(lambda: ph.cmd_setpoint_w[2] == 80e3, 5, "pending command delivered")
+    msgs = [r.getMessage() for r in caplog.records if "row-2" in r.getMessage()]
+    assert sum("FAULT" in m for m in msgs) == 1, msgs  # one line per state change
+    assert sum("recovered" in m for m in msgs) == 1, msgs
