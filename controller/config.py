@@ -24,7 +24,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-Protocol = Literal["modbus"]
+DeviceProtocol = Literal["modbus", "luxos", "redfish"]
+MeterProtocol = Literal["modbus"]
 FailsafePolicy = Literal["hold", "baseline", "min"]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -112,7 +113,7 @@ class ControlConfig(_Strict):
 
 
 class MeterConfig(_Strict):
-    protocol: Protocol = "modbus"
+    protocol: MeterProtocol = "modbus"
     host: str = "127.0.0.1"
     port: Port = 502
     unit: Annotated[int, Field(ge=0, le=255)] = 1
@@ -120,11 +121,28 @@ class MeterConfig(_Strict):
     timeout_s: PositiveFloat = 1.0
 
 
+class DeviceAccess(_Strict):
+    """How to log in to a device: credentials, TLS, protocol-specific addressing."""
+
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    https: bool = False
+    ca_file: Path | None = None
+    """CA bundle for HTTPS; None uses the system store."""
+    session_auth: bool = True
+    """Redfish: log in with a session (X-Auth-Token); False uses HTTP basic auth."""
+    chassis_id: str = "1"
+    """Redfish: the Chassis member whose power is read and capped."""
+    model: str | None = None
+    """Hardware model, e.g. "S21"; reported by the simulator and shown in logs."""
+
+
 class DeviceTemplate(_Strict):
     """One device class: its protocol, limits and dynamics. Numbers in a template are sourced."""
 
     kind: str
-    protocol: Protocol
+    protocol: DeviceProtocol
     p_min_kw: NonNegFloat
     p_max_kw: PositiveFloat
     p_idle_kw: NonNegFloat = 0.0
@@ -141,6 +159,7 @@ class DeviceTemplate(_Strict):
     unit: Annotated[int, Field(ge=0, le=255)] = 1
     poll_s: PositiveFloat = 2.0
     timeout_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+    access: DeviceAccess = DeviceAccess()
 
     @model_validator(mode="after")
     def _ordered(self) -> DeviceTemplate:
@@ -213,6 +232,7 @@ class DeviceSpec:
     priority: int
     poll_s: float
     timeout_s: float
+    access: DeviceAccess
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +342,7 @@ def _expand(
                 priority=tpl.priority,
                 poll_s=tpl.poll_s,
                 timeout_s=tpl.timeout_s,
+                access=tpl.access,
             )
 
 

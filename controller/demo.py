@@ -118,7 +118,7 @@ async def run_demo(config: Path, *, mqtt: str | None, regulation_s: float, hold_
     cfg = load_config(config)
     root = cfg.topic_root
     n_devices = len(cfg.devices)
-    site_max = cfg.site.site.max_kw
+    limits = (cfg.site.site.min_kw, cfg.site.site.max_kw)
     workdir = Path(tempfile.mkdtemp(prefix="rampd-demo-"))
     truth = workdir / "truth.jsonl"
     print(
@@ -139,7 +139,7 @@ async def run_demo(config: Path, *, mqtt: str | None, regulation_s: float, hold_
             workdir / "rampd.log",
         )
         try:
-            return await _script(host, port, root, n_devices, site_max, truth, hold_s, regulation_s)
+            return await _script(host, port, root, n_devices, limits, truth, hold_s, regulation_s)
         finally:
             await _stop(daemon)
             await _stop(sim)
@@ -150,7 +150,7 @@ async def _script(
     port: int,
     root: str,
     n_devices: int,
-    site_max: float,
+    limits: tuple[float, float],
     truth: Path,
     hold_s: float,
     regulation_s: float,
@@ -168,7 +168,9 @@ async def _script(
                     print(f"the daemon did not see all devices in 60 s: {d.telemetry}")
                     return 1
                 await asyncio.sleep(0.2)
-            lo, hi = float(d.telemetry["min_kw"]), float(d.telemetry["max_kw"])
+            # The fleet's reachable range, inside what the site may be dispatched to.
+            lo = max(float(d.telemetry["min_kw"]), limits[0])
+            hi = min(float(d.telemetry["max_kw"]), limits[1])
             print(f"site range {lo:.0f}..{hi:.0f} kW; measured {d.telemetry['measured_kw']} kW")
             tail = TruthTail(truth)
             t_start = time.time()
@@ -195,7 +197,7 @@ async def _script(
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-    return _summary(tail, steps, reg, site_max, d)
+    return _summary(tail, steps, reg, limits[1], d)
 
 
 def _summary(
