@@ -1,0 +1,207 @@
+"""The control step: snapshot + site target -> one setpoint per device.
+
+Per cycle: advance the device model and correct it from polls (predict.py), learn the
+non-flexible load from the meter residual (feedback.py), subtract it and the fixed devices'
+power from the site target, rate-limit and allocate the rest (allocate.py), remember what was
+commanded. Pure numpy, deterministic, no I/O; every per-device operation is vectorized and
+writes into buffers allocated once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from controller.control.allocate import Allocator
+from controller.control.capability import capability as _capability
+from controller.control.feedback import ResidualObserver, TargetDeadband
+from controller.control.predict import DelayModel
+from controller.control.types import (
+    F64,
+    I32,
+    ON,
+    Bool,
+    Capability,
+    FleetParams,
+    Rows,
+    Snapshot,
+    StepResult,
+)
+
+
+def effective_params(params: FleetParams) -> FleetParams:
+    """``params`` with quantized devices' p_max floored to their grid (not below p_min)."""
+    q = params.step_w > 0
+    if not q.any():
+        return params
+    step = np.where(q, params.step_w, 1.0)
+    top = np.maximum(np.floor(params.p_max_w / step + 1e-9) * step, params.p_min_w)
+    return dataclasses.replace(params, p_max_w=np.where(q, top, params.p_max_w))
+
+
+class Controller:
+    """Moves the site's metered power to ``target_w``; one instance per fleet.
+
+    ``deadband_w``: the site deadband; flexible-target changes below half of it are held.
+    ``observer_tau_s``: time constant of the meter residual filter (the integral action).
+    ``max_dead_time_s``: longest dead time modelled (larger ones are treated as this).
+    ``cycle_s``: nominal cycle; sizes the setpoint history (keyword added to the brief's API).
+    ``noncontrollable_range_w``: clamp of the non-flexible estimate (anti-windup against a
+    wrong meter); default +-2x the fleet's total p_max.
+    ``params`` keeps the effective parameters (quantized p_max floored to the grid);
+    ``fleet_params`` the ones given.
+    """
+
+    def __init__(
+        self,
+        params: FleetParams,
+        *,
+        deadband_w: float,
+        observer_tau_s: float = 1.0,
+        max_dead_time_s: float = 3.0,
+        cycle_s: float = 0.1,
+        noncontrollable_range_w: tuple[float, float] | None = None,
+    ) -> None:
+        n = params.n
+        self.fleet_params = params
+        # What the control math sees: a quantized device tops out at its highest grid point
+        # (the command funnel floors), so that is its p_max here.
+        params = effective_params(params)
+        self.params = params
+        self._model = DelayModel(params, max_dead_time_s=max_dead_time_s, cycle_s=cycle_s)
+        self._alloc = Allocator(params)
+        if noncontrollable_range_w is None:
+            span = 2.0 * max(float(params.p_max_w.sum()), 1.0)
+            noncontrollable_range_w = (-span, span)
+        self._observer = ResidualObserver(observer_tau_s, *noncontrollable_range_w)
+        self._hold = TargetDeadband(deadband_w)
+        # Internal setpoint: continuous, ramp-limited, 0 on rows not controllable. What the
+        # devices are told (quantized) lives in the model's ring buffer.
+        self._cmd: F64 = np.zeros(n)
+        self._ctrl = np.zeros(n, dtype=np.bool_)
+        self._fixed_rows: Rows = np.arange(n, dtype=np.intp)
+        self._fixed_w = 0.0
+        self._last_out: F64 = np.zeros(n)
+        self._dt = math.nan
+        self._started = False
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def predicted_w(self) -> F64:
+        """Predicted power per device at the time of the last step (a new array)."""
+        return self._model.pred
+
+    @property
+    def noncontrollable_w(self) -> float:
+        return self._observer.estimate_w
+
+    def set_priorities(self, priority: I32) -> None:
+        """New merit order: the cached sort is rebuilt (O(N log N), once)."""
+        self._alloc.set_priorities(np.asarray(priority, dtype=np.int32))
+
+    def capability(self, horizons_s: tuple[float, ...] = (1.0, 5.0, 60.0)) -> Capability:
+        """Reachable power from the last step's state (nothing offered before the first)."""
+        return _capability(
+            self.params,
+            self._model.pred,
+            self._ctrl,
+            self._fixed_w,
+            self._observer.estimate_w,
+            horizons_s,
+        )
+
+    def step(self, snap: Snapshot, target_w: float, dt: float) -> StepResult:
+        if not (dt > 0.0 and math.isfinite(dt)):
+            raise ValueError(f"dt must be a positive number of seconds, got {dt!r}")
+        if not math.isfinite(target_w):
+            raise ValueError(f"target_w must be finite, got {target_w!r}")
+        p, model, alloc = self.params, self._model, self._alloc
+        if snap.measured_w.shape != (p.n,) or snap.state.shape != (p.n,):
+            raise ValueError("snapshot arrays do not match the fleet size")
+
+        measured = snap.measured_w  # read only where it is used: polled, fixed, new rows
+        ctrl = snap.state == ON
+
+        # 1. Device model: where is each device now?
+        if dt != self._dt:
+            self._dt = dt
+            if model.set_dt(dt):
+                alloc.set_delays(model.delay)
+            alloc.set_ramps(model.up_step_w, model.down_step_w)
+        if self._started:
+            model.advance(alloc.up_e, alloc.neg_down_e)
+        else:
+            first = np.nan_to_num(measured, nan=0.0, posinf=0.0, neginf=0.0)
+            model.reset(first)  # never commanded: "previous setpoint" = where it is
+            self._last_out = first.copy()
+        if not self._started or not np.array_equal(ctrl, self._ctrl):
+            self._on_ctrl_change(ctrl, measured)
+        polled = np.flatnonzero(snap.new_reading)
+        if polled.size:
+            model.correct(polled, self._readings(measured, polled))
+        fixed = self._fixed_rows
+        if fixed.size:
+            values = self._readings(measured, fixed)
+            model.pin(fixed, values)  # fixed devices are where they were measured
+            self._fixed_w = float(values.sum())
+        else:
+            self._fixed_w = 0.0
+        bias_w = model.bias_sum
+        pred_sum = float(model.model.sum()) + bias_w
+
+        # 2. Meter feedback: non-flexible load + model error. The poll offsets are power the
+        # devices draw beyond their setpoints, so they come off the setpoint total.
+        nc = self._observer.update(snap.meter_w, pred_sum, dt)
+        flex = self._hold.apply(target_w - nc - self._fixed_w - bias_w)
+
+        # 3. Ramp filter and allocation.
+        slow_ahead = 0.0
+        if alloc.two_tiers:
+            slow_ahead = model.ahead_sum(
+                alloc.fast_delay + 1, alloc.slow_f, alloc.up_e, alloc.neg_down_e
+            )
+        saturated = alloc.allocate(flex, self._cmd, slow_ahead)
+        out = model.next_row()
+        alloc.quantize(out)
+
+        # 4. Commit: only controllable rows move; the others keep their last setpoint.
+        if fixed.size:
+            out[fixed] = self._last_out[fixed]
+        self._cmd, alloc.share = alloc.share, self._cmd  # swap buffers, no copy
+        model.commit()
+        self._last_out = out
+        self._started = True
+        return StepResult(
+            setpoints_w=out.copy(),
+            flex_target_w=flex,
+            predicted_site_w=pred_sum + nc,
+            noncontrollable_w=nc,
+            saturated=saturated,
+            controllable=ctrl,
+        )
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _readings(self, measured: F64, rows: Rows) -> F64:
+        """``measured[rows]``; a NaN/inf a driver may have written reads as the prediction."""
+        values = measured[rows]
+        if math.isfinite(float(values.sum())):
+            return values
+        guess = self._model.model[rows] + self._model.bias[rows]
+        return np.where(np.isfinite(values), values, guess)
+
+    def _on_ctrl_change(self, ctrl: Bool, measured: F64) -> None:
+        """Rows that just became controllable start ramping from where they really are."""
+        p = self.params
+        new_rows = np.flatnonzero(ctrl & ~self._ctrl)
+        if new_rows.size:
+            values = self._readings(measured, new_rows)
+            self._cmd[new_rows] = np.clip(values, p.p_min_w[new_rows], p.p_max_w[new_rows])
+            self._model.reset_rows(new_rows, values)
+        self._ctrl = ctrl.copy()
+        self._fixed_rows = np.flatnonzero(~ctrl)
+        self._cmd[self._fixed_rows] = 0.0  # keeps fixed rows out of every sum
+        self._alloc.set_ctrl(ctrl, self._fixed_rows)
