@@ -84,6 +84,8 @@ class Daemon:
             params,
             deadband_w=site.site.deadband_kw * 1e3,
             observer_tau_s=site.control.observer_tau_s,
+            cycle_s=site.cycle_s,
+            meter_lag_s=site.control.meter_lag_s,
         )
         self.funnel = CommandFunnel(
             self.fleet.p_min_w, self.fleet.p_max_w, self.fleet.step_w, self.fleet.deadband_w

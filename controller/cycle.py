@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from controller.control import Capability, Controller, Snapshot, StepResult
-from controller.fleet import Fleet
+from controller.fleet import DeviceState, Fleet
 from controller.metrics import Metrics
 from controller.target import TargetTracker
 from drivers.base import CommandFunnel, Driver
@@ -80,10 +80,18 @@ class ControlCycle:
         self._last_t: float | None = None
         self._on_tick: list[Callable[[CycleOutput], None]] = []
         self._meter_was_fresh: bool | None = None
+        self._seen_all = False
 
     def on_tick(self, callback: Callable[[CycleOutput], None]) -> None:
         """Run after every cycle (watchdog kick, readiness); must be quick and not raise."""
         self._on_tick.append(callback)
+
+    def _all_seen(self) -> bool:
+        if self._seen_all:
+            return True
+        unseen = np.isnan(self.fleet.measured_at) & (self.fleet.state != DeviceState.FAULT)
+        self._seen_all = not unseen.any()
+        return self._seen_all
 
     def tick(self) -> CycleOutput:
         now = self.clock()
@@ -97,6 +105,9 @@ class ControlCycle:
         self._seen_at[new_reading] = fleet.measured_at[new_reading]
         meter_fresh = bool(now - self.meter.at <= self.meter_max_age_s)
         meter_w = float(self.meter.value_w) if meter_fresh else float("nan")
+        # Until every live device has reported once, the meter residual would count their
+        # unknown power as non-flexible load; hold the observer back until then.
+        observed_w = meter_w if self._all_seen() else float("nan")
         if meter_fresh != self._meter_was_fresh:
             log.log(
                 logging.INFO if meter_fresh else logging.WARNING,
@@ -106,10 +117,11 @@ class ControlCycle:
             self._meter_was_fresh = meter_fresh
         snap = Snapshot(
             t=now,
-            meter_w=meter_w,
+            meter_w=observed_w,
             measured_w=fleet.measured_w.copy(),
             new_reading=new_reading,
             state=fleet.state.copy(),
+            meter_age_s=max(0.0, now - self.meter.at) if meter_fresh else 0.0,
         )
         target_w = self.tracker.target_w(now)
 

@@ -59,6 +59,35 @@ class ResidualObserver:
         return self.estimate_w
 
 
+class SumHistory:
+    """Recent values of the predicted site sum, to compare the meter with the model *as of
+    the moment the meter sampled*. Without this a meter lag of 0.1 s during a 5 MW/s ramp
+    reads as 500 kW of phantom non-flexible load, and the observer turns it into overshoot.
+    """
+
+    __slots__ = ("_i", "_t", "_v")
+
+    def __init__(self, size: int = 64) -> None:
+        self._t = np.full(size, -np.inf)
+        self._v = np.zeros(size)
+        self._i = 0
+
+    def push(self, t: float, value: float) -> None:
+        self._t[self._i] = t
+        self._v[self._i] = value
+        self._i = (self._i + 1) % self._t.size
+
+    def shift(self, delta: float) -> None:
+        self._v += delta
+
+    def at(self, t: float) -> float:
+        """Linear interpolation; clamped to the oldest/newest value kept."""
+        order = np.roll(np.arange(self._t.size), -self._i)  # oldest first
+        ts, vs = self._t[order], self._v[order]
+        known = np.isfinite(ts)
+        return float(np.interp(t, ts[known], vs[known]))
+
+
 class TargetDeadband:
     """Hold the flexible target while it moves less than half the site deadband.
 

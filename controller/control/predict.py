@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.control.types import F64, FleetParams, Rows
 
@@ -154,9 +155,28 @@ class DelayModel:
         self.model += step
 
     def correct(self, rows: Rows, measured_w: F64) -> None:
-        """Polls arrived for ``rows`` (``measured_w`` one per row): the prediction there
-        becomes the measurement."""
-        self._set_bias(rows, measured_w - self.model[rows])
+        """Polls arrived for ``rows`` (``measured_w`` one per row): where the model says the
+        device is at rest, the prediction there becomes the measurement.
+
+        A reading taken while the device moves is tens of milliseconds old on arrival; at
+        100 kW/s that is kW per device, and across a fleet ramping together it adds up to a
+        phantom offset that the allocator would subtract (undershoot, then a bump back when
+        the next, steady poll clears it). Moving devices keep their last offset instead.
+        """
+        rest = self._at_rest(rows)
+        rows = rows[rest]
+        self._set_bias(rows, measured_w[rest] - self.model[rows])
+
+    def _at_rest(self, rows: Rows) -> npt.NDArray[np.bool_]:
+        """Rows whose model sits at both the setpoint it follows and the newest setpoint."""
+        k, head, model = self.k, self._head, self.model[rows]
+        newest = self._ring[head, rows]
+        followed = self._ring[(head - self.delay[rows]) % k, rows]
+        tol = 0.5 * np.minimum(self.up_step_w[rows], self.down_step_w[rows]) + 1.0
+        rest: npt.NDArray[np.bool_] = (np.abs(newest - model) <= tol) & (
+            np.abs(followed - model) <= tol
+        )
+        return rest
 
     def pin(self, rows: Rows, measured_w: F64) -> None:
         """Fixed rows: the device is where it was measured, no offset."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from controller.control.allocate import Allocator
 from controller.control.capability import capability as _capability
-from controller.control.feedback import ResidualObserver, TargetDeadband
+from controller.control.feedback import ResidualObserver, SumHistory, TargetDeadband
 from controller.control.predict import DelayModel
 from controller.control.types import (
     F64,
@@ -48,6 +48,8 @@ class Controller:
     ``observer_tau_s``: time constant of the meter residual filter (the integral action).
     ``max_dead_time_s``: longest dead time modelled (larger ones are treated as this).
     ``cycle_s``: nominal cycle; sizes the setpoint history (keyword added to the brief's API).
+    ``meter_lag_s``: the meter's own latency (its sampling and averaging), added to the age
+    of each reading, so the residual compares meter and model at the same instant.
     ``noncontrollable_range_w``: clamp of the non-flexible estimate (anti-windup against a
     wrong meter); default +-2x the fleet's total p_max.
     ``params`` keeps the effective parameters (quantized p_max floored to the grid);
@@ -63,6 +65,7 @@ class Controller:
         max_dead_time_s: float = 3.0,
         cycle_s: float = 0.1,
         noncontrollable_range_w: tuple[float, float] | None = None,
+        meter_lag_s: float = 0.0,
     ) -> None:
         n = params.n
         self.fleet_params = params
@@ -77,6 +80,8 @@ class Controller:
             noncontrollable_range_w = (-span, span)
         self._observer = ResidualObserver(observer_tau_s, *noncontrollable_range_w)
         self._hold = TargetDeadband(deadband_w)
+        self._history = SumHistory()
+        self._meter_lag_s = meter_lag_s
         # Internal setpoint: continuous, ramp-limited, 0 on rows not controllable. What the
         # devices are told (quantized) lives in the model's ring buffer.
         self._cmd: F64 = np.zeros(n)
@@ -133,6 +138,7 @@ class Controller:
             alloc.set_ramps(model.up_step_w, model.down_step_w)
         if self._started:
             model.advance(alloc.up_e, alloc.neg_down_e)
+            advanced_sum = float(model.model.sum()) + model.bias_sum
         else:
             first = np.nan_to_num(measured, nan=0.0, posinf=0.0, neginf=0.0)
             model.reset(first)  # never commanded: "previous setpoint" = where it is
@@ -154,7 +160,13 @@ class Controller:
 
         # 2. Meter feedback: non-flexible load + model error. The poll offsets are power the
         # devices draw beyond their setpoints, so they come off the setpoint total.
-        nc = self._observer.update(snap.meter_w, pred_sum, dt)
+        if self._started:
+            # Corrections (polls, state changes) are news about the past too, not a change
+            # of power now: apply them to the history the meter is compared against.
+            self._history.shift(pred_sum - advanced_sum)
+        self._history.push(snap.t, pred_sum)
+        meter_t = snap.t - snap.meter_age_s - self._meter_lag_s
+        nc = self._observer.update(snap.meter_w, self._history.at(meter_t), dt)
         flex = self._hold.apply(target_w - nc - self._fixed_w - bias_w)
 
         # 3. Ramp filter and allocation.

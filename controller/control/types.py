@@ -131,6 +131,8 @@ class Snapshot:
     """Rows whose poll arrived since the previous snapshot."""
     state: I8
     """`controller.fleet.DeviceState` values."""
+    meter_age_s: float = 0.0
+    """How long before `t` the meter value was taken (poll age plus the meter's own lag)."""
 
 
 @dataclass(frozen=True, slots=True)

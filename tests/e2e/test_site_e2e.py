@@ -242,8 +242,8 @@ async def test_setpoint_settles_on_ground_truth_with_ack_and_telemetry(site: Sit
             assert name in body, name
 
 
-def _bad(seq: int, **fields: Any) -> bytes:
-    body = _dispatch(seq, target_kw=1000.0)
+def _bad(next_seq: int, **fields: Any) -> bytes:
+    body = _dispatch(next_seq, target_kw=1000.0)
     body.update(fields)
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 

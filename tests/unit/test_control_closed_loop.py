@@ -213,3 +213,57 @@ def test_slow_only_fleet_does_not_overshoot() -> None:
     # Quantized (100 W steps): the total lands within one step below the target.
     check_step_response(site, goal, deadband + 100.0, settle_s=12.0,
                         overshoot_w=deadband)
+
+
+@dataclass
+class LaggedPlant(Plant):
+    """A plant whose meter and polls report what was true a while ago, as on a real wire:
+    the meter value is `meter_lag` cycles old (the snapshot says how old), and each poll
+    reading is one cycle old when it arrives."""
+
+    meter_lag: int = 2
+    site_history: list[float] = field(default_factory=list)
+    power_history: list[np.ndarray] = field(default_factory=list)
+
+    def snapshot(self) -> Snapshot:
+        self.site_history.append(self.site_w())
+        self.power_history.append(self.power_w.copy())
+        n = self.power_w.size
+        old_power = self.power_history[max(0, len(self.power_history) - 2)]
+        new = self.phase == self.k % self.poll_every
+        self.measured = np.where(new, old_power, self.measured)
+        lag = min(self.meter_lag, len(self.site_history) - 1)
+        return Snapshot(
+            t=self.t,
+            meter_w=self.site_history[-1 - lag],
+            measured_w=self.measured.copy(),
+            new_reading=new,
+            state=np.zeros(n, dtype=np.int8),
+            meter_age_s=lag * DT,
+        )
+
+
+def test_late_meter_and_late_polls_do_not_turn_a_fast_ramp_into_overshoot() -> None:
+    # 50 x 100 kW/s: a 5 MW step takes 1 s, while the meter is 0.2 s and polls 0.1 s late.
+    # Comparing the meter with the model *now* would read 1 MW of phantom load mid-ramp.
+    params = container_fleet()
+    plant = LaggedPlant(params, power_w=params.p_max_w * 0.8, load_w=lambda t: 800e3)
+    deadband = 20e3
+    ctl = Controller(params, deadband_w=deadband)
+    site, goal = run(ctl, plant, steps_target, 70.0)
+    check_step_response(site, goal, deadband, settle_s=3.0, overshoot_w=deadband)
+
+
+def test_sum_history_interpolates_and_takes_corrections_retroactively() -> None:
+    from controller.control.feedback import SumHistory
+
+    h = SumHistory(size=4)
+    for t, v in ((0.0, 10.0), (1.0, 20.0), (2.0, 40.0)):
+        h.push(t, v)
+    assert h.at(1.5) == pytest.approx(30.0)
+    assert h.at(-5.0) == 10.0 and h.at(9.0) == 40.0
+    h.shift(5.0)
+    assert h.at(0.5) == pytest.approx(20.0)
+    for t in (3.0, 4.0, 5.0):  # the ring forgets the oldest
+        h.push(t, 0.0)
+    assert h.at(0.0) == pytest.approx(45.0)
