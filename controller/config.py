@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -110,6 +110,8 @@ class ControlConfig(_Strict):
 
     observer_tau_s: PositiveFloat = 1.0
     meter_max_age_s: PositiveFloat = 1.0
+    meter_lag_s: NonNegFloat = 0.05
+    """The meter's own latency (sampling/averaging); a 10 Hz meter holds each value ~50 ms."""
 
 
 class MeterConfig(_Strict):
@@ -138,6 +140,25 @@ class DeviceAccess(_Strict):
     """Hardware model, e.g. "S21"; reported by the simulator and shown in logs."""
 
 
+class SimParams(_Strict):
+    """Simulator only: the workload a device runs, as a fraction of its p_max.
+
+    A GPU rack draws min(power cap, what its jobs demand); jobs are piecewise constant with a
+    level drawn uniformly in [demand_min_frac, demand_max_frac] and a duration drawn around
+    job_s. The default (1.0, 1.0) is a device that always draws its setpoint (a miner).
+    """
+
+    demand_min_frac: Annotated[float, Field(ge=0, le=1)] = 1.0
+    demand_max_frac: Annotated[float, Field(ge=0, le=1)] = 1.0
+    job_s: PositiveFloat = 120.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SimParams:
+        if self.demand_min_frac > self.demand_max_frac:
+            raise ValueError("demand_min_frac must not exceed demand_max_frac")
+        return self
+
+
 class DeviceTemplate(_Strict):
     """One device class: its protocol, limits and dynamics. Numbers in a template are sourced."""
 
@@ -160,6 +181,7 @@ class DeviceTemplate(_Strict):
     poll_s: PositiveFloat = 2.0
     timeout_s: Annotated[float, Field(gt=0, le=10)] = 1.0
     access: DeviceAccess = DeviceAccess()
+    sim: SimParams = SimParams()
 
     @model_validator(mode="after")
     def _ordered(self) -> DeviceTemplate:
@@ -232,7 +254,8 @@ class DeviceSpec:
     priority: int
     poll_s: float
     timeout_s: float
-    access: DeviceAccess
+    access: DeviceAccess = field(default_factory=DeviceAccess)
+    sim: SimParams = field(default_factory=SimParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +366,7 @@ def _expand(
                 poll_s=tpl.poll_s,
                 timeout_s=tpl.timeout_s,
                 access=tpl.access,
+                sim=tpl.sim,
             )
 
 
