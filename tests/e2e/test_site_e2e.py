@@ -260,7 +260,7 @@ BAD_DISPATCHES: list[tuple[str, Any]] = [
     ("nan", lambda seq: _bad(seq, target_kw=float("nan"))),
     ("above site max", lambda seq: _bad(seq, target_kw=SITE_MAX_KW + 1)),
     ("unknown mode", lambda seq: _bad(seq, mode="turbo")),
-    ("older seq", lambda seq: _bad(seq - 10)),
+    ("older seq", lambda seq: _bad(seq - 100)),
     ("expired", lambda seq: _bad(seq, expires_at=_iso(datetime.now(UTC) - timedelta(seconds=5)))),
     ("stale", lambda seq: _bad(seq, issued_at=_iso(datetime.now(UTC) - timedelta(hours=1)))),
 ]
