@@ -19,6 +19,7 @@ from controller.cycle import ControlCycle, CycleOutput
 from controller.dispatch import DispatchRejected, MqttLink, ack_payload, parse_dispatch
 from controller.fleet import Fleet
 from controller.metrics import Metrics
+from controller.notify import Notifier
 from controller.target import TargetTracker
 from drivers.base import CommandFunnel, Driver
 from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
@@ -110,6 +111,7 @@ class Daemon:
             on_heartbeat=self.on_heartbeat,
         )
         self._mode = ""
+        self.notifier = Notifier()
         self.cycle.on_tick(self._after_tick)
 
     # -- dispatch in ---------------------------------------------------------------------
@@ -145,7 +147,16 @@ class Daemon:
 
     # -- out -------------------------------------------------------------------------------
     def _after_tick(self, out: CycleOutput) -> None:
+        self.notifier.kick(out.t)
+        if not self.notifier.ready_sent and self.cycle.all_seen and out.meter_fresh:
+            self.notifier.ready(self._status_text())
+            log.info("ready: every device reported and the meter is fresh")
         self._publish_status_if_changed()
+
+    def _status_text(self) -> str:
+        counts = self.fleet.counts_by_state()
+        meter = "meter ok" if self.cycle.last and self.cycle.last.meter_fresh else "meter stale"
+        return f"mode {self.tracker.mode}; {counts['on']}/{self.fleet.n} devices on; {meter}"
 
     def _publish_status_if_changed(self) -> None:
         mode = self.tracker.mode
@@ -154,6 +165,7 @@ class Daemon:
                 log.info("mode %s -> %s", self._mode, mode)
             self._mode = mode
             self.link.set_status(mode)
+            self.notifier.status(self._status_text())
 
     def telemetry(self) -> dict[str, Any]:
         out = self.cycle.last
@@ -227,11 +239,15 @@ async def run_daemon(cfg: LoadedConfig, overrides: Overrides | None = None) -> N
     assert main is not None
 
     def stop(signame: str) -> None:
-        log.info("%s: stopping", signame)
+        log.info("%s: stopping; devices keep their last setpoints", signame)
+        daemon.notifier.stopping()
         main.cancel()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)
-    with contextlib.suppress(asyncio.CancelledError):
-        await daemon.run()
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await daemon.run()
+    finally:
+        daemon.notifier.close()
     log.info("stopped")

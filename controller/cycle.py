@@ -86,6 +86,11 @@ class ControlCycle:
         """Run after every cycle (watchdog kick, readiness); must be quick and not raise."""
         self._on_tick.append(callback)
 
+    @property
+    def all_seen(self) -> bool:
+        """Every live device has reported at least once."""
+        return self._seen_all
+
     def _all_seen(self) -> bool:
         if self._seen_all:
             return True
