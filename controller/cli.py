@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from controller.config import ConfigError, LoadedConfig, load_config
+from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
 
 DEFAULT_SIM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim-site.toml"
 
@@ -82,8 +82,10 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from drivers.sim.site import run_sim
 
     cfg = _load(args.config)
+    control = split_host_port(args.control, default_port=9480) if args.control else None
+    truth = Path(args.truth) if args.truth else None
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_sim(cfg, Path(args.truth) if args.truth else None, seed=args.seed))
+        asyncio.run(run_sim(cfg, truth, seed=args.seed, control=control))
     return 0
 
 
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-c", "--config", default=str(DEFAULT_SIM_CONFIG), help="site TOML file")
     sim.add_argument("--truth", help="append ground truth as JSON lines to this file")
     sim.add_argument("--seed", type=int, default=0, help="random seed of the physics")
+    sim.add_argument(
+        "--control", help="HOST:PORT of the HTTP endpoint that injects faults (off by default)"
+    )
     sim.set_defaults(func=_cmd_sim)
 
     demo = sub.add_parser("demo", help="broker + simulated site + daemon, and a dispatch script")

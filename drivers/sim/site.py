@@ -16,6 +16,7 @@ from typing import TextIO
 
 from controller.config import LoadedConfig
 from drivers.modbus.sim_server import SimServers
+from drivers.sim.control import SimControl
 from drivers.sim.physics import SitePhysics
 
 log = logging.getLogger("rampd.sim")
@@ -45,8 +46,14 @@ class SimSite:
             initial_fraction=initial_fraction,
         )
         self.servers: SimServers | None = None
+        self.control: SimControl | None = None
+        self.control_port: int | None = None
 
-    async def start(self) -> None:
+    async def start(self, control: tuple[str, int] | None = None) -> None:
+        """Serve every device and the meter; with `control`, the fault-injection endpoint."""
+        if control is not None:
+            self.control = SimControl(self.physics, self.cfg.devices)
+            self.control_port = await self.control.start(*control)
         m = self.cfg.site.meter
         self.servers = await SimServers.start(
             self.physics, self.cfg.devices, (m.host, m.port, m.unit)
@@ -92,6 +99,9 @@ class SimSite:
                 truth.write(json.dumps(line) + "\n")
 
     async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
         if self.servers is not None:
             await self.servers.close()
             self.servers = None
@@ -105,6 +115,7 @@ async def run_sim(
     *,
     rate_hz: float = 50.0,
     initial_fraction: float = 1.0,
+    control: tuple[str, int] | None = None,
 ) -> None:
     """Serve the simulated site until `stop` is set or the task is cancelled."""
     site = SimSite(cfg, seed=seed, rate_hz=rate_hz, initial_fraction=initial_fraction)
@@ -114,7 +125,7 @@ async def run_sim(
             truth_path.parent.mkdir(parents=True, exist_ok=True)
             # Line-buffered: an external reader sees each sample as it is written.
             truth = truth_path.open("a", buffering=1, encoding="utf-8")
-        await site.start()
+        await site.start(control)
         await site.run(stop, truth)
     finally:
         await site.close()

@@ -1,0 +1,140 @@
+"""The simulator's control endpoint: inspect devices and inject faults over HTTP (JSON).
+
+    GET  /devices[?protocol=luxos]   rows with name, protocol, host, power, fault
+    GET  /truth                      {"t": unix s, "site_kw": true site power}
+    POST /faults  {"fault": "silent"|"slow"|"error"|"garbage"|"reboot"|"none",
+                   "devices": ["row-0001", ...]}                        by name, or
+                  {"fault": ..., "fraction": 0.1, "protocol": "luxos"?, "seed": 1?}
+                  -> {"applied": [names]}
+    POST /meter   {"fault": "silent"|"none"|...}
+
+Tests and benches use it to make devices misbehave while the daemon runs in its own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from controller.config import DeviceSpec
+from drivers.sim.physics import Fault, SitePhysics
+
+log = logging.getLogger("rampd.sim")
+
+MAX_BODY = 1 << 20
+
+
+def _fault(body: dict[str, Any]) -> Fault:
+    name = body.get("fault")
+    if not isinstance(name, str) or name.upper() not in Fault.__members__:
+        choices = ", ".join(f.name.lower() for f in Fault)
+        raise web.HTTPBadRequest(text=f"fault must be one of {choices}")
+    return Fault[name.upper()]
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body is not JSON") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return body
+
+
+class SimControl:
+    def __init__(self, physics: SitePhysics, specs: Sequence[DeviceSpec]) -> None:
+        self.physics = physics
+        self.specs = tuple(specs)
+        self._index = {s.name: i for i, s in enumerate(self.specs)}
+        self._protocol = np.array([s.protocol for s in self.specs])
+        self._runner: web.AppRunner | None = None
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/devices", self.devices)
+        app.router.add_get("/truth", self.truth)
+        app.router.add_post("/faults", self.faults)
+        app.router.add_post("/meter", self.meter)
+        self.app = app
+
+    async def start(self, host: str, port: int) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        log.info("sim: control endpoint on http://%s:%d", host, bound)
+        return bound
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def devices(self, request: web.Request) -> web.Response:
+        protocol = request.query.get("protocol")
+        p = self.physics
+        rows = [
+            {
+                "index": i,
+                "name": s.name,
+                "kind": s.kind,
+                "protocol": s.protocol,
+                "host": s.host,
+                "port": s.port,
+                "power_w": round(float(p.power_w[i]), 1),
+                "fault": Fault(int(p.fault[i])).name.lower(),
+            }
+            for i, s in enumerate(self.specs)
+            if protocol is None or s.protocol == protocol
+        ]
+        return web.json_response(rows)
+
+    async def truth(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"t": round(time.time(), 3), "site_kw": round(self.physics.truth() / 1e3, 3)}
+        )
+
+    async def faults(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        fault = _fault(body)
+        rows = self._select(body)
+        if fault is Fault.REBOOT:
+            self.physics.reboot(rows)
+        else:
+            self.physics.set_fault(rows, fault)
+        names = [self.specs[i].name for i in rows]
+        log.info("sim: fault %s on %d devices", fault.name.lower(), len(names))
+        return web.json_response({"applied": names})
+
+    async def meter(self, request: web.Request) -> web.Response:
+        self.physics.meter_fault = _fault(await _json(request))
+        log.info("sim: meter fault %s", self.physics.meter_fault.name.lower())
+        return web.json_response({"meter": self.physics.meter_fault.name.lower()})
+
+    def _select(self, body: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.intp]]:
+        if "devices" in body:
+            names = body["devices"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise web.HTTPBadRequest(text="devices must be a list of names")
+            unknown = [n for n in names if n not in self._index]
+            if unknown:
+                raise web.HTTPBadRequest(text=f"unknown devices: {', '.join(unknown[:5])}")
+            return np.array([self._index[n] for n in names], dtype=np.intp)
+        fraction = body.get("fraction")
+        if not isinstance(fraction, int | float) or isinstance(fraction, bool):
+            raise web.HTTPBadRequest(text="give devices (names) or fraction (0..1)")
+        if not 0.0 <= fraction <= 1.0:
+            raise web.HTTPBadRequest(text="fraction must be within 0..1")
+        pool = np.arange(len(self.specs))
+        protocol = body.get("protocol")
+        if protocol is not None:
+            pool = pool[self._protocol == protocol]
+        seed = body.get("seed", 0)
+        rng = np.random.default_rng(seed if isinstance(seed, int) else 0)
+        count = round(fraction * pool.size)
+        return np.sort(rng.choice(pool, size=count, replace=False)).astype(np.intp)
