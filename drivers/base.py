@@ -82,8 +82,11 @@ class CommandMailbox:
         """True when work is pending; False on timeout."""
         if not np.isnan(self._pending).all():
             return True
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+        # arrives as the event is set, and the sender task then never stops.
         try:
-            await asyncio.wait_for(self._event.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._event.wait()
         except TimeoutError:
             return False
         return True

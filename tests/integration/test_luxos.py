@@ -1,0 +1,452 @@
+"""LuxOS over real sockets: simulated miners on 127.x.y.z:4028, pyasic and our driver as clients.
+
+pyasic (a client nobody here wrote) must identify a simulated miner as LuxOS with its model,
+read its power and move it; the driver must poll, set profiles, sleep and wake, manage the
+session, and isolate faults. Physics is stepped in the background on the monotonic clock;
+waits poll a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import socket
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from controller.config import DeviceAccess, DeviceSpec
+from controller.fleet import DeviceState, Fleet
+from drivers.base import Driver
+from drivers.luxos import messages as m
+from drivers.luxos.client import LuxosDriver, exchange
+from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
+from drivers.sim.physics import Fault, SitePhysics
+from tests.helpers import until
+
+DT = 0.02
+P_MIN, P_MAX, STEP, P_IDLE = 1750.0, 3500.0, 250.0, 20.0
+S21_THS_PER_W = 1 / 17.5
+
+
+def free_net() -> str:
+    """A random 127.a.b net whose .1 can take port 4028 (its other hosts are then unused)."""
+    rnd = random.Random()
+    for _ in range(50):
+        net = f"127.{rnd.randint(10, 250)}.{rnd.randint(1, 250)}"
+        with socket.socket() as s:
+            try:
+                s.bind((f"{net}.1", m.PORT))
+            except OSError:
+                continue
+        return net
+    raise RuntimeError("no free loopback address")
+
+
+def make_specs(net: str, n: int, **overrides: Any) -> list[DeviceSpec]:
+    """S21-like miners on the LuxOS ladder, with dynamics sped up so tests take seconds."""
+    base = DeviceSpec(
+        name="m",
+        kind="antminer-s21-luxos",
+        protocol="luxos",
+        host="",
+        port=m.PORT,
+        unit=1,
+        p_min_w=P_MIN,
+        p_max_w=P_MAX,
+        p_idle_w=P_IDLE,
+        ramp_up_w_s=20_000.0,
+        ramp_down_w_s=20_000.0,
+        dead_time_s=0.05,
+        wake_s=1.0,
+        sleep_s=0.1,
+        step_w=STEP,
+        deadband_w=0.0,
+        noise_w=0.0,
+        priority=0,
+        poll_s=0.3,
+        timeout_s=0.5,
+        access=DeviceAccess(model="S21"),
+    )
+    base = replace(base, **overrides)
+    return [replace(base, name=f"miner-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
+
+
+async def step_forever(ph: SitePhysics) -> None:
+    t0, k = time.monotonic(), 0
+    while True:
+        k += 1
+        await asyncio.sleep(max(0.0, t0 + k * DT - time.monotonic()))
+        ph.step(DT)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_pyasic() -> Iterator[None]:
+    # pyasic 0.79 still declares pydantic v1-style config classes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+@dataclass
+class Site:
+    specs: list[DeviceSpec]
+    physics: SitePhysics
+    servers: LuxosServers
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def start_site(n: int, session_ttl_s: float = 60.0, **overrides: Any) -> Site:
+    specs = make_specs(free_net(), n, **overrides)
+    ph = SitePhysics(specs, 0.0, seed=3, dt_s=DT)
+    servers = await start_luxos_servers(ph, range(n), specs, session_ttl_s=session_ttl_s)
+    return Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
+
+
+async def stop_site(site: Site) -> None:
+    for t in site.tasks:
+        t.cancel()
+    await asyncio.gather(*site.tasks, return_exceptions=True)
+    await site.servers.close()
+
+
+# --- (a) pyasic identifies and drives a simulated miner ---
+
+
+@pytest.mark.parametrize(
+    ("model", "cls_name", "pyasic_model"),
+    [("S21", "LUXMinerS21", "S21"), ("S19j Pro", "LUXMinerS19jPro", "S19j Pro")],
+)
+async def test_pyasic_identifies_reads_and_controls(
+    model: str, cls_name: str, pyasic_model: str
+) -> None:
+    import pyasic  # type: ignore[import-untyped]
+    from pyasic.miners.backends.luxminer import LUXMiner  # type: ignore[import-untyped]
+
+    site = await start_site(1, access=DeviceAccess(model=model))
+    ph, ip = site.physics, site.specs[0].host
+    try:
+        miner = await pyasic.get_miner(ip)
+        print(f"pyasic.get_miner({ip!r}) -> {type(miner).__name__}: {miner}")
+        assert isinstance(miner, LUXMiner)
+        assert type(miner).__name__ == cls_name
+        assert miner.model == f"{pyasic_model} (LuxOS)"
+
+        data = await miner.get_data()
+        print(
+            f"get_data: wattage={data.wattage} W, limit={data.wattage_limit} W, "
+            f"hashrate={data.hashrate}, fw={data.fw_ver}"
+        )
+        assert data.wattage == round(float(ph.reported_w[0]))  # noise 0: exact
+        assert data.wattage_limit == P_MAX  # the "default" profile
+        assert await miner.get_wattage() == round(float(ph.reported_w[0]))
+
+        # set_power_limit picks the highest profile at or below the limit (3000 W here).
+        assert await miner.set_power_limit(3100) is True
+        assert ph.cmd_setpoint_w[0] == 3000.0
+        await until(lambda: ph.power_w[0] == 3000.0, 5, what="power at the 3000 W profile")
+        assert site.servers.sim.current_profile(0).watts == 3000.0
+        # pyasic switches ATM off around profileset and back on after it.
+        assert site.servers.sim.counts[0, "atmset"] == 2 and site.servers.sim.atm_enabled[0]
+
+        assert await miner.stop_mining() is True
+        await until(
+            lambda: ph.state[0] == DeviceState.SLEEPING and ph.power_w[0] == P_IDLE,
+            5,
+            what="asleep",
+        )
+        assert await miner.get_wattage() == round(P_IDLE)
+
+        assert await miner.resume_mining() is True
+        await until(
+            lambda: ph.state[0] == DeviceState.ON and ph.power_w[0] == 3000.0,
+            5,
+            what="awake at its profile",
+        )
+    finally:
+        await stop_site(site)
+
+
+async def test_pyasic_web_probe_finds_luxor_firmware() -> None:
+    """pyasic also probes http://<ip>/ for "Luxor Firmware"; the optional page answers it."""
+    from pyasic.miners.factory import MinerFactory, MinerTypes  # type: ignore[import-untyped]
+
+    specs = make_specs(free_net(), 1)
+    ph = SitePhysics(specs, 0.0, dt_s=DT)
+    try:
+        servers = await start_luxos_servers(ph, [0], specs, http_port=80)
+    except OSError as exc:  # port 80 needs root (or CAP_NET_BIND_SERVICE)
+        pytest.skip(f"cannot bind port 80: {exc}")
+    try:
+        assert await MinerFactory()._get_miner_web(specs[0].host) == MinerTypes.LUX_OS
+    finally:
+        await servers.close()
+
+
+async def test_wire_framing_of_a_real_exchange() -> None:
+    """Replies end with NUL and the miner closes; an unknown command is a STATUS E."""
+    site = await start_site(1)
+    host = site.specs[0].host
+    try:
+        reader, writer = await asyncio.open_connection(host, m.PORT)
+        writer.write(m.encode_request("version"))  # no terminator, no half-close
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 2.0)  # to EOF: the miner closes
+        writer.close()
+        assert raw.endswith(b"\x00")
+        assert m.parse_version(m.decode_reply(raw)).type_name == "Antminer S21"
+
+        with pytest.raises(m.CommandError):
+            m.check(await exchange(host, m.PORT, m.encode_request("bogus"), 1.0), "bogus")
+        multi = await exchange(host, m.PORT, m.encode_request("power+summary"), 1.0)
+        assert m.parse_power(multi["power"][0]).watts == P_MAX
+        # One session at a time; privileged commands need it.
+        sid = m.parse_session(await exchange(host, m.PORT, m.encode_request("logon"), 1.0))
+        with pytest.raises(m.SessionBusy):
+            m.check(await exchange(host, m.PORT, m.encode_request("logon"), 1.0), "logon")
+        with pytest.raises(m.InvalidSession):
+            req = m.encode_request("curtail", "nope", "sleep")
+            m.check(await exchange(host, m.PORT, req, 1.0), "curtail")
+        req = m.encode_request("session")
+        assert m.parse_session(await exchange(host, m.PORT, req, 1.0), "session") == sid
+    finally:
+        await stop_site(site)
+
+
+# --- (b) the driver against 20 simulated miners ---
+
+
+@dataclass
+class Rig:
+    site: Site
+    fleet: Fleet
+    driver: LuxosDriver
+    commands: list[tuple[str, float, bool]]
+
+    @property
+    def physics(self) -> SitePhysics:
+        return self.site.physics
+
+
+@pytest.fixture
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    opts: dict[str, Any] = getattr(request, "param", {})
+    site = await start_site(
+        20, session_ttl_s=opts.get("session_ttl_s", 60.0), **opts.get("spec", {})
+    )
+    fleet = Fleet.from_specs(site.specs, [0] * len(site.specs))
+    commands: list[tuple[str, float, bool]] = []
+    driver = LuxosDriver(
+        "luxos",
+        fleet,
+        np.arange(len(site.specs)),
+        site.specs,
+        on_command=lambda name, s, ok: commands.append((name, s, ok)),
+        summary_every=3,
+        config_every=2,
+        backoff_cap_s=1.0,
+    )
+    site.tasks.append(asyncio.create_task(driver.run()))
+    try:
+        yield Rig(site, fleet, driver, commands)
+    finally:
+        await stop_site(site)
+
+
+async def polled(rig: Rig) -> None:
+    await until(lambda: bool(np.isfinite(rig.fleet.measured_at).all()), 5, what="first polls")
+
+
+def profile_w(setpoint_w: float) -> float:
+    return min(P_MAX, P_MIN + STEP * math.floor((setpoint_w - P_MIN) / STEP + 1e-9))
+
+
+async def test_driver_satisfies_the_protocol_and_polls_fill_the_fleet(rig: Rig) -> None:
+    assert isinstance(rig.driver, Driver)
+    other = LuxosDriver("other", rig.fleet, [0], rig.site.specs[:1])
+    other.submit(np.arange(len(rig.site.specs)), np.full(len(rig.site.specs), 3000.0))
+    assert other.pending == 1  # rows of other drivers are ignored
+    await polled(rig)
+    ph, fleet = rig.physics, rig.fleet
+    await until(lambda: bool((fleet.state == DeviceState.ON).all()), 5, what="all ON")
+    np.testing.assert_allclose(fleet.measured_w, ph.reported_w, atol=1.0)
+    await until(lambda: bool(np.isfinite(rig.driver.hashrate_ths).all()), 5, what="hashrates")
+    np.testing.assert_allclose(rig.driver.hashrate_ths, P_MAX * S21_THS_PER_W, rtol=1e-3)
+    # Polls keep coming on cadence (poll_s 0.3 s).
+    t0 = time.monotonic()
+    await until(lambda: bool((fleet.measured_at > t0 + 0.5).all()), 3, what="polls go on")
+
+
+async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
+    await polled(rig)
+    ph, n = rig.physics, len(rig.site.specs)
+    rows = np.arange(n)
+    setpoints = np.random.default_rng(7).uniform(P_MIN, P_MAX, n)
+    setpoints[0] = P_MAX
+    setpoints[1] = P_MIN
+    rig.driver.submit(rows, setpoints)
+    expected = np.array([profile_w(s) for s in setpoints])
+    await until(lambda: bool((ph.cmd_setpoint_w == expected).all()), 5, what="profiles set")
+    await until(
+        lambda: bool(np.allclose(rig.fleet.measured_w, expected, atol=1.0)), 5, what="measured"
+    )
+    sim = rig.site.servers.sim
+    assert all(sim.current_profile(k).watts == expected[k] for k in range(n))
+    assert rig.driver.commands_ok == n and rig.driver.command_errors == 0
+    assert len(rig.commands) == n and all(ok and name == "luxos" for name, _, ok in rig.commands)
+    # The ladder was fetched once per miner and cached; ATM went off after the first logon
+    # (miner 0 already ran its profile: no command, no session, ATM untouched).
+    assert all(sim.counts[k, "profiles"] == 1 for k in range(n))
+    assert sim.atm_enabled[0] and not sim.atm_enabled[1:].any()
+    assert sim.counts[0, "logon"] == 0
+    rig.driver.submit(rows, expected + 10.0)  # same profiles: nothing to send
+    await until(lambda: rig.driver.pending == 0, 2, what="drained")
+    await until(lambda: rig.driver.commands_ok == 2 * n, 2, what="no-op commands done")
+    assert sum(sim.counts[k, "profileset"] for k in range(n)) <= n
+
+
+async def test_sleep_below_the_lowest_profile_and_wake_on_demand(rig: Rig) -> None:
+    await polled(rig)
+    ph, fleet = rig.physics, rig.fleet
+    sleepers = np.array([2, 5, 11])
+    rig.driver.submit(sleepers, np.array([0.0, P_IDLE, P_MIN - 1.0]))  # all ask for sleep
+    await until(
+        lambda: bool((fleet.state[sleepers] == DeviceState.SLEEPING).all()), 5, what="asleep"
+    )
+    assert (ph.cmd_run[sleepers] == 0).all()
+    np.testing.assert_allclose(fleet.measured_w[sleepers], P_IDLE, atol=1.0)
+    others = np.setdiff1d(np.arange(len(rig.site.specs)), sleepers)
+    assert (fleet.state[others] == DeviceState.ON).all()
+
+    seen_waking = np.zeros(len(sleepers), dtype=bool)
+
+    def woke() -> bool:
+        seen_waking[:] |= fleet.state[sleepers] == DeviceState.WAKING
+        return bool((fleet.state[sleepers] == DeviceState.ON).all())
+
+    rig.driver.submit(sleepers, np.array([2600.0, P_MAX, P_MIN]))
+    await until(woke, 5, interval=0.005, what="awake and hashing")
+    assert seen_waking.all(), "WAKING between wakeup and the first hashes"
+    await until(
+        lambda: bool((ph.power_w[sleepers] == [2500.0, P_MAX, P_MIN]).all()), 3, what="profiles"
+    )
+
+
+@pytest.mark.parametrize("rig", [{"session_ttl_s": 1.0}], indirect=True)
+async def test_session_is_reused_and_renewed_after_expiry(rig: Rig) -> None:
+    await polled(rig)
+    ph, drv, sim = rig.physics, rig.driver, rig.site.servers.sim
+    rows = np.array([0])
+    drv.submit(rows, np.array([3000.0]))
+    await until(lambda: ph.cmd_setpoint_w[0] == 3000.0, 3, what="first command")
+    first = drv.session_id(0)
+    assert first and drv.logons == 1 and sim.active_session(0) == first
+
+    drv.submit(rows, np.array([2500.0]))  # well within the session's life: reused
+    await until(lambda: ph.cmd_setpoint_w[0] == 2500.0, 3, what="second command")
+    assert drv.logons == 1 and drv.session_id(0) == first
+
+    await until(lambda: sim.active_session(0) == "", 3, what="session expired on the miner")
+    drv.submit(rows, np.array([2000.0]))  # the driver still holds the old id: refused, re-logon
+    await until(lambda: ph.cmd_setpoint_w[0] == 2000.0, 3, what="command after expiry")
+    assert drv.logons == 2 and drv.session_id(0) not in ("", first)
+    assert sim.counts[0, "logon"] == 2
+    assert drv.command_errors == 0  # an expired session is handled, not an error
+
+
+@pytest.mark.parametrize("rig", [{"session_ttl_s": 1.0}], indirect=True)
+async def test_another_actors_session_delays_but_does_not_fault(rig: Rig) -> None:
+    await polled(rig)
+    ph, spec = rig.physics, rig.site.specs[9]
+    # Someone else (an operator's script) holds the miner's only session.
+    m.parse_session(await exchange(spec.host, spec.port, m.encode_request("logon"), 1.0))
+    rig.driver.submit(np.array([9]), np.array([2000.0]))
+    await until(lambda: rig.driver.command_errors >= 1, 3, what="refused: session busy")
+    assert rig.fleet.state[9] == DeviceState.ON and rig.driver.faulted == 0
+    await until(lambda: ph.cmd_setpoint_w[9] == 2000.0, 20, what="applied once it expired")
+
+
+async def test_latest_value_wins(rig: Rig) -> None:
+    await polled(rig)
+    ph, sim = rig.physics, rig.site.servers.sim
+    rows = np.array([4])
+    for value in (2000.0, 2600.0, 3000.0, 2250.0):  # without yielding: one slot, last wins
+        rig.driver.submit(rows, np.array([value]))
+    await until(lambda: ph.cmd_setpoint_w[4] == 2250.0, 3, what="last value applied")
+    await until(lambda: rig.driver.pending == 0, 2, what="drained")
+    assert sim.counts[4, "profileset"] == 1
+
+
+@pytest.mark.parametrize("rig", [{"spec": {"timeout_s": 2.0}}], indirect=True)
+async def test_logoff_on_shutdown(rig: Rig) -> None:
+    """Best effort, one attempt per miner: a generous timeout keeps a loaded CI host out of it."""
+    await polled(rig)
+    sim = rig.site.servers.sim
+    rig.driver.submit(np.array([0, 1]), np.array([3000.0, 3000.0]))
+    await until(lambda: bool(sim.active_session(0) and sim.active_session(1)), 3, what="sessions")
+    task = rig.site.tasks.pop()  # the driver
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert sim.active_session(0) == "" and sim.active_session(1) == ""
+    assert sim.counts[0, "logoff"] == 1
+
+
+# --- (c) faults: isolated per miner, FAULT after two failures, recovery ---
+
+
+@pytest.mark.parametrize("fault", [Fault.SILENT, Fault.ERROR, Fault.GARBAGE, Fault.SLOW])
+async def test_fault_is_isolated_and_recovers(rig: Rig, fault: Fault) -> None:
+    await polled(rig)
+    ph, fleet, k = rig.physics, rig.fleet, 3
+    others = np.setdiff1d(np.arange(len(rig.site.specs)), [k])
+    await until(lambda: bool((fleet.state == DeviceState.ON).all()), 5, what="all ON")
+    ph.set_fault(k, fault)
+    await until(lambda: fleet.state[k] == DeviceState.FAULT, 5, what=f"{fault.name} -> FAULT")
+    assert rig.driver.faulted == 1
+    t0 = time.monotonic()
+    await until(
+        lambda: bool((fleet.measured_at[others] > t0 + 0.6).all()), 3, what="others on cadence"
+    )
+    assert (fleet.state[others] == DeviceState.ON).all()
+    # A command to the faulted miner fails without touching the others.
+    rig.driver.submit(np.array([k, 7]), np.array([2500.0, 2500.0]))
+    await until(lambda: ph.cmd_setpoint_w[7] == 2500.0, 3, what="healthy miner commanded")
+    assert ph.cmd_setpoint_w[k] == P_MAX
+
+    ph.set_fault(k, Fault.NONE)
+    await until(lambda: fleet.state[k] == DeviceState.ON, 6, what="recovered")
+    assert rig.driver.faulted == 0
+    await until(lambda: ph.cmd_setpoint_w[k] == 2500.0, 6, what="queued command delivered")
+
+
+async def test_reboot_loses_the_profile_and_session_and_the_driver_resends(rig: Rig) -> None:
+    await polled(rig)
+    ph, drv, sim, k = rig.physics, rig.driver, rig.site.servers.sim, 6
+    drv.submit(np.array([k]), np.array([2500.0]))
+    await until(lambda: ph.cmd_setpoint_w[k] == 2500.0, 3, what="profile set")
+    logons = drv.logons
+    ph.reboot(k)  # back to the default profile, session gone
+    await until(lambda: sim.reboots[k] == 1, 3, what="miner noticed its restart")
+    await until(
+        lambda: drv.resends >= 1 and ph.cmd_setpoint_w[k] == 2500.0, 5, what="resent after reboot"
+    )
+    assert drv.logons == logons + 1  # the old session was refused; a new one was made
+    await until(lambda: ph.power_w[k] == 2500.0, 3, what="back at its profile")
+    assert rig.fleet.state[k] == DeviceState.ON
+
+
+async def test_reboot_of_a_sleeping_miner_puts_it_back_to_sleep(rig: Rig) -> None:
+    await polled(rig)
+    ph, fleet, k = rig.physics, rig.fleet, 8
+    rig.driver.submit(np.array([k]), np.array([0.0]))
+    await until(lambda: fleet.state[k] == DeviceState.SLEEPING, 5, what="asleep")
+    ph.reboot(k)  # the physics restarts it running
+    await until(lambda: ph.cmd_run[k] == 1, 2, what="restarted running")
+    await until(lambda: ph.cmd_run[k] == 0, 5, what="curtailed again")
+    await until(lambda: fleet.state[k] == DeviceState.SLEEPING, 5, what="asleep again")
