@@ -2,9 +2,12 @@
 
 Each device follows its commanded setpoint after a dead time, within its ramp-rate limits and
 bounds, quantized to its power step; it sleeps (to p_idle after sleep_s) and wakes (after
-wake_s) on its run command and reports its power with measurement noise. Behind the meter sit
-the devices and a non-flexible load (cooling, auxiliaries) that drifts slowly. Protocol servers
-read and write these arrays directly and consult `fault` to misbehave on purpose.
+wake_s) on its run command and reports its power with measurement noise. A device whose
+workload varies (a GPU rack: `DeviceSpec.sim`) draws min(setpoint, demand_w), where demand_w is
+piecewise constant per job; a device whose demand is its p_max (a miner) draws its setpoint.
+Behind the meter sit the devices and a non-flexible load (cooling, auxiliaries) that drifts
+slowly. Protocol servers read and write these arrays directly and consult `fault` to misbehave
+on purpose.
 """
 
 from __future__ import annotations
@@ -75,6 +78,17 @@ class SitePhysics:
         self._rng = np.random.default_rng(seed)
         self._all = np.arange(n)
 
+        # Workload demand: jobs of random level in [min, max] * p_max lasting ~job_s each. Its
+        # own generator, so devices without varying demand see the same noise as before.
+        self.demand_min_w = self.p_max_w * [s.sim.demand_min_frac for s in specs]
+        self.demand_max_w = self.p_max_w * [s.sim.demand_max_frac for s in specs]
+        self.job_s = np.array([s.sim.job_s for s in specs], dtype=np.float64)
+        self._varying: Bool = self.demand_max_w > self.demand_min_w
+        self.demand_w = self.demand_max_w.copy()
+        self._job_left = np.full(n, np.inf)  # inf: this demand holds until changed
+        self._job_rng = np.random.default_rng([seed, 1])
+        self._new_jobs(self._varying)
+
         # What the device was told (its registers); factory default is full power, running.
         initial = np.clip(self.p_max_w * float(initial_fraction), self.p_min_w, self.p_max_w)
         self.default_setpoint_w = self.p_max_w.copy()
@@ -90,7 +104,7 @@ class SitePhysics:
         self._head = 0
 
         self.t_s = 0.0
-        self.power_w = self._quantize(initial)
+        self.power_w = self._quantize(np.minimum(initial, self.demand_w))
         self.state: I8 = np.full(n, DeviceState.ON, dtype=np.int8)
         self._stopping: Bool = np.zeros(n, dtype=np.bool_)  # ON, counting down to sleep
         self._timer = np.zeros(n)
@@ -126,11 +140,23 @@ class SitePhysics:
     def set_fault(self, i: Index, fault: Fault) -> None:
         self.fault[i] = fault
 
+    def set_demand(self, i: Index, demand_w: float | F64, hold_s: float = math.inf) -> None:
+        """Pin the workload demand of `i` for `hold_s` (then random jobs resume, if varying)."""
+        self.demand_w[i] = demand_w
+        self._job_left[i] = hold_s
+
     def reboot(self, i: Index) -> None:
         """The device restarts at the next step: its setpoint returns to the default."""
         self.fault[i] = Fault.REBOOT
 
     # --- stepping ---
+
+    def _new_jobs(self, due: Bool) -> None:
+        k = int(due.sum())
+        if k == 0:
+            return
+        self.demand_w[due] = self._job_rng.uniform(self.demand_min_w[due], self.demand_max_w[due])
+        self._job_left[due] = self.job_s[due] * self._job_rng.uniform(0.5, 1.5, k)
 
     def _quantize(self, p: F64) -> F64:
         q = self.step_w > 0
@@ -163,6 +189,8 @@ class SitePhysics:
         self._hist_run[h] = self.cmd_run
         self._head = (h + 1) % len(self._hist_t)
         setpoint, run = self._effective_command()
+        self._job_left -= dt
+        self._new_jobs(self._varying & (self._job_left <= 0.0))
 
         st = self.state
         on = st == DeviceState.ON
@@ -187,7 +215,9 @@ class SitePhysics:
         st[done & (st == DeviceState.WAKING)] = DeviceState.ON
 
         running = (st == DeviceState.ON) & ~self._stopping
-        target = self._quantize(np.clip(setpoint, self.p_min_w, self.p_max_w))
+        # A cap is a ceiling: the device draws what its job needs, up to the cap.
+        cap = np.clip(setpoint, self.p_min_w, self.p_max_w)
+        target = self._quantize(np.minimum(cap, self.demand_w))
         move = np.clip(
             target - self.power_w, -self.ramp_down_w_s * dt, self.ramp_up_w_s * dt
         )

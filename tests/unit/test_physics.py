@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.config import DeviceSpec
+from controller.config import DeviceSpec, SimParams
 from controller.fleet import DeviceState
 from drivers.sim.physics import Fault, SitePhysics
 
@@ -181,3 +181,69 @@ def test_step_is_vectorized_over_many_devices() -> None:
     odd = np.arange(5000) % 2 == 1
     quantized = np.where(odd, np.maximum(np.floor(target / 100) * 100, 1000), target)
     assert np.allclose(ph.power_w, quantized)
+
+
+# --- workload demand (GPU racks): true power follows min(cap, demand) ---
+
+GPU = SimParams(demand_min_frac=0.5, demand_max_frac=0.8, job_s=20.0)
+
+
+def gpu(name: str = "g", **kw: Any) -> DeviceSpec:
+    return spec(name, ramp_up_w_s=20_000.0, ramp_down_w_s=20_000.0, sim=GPU, **kw)
+
+
+def test_constant_demand_is_p_max_and_leaves_noise_untouched() -> None:
+    plain = SitePhysics([spec(noise_w=50.0), spec("e", noise_w=50.0)], 0.0, seed=3, dt_s=DT)
+    mixed = SitePhysics([spec(noise_w=50.0), gpu("e", noise_w=50.0)], 0.0, seed=3, dt_s=DT)
+    assert plain.demand_w.tolist() == [10_000.0, 10_000.0]
+    run_for(plain, 2.0)
+    run_for(mixed, 2.0)
+    # The job generator is separate: a miner's readings do not depend on its neighbours.
+    assert plain.reported_w[0] == mixed.reported_w[0]
+    assert plain.power_w[0] == mixed.power_w[0] == 10_000.0
+
+
+def test_demand_is_piecewise_constant_jobs_within_the_range() -> None:
+    ph = SitePhysics([gpu(f"g{i}") for i in range(50)], 0.0, seed=5, dt_s=0.1)
+    seen = [ph.demand_w.copy()]
+    for _ in range(3000):  # 300 s
+        ph.step(0.1)
+        seen.append(ph.demand_w.copy())
+    d = np.array(seen)
+    assert (d >= 5000.0).all() and (d <= 8000.0).all()
+    changes = (np.diff(d, axis=0) != 0).sum(axis=0)
+    # Jobs last 10-30 s: 300 s holds about 10-30 of them per device, never one per step.
+    assert changes.min() >= 8 and changes.max() <= 31
+    assert d.std() > 500.0  # levels really vary
+
+
+def test_power_follows_min_of_cap_and_demand_within_a_second() -> None:
+    ph = SitePhysics([gpu(), gpu("h")], 0.0, seed=1, dt_s=DT)
+    ph.set_demand([0, 1], 7000.0)
+    run_for(ph, 1.0)
+    assert ph.power_w.tolist() == pytest.approx([7000.0, 7000.0])
+    ph.command(0, setpoint_w=4000.0)  # cap below demand: the cap binds
+    ph.command(1, setpoint_w=9000.0)  # cap above demand: the job binds
+    run_for(ph, 1.0)
+    assert ph.power_w.tolist() == pytest.approx([4000.0, 7000.0])
+    ph.set_demand(0, 3000.0)  # the job shrinks below the cap
+    ph.set_demand(1, 9500.0)  # ... and grows above it
+    run_for(ph, 1.0)
+    assert ph.power_w.tolist() == pytest.approx([3000.0, 9000.0])
+
+
+def test_pinned_demand_resumes_random_jobs_after_hold() -> None:
+    ph = SitePhysics([gpu()], 0.0, seed=2, dt_s=0.1)
+    ph.set_demand(0, 6000.0, hold_s=5.0)
+    for _ in range(45):
+        ph.step(0.1)
+    assert ph.demand_w[0] == 6000.0
+    for _ in range(10):
+        ph.step(0.1)
+    assert ph.demand_w[0] != 6000.0
+    assert 5000.0 <= ph.demand_w[0] <= 8000.0
+
+
+def test_sim_params_validate_their_range() -> None:
+    with pytest.raises(ValueError):
+        SimParams(demand_min_frac=0.9, demand_max_frac=0.5)

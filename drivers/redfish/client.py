@@ -1,0 +1,542 @@
+"""Redfish driver for GPU racks: read power and set the rack's power cap through its BMC.
+
+One aiohttp ClientSession with a pooled keep-alive connector serves every rack (a TLS
+handshake per poll would cost a BMC more than the request). Each rack gets its own task: it
+polls on a staggered schedule and sends the latest queued cap, one request at a time, so a dead
+BMC only ever costs its own task time. Every request has the rack's timeout (about 1 s, never
+aiohttp's 5-minute default), bodies are size-limited, and a failure backs off with jitter.
+
+On first contact a rack is discovered (DMTF Redfish, `drivers.redfish.resources`): GET the
+Chassis, prefer `EnvironmentMetrics.PowerLimitWatts` (PATCH SetPoint, read
+`PowerWatts.Reading`), else fall back to the legacy `Power` resource (PATCH
+`PowerControl[0].PowerLimit.LimitInWatts`, read `PowerConsumedWatts`). A 404 on the
+discovered resource starts discovery again.
+
+Authentication per rack: a Redfish session (POST Sessions, X-Auth-Token; a 401 logs in again
+once and retries) or HTTP Basic (`access.session_auth = false`). Sessions are deleted when the
+driver stops: BMCs allow only a few.
+
+A cap is absolute, so writes need no ETag precondition: the newest value simply wins. The
+SetPoint read back by each poll is compared with the last cap sent; a BMC that lost it (reboot,
+another manager) gets it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import ssl
+import time
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+
+from controller.config import DeviceAccess, DeviceSpec
+from controller.fleet import DeviceState, Fleet
+from drivers.base import (
+    Backoff,
+    CommandMailbox,
+    CommandObserver,
+    DeviceTimeout,
+    DriverError,
+    ProtocolError,
+    Rows,
+)
+from drivers.redfish import resources as rf
+from drivers.redfish.resources import Mechanism
+
+F64 = npt.NDArray[np.float64]
+
+log = logging.getLogger("rampd.drivers.redfish")
+
+FAULT_AFTER = 2
+"""Consecutive failed transactions before a rack is declared FAULT."""
+_GRACE_S = 0.25
+"""Outer bound beyond the per-call timeout, in case the library itself hangs."""
+_READBACK_TOLERANCE_W = 1.0  # caps go out in whole watts; BMCs report 0.1 W or 1 W
+_LOGOUT_TIMEOUT_S = 1.0
+
+
+@dataclass(slots=True)
+class _Reply:
+    status: int
+    body: bytes
+    headers: Any  # CIMultiDictProxy[str]
+
+
+@dataclass(slots=True)
+class _Rack:
+    """What the driver knows about one BMC."""
+
+    spec: DeviceSpec
+    base_url: str
+    ssl: ssl.SSLContext | bool
+    username: str | None
+    password: str | None
+    session_auth: bool
+    basic: str | None
+    """The Basic `Authorization` header, when not using sessions."""
+    paths: rf.ChassisPaths
+    token: str | None = None
+    session_uri: str | None = None
+    mechanism: Mechanism | None = None
+    uri: str = ""
+    """The discovered resource: GET for power and the cap read back, PATCH to cap."""
+    allow_min_w: float = math.nan
+    allow_max_w: float = math.nan
+
+
+def _ssl_contexts(specs: Sequence[DeviceSpec]) -> dict[Path | None, ssl.SSLContext]:
+    """One verifying context per CA bundle (None: the system store), shared by racks."""
+    out: dict[Path | None, ssl.SSLContext] = {}
+    for s in specs:
+        if s.access.https and s.access.ca_file not in out:
+            ca = s.access.ca_file
+            out[ca] = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    return out
+
+
+def _rack(spec: DeviceSpec, contexts: dict[Path | None, ssl.SSLContext]) -> _Rack:
+    access: DeviceAccess = spec.access
+    username, password = rf.credentials(access)
+    scheme = "https" if access.https else "http"
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    basic = None
+    if username is not None and not access.session_auth:
+        basic = rf.basic_authorization(username, password or "")
+    return _Rack(
+        spec=spec,
+        base_url=f"{scheme}://{host}:{spec.port}",
+        ssl=contexts[access.ca_file] if access.https else True,
+        username=username,
+        password=password,
+        session_auth=access.session_auth,
+        basic=basic,
+        paths=rf.chassis_paths(access.chassis_id),
+    )
+
+
+class RedfishDriver:
+    """Caps the GPU racks owned by this driver (global fleet `rows`, parallel `specs`)."""
+
+    def __init__(
+        self,
+        name: str,
+        fleet: Fleet,
+        rows: npt.ArrayLike,
+        specs: Sequence[DeviceSpec],
+        on_command: CommandObserver | None = None,
+        *,
+        max_concurrency: int = 64,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        max_body_bytes: int = rf.MAX_BODY_BYTES,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.rows: Rows = np.asarray(rows, dtype=np.intp)
+        if len(self.rows) != len(specs):
+            raise ValueError(f"{name}: {len(self.rows)} rows but {len(specs)} specs")
+        n = len(specs)
+        self._fleet = fleet
+        self._specs = tuple(specs)
+        self._on_command = on_command
+        self._local_of = np.full(fleet.n, -1, dtype=np.intp)
+        self._local_of[self.rows] = np.arange(n)
+        contexts = _ssl_contexts(self._specs)
+        self._racks = [_rack(s, contexts) for s in self._specs]  # reads password files: now
+        self._timeouts = [aiohttp.ClientTimeout(total=s.timeout_s) for s in self._specs]
+        self._max_body = max_body_bytes
+        self._max_concurrency = max_concurrency
+        self._mailbox = CommandMailbox(n)
+        self._outbox = np.full(n, np.nan)  # per-rack slot the rack task sends from
+        self._wake = [asyncio.Event() for _ in range(n)]
+        self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, rng)
+        self._retry_at = np.zeros(n)
+        self._poll_soon = np.zeros(n, dtype=np.bool_)
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._faulted = np.zeros(n, dtype=np.bool_)
+        self._readback_warned = np.zeros(n, dtype=np.bool_)
+        self._bug_logged = np.zeros(n, dtype=np.bool_)
+        self._last_value_w = np.full(n, np.nan)  # last cap the BMC accepted, as asked
+        self._last_sent_w = np.full(n, np.nan)  # ... as sent on the wire (whole watts)
+        self._http: aiohttp.ClientSession | None = None
+        # Counters, public for metrics.
+        self.polls_ok = 0
+        self.poll_errors = 0
+        self.commands_ok = 0
+        self.command_errors = 0
+        self.resends = 0
+        self.logins = 0
+        self.relogins = 0
+        self.errors_by_device = np.zeros(n, dtype=np.int64)
+
+    # --- the control cycle's side: never blocks ---
+
+    def submit(self, rows: Rows, setpoints_w: npt.NDArray[np.float64]) -> None:
+        local = self._local_of[np.asarray(rows, dtype=np.intp)]
+        mine = local >= 0  # rows of other drivers are ignored, never an error here
+        self._mailbox.put(local[mine], np.asarray(setpoints_w, dtype=np.float64)[mine])
+
+    @property
+    def pending(self) -> int:
+        return self._mailbox.pending + int((~np.isnan(self._outbox)).sum())
+
+    @property
+    def faulted(self) -> int:
+        return int(self._faulted.sum())
+
+    def mechanism(self, local: int) -> Mechanism | None:
+        """How rack `local` is capped, once discovered."""
+        return self._racks[local].mechanism
+
+    # --- tasks ---
+
+    async def run(self) -> None:
+        """Poll and send until cancelled; rack failures are isolated and never raise."""
+        connector = aiohttp.TCPConnector(
+            limit=self._max_concurrency,
+            limit_per_host=2,  # one request at a time per rack, plus a logout at shutdown
+            keepalive_timeout=30.0,
+        )
+        async with aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),  # BMC cookies would leak between IP hosts
+            trust_env=False,  # a BMC network is never reached through an HTTP proxy
+            headers={"OData-Version": rf.ODATA_VERSION, "Accept": "application/json"},
+        ) as http:
+            self._http = http
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._dispatch(), name=f"{self.name}:dispatch")
+                    for local, spec in enumerate(self._specs):
+                        tg.create_task(self._device(local), name=f"{self.name}:{spec.name}")
+            finally:
+                await self._logout_all()
+                self._http = None
+
+    async def _dispatch(self) -> None:
+        """Fan the mailbox out to per-rack slots: latest value wins in both."""
+        while True:
+            if not await self._mailbox.wait(1.0):
+                continue
+            local, values = self._mailbox.take()
+            self._outbox[local] = values
+            for i in local.tolist():
+                self._wake[i].set()
+
+    async def _device(self, local: int) -> None:
+        spec = self._specs[local]
+        n = len(self._specs)
+        # Stagger first polls over one period so N racks do not poll in lockstep.
+        next_poll = time.monotonic() + spec.poll_s * local / max(n, 1)
+        while True:
+            now = time.monotonic()
+            if now < self._retry_at[local]:
+                await asyncio.sleep(self._retry_at[local] - now)
+                continue
+            overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
+            try:
+                if not np.isnan(self._outbox[local]) and not overdue:
+                    await self._send(local)
+                    continue
+                if now >= next_poll or self._poll_soon[local]:
+                    self._poll_soon[local] = False
+                    await self._poll(local)
+                    next_poll = max(next_poll + spec.poll_s, time.monotonic())
+                    continue
+            except Exception as exc:  # a bug must not take the other racks down
+                if not self._bug_logged[local]:  # with its traceback, once per rack
+                    self._bug_logged[local] = True
+                    log.exception("redfish %s: unexpected error", spec.name)
+                self._failed(local, DriverError(f"unexpected {type(exc).__name__}: {exc}"))
+                continue
+            self._wake[local].clear()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(next_poll - now):
+                    await self._wake[local].wait()
+
+    # --- transactions ---
+
+    async def _poll(self, local: int) -> None:
+        try:
+            rack = await self._ready(local)
+            body = rf.parse_json((await self._call(local, "GET", rack.uri)).body, self._max_body)
+            measured, setpoint = self._decode(local, body)
+        except DriverError as exc:
+            self.poll_errors += 1
+            self._failed(local, exc)
+            return
+        row = int(self.rows[local])
+        fleet = self._fleet
+        fleet.measured_w[row] = measured
+        fleet.measured_at[row] = time.monotonic()
+        fleet.state[row] = DeviceState.ON  # a capped rack runs; it has no sleep state
+        self.polls_ok += 1
+        self._backoff.succeeded(local)
+        if self._faulted[local]:
+            self._faulted[local] = False
+            log.info("redfish %s: recovered, %.1f kW", self._specs[local].name, measured / 1e3)
+        self._check_readback(local, setpoint)
+
+    async def _send(self, local: int) -> None:
+        value = float(self._outbox[local])
+        self._outbox[local] = np.nan
+        t0 = time.monotonic()
+        try:
+            rack = await self._ready(local)
+            row = self.rows[local]
+            w = min(max(value, self._fleet.p_min_w[row]), self._fleet.p_max_w[row])
+            w = self._clamp(rack, float(w))
+            if rack.mechanism is Mechanism.ENVIRONMENT_METRICS:
+                body = rf.environment_limit_patch(w)
+            else:
+                body = rf.legacy_limit_patch(w)
+            await self._call(local, "PATCH", rack.uri, body)
+        except DriverError as exc:
+            self._report(time.monotonic() - t0, ok=False)
+            self.command_errors += 1
+            if np.isnan(self._outbox[local]):  # retry later unless a newer value came
+                self._outbox[local] = value
+            self._failed(local, exc)
+            return
+        self._report(time.monotonic() - t0, ok=True)
+        self.commands_ok += 1
+        self._last_value_w[local] = value
+        self._last_sent_w[local] = round(w)
+        self._readback_warned[local] = False
+        self._backoff.succeeded(local)
+        if self._faulted[local]:
+            self._poll_soon[local] = True  # confirm recovery with telemetry
+
+    @staticmethod
+    def _clamp(rack: _Rack, value: float) -> float:
+        # The BMC refuses (400) a cap outside its allowable range: send the nearest it takes.
+        if not math.isnan(rack.allow_min_w):
+            value = max(value, rack.allow_min_w)
+        if not math.isnan(rack.allow_max_w):
+            value = min(value, rack.allow_max_w)
+        return value
+
+    def _decode(self, local: int, body: dict[str, Any]) -> tuple[float, float | None]:
+        """(measured W, cap read back W or None) from the discovered resource."""
+        rack = self._racks[local]
+        if rack.mechanism is Mechanism.ENVIRONMENT_METRICS:
+            measured = rf.read_power_watts(body)
+            limit = rf.read_power_limit(body)
+            if limit is None:
+                rack.mechanism = None  # firmware changed under us: discover again
+                raise ProtocolError("PowerLimitWatts disappeared from EnvironmentMetrics")
+        else:
+            legacy = rf.read_legacy_power(body)
+            measured, limit = legacy.consumed_w, legacy.limit
+        p_max = float(self._fleet.p_max_w[self.rows[local]])
+        if not -0.1 * p_max <= measured <= 2.0 * p_max:
+            raise ProtocolError(f"implausible power reading {measured!r} W")
+        return measured, None if limit is None else limit.setpoint_w
+
+    def _check_readback(self, local: int, setpoint_w: float | None) -> None:
+        """A BMC that lost our cap (reboot, another manager) gets it again."""
+        expected = self._last_sent_w[local]
+        if np.isnan(expected) or not np.isnan(self._outbox[local]):
+            return
+        if setpoint_w is not None and abs(setpoint_w - expected) <= _READBACK_TOLERANCE_W:
+            return
+        self._outbox[local] = self._last_value_w[local]
+        self._last_sent_w[local] = np.nan  # one resend per mismatch, until it lands
+        self.resends += 1
+        if not self._readback_warned[local]:
+            self._readback_warned[local] = True
+            log.warning(
+                "redfish %s: cap read back as %s, sent %.0f W; resending",
+                self._specs[local].name,
+                "none" if setpoint_w is None else f"{setpoint_w:.0f} W",
+                expected,
+            )
+
+    async def _ready(self, local: int) -> _Rack:
+        """The rack, discovered: which resource reads its power and takes its cap."""
+        rack = self._racks[local]
+        if rack.mechanism is not None:
+            return rack
+        chassis = rf.parse_json((await self._call(local, "GET", rack.paths.chassis)).body)
+        links = rf.read_chassis_links(chassis)
+        if links.environment_metrics is not None:
+            env = rf.parse_json((await self._call(local, "GET", links.environment_metrics)).body)
+            rf.read_power_watts(env)
+            limit = rf.read_power_limit(env)
+            if limit is not None:
+                self._discovered(
+                    rack, Mechanism.ENVIRONMENT_METRICS, links.environment_metrics, limit
+                )
+                return rack
+        if links.power is not None:
+            legacy = rf.read_legacy_power(
+                rf.parse_json((await self._call(local, "GET", links.power)).body)
+            )
+            if legacy.limit is not None:
+                self._discovered(rack, Mechanism.LEGACY_POWER, links.power, legacy.limit)
+                return rack
+        raise ProtocolError(
+            f"chassis {rack.paths.chassis_id} offers no power limit "
+            "(EnvironmentMetrics.PowerLimitWatts or Power.PowerControl[0].PowerLimit)"
+        )
+
+    def _discovered(
+        self, rack: _Rack, mechanism: Mechanism, uri: str, limit: rf.PowerLimit
+    ) -> None:
+        lo, hi = limit.allowable_min_w, limit.allowable_max_w
+        rack.mechanism, rack.uri = mechanism, uri
+        rack.allow_min_w = math.nan if lo is None else lo
+        rack.allow_max_w = math.nan if hi is None else hi
+        # The normal path is quiet; a fallback is worth one line per rack.
+        level = logging.DEBUG if mechanism is Mechanism.ENVIRONMENT_METRICS else logging.INFO
+        log.log(
+            level,
+            "redfish %s: capping via %s (%s..%s W)",
+            rack.spec.name,
+            mechanism.value,
+            "?" if lo is None else f"{lo:.0f}",
+            "?" if hi is None else f"{hi:.0f}",
+        )
+
+    # --- HTTP ---
+
+    async def _call(
+        self, local: int, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> _Reply:
+        """One authenticated request; a rejected session logs in again once. 2xx or raise."""
+        rack = self._racks[local]
+        use_session = rack.session_auth and rack.username is not None
+        if use_session and rack.token is None:
+            await self._login(local)
+        reply = await self._request(local, method, path, body)
+        if reply.status == 401 and use_session:
+            rack.token = rack.session_uri = None  # expired, or the BMC restarted
+            self.relogins += 1
+            await self._login(local)
+            reply = await self._request(local, method, path, body)
+        if reply.status == 404 and path == rack.uri:
+            rack.mechanism = None  # the resource moved: discover again
+        if not 200 <= reply.status < 300:
+            detail = rf.error_message(reply.body)
+            raise ProtocolError(f"{method} {path}: HTTP {reply.status} {detail}".rstrip())
+        return reply
+
+    async def _login(self, local: int) -> None:
+        rack = self._racks[local]
+        creds = rf.login_body(rack.username or "", rack.password or "")
+        reply = await self._request(local, "POST", rf.SESSIONS, creds, auth=False)
+        if reply.status not in (200, 201):
+            detail = rf.error_message(reply.body)
+            raise ProtocolError(f"login: HTTP {reply.status} {detail}".rstrip())
+        rack.token, rack.session_uri = rf.read_login(
+            reply.headers.get(rf.AUTH_TOKEN_HEADER), reply.headers.get("Location")
+        )
+        self.logins += 1
+
+    async def _request(
+        self,
+        local: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        auth: bool = True,
+    ) -> _Reply:
+        """One HTTP exchange within the rack's timeout; DriverError for transport failures."""
+        http = self._http
+        if http is None:
+            raise DriverError("driver is not running")
+        rack = self._racks[local]
+        timeout_s = rack.spec.timeout_s
+        headers: dict[str, str] = {}
+        if auth and rack.username is not None:
+            if rack.session_auth:
+                if rack.token is not None:
+                    headers[rf.AUTH_TOKEN_HEADER] = rack.token
+            elif rack.basic is not None:
+                headers["Authorization"] = rack.basic
+        try:
+            # The timeout starts once a slot is taken: waiting for one is not the rack's fault.
+            async with (
+                self._sem,
+                asyncio.timeout(timeout_s + _GRACE_S),
+                http.request(
+                    method,
+                    rack.base_url + path,
+                    json=body,
+                    headers=headers,
+                    ssl=rack.ssl,
+                    timeout=self._timeouts[local],
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                data = await self._read_body(resp)
+                return _Reply(resp.status, data, resp.headers)
+        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
+            raise DeviceTimeout(f"no answer within {timeout_s:g} s") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise DriverError(f"TLS: {exc}") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise DriverError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, refusing (and dropping the connection) beyond the size limit."""
+        limit = self._max_body
+        if resp.content_length is not None and resp.content_length > limit:
+            raise ProtocolError(f"body of {resp.content_length} bytes exceeds {limit}")
+        buf = bytearray()
+        async for chunk in resp.content.iter_chunked(16384):
+            buf += chunk
+            if len(buf) > limit:
+                raise ProtocolError(f"body exceeds {limit} bytes")
+        return bytes(buf)
+
+    async def _logout_all(self) -> None:
+        """Delete our sessions (best effort, bounded): BMCs allow only a few."""
+
+        async def logout(local: int) -> None:
+            rack = self._racks[local]
+            if rack.token is None or rack.session_uri is None:
+                return
+            with suppress(DriverError):
+                await self._request(local, "DELETE", rack.session_uri)
+            rack.token = rack.session_uri = None
+
+        with suppress(TimeoutError):
+            async with asyncio.timeout(_LOGOUT_TIMEOUT_S):
+                await asyncio.gather(*(logout(i) for i in range(len(self._racks))))
+
+    # --- bookkeeping ---
+
+    def _report(self, seconds: float, ok: bool) -> None:
+        if self._on_command is not None:
+            self._on_command(self.name, seconds, ok)
+
+    def _failed(self, local: int, exc: DriverError) -> None:
+        now = time.monotonic()
+        self.errors_by_device[local] += 1
+        self._retry_at[local] = now + self._backoff.failed(local, now)
+        if self._backoff.failures(local) < FAULT_AFTER:
+            return
+        self._fleet.state[self.rows[local]] = DeviceState.FAULT
+        if not self._faulted[local]:
+            self._faulted[local] = True
+            log.warning(
+                "redfish %s: FAULT after %d failed transactions: %s",
+                self._specs[local].name,
+                self._backoff.failures(local),
+                exc,
+            )
+
+
+__all__ = ["FAULT_AFTER", "RedfishDriver"]
