@@ -8,12 +8,13 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Protocol
 
-from controller.config import LoadedConfig, split_host_port
+from controller.config import DeviceSpec, LoadedConfig, split_host_port
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
 from controller.dispatch import DispatchRejected, MqttLink, ack_payload, parse_dispatch
@@ -21,10 +22,32 @@ from controller.fleet import Fleet
 from controller.metrics import Metrics
 from controller.notify import Notifier
 from controller.target import TargetTracker
-from drivers.base import CommandFunnel, Driver
+from drivers.base import CommandFunnel, CommandObserver, Driver
+from drivers.luxos.client import LuxosDriver
 from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
+from drivers.redfish.client import RedfishDriver
 
 log = logging.getLogger("rampd")
+
+
+class _DriverFactory(Protocol):
+    def __call__(
+        self,
+        name: str,
+        fleet: Fleet,
+        rows: Sequence[int],
+        specs: Sequence[DeviceSpec],
+        on_command: CommandObserver | None = None,
+    ) -> Driver: ...
+
+
+# One driver per protocol owns every device of that protocol (config validation admits only
+# these names).
+DRIVERS: dict[str, _DriverFactory] = {
+    "modbus": ModbusLoadDriver,
+    "luxos": LuxosDriver,
+    "redfish": RedfishDriver,
+}
 
 
 def rampd_version() -> str:
@@ -67,18 +90,10 @@ class Daemon:
         for pid, protocol in enumerate(protocols):
             rows = [r for r, d in enumerate(driver_ids) if d == pid]
             specs = [cfg.devices[r] for r in rows]
-            if protocol == "modbus":
-                self.drivers.append(
-                    ModbusLoadDriver(
-                        "modbus",
-                        self.fleet,
-                        rows,
-                        specs,
-                        on_command=self.metrics.observe_command,
-                    )
-                )
-            else:  # pragma: no cover - config validation admits only known protocols
-                raise ValueError(f"no driver for protocol {protocol!r}")
+            driver_cls = DRIVERS[protocol]
+            self.drivers.append(
+                driver_cls(protocol, self.fleet, rows, specs, self.metrics.observe_command)
+            )
         self.meter = ModbusMeter(site.meter)
         params = FleetParams.from_fleet(self.fleet)
         self.controller = Controller(

@@ -11,11 +11,14 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
 from controller.config import LoadedConfig
+from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
 from drivers.modbus.sim_server import SimServers
+from drivers.redfish.sim_server import RedfishServers, start_redfish_servers
 from drivers.sim.control import SimControl
 from drivers.sim.physics import SitePhysics
 
@@ -46,6 +49,8 @@ class SimSite:
             initial_fraction=initial_fraction,
         )
         self.servers: SimServers | None = None
+        self.miners: LuxosServers | None = None
+        self.racks: RedfishServers | None = None
         self.control: SimControl | None = None
         self.control_port: int | None = None
 
@@ -55,12 +60,21 @@ class SimSite:
             self.control = SimControl(self.physics, self.cfg.devices)
             self.control_port = await self.control.start(*control)
         m = self.cfg.site.meter
-        self.servers = await SimServers.start(
-            self.physics, self.cfg.devices, (m.host, m.port, m.unit)
-        )
+        devices = self.cfg.devices
+        self.servers = await SimServers.start(self.physics, devices, (m.host, m.port, m.unit))
+        miners = [i for i, s in enumerate(devices) if s.protocol == "luxos"]
+        if miners:
+            self.miners = await start_luxos_servers(self.physics, miners, devices)
+        racks = [i for i, s in enumerate(devices) if s.protocol == "redfish"]
+        if racks:
+            self.racks = await start_redfish_servers(
+                self.physics, racks, [devices[i] for i in racks]
+            )
+        by_protocol = Counter(s.protocol for s in devices)
         log.info(
-            "sim: serving %d devices and the meter (%s:%d)",
-            len(self.servers.servers) - 1,
+            "sim: serving %d devices (%s) and the meter (%s:%d)",
+            len(devices),
+            ", ".join(f"{n} {p}" for p, n in sorted(by_protocol.items())),
             m.host,
             m.port,
         )
@@ -102,6 +116,12 @@ class SimSite:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        if self.miners is not None:
+            await self.miners.close()
+            self.miners = None
+        if self.racks is not None:
+            await self.racks.close()
+            self.racks = None
         if self.servers is not None:
             await self.servers.close()
             self.servers = None
