@@ -182,12 +182,17 @@ class Controller:
         # 4. Commit: only controllable rows move; the others keep their last setpoint.
         if fixed.size:
             out[fixed] = self._last_out[fixed]
+        setpoints = out.copy()
+        if snap.delivered_w is not None:
+            # The model follows what devices acknowledged; a decision still in a driver's
+            # mailbox has not happened yet (rows never acknowledged follow the decision).
+            np.copyto(out, snap.delivered_w, where=np.isfinite(snap.delivered_w))
         self._cmd, alloc.share = alloc.share, self._cmd  # swap buffers, no copy
         model.commit()
-        self._last_out = out
+        self._last_out = setpoints
         self._started = True
         return StepResult(
-            setpoints_w=out.copy(),
+            setpoints_w=setpoints,
             flex_target_w=flex,
             predicted_site_w=pred_sum + nc,
             noncontrollable_w=nc,

@@ -133,6 +133,10 @@ class Snapshot:
     """`controller.fleet.DeviceState` values."""
     meter_age_s: float = 0.0
     """How long before `t` the meter value was taken (poll age plus the meter's own lag)."""
+    delivered_w: F64 | None = None
+    """Per device, the last setpoint the device acknowledged (NaN: none yet). The model
+    follows these, not the decisions still queued in a driver: at 2,000 miners a fleet-wide
+    command takes seconds to go out, and a model that assumed otherwise would hunt."""
 
 
 @dataclass(frozen=True, slots=True)
