@@ -127,6 +127,7 @@ class ControlCycle:
             new_reading=new_reading,
             state=fleet.state.copy(),
             meter_age_s=max(0.0, now - self.meter.at) if meter_fresh else 0.0,
+            delivered_w=fleet.delivered_w.copy(),
         )
         target_w = self.tracker.target_w(now)
 

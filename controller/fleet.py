@@ -55,6 +55,8 @@ class Fleet:
     """Monotonic time of the last good reading; NaN when never read."""
     setpoint_w: F64 = field(init=False)
     """Last setpoint the control cycle decided (not necessarily sent yet)."""
+    delivered_w: F64 = field(init=False)
+    """Last setpoint the device acknowledged (written by its driver); NaN: none yet."""
     state: I8 = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,7 @@ class Fleet:
         self.measured_w = np.zeros(n)
         self.measured_at = np.full(n, np.nan)
         self.setpoint_w = self.p_max_w.copy()
+        self.delivered_w = np.full(n, np.nan)
         self.state = np.full(n, DeviceState.UNKNOWN, dtype=np.int8)
 
     @property
