@@ -95,6 +95,9 @@ class Daemon:
                 driver_cls(protocol, self.fleet, rows, specs, self.metrics.observe_command)
             )
         self.meter = ModbusMeter(site.meter)
+        self.metrics.watch_drivers([*self.drivers, self.meter])
+        if site.metrics.per_device:
+            self.metrics.enable_device_metrics(self.fleet)
         params = FleetParams.from_fleet(self.fleet)
         self.controller = Controller(
             params,
@@ -159,6 +162,7 @@ class Daemon:
 
     def on_heartbeat(self, payload: bytes) -> None:
         self.tracker.heartbeat(time.monotonic())
+        self.metrics.heartbeat_seen()
 
     # -- out -------------------------------------------------------------------------------
     def _after_tick(self, out: CycleOutput) -> None:
@@ -179,6 +183,7 @@ class Daemon:
             if self._mode:
                 log.info("mode %s -> %s", self._mode, mode)
             self._mode = mode
+            self.metrics.set_mode(mode)
             self.link.set_status(mode)
             self.notifier.status(self._status_text())
 

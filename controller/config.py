@@ -97,6 +97,8 @@ class FailsafeConfig(_Strict):
 
 class MetricsConfig(_Strict):
     listen: str = "127.0.0.1:9470"
+    per_device: bool = False
+    """Export power and setpoint per device (a label per device: small sites only)."""
 
     @field_validator("listen")
     @classmethod

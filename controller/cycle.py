@@ -159,7 +159,9 @@ class ControlCycle:
         self.last = out
         m = self.metrics
         m.site_target.set(target_w)
-        m.site_power.set(meter_w if meter_fresh else result.predicted_site_w)
+        m.set_site_power(
+            meter_w if meter_fresh else result.predicted_site_w, dt, meter_fresh=meter_fresh
+        )
         m.noncontrollable.set(result.noncontrollable_w)
         self.cycles += 1
         for cb in self._on_tick:

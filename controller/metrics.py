@@ -1,37 +1,191 @@
-"""Prometheus metrics: base units (watts, seconds), bounded label sets, no per-device labels."""
+"""Prometheus metrics: base units (watts, seconds, joules), bounded label sets.
+
+Naming follows https://prometheus.io/docs/practices/naming/: a `rampd_` prefix, the base unit
+as a suffix, `_total` on counters, `_timestamp_seconds` for Unix times, a `rampd_build_info`.
+Every label has a small fixed value set (state, direction, horizon, driver, result, reason,
+mode, op). Per-device series exist only behind an opt-in (`enable_device_metrics`), for small
+sites: a site with thousands of miners must not put thousands of series per metric in a TSDB.
+
+The control cycle updates the gauges from the event loop; prometheus-client serves them from
+its own thread. Driver counters and per-device values are read at scrape time by collectors,
+so neither drivers nor the cycle pay anything per device for metrics.
+"""
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+from collections.abc import Iterable
+from typing import Protocol, get_args, runtime_checkable
 from wsgiref.simple_server import WSGIServer
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
-from controller.fleet import STATE_NAMES
+from controller.fleet import STATE_NAMES, Fleet
+from controller.target import TrackerMode
 
 # Cycle work is sub-millisecond to tens of ms; command round trips 1 ms to the 1 s timeout.
 _CYCLE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _COMMAND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
+MODES: tuple[str, ...] = get_args(TrackerMode)
+"""Values of the `mode` label of `rampd_mode` (the target tracker's modes)."""
+
+
+@runtime_checkable
+class DriverCounters(Protocol):
+    """The public counters of a per-device protocol driver (`PerDeviceDriver`)."""
+
+    name: str
+    polls_ok: int
+    poll_errors: int
+    command_errors: int
+    resends: int
+
+
+@runtime_checkable
+class MeterCounters(Protocol):
+    """The public counters of the site meter reader (`ModbusMeter`)."""
+
+    name: str
+    reads: int
+    errors: int
+
+
+class DriverCollector:
+    """Per-driver poll/error/resend counters, read from the drivers' own counters at scrape
+    time (drivers count anyway; nothing is added to their hot paths). Label `driver` is the
+    driver's name (its protocol) or the meter's name: a handful of values per site."""
+
+    def __init__(self, drivers: Iterable[object]) -> None:
+        items = list(drivers)
+        self._drivers = [d for d in items if isinstance(d, DriverCounters)]
+        self._meters = [d for d in items if isinstance(d, MeterCounters)]
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "rampd_device_polls_total",
+                "Telemetry reads of devices (and of the site meter), failed ones included",
+                labels=["driver"],
+            ),
+            CounterMetricFamily(
+                "rampd_device_errors_total",
+                "Failed device operations (poll: telemetry read, command: setpoint write)",
+                labels=["driver", "op"],
+            ),
+            CounterMetricFamily(
+                "rampd_device_resends_total",
+                "Setpoints sent again because a device lost them (reboot, another manager)",
+                labels=["driver"],
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        polls, errors, resends = self._families()
+        for d in self._drivers:
+            polls.add_metric([d.name], d.polls_ok + d.poll_errors)
+            errors.add_metric([d.name, "poll"], d.poll_errors)
+            errors.add_metric([d.name, "command"], d.command_errors)
+            resends.add_metric([d.name], d.resends)
+        for m in self._meters:
+            polls.add_metric([m.name], m.reads + m.errors)
+            errors.add_metric([m.name, "poll"], m.errors)
+        return (polls, errors, resends)
+
+
+class DeviceCollector:
+    """Opt-in per-device series for small sites: rampd_device_power_watts{device,kind} (last
+    measured power; devices never read are left out) and rampd_device_setpoint_watts{device,
+    kind} (the cycle's latest decision), straight from the fleet arrays at scrape time.
+
+    One series per device per metric: do not enable on sites with thousands of devices."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+        self._labels = [
+            [name, fleet.kinds[int(k)]] for name, k in zip(fleet.names, fleet.kind_id, strict=True)
+        ]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "rampd_device_power_watts",
+                "Last measured power of each device (opt-in per-device metrics)",
+                labels=["device", "kind"],
+            ),
+            GaugeMetricFamily(
+                "rampd_device_setpoint_watts",
+                "Latest setpoint the control cycle decided for each device (opt-in)",
+                labels=["device", "kind"],
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        power, setpoint = self._families()
+        fleet = self._fleet
+        # Copies: the event loop writes these arrays while this runs on the server thread.
+        measured = fleet.measured_w.copy()
+        seen = np.isfinite(fleet.measured_at)
+        sp = fleet.setpoint_w.copy()
+        for i, labels in enumerate(self._labels):
+            if seen[i]:
+                power.add_metric(labels, float(measured[i]))
+            setpoint.add_metric(labels, float(sp[i]))
+        return (power, setpoint)
+
 
 class Metrics:
     def __init__(self, version: str) -> None:
+        # `_created` series double every counter and histogram in the TSDB for nothing
+        # Prometheus 2.x uses; off for the whole process (a daemon owns its process).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_* (CPU, memory, fds, start time) and python_info: a daemon runs for months.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build = Info("rampd_build", "rampd build information", registry=r)
         self.build.info({"version": version})
         self.site_power = Gauge(
-            "rampd_site_power_watts", "Site power measured at the meter", registry=r
+            "rampd_site_power_watts",
+            "Site power measured at the meter (an estimate from device telemetry while the "
+            "meter is stale)",
+            registry=r,
         )
         self.site_target = Gauge(
             "rampd_site_target_watts", "Site power target in force", registry=r
+        )
+        self.site_energy = Counter(
+            "rampd_site_energy_joules_total",
+            "Site energy consumed, integrated from rampd_site_power_watts every cycle",
+            registry=r,
+        )
+        self.meter_fresh = Gauge(
+            "rampd_site_meter_fresh",
+            "1 while the site meter's reading is fresh, 0 while site power is estimated",
+            registry=r,
         )
         self.noncontrollable = Gauge(
             "rampd_noncontrollable_power_watts",
@@ -67,22 +221,97 @@ class Metrics:
             ["result", "reason"],
             registry=r,
         )
+        self.last_dispatch = Gauge(
+            "rampd_last_dispatch_timestamp_seconds",
+            "Unix time of the last accepted dispatch (0: none since start)",
+            registry=r,
+        )
+        self.dispatcher_last_seen = Gauge(
+            "rampd_dispatcher_last_seen_timestamp_seconds",
+            "Unix time of the last sign of life from the dispatcher (accepted dispatch or "
+            "heartbeat), or of the daemon's start: the failsafe's silence timer",
+            registry=r,
+        )
+        self.dispatcher_last_seen.set(time.time())
+        self.mode = Gauge(
+            "rampd_mode",
+            "1 for the target tracker's current mode, 0 for the others",
+            ["mode"],
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "rampd_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        for name in STATE_NAMES:
+            self.devices.labels(state=name)
+        self.dispatches.labels(result="accepted", reason="")  # exists before the first one
+        for mode in MODES:
+            self.mode.labels(mode=mode)
+        self._driver_collector: DriverCollector | None = None
+        self._device_collector: DeviceCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    # -- updates from the cycle and the daemon ----------------------------------------------
+
+    def add_energy(self, watts: float, seconds: float) -> None:
+        """Add `watts` held for `seconds` to the energy counter. A counter only grows: NaN,
+        negative power (export) and non-positive intervals add nothing."""
+        if math.isfinite(watts) and watts > 0.0 and math.isfinite(seconds) and seconds > 0.0:
+            self.site_energy.inc(watts * seconds)
+
+    def set_site_power(self, watts: float, seconds: float, *, meter_fresh: bool) -> None:
+        """The cycle's site power (meter, or estimate while the meter is stale), and the
+        energy of the `seconds` since the previous cycle at that power."""
+        self.site_power.set(watts)
+        self.meter_fresh.set(1 if meter_fresh else 0)
+        self.add_energy(watts, seconds)
 
     def set_device_counts(self, counts: dict[str, int]) -> None:
         for name in STATE_NAMES:
             self.devices.labels(state=name).set(counts.get(name, 0))
 
+    def set_mode(self, mode: str) -> None:
+        for m in MODES:
+            self.mode.labels(mode=m).set(1 if m == mode else 0)
+
     def observe_command(self, driver: str, seconds: float, ok: bool) -> None:
         self.command_duration.labels(driver=driver, result="ok" if ok else "error").observe(seconds)
 
-    def count_dispatch(self, accepted: bool, reason_code: str) -> None:
+    def count_dispatch(
+        self, accepted: bool, reason_code: str, now_unix: float | None = None
+    ) -> None:
+        """Count a dispatch decision; an accepted one also restarts the silence timer."""
         result = "accepted" if accepted else "rejected"
         self.dispatches.labels(result=result, reason=reason_code if not accepted else "").inc()
+        if accepted:
+            t = time.time() if now_unix is None else now_unix
+            self.last_dispatch.set(t)
+            self.dispatcher_last_seen.set(t)
+
+    def heartbeat_seen(self, now_unix: float | None = None) -> None:
+        """The dispatcher's heartbeat arrived."""
+        self.dispatcher_last_seen.set(time.time() if now_unix is None else now_unix)
+
+    # -- collectors -------------------------------------------------------------------------
+
+    def watch_drivers(self, drivers: Iterable[object]) -> None:
+        """Export the drivers' (and the meter's) poll, error and resend counters. Objects
+        without such counters are ignored; a second call replaces the first."""
+        if self._driver_collector is not None:
+            self.registry.unregister(self._driver_collector)
+        self._driver_collector = DriverCollector(drivers)
+        self.registry.register(self._driver_collector)
+
+    def enable_device_metrics(self, fleet: Fleet) -> None:
+        """Opt-in: one series per device (see `DeviceCollector`); for small sites only.
+        A second call replaces the first."""
+        if self._device_collector is not None:
+            self.registry.unregister(self._device_collector)
+        self._device_collector = DeviceCollector(fleet)
+        self.registry.register(self._device_collector)
+
+    # -- exposition -------------------------------------------------------------------------
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics from a daemon thread (prometheus-client's own server); returns port."""
@@ -94,3 +323,6 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
