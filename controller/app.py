@@ -6,21 +6,37 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Protocol
 
-from controller.config import DeviceSpec, LoadedConfig, split_host_port
+from controller.config import DeviceSpec, JournalConfig, LoadedConfig, split_host_port
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
-from controller.dispatch import DispatchRejected, MqttLink, ack_payload, parse_dispatch
+from controller.dispatch import (
+    Dispatch,
+    DispatchRejected,
+    MqttLink,
+    ack_payload,
+    parse_dispatch,
+)
 from controller.fleet import Fleet
+from controller.journal import (
+    DEFAULT_FILENAME,
+    EVENT_DISPATCH_DROPPED,
+    Journal,
+    RampWatch,
+    TelemetrySample,
+)
 from controller.metrics import Metrics
 from controller.notify import Notifier
+from controller.ramp_metrics import tolerance_kw
 from controller.target import TargetTracker
 from drivers.base import CommandFunnel, CommandObserver, Driver
 from drivers.luxos.client import LuxosDriver
@@ -63,6 +79,29 @@ def _rfc3339(unix_s: float) -> str:
 
 def _kw(w: float) -> float | None:
     return None if w != w else round(w / 1e3, 3)  # NaN -> null: JSON has no NaN
+
+
+def open_journal(cfg: JournalConfig) -> Journal | None:
+    """The configured journal, or $STATE_DIRECTORY/journal.sqlite under systemd, or None.
+
+    Raises JournalError (a clear message) when the journal cannot be opened.
+    """
+    path = cfg.path
+    if path is None:
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if not state:
+            log.warning("no journal: set [journal] path, or run under systemd (StateDirectory=)")
+            return None
+        path = Path(state) / DEFAULT_FILENAME
+    return Journal(
+        path,
+        retention_days=cfg.retention_days,
+        telemetry_retention_days=cfg.telemetry_retention_days,
+    )
+
+
+def _max_seq(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 @dataclass(slots=True)
@@ -109,7 +148,21 @@ class Daemon:
         self.funnel = CommandFunnel(
             self.fleet.p_min_w, self.fleet.p_max_w, self.fleet.step_w, self.fleet.deadband_w
         )
-        self.tracker = TargetTracker(site.site, site.failsafe, initial_w=site.site.max_kw * 1e3)
+        self.journal = open_journal(site.journal)
+        if self.journal is not None:
+            self.journal.record_event(
+                "start", f"rampd {rampd_version()}: site {site.site_id}, {self.fleet.n} devices"
+            )
+        self.ramps = RampWatch()
+        self._ramp_dispatch: Dispatch | None = None
+        # Seqs accepted before a restart stay refused even if nothing is resumed.
+        self._seq_floor = self.journal.last_seq() if self.journal else None
+        resume = self.journal.last_valid_dispatch(time.time()) if self.journal else None
+        initial_w = site.site.max_kw * 1e3
+        if resume and self.journal is not None:
+            # Devices kept their setpoints through the restart: start where the site was.
+            initial_w = self.journal.last_target_w() or initial_w
+        self.tracker = TargetTracker(site.site, site.failsafe, initial_w=initial_w)
         self.cycle = ControlCycle(
             fleet=self.fleet,
             controller=self.controller,
@@ -131,6 +184,31 @@ class Daemon:
         self._mode = ""
         self.notifier = Notifier()
         self.cycle.on_tick(self._after_tick)
+        self._resume(resume or ())
+
+    def _resume(self, payloads: Sequence[bytes]) -> None:
+        """Put the journal's last valid dispatch(es) back in force (see last_valid_dispatch)."""
+        if self.journal is None:
+            return
+        now_unix, now = time.time(), time.monotonic()
+        for raw in payloads:
+            try:
+                d = parse_dispatch(
+                    raw,
+                    now_unix=now_unix,
+                    last_seq=self.tracker.last_seq,
+                    limits=self.cfg.site.site,
+                    replay=True,
+                )
+            except DispatchRejected as exc:
+                text = f"not resumed: {exc.id} seq {exc.seq}: {exc.reason}"
+                log.warning("journal: %s", text)
+                self.journal.record_event("resume", text, at=now_unix)
+                continue
+            self.tracker.accept(d, now, now_unix)
+            text = f"resumed {d.id} seq {d.seq}: {d.mode} {d.target_w / 1e3:.1f} kW"
+            log.info("journal: %s", text)
+            self.journal.record_event("resume", text, at=now_unix)
 
     # -- dispatch in ---------------------------------------------------------------------
     def on_dispatch(self, payload: bytes) -> None:
@@ -139,15 +217,24 @@ class Daemon:
             d = parse_dispatch(
                 payload,
                 now_unix=now_unix,
-                last_seq=self.tracker.last_seq,
+                last_seq=_max_seq(self.tracker.last_seq, self._seq_floor),
                 limits=self.cfg.site.site,
             )
         except DispatchRejected as exc:
             log.warning("dispatch rejected: id=%s seq=%s: %s", exc.id, exc.seq, exc.reason)
             self.metrics.count_dispatch(False, exc.code)
-            self.link.publish("ack", ack_payload(exc.id, exc.seq, False, exc.reason))
+            self.link.publish(
+                "ack", ack_payload(exc.id, exc.seq, False, exc.reason, now_unix=now_unix)
+            )
+            if self.journal is not None:
+                self.journal.record_dispatch(now_unix, payload, exc)
+                self.journal.record_ack(now_unix, exc.id, exc.seq, False, exc.reason)
             return
         self.tracker.accept(d, now, now_unix)
+        if self.journal is not None:
+            self.journal.record_dispatch(now_unix, payload, d)
+            self.journal.record_ack(now_unix, d.id, d.seq, True, "")
+            self._watch_ramp(now_unix)
         log.info(
             "dispatch accepted: id=%s seq=%d mode=%s target=%.1f kW ramp=%.1fs",
             d.id,
@@ -157,7 +244,7 @@ class Daemon:
             d.ramp_s,
         )
         self.metrics.count_dispatch(True, "")
-        self.link.publish("ack", ack_payload(d.id, d.seq, True, ""))
+        self.link.publish("ack", ack_payload(d.id, d.seq, True, "", now_unix=now_unix))
         self._publish_status_if_changed()
 
     def on_heartbeat(self, payload: bytes) -> None:
@@ -171,6 +258,35 @@ class Daemon:
             self.notifier.ready(self._status_text())
             log.info("ready: every device reported and the meter is fresh")
         self._publish_status_if_changed()
+        if self.journal is not None:
+            now_unix = time.time()
+            self._watch_ramp(now_unix)  # a scheduled start, an expiry, a failsafe drop
+            if out.meter_fresh:
+                rec = self.ramps.observe(now_unix, out.meter_w)
+                if rec is not None:
+                    self.journal.record_ramp(rec)
+
+    def _watch_ramp(self, now_unix: float) -> None:
+        """Open a ramp record when a setpoint dispatch comes into force; close the last one."""
+        active = self.tracker.active
+        if active is self._ramp_dispatch or self.journal is None:
+            return
+        self._ramp_dispatch = active
+        if active is None or active.mode != "setpoint":
+            rec = self.ramps.stop(now_unix)
+        else:
+            last = self.cycle.last
+            target_w = self.tracker.ramp_end_w
+            rec = self.ramps.start(
+                now_unix,
+                active.id,
+                from_w=last.meter_w if last is not None and last.meter_fresh else None,
+                target_w=target_w,
+                tol_w=tolerance_kw(target_w / 1e3, self.cfg.site.site.max_kw) * 1e3,
+                physical_min_s=None,  # max(active.ramp_s, the fleet's physical minimum)
+            )
+        if rec is not None:
+            self.journal.record_ramp(rec)
 
     def _status_text(self) -> str:
         counts = self.fleet.counts_by_state()
@@ -182,6 +298,13 @@ class Daemon:
         if mode != self._mode:
             if self._mode:
                 log.info("mode %s -> %s", self._mode, mode)
+            if self.journal is not None:
+                self.journal.record_event("mode", f"{self._mode or 'start'} -> {mode}")
+                policy = self.cfg.site.failsafe.policy
+                if mode == "failsafe" and policy != "hold":
+                    self.journal.record_event(
+                        EVENT_DISPATCH_DROPPED, f"failsafe policy {policy}: dispatches dropped"
+                    )
             self._mode = mode
             self.metrics.set_mode(mode)
             self.link.set_status(mode)
@@ -222,7 +345,10 @@ class Daemon:
     async def _telemetry_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.link.publish("telemetry", json.dumps(self.telemetry()).encode(), qos=0)
+            tel = self.telemetry()
+            self.link.publish("telemetry", json.dumps(tel).encode(), qos=0)
+            if self.journal is not None:
+                self.journal.record_telemetry(TelemetrySample.from_wire(tel, time.time()))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -249,6 +375,12 @@ class Daemon:
                 tg.create_task(self._telemetry_loop(), name="telemetry")
         finally:
             self.metrics.close()
+            if self.journal is not None:
+                rec = self.ramps.stop(time.time())
+                if rec is not None:
+                    self.journal.record_ramp(rec)
+                self.journal.record_event("stop", "stopped; devices keep their last setpoints")
+                self.journal.close(timeout_s=5.0)  # at most 5 s, at shutdown only
 
 
 async def run_daemon(cfg: LoadedConfig, overrides: Overrides | None = None) -> None:

@@ -1,4 +1,4 @@
-"""`rampd run | sim | demo | check-config`."""
+"""`rampd run | sim | demo | check-config | report`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
+from controller.journal import JournalError
+from controller.report import add_parser as add_report_parser
 
 DEFAULT_SIM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim-site.toml"
 
@@ -74,7 +76,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from controller.app import Overrides, run_daemon
 
     cfg = _load(args.config)
-    asyncio.run(run_daemon(cfg, Overrides(mqtt=args.mqtt, metrics_listen=args.metrics_listen)))
+    try:
+        asyncio.run(run_daemon(cfg, Overrides(mqtt=args.mqtt, metrics_listen=args.metrics_listen)))
+    except JournalError as exc:
+        print(f"rampd: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a site file and summarize it")
     check.add_argument("config", help="site TOML file")
     check.set_defaults(func=_cmd_check_config)
+
+    add_report_parser(sub)
     return p
 
 

@@ -211,6 +211,13 @@ class DeviceGroup(_Strict):
         return v
 
 
+class JournalConfig(_Strict):
+    path: Path | None = None
+    """SQLite file. Default: $STATE_DIRECTORY/journal.sqlite (systemd); else no journal."""
+    retention_days: PositiveFloat = 90.0
+    telemetry_retention_days: PositiveFloat = 14.0
+
+
 class SiteConfig(_Strict):
     site_id: str
     cycle_s: Annotated[float, Field(ge=0.01, le=5.0)] = 0.1
@@ -219,6 +226,7 @@ class SiteConfig(_Strict):
     failsafe: FailsafeConfig = FailsafeConfig()
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
+    journal: JournalConfig = JournalConfig()
     meter: MeterConfig
     devices: list[DeviceGroup] = Field(min_length=1)
     noncontrollable_kw: NonNegFloat = 0.0

@@ -197,12 +197,20 @@ class _Ctx:
 
 
 def parse_dispatch(
-    payload: bytes, *, now_unix: float, last_seq: int | None, limits: SiteLimits
+    payload: bytes,
+    *,
+    now_unix: float,
+    last_seq: int | None,
+    limits: SiteLimits,
+    replay: bool = False,
 ) -> Dispatch:
     """Validate one wire dispatch (kW, RFC3339) into a `Dispatch` (W, unix seconds).
 
     Pure: the clock and the last accepted seq are passed in. Raises only `DispatchRejected`.
     Unknown fields are ignored (forward compatibility); `null` counts as absent.
+    `replay=True` (resuming from the journal at start) skips the `issued_at` freshness checks:
+    the payload was fresh when it was accepted. Everything else is checked again against the
+    current config and clock (an expired or now out-of-range dispatch is still rejected).
     """
     obj = _decode(payload)
     ctx = _Ctx()
@@ -240,7 +248,7 @@ def parse_dispatch(
         raise ctx.reject("mode unknown (setpoint, regulation or release)", code="bad_mode")
 
     issued_at = _time(obj, "issued_at", ctx)
-    age = now_unix - issued_at
+    age = 0.0 if replay else now_unix - issued_at
     if age > limits.max_issued_age_s:
         raise ctx.reject(
             f"issued_at stale ({age:.1f} s old > {limits.max_issued_age_s} s)", code="stale"
