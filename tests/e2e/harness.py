@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,10 +27,13 @@ from controller.ramp_metrics import TruthTail
 from tests.helpers import Mosquitto
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "controller.cli", *args], stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "controller.cli", *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
         )
 
 
@@ -69,7 +73,13 @@ class Site:
 
 @contextmanager
 def run_site(
-    broker: Mosquitto, workdir: Path, config: str, *, site_id: str, n_devices: int
+    broker: Mosquitto,
+    workdir: Path,
+    config: str,
+    *,
+    site_id: str,
+    n_devices: int,
+    daemon_env: dict[str, str] | None = None,
 ) -> Iterator[Site]:
     """Write `config` (with {broker_port} and {metrics_port} filled in) and start both
     processes; stop them afterwards."""
@@ -81,7 +91,7 @@ def run_site(
         ["sim", "-c", str(cfg), "--truth", str(truth), "--control", f"127.0.0.1:{control_port}"],
         workdir / "sim.log",
     )
-    daemon = spawn(["run", "-c", str(cfg)], workdir / "rampd.log")
+    daemon = spawn(["run", "-c", str(cfg)], workdir / "rampd.log", daemon_env)
     site = Site(
         f"rampd/{site_id}",
         (broker.host, broker.port),
