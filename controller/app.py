@@ -35,7 +35,7 @@ from controller.journal import (
     TelemetrySample,
 )
 from controller.metrics import Metrics
-from controller.notify import Notifier
+from controller.notify import LastError, Notifier
 from controller.ramp_metrics import tolerance_kw
 from controller.target import TargetTracker
 from drivers.base import CommandFunnel, CommandObserver, Driver
@@ -183,6 +183,8 @@ class Daemon:
         )
         self._mode = ""
         self.notifier = Notifier()
+        self.last_error = LastError()
+        self._status_errors = 0
         self.cycle.on_tick(self._after_tick)
         self._resume(resume or ())
 
@@ -258,6 +260,9 @@ class Daemon:
             self.notifier.ready(self._status_text())
             log.info("ready: every device reported and the meter is fresh")
         self._publish_status_if_changed()
+        if self.last_error.count != self._status_errors:  # a new warning: say so in STATUS=
+            self._status_errors = self.last_error.count
+            self.notifier.status(self._status_text())
         if self.journal is not None:
             now_unix = time.time()
             self._watch_ramp(now_unix)  # a scheduled start, an expiry, a failsafe drop
@@ -291,7 +296,8 @@ class Daemon:
     def _status_text(self) -> str:
         counts = self.fleet.counts_by_state()
         meter = "meter ok" if self.cycle.last and self.cycle.last.meter_fresh else "meter stale"
-        return f"mode {self.tracker.mode}; {counts['on']}/{self.fleet.n} devices on; {meter}"
+        text = f"mode {self.tracker.mode}; {counts['on']}/{self.fleet.n} devices on; {meter}"
+        return f"{text}; last error: {self.last_error.text}" if self.last_error.text else text
 
     def _publish_status_if_changed(self) -> None:
         mode = self.tracker.mode
@@ -352,6 +358,7 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
+        logging.getLogger("rampd").addHandler(self.last_error)
         host, port = split_host_port(self.metrics_listen, default_port=9470)
         bound = self.metrics.serve(host, port)
         log.info(
@@ -375,6 +382,7 @@ class Daemon:
                 tg.create_task(self._telemetry_loop(), name="telemetry")
         finally:
             self.metrics.close()
+            logging.getLogger("rampd").removeHandler(self.last_error)
             if self.journal is not None:
                 rec = self.ramps.stop(time.time())
                 if rec is not None:

@@ -14,6 +14,19 @@ from collections.abc import Mapping
 log = logging.getLogger("rampd.notify")
 
 
+class LastError(logging.Handler):
+    """Remembers the newest warning or error logged by rampd, for systemd's STATUS= line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.text = ""
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text = record.getMessage()[:200]
+        self.count += 1
+
+
 class Notifier:
     """Does nothing when not started by systemd (no NOTIFY_SOCKET)."""
 

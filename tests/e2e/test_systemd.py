@@ -130,6 +130,10 @@ def test_ready_then_watchdog_at_half_the_interval_and_none_while_stalled(
         ready = notify.times_of("READY=1")
         assert ready, notify.messages
         assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for _, m in notify.messages)
+        status = [m for _, m in notify.messages if "STATUS=mode " in m]
+        assert status and "devices on" in status[-1], notify.messages
+        # The meter is stale for the first cycle (a warning): STATUS= carries the last one.
+        assert any("last error: site meter stale" in m for m in status), status
         notify.collect(3.0)
         kicks = [t for t in notify.times_of("WATCHDOG=1") if t > ready[0]]
         gaps = [b - a for a, b in itertools.pairwise(kicks)]
