@@ -3,6 +3,7 @@
 A driver owns a set of fleet rows. It polls telemetry into the fleet arrays on its own
 schedule, accepts setpoints through `submit()` without blocking, keeps one mailbox slot per
 device (a newer setpoint replaces an unsent one), and isolates failures per device.
+`drivers.device_driver.PerDeviceDriver` implements all of that once, on top of the pieces here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared test helpers: a real mosquitto broker on a free loopback port, and `until()`.
+"""Shared test helpers: a real mosquitto broker on a free loopback port, `until()`, and what
+the protocol drivers' integration tests share (loopback nets, physics stepping, `DriverRig`).
 
 Importable as `tests.helpers` (tests/ is a package; its conftest puts the repo root on
 sys.path under pytest's default rootdir-based import mode).
@@ -8,16 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 from controller.broker import free_port
+from controller.config import DeviceSpec
+from controller.fleet import Fleet
+from drivers.sim.physics import SitePhysics
 
 T = TypeVar("T")
+DriverT = TypeVar("DriverT")
+
+SIM_DT = 0.02
+"""Physics step of the simulated devices in driver tests (50 Hz)."""
 
 
 async def until(
@@ -129,3 +141,96 @@ class Mosquitto:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+# --- protocol driver tests: simulated devices on loopback, physics in the background ---
+
+
+_SPEC = DeviceSpec(
+    name="d",
+    kind="modbus_load",
+    protocol="modbus",
+    host="127.0.0.1",
+    port=1502,
+    unit=1,
+    p_min_w=1000.0,
+    p_max_w=10_000.0,
+    p_idle_w=100.0,
+    ramp_up_w_s=1000.0,
+    ramp_down_w_s=2000.0,
+    dead_time_s=0.0,
+    wake_s=0.0,
+    sleep_s=0.0,
+    step_w=0.0,
+    deadband_w=0.0,
+    noise_w=0.0,
+    priority=0,
+    poll_s=1.0,
+    timeout_s=1.0,
+)
+
+
+def device_spec(**fields: Any) -> DeviceSpec:
+    """A device row: a continuous 10 kW load, no dead time or latency, no noise, polled every
+    second; a test overrides what it is about."""
+    return replace(_SPEC, **fields)
+
+
+def free_loopback_net(port: int = 0) -> tuple[str, int]:
+    """A random 127.a.b net whose .1 can bind `port` (0: any free port), and that port.
+
+    Each simulated device takes its own host of the net (127.x.y.z needs no setup on Linux);
+    the net's other hosts are unused, so they can all listen on the same port.
+    """
+    rnd = random.Random()
+    for _ in range(50):
+        net = f"127.{rnd.randint(10, 250)}.{rnd.randint(1, 250)}"
+        with socket.socket() as s:
+            try:
+                s.bind((f"{net}.1", port))
+            except OSError:
+                continue
+            return net, int(s.getsockname()[1])
+    raise RuntimeError("no free loopback address")
+
+
+async def step_forever(ph: SitePhysics, dt: float = SIM_DT) -> None:
+    """Step the physics on the monotonic clock (no drift, no bursts) until cancelled."""
+    t0, k = time.monotonic(), 0
+    while True:
+        k += 1
+        await asyncio.sleep(max(0.0, t0 + k * dt - time.monotonic()))
+        ph.step(dt)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel `tasks` and wait until every one has finished, whatever it raised."""
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class CommandLog(list[tuple[str, float, bool]]):
+    """A driver's `on_command` observer that keeps every (driver name, seconds, ok)."""
+
+    def __call__(self, driver: str, seconds: float, ok: bool) -> None:
+        self.append((driver, seconds, ok))
+
+
+@dataclass
+class DriverRig(Generic[DriverT]):
+    """A protocol driver running against simulated devices, and what its tests look at."""
+
+    specs: list[DeviceSpec]
+    physics: SitePhysics
+    fleet: Fleet
+    driver: DriverT
+    commands: CommandLog
+
+    def polled(self, rows: Sequence[int] | None = None) -> bool:
+        """Whether each of `rows` (default: all) has been polled at least once."""
+        at = self.fleet.measured_at if rows is None else self.fleet.measured_at[list(rows)]
+        return bool(np.isfinite(at).all())
+
+    async def first_polls(self, timeout: float = 5.0) -> None:
+        await until(self.polled, timeout, what="first polls")

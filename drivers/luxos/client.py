@@ -22,33 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import numpy.typing as npt
 
 from controller.config import DeviceSpec
 from controller.fleet import DeviceState, Fleet
-from drivers.base import (
-    Backoff,
-    CommandMailbox,
-    CommandObserver,
-    DeviceTimeout,
-    DriverError,
-    ProtocolError,
-    Rows,
-)
+from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.luxos import messages as m
-
-F64 = npt.NDArray[np.float64]
 
 log = logging.getLogger("rampd.drivers.luxos")
 
-FAULT_AFTER = 2
-"""Consecutive failed polls or commands before a miner is declared FAULT."""
 SESSION_MARGIN_S = 2.0
 """A session unused this long past its lifetime is surely gone: log on without trying it."""
 
@@ -127,8 +117,20 @@ async def exchange(host: str, port: int, request: bytes, timeout_s: float) -> m.
     return m.decode_reply(data)
 
 
-class LuxosDriver:
+@dataclass(frozen=True, slots=True)
+class _MinerReading(Reading):
+    """Telemetry plus, every `config_every` polls, the miner's config: our commands' readback."""
+
+    config: m.ConfigInfo | None
+
+
+class LuxosDriver(PerDeviceDriver[_MinerReading]):
     """Drives the LuxOS miners owned by this driver (global fleet `rows`, parallel `specs`)."""
+
+    protocol = "luxos"
+    attempt_noun = "exchanges"
+    default_concurrency = 128
+    _log = log
 
     def __init__(
         self,
@@ -138,37 +140,17 @@ class LuxosDriver:
         specs: Sequence[DeviceSpec],
         on_command: CommandObserver | None = None,
         *,
-        max_concurrency: int = 128,
         summary_every: int = 6,
         config_every: int = 6,
         session_ttl_s: float = 60.0,
-        backoff_base_s: float = 0.5,
-        backoff_cap_s: float = 30.0,
-        rng: random.Random | None = None,
+        **options: Unpack[DriverOptions],
     ) -> None:
-        self.name = name
-        self.rows: Rows = np.asarray(rows, dtype=np.intp)
-        if len(self.rows) != len(specs):
-            raise ValueError(f"{name}: {len(self.rows)} rows but {len(specs)} specs")
-        n = len(specs)
-        self._fleet = fleet
-        self._specs = tuple(specs)
-        self._on_command = on_command
+        super().__init__(name, fleet, rows, specs, on_command, **options)
+        n = len(self._specs)
         self._summary_every = max(1, summary_every)
         self._config_every = max(1, config_every)
         self._session_ttl_s = session_ttl_s
-        self._rng = rng or random.Random()
-        self._local_of = np.full(fleet.n, -1, dtype=np.intp)
-        self._local_of[self.rows] = np.arange(n)
-        self._mailbox = CommandMailbox(n)
-        self._outbox = np.full(n, np.nan)  # per-miner slot the miner task sends from
-        self._wake = [asyncio.Event() for _ in range(n)]
-        self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, self._rng)
         self._busy_backoff = Backoff(n, 1.0, 15.0, self._rng)
-        self._retry_at = np.zeros(n)
-        self._poll_soon = np.zeros(n, dtype=np.bool_)
-        self._sem = asyncio.Semaphore(max_concurrency)
-        self._faulted = np.zeros(n, dtype=np.bool_)
         self._polls = np.zeros(n, dtype=np.int64)
         # What we know of each miner; None / "" = unknown until read.
         self._profiles: list[list[m.Profile] | None] = [None] * n
@@ -179,36 +161,13 @@ class LuxosDriver:
         self._curtailed: list[bool | None] = [None] * n  # the miner's curtail mode
         self._waking = np.zeros(n, dtype=np.bool_)  # woken by us, not hashing yet
         self._last_state = np.full(n, DeviceState.UNKNOWN, dtype=np.int8)  # as last polled
-        self._last_value_w = np.full(n, np.nan)  # last setpoint the miner accepted
-        self._readback_warned = np.zeros(n, dtype=np.bool_)
         self._busy_warned = np.zeros(n, dtype=np.bool_)
         # Telemetry beyond the fleet arrays, by local index (position in `rows`).
         self.hashrate_ths = np.full(n, np.nan)
         self.hashrate_at = np.full(n, np.nan)
-        # Counters, public for metrics.
-        self.polls_ok = 0
-        self.poll_errors = 0
-        self.commands_ok = 0
-        self.command_errors = 0
+        # Counters beyond the base's, public for metrics.
         self.exchanges = 0
         self.logons = 0
-        self.resends = 0
-        self.errors_by_device = np.zeros(n, dtype=np.int64)
-
-    # --- the control cycle's side: never blocks ---
-
-    def submit(self, rows: Rows, setpoints_w: F64) -> None:
-        local = self._local_of[np.asarray(rows, dtype=np.intp)]
-        mine = local >= 0  # rows of other drivers are ignored, never an error here
-        self._mailbox.put(local[mine], np.asarray(setpoints_w, dtype=np.float64)[mine])
-
-    @property
-    def pending(self) -> int:
-        return self._mailbox.pending + int((~np.isnan(self._outbox)).sum())
-
-    @property
-    def faulted(self) -> int:
-        return int(self._faulted.sum())
 
     def profiles(self, local: int) -> list[m.Profile] | None:
         """The cached profile ladder of a miner (lowest power first), once fetched."""
@@ -217,15 +176,10 @@ class LuxosDriver:
     def session_id(self, local: int) -> str:
         return self._session[local]
 
-    # --- tasks ---
-
-    async def run(self) -> None:
-        """Poll and send until cancelled; miner failures are isolated and never raise."""
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._dispatch(), name=f"{self.name}:dispatch")
-                for local, spec in enumerate(self._specs):
-                    tg.create_task(self._miner(local), name=f"{self.name}:{spec.name}")
+            yield
         finally:
             await self.logoff_all()
 
@@ -244,40 +198,6 @@ class LuxosDriver:
         with suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await asyncio.gather(*(logoff(k) for k in held))
-
-    async def _dispatch(self) -> None:
-        """Fan the mailbox out to per-miner slots: latest value wins in both."""
-        while True:
-            if not await self._mailbox.wait(1.0):
-                continue
-            local, values = self._mailbox.take()
-            self._outbox[local] = values
-            for i in local.tolist():
-                self._wake[i].set()
-
-    async def _miner(self, local: int) -> None:
-        spec = self._specs[local]
-        n = len(self._specs)
-        # Stagger first polls over one period so N miners do not poll in lockstep.
-        next_poll = time.monotonic() + spec.poll_s * local / max(n, 1)
-        while True:
-            now = time.monotonic()
-            if now < self._retry_at[local]:
-                await asyncio.sleep(self._retry_at[local] - now)
-                continue
-            overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
-            if not np.isnan(self._outbox[local]) and not overdue:
-                await self._send(local)
-                continue
-            if now >= next_poll or self._poll_soon[local]:
-                self._poll_soon[local] = False
-                await self._poll(local)
-                next_poll = max(next_poll + spec.poll_s, time.monotonic())
-                continue
-            self._wake[local].clear()
-            with suppress(TimeoutError):
-                async with asyncio.timeout(next_poll - now):
-                    await self._wake[local].wait()
 
     # --- exchanges ---
 
@@ -349,38 +269,23 @@ class LuxosDriver:
 
     # --- sending ---
 
-    async def _send(self, local: int) -> None:
-        value = float(self._outbox[local])
-        self._outbox[local] = np.nan
-        t0 = time.monotonic()
-        try:
-            await self._apply(local, value)
-        except m.SessionBusy as exc:
+    async def _command(self, local: int, value_w: float) -> None:
+        await self._apply(local, value_w)
+        self._busy_backoff.succeeded(local)
+
+    def _command_failed(self, local: int, exc: DriverError) -> bool:
+        if isinstance(exc, m.SessionBusy):
             # Someone else holds the session: not a fault of the miner; try again later.
-            self._report(time.monotonic() - t0, ok=False)
-            self.command_errors += 1
-            self._put_back(local, value)
             now = time.monotonic()
             self._retry_at[local] = now + self._busy_backoff.failed(local, now)
             if not self._busy_warned[local]:
                 self._busy_warned[local] = True
                 log.warning("luxos %s: %s; retrying", self._name(local), exc)
-            return
-        except DriverError as exc:
-            self._report(time.monotonic() - t0, ok=False)
-            self.command_errors += 1
-            self._put_back(local, value)
-            self._curtailed[local] = None  # our view may be stale: read config before retrying
-            if isinstance(exc, m.CommandError) and exc.command == "profileset":
-                self._profiles[local] = None  # the ladder may have changed: fetch it again
-            self._failed(local, exc)
-            return
-        self._report(time.monotonic() - t0, ok=True)
-        self.commands_ok += 1
-        self._last_value_w[local] = value
-        self._readback_warned[local] = False
-        self._busy_backoff.succeeded(local)
-        self._succeeded(local)
+            return False
+        self._curtailed[local] = None  # our view may be stale: read config before retrying
+        if isinstance(exc, m.CommandError) and exc.command == "profileset":
+            self._profiles[local] = None  # the ladder may have changed: fetch it again
+        return True
 
     async def _apply(self, local: int, value: float) -> None:
         """Bring the miner to `value`: sleep, or wake and set the profile for it."""
@@ -409,21 +314,14 @@ class LuxosDriver:
                 raise ProtocolError(f"profileset {target.name!r} answered {got!r}")
             self._profile[local] = target.name
 
-    def _put_back(self, local: int, value: float) -> None:
-        if np.isnan(self._outbox[local]):  # retry later unless a newer value came
-            self._outbox[local] = value
-
     # --- polling ---
 
-    async def _poll(self, local: int) -> None:
+    async def _read(self, local: int) -> _MinerReading:
         k = int(self._polls[local])
         self._polls[local] += 1
-        row = int(self.rows[local])
         try:
             power = m.parse_power(await self._call(local, "power"))
-            p_max = float(self._fleet.p_max_w[row])
-            if not -0.1 * p_max <= power.watts <= 2.0 * p_max:
-                raise ProtocolError(f"implausible power reading {power.watts!r} W")
+            watts = self._check_power(local, power.watts)
             last = self._last_state[local]
             if not power.psu_on:  # asleep, or a wakeup not acted on yet
                 state = DeviceState.SLEEPING
@@ -447,23 +345,21 @@ class LuxosDriver:
             if k % self._config_every == self._config_every // 2 or self._curtailed[local] is None:
                 cfg = await self._read_config(local)
         except DriverError as exc:
-            self.poll_errors += 1
-            self._failed(local, exc)
-            return
-        fleet = self._fleet
-        fleet.measured_w[row] = power.watts
-        fleet.measured_at[row] = time.monotonic()
-        fleet.state[row] = state
-        self._last_state[local] = state
-        self.polls_ok += 1
-        self._succeeded(local)
-        if cfg is not None:
-            self._check_readback(local, cfg)
+            if not isinstance(exc, m.CommandError):
+                # The connection failed: the miner may have restarted; verify before trusting.
+                self._curtailed[local] = None
+            raise
+        return _MinerReading(watts, state, cfg)
+
+    def _polled(self, local: int, reading: _MinerReading) -> None:
+        self._last_state[local] = reading.state
+        if reading.config is not None:
+            self._check_readback(local, reading.config)
 
     def _check_readback(self, local: int, cfg: m.ConfigInfo) -> None:
         """A miner that lost our command (reboot, another tool) gets it again."""
         value = self._last_value_w[local]
-        if np.isnan(value) or not np.isnan(self._outbox[local]):
+        if not self._readback_due(local, value):
             return
         want_sleep = value < self._fleet.p_min_w[int(self.rows[local])]
         if want_sleep:
@@ -474,53 +370,15 @@ class LuxosDriver:
             ok = not cfg.curtailed and cfg.profile == target
         if ok:
             return
-        self._outbox[local] = value
         self._last_value_w[local] = np.nan  # one resend per mismatch, until it lands
-        self.resends += 1
-        if not self._readback_warned[local]:
-            self._readback_warned[local] = True
-            log.warning(
-                "luxos %s: miner runs profile %r%s, we set %.0f W; resending",
-                self._name(local),
-                cfg.profile,
-                " (curtailed)" if cfg.curtailed else "",
-                value,
-            )
-
-    # --- bookkeeping ---
-
-    def _name(self, local: int) -> str:
-        return self._specs[local].name
-
-    def _report(self, seconds: float, ok: bool) -> None:
-        if self._on_command is not None:
-            self._on_command(self.name, seconds, ok)
-
-    def _succeeded(self, local: int) -> None:
-        self._backoff.succeeded(local)
-        if self._faulted[local]:
-            self._faulted[local] = False
-            self._poll_soon[local] = True  # confirm recovery with telemetry
-            log.info("luxos %s: recovered", self._name(local))
-
-    def _failed(self, local: int, exc: DriverError) -> None:
-        now = time.monotonic()
-        self.errors_by_device[local] += 1
-        self._retry_at[local] = now + self._backoff.failed(local, now)
-        if not isinstance(exc, m.CommandError):
-            # The connection failed: the miner may have restarted; verify before trusting.
-            self._curtailed[local] = None
-        if self._backoff.failures(local) < FAULT_AFTER:
-            return
-        self._fleet.state[self.rows[local]] = DeviceState.FAULT
-        if not self._faulted[local]:
-            self._faulted[local] = True
-            log.warning(
-                "luxos %s: FAULT after %d failed exchanges: %s",
-                self._name(local),
-                self._backoff.failures(local),
-                exc,
-            )
+        self._resend(
+            local,
+            value,
+            "miner runs profile %r%s, we set %.0f W",
+            cfg.profile,
+            " (curtailed)" if cfg.curtailed else "",
+            value,
+        )
 
 
 __all__ = ["FAULT_AFTER", "LuxosDriver", "exchange"]

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -28,15 +29,9 @@ from pymodbus.pdu import ModbusPDU
 
 from controller.config import DeviceSpec, MeterConfig
 from controller.fleet import DeviceState, Fleet
-from drivers.base import (
-    Backoff,
-    CommandMailbox,
-    CommandObserver,
-    DeviceTimeout,
-    DriverError,
-    ProtocolError,
-    Rows,
-)
+from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.device_driver import FAULT_AFTER as FAULT_AFTER
+from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
 from drivers.modbus.registers import (
     FLOAT_METER_MODELS,
     LOAD_MAP,
@@ -53,13 +48,10 @@ from drivers.modbus.registers import (
     regs_to_u32,
 )
 
-F64 = npt.NDArray[np.float64]
 Op = Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]]
 
 log = logging.getLogger("rampd.drivers.modbus")
 
-FAULT_AFTER = 2
-"""Consecutive failed transactions before a device is declared FAULT."""
 _GRACE_S = 0.25
 """Outer bound beyond the per-call timeout, in case the library itself hangs."""
 _TELEMETRY_ADDR, _TELEMETRY_COUNT = LOAD_MAP.span("setpoint_w", "p_max_w")
@@ -137,8 +129,20 @@ class ModbusLink:
             self._client = None
 
 
-class ModbusLoadDriver:
+@dataclass(frozen=True, slots=True)
+class _LoadReading(Reading):
+    """Telemetry plus the setpoint and run registers read back: what the device obeys."""
+
+    setpoint_w: float
+    run: int
+
+
+class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
     """Drives the LOAD_MAP devices owned by this driver (global fleet `rows`, parallel `specs`)."""
+
+    protocol = "modbus"
+    default_concurrency = 32
+    _log = log
 
     def __init__(
         self,
@@ -147,225 +151,70 @@ class ModbusLoadDriver:
         rows: npt.ArrayLike,
         specs: Sequence[DeviceSpec],
         on_command: CommandObserver | None = None,
-        *,
-        max_concurrency: int = 32,
-        backoff_base_s: float = 0.5,
-        backoff_cap_s: float = 30.0,
-        rng: random.Random | None = None,
+        **options: Unpack[DriverOptions],
     ) -> None:
-        self.name = name
-        self.rows: Rows = np.asarray(rows, dtype=np.intp)
-        if len(self.rows) != len(specs):
-            raise ValueError(f"{name}: {len(self.rows)} rows but {len(specs)} specs")
-        n = len(specs)
-        self._fleet = fleet
-        self._specs = tuple(specs)
-        self._on_command = on_command
-        self._local_of = np.full(fleet.n, -1, dtype=np.intp)
-        self._local_of[self.rows] = np.arange(n)
-        self._links = [
-            ModbusLink(s.name, s.host, s.port, s.unit, s.timeout_s) for s in self._specs
-        ]
-        self._mailbox = CommandMailbox(n)
-        self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
-        self._wake = [asyncio.Event() for _ in range(n)]
-        self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, rng)
-        self._retry_at = np.zeros(n)
-        self._poll_soon = np.zeros(n, dtype=np.bool_)
-        self._sem = asyncio.Semaphore(max_concurrency)
-        self._faulted = np.zeros(n, dtype=np.bool_)
-        self._readback_warned = np.zeros(n, dtype=np.bool_)
-        self._last_value_w = np.full(n, np.nan)  # last setpoint the device accepted
-        self._last_register_w = np.full(n, np.nan)  # ... as its float32 register holds it
+        super().__init__(name, fleet, rows, specs, on_command, **options)
+        n = len(self._specs)
+        self._links = [ModbusLink(s.name, s.host, s.port, s.unit, s.timeout_s) for s in self._specs]
+        self._last_register_w = np.full(n, np.nan)  # last setpoint, as its float32 register
         self._last_run = np.full(n, -1, dtype=np.int8)
-        # Counters, public for metrics.
-        self.polls_ok = 0
-        self.poll_errors = 0
-        self.commands_ok = 0
-        self.command_errors = 0
-        self.resends = 0
-        self.errors_by_device = np.zeros(n, dtype=np.int64)
 
-    # --- the control cycle's side: never blocks ---
-
-    def submit(self, rows: Rows, setpoints_w: npt.NDArray[np.float64]) -> None:
-        local = self._local_of[np.asarray(rows, dtype=np.intp)]
-        mine = local >= 0  # rows of other drivers are ignored, never an error here
-        self._mailbox.put(local[mine], np.asarray(setpoints_w, dtype=np.float64)[mine])
-
-    @property
-    def pending(self) -> int:
-        return self._mailbox.pending + int((~np.isnan(self._outbox)).sum())
-
-    @property
-    def faulted(self) -> int:
-        return int(self._faulted.sum())
-
-    # --- tasks ---
-
-    async def run(self) -> None:
-        """Poll and send until cancelled; device failures are isolated and never raise."""
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._dispatch(), name=f"{self.name}:dispatch")
-                for local, spec in enumerate(self._specs):
-                    tg.create_task(self._device(local), name=f"{self.name}:{spec.name}")
+            yield
         finally:
             for link in self._links:
                 link.close()
-
-    async def _dispatch(self) -> None:
-        """Fan the mailbox out to per-device slots: latest value wins in both."""
-        while True:
-            if not await self._mailbox.wait(1.0):
-                continue
-            local, values = self._mailbox.take()
-            self._outbox[local] = values
-            for i in local.tolist():
-                self._wake[i].set()
-
-    async def _device(self, local: int) -> None:
-        spec = self._specs[local]
-        n = len(self._specs)
-        # Stagger first polls over one period so N devices do not poll in lockstep.
-        next_poll = time.monotonic() + spec.poll_s * local / max(n, 1)
-        while True:
-            now = time.monotonic()
-            if now < self._retry_at[local]:
-                await asyncio.sleep(self._retry_at[local] - now)
-                continue
-            overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
-            if not np.isnan(self._outbox[local]) and not overdue:
-                await self._send(local)
-                continue
-            if now >= next_poll or self._poll_soon[local]:
-                self._poll_soon[local] = False
-                await self._poll(local)
-                next_poll = max(next_poll + spec.poll_s, time.monotonic())
-                continue
-            self._wake[local].clear()
-            with suppress(TimeoutError):
-                async with asyncio.timeout(next_poll - now):
-                    await self._wake[local].wait()
-
-    # --- transactions ---
 
     async def _transact(self, local: int, op: Op) -> ModbusPDU:
         async with self._sem:
             return await self._links[local].call(op)
 
-    async def _send(self, local: int) -> None:
-        value = float(self._outbox[local])
-        self._outbox[local] = np.nan
-        row = int(self.rows[local])
-        run = RUN if value >= self._fleet.p_min_w[row] else SLEEP
-        setpoint = max(value, 0.0)
+    async def _command(self, local: int, value_w: float) -> None:
+        run = RUN if value_w >= self._fleet.p_min_w[self.rows[local]] else SLEEP
+        setpoint = max(value_w, 0.0)
         address, regs = LOAD_MAP.encode({"setpoint_w": setpoint, "run": run})
         unit = self._specs[local].unit
-        t0 = time.monotonic()
-        try:
-            await self._transact(
-                local, lambda c: c.write_registers(address, regs, device_id=unit)
-            )
-        except DriverError as exc:
-            self._report(time.monotonic() - t0, ok=False)
-            self.command_errors += 1
-            if np.isnan(self._outbox[local]):  # retry later unless a newer value came
-                self._outbox[local] = value
-            self._failed(local, exc)
-            return
-        self._report(time.monotonic() - t0, ok=True)
-        self.commands_ok += 1
-        self._last_value_w[local] = value
+        await self._transact(local, lambda c: c.write_registers(address, regs, device_id=unit))
         self._last_register_w[local] = as_f32(setpoint)
         self._last_run[local] = run
-        self._readback_warned[local] = False
-        self._backoff.succeeded(local)
-        if self._faulted[local]:
-            self._poll_soon[local] = True  # confirm recovery with telemetry
 
-    async def _poll(self, local: int) -> None:
+    async def _read(self, local: int) -> _LoadReading:
         unit = self._specs[local].unit
-        try:
-            reply = await self._transact(
-                local,
-                lambda c: c.read_holding_registers(
-                    _TELEMETRY_ADDR, count=_TELEMETRY_COUNT, device_id=unit
-                ),
-            )
-            measured, state, sp_rb, run_rb = self._decode(local, reply.registers)
-        except DriverError as exc:
-            self.poll_errors += 1
-            self._failed(local, exc)
-            return
-        row = int(self.rows[local])
-        fleet = self._fleet
-        fleet.measured_w[row] = measured
-        fleet.measured_at[row] = time.monotonic()
-        fleet.state[row] = state
-        self.polls_ok += 1
-        self._backoff.succeeded(local)
-        if self._faulted[local]:
-            self._faulted[local] = False
-            log.info(
-                "modbus %s: recovered, state %s", self._specs[local].name, DeviceState(state).name
-            )
-        self._check_readback(local, sp_rb, run_rb)
-
-    def _decode(self, local: int, registers: Sequence[int]) -> tuple[float, int, float, int]:
+        reply = await self._transact(
+            local,
+            lambda c: c.read_holding_registers(
+                _TELEMETRY_ADDR, count=_TELEMETRY_COUNT, device_id=unit
+            ),
+        )
+        registers = reply.registers
         if len(registers) != _TELEMETRY_COUNT:
             raise ProtocolError(f"{len(registers)} registers, expected {_TELEMETRY_COUNT}")
         v = LOAD_MAP.decode(registers, _TELEMETRY_ADDR, LOAD_TELEMETRY)
-        measured, state = float(v["measured_w"]), int(v["state"])
-        p_max = float(self._fleet.p_max_w[self.rows[local]])
-        if not (math.isfinite(measured) and -0.1 * p_max <= measured <= 2.0 * p_max):
-            raise ProtocolError(f"implausible power reading {measured!r} W")
+        measured = self._check_power(local, float(v["measured_w"]))
+        state = int(v["state"])
         if not 0 <= state <= STATE_MAX:
             raise ProtocolError(f"unknown state code {state}")
-        return measured, state, float(v["setpoint_w"]), int(v["run"])
+        return _LoadReading(measured, DeviceState(state), float(v["setpoint_w"]), int(v["run"]))
 
-    def _check_readback(self, local: int, setpoint_w: float, run: int) -> None:
+    def _polled(self, local: int, reading: _LoadReading) -> None:
         """A device that lost our command (reboot, local override) gets it again."""
-        expected = self._last_register_w[local]
-        if np.isnan(expected) or not np.isnan(self._outbox[local]):
+        expected, run = self._last_register_w[local], self._last_run[local]
+        if not self._readback_due(local, expected) or (
+            reading.setpoint_w == expected and reading.run == run
+        ):
             return
-        if setpoint_w == expected and run == self._last_run[local]:
-            return
-        self._outbox[local] = self._last_value_w[local]
         self._last_register_w[local] = np.nan  # one resend per mismatch, until it lands
-        self.resends += 1
-        if not self._readback_warned[local]:
-            self._readback_warned[local] = True
-            log.warning(
-                "modbus %s: readback %.0f W run=%d differs from sent %.0f W run=%d; resending",
-                self._specs[local].name,
-                setpoint_w,
-                run,
-                expected,
-                self._last_run[local],
-            )
-
-    # --- bookkeeping ---
-
-    def _report(self, seconds: float, ok: bool) -> None:
-        if self._on_command is not None:
-            self._on_command(self.name, seconds, ok)
-
-    def _failed(self, local: int, exc: DriverError) -> None:
-        now = time.monotonic()
-        self.errors_by_device[local] += 1
-        self._retry_at[local] = now + self._backoff.failed(local, now)
-        if self._backoff.failures(local) < FAULT_AFTER:
-            return
-        self._fleet.state[self.rows[local]] = DeviceState.FAULT
-        if not self._faulted[local]:
-            self._faulted[local] = True
-            log.warning(
-                "modbus %s: FAULT after %d failed transactions: %s",
-                self._specs[local].name,
-                self._backoff.failures(local),
-                exc,
-            )
+        self._resend(
+            local,
+            self._last_value_w[local],
+            "readback %.0f W run=%d differs from sent %.0f W run=%d",
+            reading.setpoint_w,
+            reading.run,
+            expected,
+            run,
+        )
 
 
 class ModbusMeter:

@@ -26,14 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import ssl
-import time
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import aiohttp
 import numpy as np
@@ -41,24 +39,13 @@ import numpy.typing as npt
 
 from controller.config import DeviceAccess, DeviceSpec
 from controller.fleet import DeviceState, Fleet
-from drivers.base import (
-    Backoff,
-    CommandMailbox,
-    CommandObserver,
-    DeviceTimeout,
-    DriverError,
-    ProtocolError,
-    Rows,
-)
+from drivers.base import CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.redfish import resources as rf
 from drivers.redfish.resources import Mechanism
 
-F64 = npt.NDArray[np.float64]
-
 log = logging.getLogger("rampd.drivers.redfish")
 
-FAULT_AFTER = 2
-"""Consecutive failed transactions before a rack is declared FAULT."""
 _GRACE_S = 0.25
 """Outer bound beyond the per-call timeout, in case the library itself hangs."""
 _READBACK_TOLERANCE_W = 1.0  # caps go out in whole watts; BMCs report 0.1 W or 1 W
@@ -124,8 +111,19 @@ def _rack(spec: DeviceSpec, contexts: dict[Path | None, ssl.SSLContext]) -> _Rac
     )
 
 
-class RedfishDriver:
+@dataclass(frozen=True, slots=True)
+class _RackReading(Reading):
+    """Telemetry plus the cap read back (None: the BMC reports none)."""
+
+    setpoint_w: float | None
+
+
+class RedfishDriver(PerDeviceDriver[_RackReading]):
     """Caps the GPU racks owned by this driver (global fleet `rows`, parallel `specs`)."""
+
+    protocol = "redfish"
+    default_concurrency = 64
+    _log = log
 
     def __init__(
         self,
@@ -135,73 +133,26 @@ class RedfishDriver:
         specs: Sequence[DeviceSpec],
         on_command: CommandObserver | None = None,
         *,
-        max_concurrency: int = 64,
-        backoff_base_s: float = 0.5,
-        backoff_cap_s: float = 30.0,
         max_body_bytes: int = rf.MAX_BODY_BYTES,
-        rng: random.Random | None = None,
+        **options: Unpack[DriverOptions],
     ) -> None:
-        self.name = name
-        self.rows: Rows = np.asarray(rows, dtype=np.intp)
-        if len(self.rows) != len(specs):
-            raise ValueError(f"{name}: {len(self.rows)} rows but {len(specs)} specs")
-        n = len(specs)
-        self._fleet = fleet
-        self._specs = tuple(specs)
-        self._on_command = on_command
-        self._local_of = np.full(fleet.n, -1, dtype=np.intp)
-        self._local_of[self.rows] = np.arange(n)
+        super().__init__(name, fleet, rows, specs, on_command, **options)
         contexts = _ssl_contexts(self._specs)
         self._racks = [_rack(s, contexts) for s in self._specs]  # reads password files: now
         self._timeouts = [aiohttp.ClientTimeout(total=s.timeout_s) for s in self._specs]
         self._max_body = max_body_bytes
-        self._max_concurrency = max_concurrency
-        self._mailbox = CommandMailbox(n)
-        self._outbox = np.full(n, np.nan)  # per-rack slot the rack task sends from
-        self._wake = [asyncio.Event() for _ in range(n)]
-        self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, rng)
-        self._retry_at = np.zeros(n)
-        self._poll_soon = np.zeros(n, dtype=np.bool_)
-        self._sem = asyncio.Semaphore(max_concurrency)
-        self._faulted = np.zeros(n, dtype=np.bool_)
-        self._readback_warned = np.zeros(n, dtype=np.bool_)
-        self._bug_logged = np.zeros(n, dtype=np.bool_)
-        self._last_value_w = np.full(n, np.nan)  # last cap the BMC accepted, as asked
-        self._last_sent_w = np.full(n, np.nan)  # ... as sent on the wire (whole watts)
+        self._last_sent_w = np.full(len(self._specs), np.nan)  # last cap, in whole watts
         self._http: aiohttp.ClientSession | None = None
-        # Counters, public for metrics.
-        self.polls_ok = 0
-        self.poll_errors = 0
-        self.commands_ok = 0
-        self.command_errors = 0
-        self.resends = 0
+        # Counters beyond the base's, public for metrics.
         self.logins = 0
         self.relogins = 0
-        self.errors_by_device = np.zeros(n, dtype=np.int64)
-
-    # --- the control cycle's side: never blocks ---
-
-    def submit(self, rows: Rows, setpoints_w: npt.NDArray[np.float64]) -> None:
-        local = self._local_of[np.asarray(rows, dtype=np.intp)]
-        mine = local >= 0  # rows of other drivers are ignored, never an error here
-        self._mailbox.put(local[mine], np.asarray(setpoints_w, dtype=np.float64)[mine])
-
-    @property
-    def pending(self) -> int:
-        return self._mailbox.pending + int((~np.isnan(self._outbox)).sum())
-
-    @property
-    def faulted(self) -> int:
-        return int(self._faulted.sum())
 
     def mechanism(self, local: int) -> Mechanism | None:
         """How rack `local` is capped, once discovered."""
         return self._racks[local].mechanism
 
-    # --- tasks ---
-
-    async def run(self) -> None:
-        """Poll and send until cancelled; rack failures are isolated and never raise."""
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(
             limit=self._max_concurrency,
             limit_per_host=2,  # one request at a time per rack, plus a logout at shutdown
@@ -215,107 +166,29 @@ class RedfishDriver:
         ) as http:
             self._http = http
             try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._dispatch(), name=f"{self.name}:dispatch")
-                    for local, spec in enumerate(self._specs):
-                        tg.create_task(self._device(local), name=f"{self.name}:{spec.name}")
+                yield
             finally:
                 await self._logout_all()
                 self._http = None
 
-    async def _dispatch(self) -> None:
-        """Fan the mailbox out to per-rack slots: latest value wins in both."""
-        while True:
-            if not await self._mailbox.wait(1.0):
-                continue
-            local, values = self._mailbox.take()
-            self._outbox[local] = values
-            for i in local.tolist():
-                self._wake[i].set()
-
-    async def _device(self, local: int) -> None:
-        spec = self._specs[local]
-        n = len(self._specs)
-        # Stagger first polls over one period so N racks do not poll in lockstep.
-        next_poll = time.monotonic() + spec.poll_s * local / max(n, 1)
-        while True:
-            now = time.monotonic()
-            if now < self._retry_at[local]:
-                await asyncio.sleep(self._retry_at[local] - now)
-                continue
-            overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
-            try:
-                if not np.isnan(self._outbox[local]) and not overdue:
-                    await self._send(local)
-                    continue
-                if now >= next_poll or self._poll_soon[local]:
-                    self._poll_soon[local] = False
-                    await self._poll(local)
-                    next_poll = max(next_poll + spec.poll_s, time.monotonic())
-                    continue
-            except Exception as exc:  # a bug must not take the other racks down
-                if not self._bug_logged[local]:  # with its traceback, once per rack
-                    self._bug_logged[local] = True
-                    log.exception("redfish %s: unexpected error", spec.name)
-                self._failed(local, DriverError(f"unexpected {type(exc).__name__}: {exc}"))
-                continue
-            self._wake[local].clear()
-            with suppress(TimeoutError):
-                async with asyncio.timeout(next_poll - now):
-                    await self._wake[local].wait()
-
     # --- transactions ---
 
-    async def _poll(self, local: int) -> None:
-        try:
-            rack = await self._ready(local)
-            body = rf.parse_json((await self._call(local, "GET", rack.uri)).body, self._max_body)
-            measured, setpoint = self._decode(local, body)
-        except DriverError as exc:
-            self.poll_errors += 1
-            self._failed(local, exc)
-            return
-        row = int(self.rows[local])
-        fleet = self._fleet
-        fleet.measured_w[row] = measured
-        fleet.measured_at[row] = time.monotonic()
-        fleet.state[row] = DeviceState.ON  # a capped rack runs; it has no sleep state
-        self.polls_ok += 1
-        self._backoff.succeeded(local)
-        if self._faulted[local]:
-            self._faulted[local] = False
-            log.info("redfish %s: recovered, %.1f kW", self._specs[local].name, measured / 1e3)
-        self._check_readback(local, setpoint)
+    async def _read(self, local: int) -> _RackReading:
+        rack = await self._ready(local)
+        body = rf.parse_json((await self._call(local, "GET", rack.uri)).body, self._max_body)
+        return self._decode(local, body)
 
-    async def _send(self, local: int) -> None:
-        value = float(self._outbox[local])
-        self._outbox[local] = np.nan
-        t0 = time.monotonic()
-        try:
-            rack = await self._ready(local)
-            row = self.rows[local]
-            w = min(max(value, self._fleet.p_min_w[row]), self._fleet.p_max_w[row])
-            w = self._clamp(rack, float(w))
-            if rack.mechanism is Mechanism.ENVIRONMENT_METRICS:
-                body = rf.environment_limit_patch(w)
-            else:
-                body = rf.legacy_limit_patch(w)
-            await self._call(local, "PATCH", rack.uri, body)
-        except DriverError as exc:
-            self._report(time.monotonic() - t0, ok=False)
-            self.command_errors += 1
-            if np.isnan(self._outbox[local]):  # retry later unless a newer value came
-                self._outbox[local] = value
-            self._failed(local, exc)
-            return
-        self._report(time.monotonic() - t0, ok=True)
-        self.commands_ok += 1
-        self._last_value_w[local] = value
+    async def _command(self, local: int, value_w: float) -> None:
+        rack = await self._ready(local)
+        row = self.rows[local]
+        w = min(max(value_w, self._fleet.p_min_w[row]), self._fleet.p_max_w[row])
+        w = self._clamp(rack, float(w))
+        if rack.mechanism is Mechanism.ENVIRONMENT_METRICS:
+            body = rf.environment_limit_patch(w)
+        else:
+            body = rf.legacy_limit_patch(w)
+        await self._call(local, "PATCH", rack.uri, body)
         self._last_sent_w[local] = round(w)
-        self._readback_warned[local] = False
-        self._backoff.succeeded(local)
-        if self._faulted[local]:
-            self._poll_soon[local] = True  # confirm recovery with telemetry
 
     @staticmethod
     def _clamp(rack: _Rack, value: float) -> float:
@@ -326,8 +199,8 @@ class RedfishDriver:
             value = min(value, rack.allow_max_w)
         return value
 
-    def _decode(self, local: int, body: dict[str, Any]) -> tuple[float, float | None]:
-        """(measured W, cap read back W or None) from the discovered resource."""
+    def _decode(self, local: int, body: dict[str, Any]) -> _RackReading:
+        """Measured power and the cap read back, from the discovered resource."""
         rack = self._racks[local]
         if rack.mechanism is Mechanism.ENVIRONMENT_METRICS:
             measured = rf.read_power_watts(body)
@@ -338,29 +211,27 @@ class RedfishDriver:
         else:
             legacy = rf.read_legacy_power(body)
             measured, limit = legacy.consumed_w, legacy.limit
-        p_max = float(self._fleet.p_max_w[self.rows[local]])
-        if not -0.1 * p_max <= measured <= 2.0 * p_max:
-            raise ProtocolError(f"implausible power reading {measured!r} W")
-        return measured, None if limit is None else limit.setpoint_w
+        return _RackReading(
+            self._check_power(local, measured),
+            DeviceState.ON,  # a capped rack runs; it has no sleep state
+            None if limit is None else limit.setpoint_w,
+        )
 
-    def _check_readback(self, local: int, setpoint_w: float | None) -> None:
+    def _polled(self, local: int, reading: _RackReading) -> None:
         """A BMC that lost our cap (reboot, another manager) gets it again."""
-        expected = self._last_sent_w[local]
-        if np.isnan(expected) or not np.isnan(self._outbox[local]):
+        expected, setpoint_w = self._last_sent_w[local], reading.setpoint_w
+        if not self._readback_due(local, expected) or (
+            setpoint_w is not None and abs(setpoint_w - expected) <= _READBACK_TOLERANCE_W
+        ):
             return
-        if setpoint_w is not None and abs(setpoint_w - expected) <= _READBACK_TOLERANCE_W:
-            return
-        self._outbox[local] = self._last_value_w[local]
         self._last_sent_w[local] = np.nan  # one resend per mismatch, until it lands
-        self.resends += 1
-        if not self._readback_warned[local]:
-            self._readback_warned[local] = True
-            log.warning(
-                "redfish %s: cap read back as %s, sent %.0f W; resending",
-                self._specs[local].name,
-                "none" if setpoint_w is None else f"{setpoint_w:.0f} W",
-                expected,
-            )
+        self._resend(
+            local,
+            self._last_value_w[local],
+            "cap read back as %s, sent %.0f W",
+            "none" if setpoint_w is None else f"{setpoint_w:.0f} W",
+            expected,
+        )
 
     async def _ready(self, local: int) -> _Rack:
         """The rack, discovered: which resource reads its power and takes its cap."""
@@ -515,28 +386,6 @@ class RedfishDriver:
         with suppress(TimeoutError):
             async with asyncio.timeout(_LOGOUT_TIMEOUT_S):
                 await asyncio.gather(*(logout(i) for i in range(len(self._racks))))
-
-    # --- bookkeeping ---
-
-    def _report(self, seconds: float, ok: bool) -> None:
-        if self._on_command is not None:
-            self._on_command(self.name, seconds, ok)
-
-    def _failed(self, local: int, exc: DriverError) -> None:
-        now = time.monotonic()
-        self.errors_by_device[local] += 1
-        self._retry_at[local] = now + self._backoff.failed(local, now)
-        if self._backoff.failures(local) < FAULT_AFTER:
-            return
-        self._fleet.state[self.rows[local]] = DeviceState.FAULT
-        if not self._faulted[local]:
-            self._faulted[local] = True
-            log.warning(
-                "redfish %s: FAULT after %d failed transactions: %s",
-                self._specs[local].name,
-                self._backoff.failures(local),
-                exc,
-            )
 
 
 __all__ = ["FAULT_AFTER", "RedfishDriver"]

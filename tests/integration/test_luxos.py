@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
-import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -28,25 +26,18 @@ from drivers.luxos import messages as m
 from drivers.luxos.client import LuxosDriver, exchange
 from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
 from drivers.sim.physics import Fault, SitePhysics
-from tests.helpers import until
+from tests.helpers import (
+    SIM_DT,
+    CommandLog,
+    DriverRig,
+    cancel_and_wait,
+    free_loopback_net,
+    step_forever,
+    until,
+)
 
-DT = 0.02
 P_MIN, P_MAX, STEP, P_IDLE = 1750.0, 3500.0, 250.0, 20.0
 S21_THS_PER_W = 1 / 17.5
-
-
-def free_net() -> str:
-    """A random 127.a.b net whose .1 can take port 4028 (its other hosts are then unused)."""
-    rnd = random.Random()
-    for _ in range(50):
-        net = f"127.{rnd.randint(10, 250)}.{rnd.randint(1, 250)}"
-        with socket.socket() as s:
-            try:
-                s.bind((f"{net}.1", m.PORT))
-            except OSError:
-                continue
-        return net
-    raise RuntimeError("no free loopback address")
 
 
 def make_specs(net: str, n: int, **overrides: Any) -> list[DeviceSpec]:
@@ -78,14 +69,6 @@ def make_specs(net: str, n: int, **overrides: Any) -> list[DeviceSpec]:
     return [replace(base, name=f"miner-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
 
 
-async def step_forever(ph: SitePhysics) -> None:
-    t0, k = time.monotonic(), 0
-    while True:
-        k += 1
-        await asyncio.sleep(max(0.0, t0 + k * DT - time.monotonic()))
-        ph.step(DT)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_pyasic() -> Iterator[None]:
     # pyasic 0.79 still declares pydantic v1-style config classes.
@@ -103,16 +86,14 @@ class Site:
 
 
 async def start_site(n: int, session_ttl_s: float = 60.0, **overrides: Any) -> Site:
-    specs = make_specs(free_net(), n, **overrides)
-    ph = SitePhysics(specs, 0.0, seed=3, dt_s=DT)
+    specs = make_specs(free_loopback_net(m.PORT)[0], n, **overrides)
+    ph = SitePhysics(specs, 0.0, seed=3, dt_s=SIM_DT)
     servers = await start_luxos_servers(ph, range(n), specs, session_ttl_s=session_ttl_s)
     return Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
 
 
 async def stop_site(site: Site) -> None:
-    for t in site.tasks:
-        t.cancel()
-    await asyncio.gather(*site.tasks, return_exceptions=True)
+    await cancel_and_wait(*site.tasks)
     await site.servers.close()
 
 
@@ -177,8 +158,8 @@ async def test_pyasic_web_probe_finds_luxor_firmware() -> None:
     """pyasic also probes http://<ip>/ for "Luxor Firmware"; the optional page answers it."""
     from pyasic.miners.factory import MinerFactory, MinerTypes  # type: ignore[import-untyped]
 
-    specs = make_specs(free_net(), 1)
-    ph = SitePhysics(specs, 0.0, dt_s=DT)
+    specs = make_specs(free_loopback_net(m.PORT)[0], 1)
+    ph = SitePhysics(specs, 0.0, dt_s=SIM_DT)
     try:
         servers = await start_luxos_servers(ph, [0], specs, http_port=80)
     except OSError as exc:  # port 80 needs root (or CAP_NET_BIND_SERVICE)
@@ -223,15 +204,8 @@ async def test_wire_framing_of_a_real_exchange() -> None:
 
 
 @dataclass
-class Rig:
+class Rig(DriverRig[LuxosDriver]):
     site: Site
-    fleet: Fleet
-    driver: LuxosDriver
-    commands: list[tuple[str, float, bool]]
-
-    @property
-    def physics(self) -> SitePhysics:
-        return self.site.physics
 
 
 @pytest.fixture
@@ -241,26 +215,22 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         20, session_ttl_s=opts.get("session_ttl_s", 60.0), **opts.get("spec", {})
     )
     fleet = Fleet.from_specs(site.specs, [0] * len(site.specs))
-    commands: list[tuple[str, float, bool]] = []
+    commands = CommandLog()
     driver = LuxosDriver(
         "luxos",
         fleet,
         np.arange(len(site.specs)),
         site.specs,
-        on_command=lambda name, s, ok: commands.append((name, s, ok)),
+        on_command=commands,
         summary_every=3,
         config_every=2,
         backoff_cap_s=1.0,
     )
     site.tasks.append(asyncio.create_task(driver.run()))
     try:
-        yield Rig(site, fleet, driver, commands)
+        yield Rig(site.specs, site.physics, fleet, driver, commands, site)
     finally:
         await stop_site(site)
-
-
-async def polled(rig: Rig) -> None:
-    await until(lambda: bool(np.isfinite(rig.fleet.measured_at).all()), 5, what="first polls")
 
 
 def profile_w(setpoint_w: float) -> float:
@@ -272,7 +242,7 @@ async def test_driver_satisfies_the_protocol_and_polls_fill_the_fleet(rig: Rig) 
     other = LuxosDriver("other", rig.fleet, [0], rig.site.specs[:1])
     other.submit(np.arange(len(rig.site.specs)), np.full(len(rig.site.specs), 3000.0))
     assert other.pending == 1  # rows of other drivers are ignored
-    await polled(rig)
+    await rig.first_polls()
     ph, fleet = rig.physics, rig.fleet
     await until(lambda: bool((fleet.state == DeviceState.ON).all()), 5, what="all ON")
     np.testing.assert_allclose(fleet.measured_w, ph.reported_w, atol=1.0)
@@ -284,7 +254,7 @@ async def test_driver_satisfies_the_protocol_and_polls_fill_the_fleet(rig: Rig) 
 
 
 async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, n = rig.physics, len(rig.site.specs)
     rows = np.arange(n)
     setpoints = np.random.default_rng(7).uniform(P_MIN, P_MAX, n)
@@ -312,7 +282,7 @@ async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
 
 
 async def test_sleep_below_the_lowest_profile_and_wake_on_demand(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, fleet = rig.physics, rig.fleet
     sleepers = np.array([2, 5, 11])
     rig.driver.submit(sleepers, np.array([0.0, P_IDLE, P_MIN - 1.0]))  # all ask for sleep
@@ -340,7 +310,7 @@ async def test_sleep_below_the_lowest_profile_and_wake_on_demand(rig: Rig) -> No
 
 @pytest.mark.parametrize("rig", [{"session_ttl_s": 1.0}], indirect=True)
 async def test_session_is_reused_and_renewed_after_expiry(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, drv, sim = rig.physics, rig.driver, rig.site.servers.sim
     rows = np.array([0])
     drv.submit(rows, np.array([3000.0]))
@@ -362,7 +332,7 @@ async def test_session_is_reused_and_renewed_after_expiry(rig: Rig) -> None:
 
 @pytest.mark.parametrize("rig", [{"session_ttl_s": 1.0}], indirect=True)
 async def test_another_actors_session_delays_but_does_not_fault(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, spec = rig.physics, rig.site.specs[9]
     # Someone else (an operator's script) holds the miner's only session.
     m.parse_session(await exchange(spec.host, spec.port, m.encode_request("logon"), 1.0))
@@ -373,7 +343,7 @@ async def test_another_actors_session_delays_but_does_not_fault(rig: Rig) -> Non
 
 
 async def test_latest_value_wins(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, sim = rig.physics, rig.site.servers.sim
     rows = np.array([4])
     for value in (2000.0, 2600.0, 3000.0, 2250.0):  # without yielding: one slot, last wins
@@ -386,7 +356,7 @@ async def test_latest_value_wins(rig: Rig) -> None:
 @pytest.mark.parametrize("rig", [{"spec": {"timeout_s": 2.0}}], indirect=True)
 async def test_logoff_on_shutdown(rig: Rig) -> None:
     """Best effort, one attempt per miner: a generous timeout keeps a loaded CI host out of it."""
-    await polled(rig)
+    await rig.first_polls()
     sim = rig.site.servers.sim
     rig.driver.submit(np.array([0, 1]), np.array([3000.0, 3000.0]))
     await until(lambda: bool(sim.active_session(0) and sim.active_session(1)), 3, what="sessions")
@@ -402,7 +372,7 @@ async def test_logoff_on_shutdown(rig: Rig) -> None:
 
 @pytest.mark.parametrize("fault", [Fault.SILENT, Fault.ERROR, Fault.GARBAGE, Fault.SLOW])
 async def test_fault_is_isolated_and_recovers(rig: Rig, fault: Fault) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, fleet, k = rig.physics, rig.fleet, 3
     others = np.setdiff1d(np.arange(len(rig.site.specs)), [k])
     await until(lambda: bool((fleet.state == DeviceState.ON).all()), 5, what="all ON")
@@ -426,7 +396,7 @@ async def test_fault_is_isolated_and_recovers(rig: Rig, fault: Fault) -> None:
 
 
 async def test_reboot_loses_the_profile_and_session_and_the_driver_resends(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, drv, sim, k = rig.physics, rig.driver, rig.site.servers.sim, 6
     drv.submit(np.array([k]), np.array([2500.0]))
     await until(lambda: ph.cmd_setpoint_w[k] == 2500.0, 3, what="profile set")
@@ -442,7 +412,7 @@ async def test_reboot_loses_the_profile_and_session_and_the_driver_resends(rig: 
 
 
 async def test_reboot_of_a_sleeping_miner_puts_it_back_to_sleep(rig: Rig) -> None:
-    await polled(rig)
+    await rig.first_polls()
     ph, fleet, k = rig.physics, rig.fleet, 8
     rig.driver.submit(np.array([k]), np.array([0.0]))
     await until(lambda: fleet.state[k] == DeviceState.SLEEPING, 5, what="asleep")

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,30 +33,15 @@ from drivers.modbus.registers import (
 from drivers.modbus.sim_server import SimServers
 from drivers.sim.physics import Fault, SitePhysics
 from drivers.sim.site import run_sim
-
-DT = 0.02
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def free_subnet() -> tuple[str, int]:
-    """A random 127.a.b.0 net and a port free on its .1 (other hosts of it are unused)."""
-    rnd = random.Random()
-    for _ in range(50):
-        net = f"127.{rnd.randint(10, 250)}.{rnd.randint(1, 250)}"
-        with socket.socket() as s:
-            try:
-                s.bind((f"{net}.1", 0))
-            except OSError:
-                continue
-            return net, int(s.getsockname()[1])
-    raise RuntimeError("no free loopback address")
+from tests.helpers import (
+    SIM_DT,
+    CommandLog,
+    DriverRig,
+    cancel_and_wait,
+    free_loopback_net,
+    step_forever,
+    until,
+)
 
 
 def make_specs(net: str, port: int, n: int) -> list[DeviceSpec]:
@@ -87,51 +70,26 @@ def make_specs(net: str, port: int, n: int) -> list[DeviceSpec]:
     return [replace(base, name=f"row-{i}", host=f"{net}.{i + 1}") for i in range(n)]
 
 
-async def step_forever(ph: SitePhysics) -> None:
-    t0, k = time.monotonic(), 0
-    while True:
-        k += 1
-        await asyncio.sleep(max(0.0, t0 + k * DT - time.monotonic()))
-        ph.step(DT)
-
-
-@dataclass
-class Rig:
-    specs: list[DeviceSpec]
-    physics: SitePhysics
-    fleet: Fleet
-    driver: ModbusLoadDriver
-    commands: list[tuple[str, float, bool]] = field(default_factory=list)
+Rig = DriverRig[ModbusLoadDriver]
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    net, port = free_subnet()
+    net, port = free_loopback_net()
     specs = make_specs(net, port, 5)
-    ph = SitePhysics(specs, 50e3, seed=1, dt_s=DT)
+    ph = SitePhysics(specs, 50e3, seed=1, dt_s=SIM_DT)
     servers = await SimServers.start(ph, specs, None)
     fleet = Fleet.from_specs(specs, [0] * len(specs))
-    commands: list[tuple[str, float, bool]] = []
+    commands = CommandLog()
     driver = ModbusLoadDriver(
-        "modbus",
-        fleet,
-        np.arange(len(specs)),
-        specs,
-        on_command=lambda name, s, ok: commands.append((name, s, ok)),
-        backoff_cap_s=2.0,
+        "modbus", fleet, np.arange(len(specs)), specs, on_command=commands, backoff_cap_s=2.0
     )
     tasks = [asyncio.create_task(step_forever(ph)), asyncio.create_task(driver.run())]
     try:
         yield Rig(specs, ph, fleet, driver, commands)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await servers.close()
-
-
-async def polled(rig: Rig) -> None:
-    await until(lambda: bool(np.isfinite(rig.fleet.measured_at).all()), 5, "first polls")
 
 
 # --- (a) the simulated meter, read by a stock client; the simulated site from a config ---
@@ -154,7 +112,7 @@ def write_site(tmp_path: Path, net: str, port: int) -> Path:
 
 
 async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path: Path) -> None:
-    net, port = free_subnet()
+    net, port = free_loopback_net()
     cfg = load_config(write_site(tmp_path, net, port))
     truth_path = tmp_path / "truth.jsonl"
     stop = asyncio.Event()
@@ -163,7 +121,7 @@ async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path
     meter = ModbusMeter(MeterConfig(host=f"{net}.100", port=port, poll_s=0.1, timeout_s=0.5))
     meter_task: asyncio.Task[None] | None = None
     try:
-        await until(lambda: truth_path.exists() and truth_path.stat().st_size > 0, 5, "truth")
+        await until(lambda: truth_path.exists() and truth_path.stat().st_size > 0, 5, what="truth")
         assert await client.connect()
 
         rr = await client.read_holding_registers(40000, count=4, device_id=1)
@@ -192,7 +150,7 @@ async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path
         rr = await client.read_holding_registers(40138, count=2, device_id=1)  # TotWhImp
         e1 = client.convert_from_registers(rr.registers, client.DATATYPE.FLOAT32)
         assert isinstance(e1, float)
-        await until(lambda: len(truth_path.read_text().splitlines()) >= 5, 5, "live truth log")
+        await until(lambda: len(truth_path.read_text().splitlines()) >= 5, 5, what="live truth log")
         rr = await client.read_holding_registers(40138, count=2, device_id=1)
         e2 = client.convert_from_registers(rr.registers, client.DATATYPE.FLOAT32)
         assert isinstance(e2, float) and e2 > e1 > 0
@@ -203,7 +161,7 @@ async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path
 
         # Our meter client discovers model 213 by walking the chain and polls W.
         meter_task = asyncio.create_task(meter.run())
-        await until(lambda: meter.ok and meter.reads >= 5, 5, "meter polls")
+        await until(lambda: meter.ok and meter.reads >= 5, 5, what="meter polls")
         assert meter.value_w == pytest.approx(850e3, rel=0.05)
         assert time.monotonic() - meter.at < 1.0
     finally:
@@ -237,28 +195,32 @@ def test_register_maps_match_the_spec() -> None:
 async def test_polls_fill_the_fleet_arrays(rig: Rig) -> None:
     driver: Driver = rig.driver  # the protocol the control cycle relies on
     assert isinstance(driver, Driver)
-    await polled(rig)
-    await until(lambda: bool((rig.fleet.state == DeviceState.ON).all()), 5, "states")
+    await rig.first_polls()
+    await until(lambda: bool((rig.fleet.state == DeviceState.ON).all()), 5, what="states")
     assert np.allclose(rig.fleet.measured_w, 250e3, atol=5e3)
     first = rig.fleet.measured_at.copy()
-    await until(lambda: bool((rig.fleet.measured_at > first).all()), 3, "second round of polls")
+    await until(
+        lambda: bool((rig.fleet.measured_at > first).all()), 3, what="second round of polls"
+    )
     assert rig.driver.poll_errors == 0 and rig.driver.polls_ok >= 10
 
 
 async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> None:
     ph = rig.physics
-    await polled(rig)
+    await rig.first_polls()
     rig.driver.submit(np.array([1, 3]), np.array([100e3, 50e3]))
-    await until(lambda: ph.cmd_setpoint_w[1] == 100e3, 3, "setpoint register")
+    await until(lambda: ph.cmd_setpoint_w[1] == 100e3, 3, what="setpoint register")
     landed = time.monotonic()
     assert ph.cmd_setpoint_w[3] == pytest.approx(50e3)
     assert ph.cmd_setpoint_w[[0, 2, 4]].tolist() == [250e3] * 3
-    await until(lambda: ph.power_w[1] < 240e3, 2, "response after the dead time")
-    await until(lambda: ph.power_w[1] <= 100e3 + 1, 5, "ramp to target")
+    await until(lambda: ph.power_w[1] < 240e3, 2, what="response after the dead time")
+    await until(lambda: ph.power_w[1] <= 100e3 + 1, 5, what="ramp to target")
     took = time.monotonic() - landed
     # 150 kW at 100 kW/s is 1.5 s, after a 0.2 s dead time; never faster than the ramp limit.
     assert 1.4 <= took <= 3.5
-    await until(lambda: abs(rig.fleet.measured_w[1] - 100e3) < 3e3, 3, "poll sees the new power")
+    await until(
+        lambda: abs(rig.fleet.measured_w[1] - 100e3) < 3e3, 3, what="poll sees the new power"
+    )
     ok = [c for c in rig.commands if c[2]]
     assert len(ok) >= 2 and all(name == "modbus" and 0 <= s < 1.0 for name, s, _ in ok)
     assert rig.driver.commands_ok == len(ok) and rig.driver.command_errors == 0
@@ -266,39 +228,39 @@ async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> No
 
 async def test_latest_value_wins(rig: Rig) -> None:
     ph = rig.physics
-    await polled(rig)
+    await rig.first_polls()
     before = rig.driver.commands_ok
     for v in np.linspace(30e3, 240e3, 200):
         rig.driver.submit(np.array([2]), np.array([v]))
     rig.driver.submit(np.array([2]), np.array([123_456.7]))
-    await until(lambda: ph.cmd_setpoint_w[2] == as_f32(123_456.7), 3, "last value")
-    await until(lambda: ph.power_w[2] <= 123_457.0, 5, "device at the last value")
+    await until(lambda: ph.cmd_setpoint_w[2] == as_f32(123_456.7), 3, what="last value")
+    await until(lambda: ph.power_w[2] <= 123_457.0, 5, what="device at the last value")
     assert rig.driver.commands_ok - before <= 3  # 201 submits, one or two writes
 
 
 async def test_sleep_and_wake_through_the_setpoint(rig: Rig) -> None:
     ph, fleet = rig.physics, rig.fleet
-    await polled(rig)
+    await rig.first_polls()
     rig.driver.submit(np.array([4]), np.array([0.0]))  # below p_min: sleep
-    await until(lambda: fleet.state[4] == DeviceState.SLEEPING, 5, "asleep")
+    await until(lambda: fleet.state[4] == DeviceState.SLEEPING, 5, what="asleep")
     assert ph.cmd_run[4] == 0 and ph.power_w[4] == 5e3
     rig.driver.submit(np.array([4]), np.array([200e3]))
-    await until(lambda: fleet.state[4] == DeviceState.WAKING, 3, "waking")
-    await until(lambda: fleet.state[4] == DeviceState.ON, 5, "awake")
-    await until(lambda: ph.power_w[4] >= 200e3 - 1, 8, "ramped up")
+    await until(lambda: fleet.state[4] == DeviceState.WAKING, 3, what="waking")
+    await until(lambda: fleet.state[4] == DeviceState.ON, 5, what="awake")
+    await until(lambda: ph.power_w[4] >= 200e3 - 1, 8, what="ramped up")
 
 
 async def test_rebooted_device_gets_its_setpoint_again(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     ph = rig.physics
-    await polled(rig)
+    await rig.first_polls()
     rig.driver.submit(np.array([3]), np.array([60e3]))
-    await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, "setpoint")
+    await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, what="setpoint")
     with caplog.at_level(logging.WARNING, logger="rampd.drivers.modbus"):
         ph.reboot(3)
-        await until(lambda: ph.cmd_setpoint_w[3] == 250e3, 2, "reboot to default")
-        await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, "resent after readback")
+        await until(lambda: ph.cmd_setpoint_w[3] == 250e3, 2, what="reboot to default")
+        await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, what="resent after readback")
     assert rig.driver.resends >= 1
     msgs = [r.getMessage() for r in caplog.records if "row-3" in r.getMessage()]
     assert sum("readback" in m for m in msgs) == 1, msgs
@@ -315,15 +277,15 @@ async def test_faulty_device_is_isolated_and_recovers(
 ) -> None:
     ph, fleet = rig.physics, rig.fleet
     others = np.array([0, 1, 3, 4])
-    await polled(rig)
-    await until(lambda: fleet.state[2] == DeviceState.ON, 3, "device 2 on")
+    await rig.first_polls()
+    await until(lambda: fleet.state[2] == DeviceState.ON, 3, what="device 2 on")
     caplog.set_level(logging.INFO, logger="rampd.drivers.modbus")
 
     ph.set_fault(2, fault)
-    await until(lambda: fleet.state[2] == DeviceState.FAULT, 10, "FAULT")
+    await until(lambda: fleet.state[2] == DeviceState.FAULT, 10, what="FAULT")
     # A command for the faulty device waits; the others' go through at once.
     rig.driver.submit(np.array([2, 0]), np.array([80e3, 90e3]))
-    await until(lambda: ph.cmd_setpoint_w[0] == 90e3, 2, "healthy device commanded")
+    await until(lambda: ph.cmd_setpoint_w[0] == 90e3, 2, what="healthy device commanded")
     # While it stays broken, the others keep their polling cadence and their state.
     end = time.monotonic() + 2.5
     while time.monotonic() < end:
@@ -336,8 +298,8 @@ async def test_faulty_device_is_isolated_and_recovers(
     assert rig.driver.errors_by_device[2] >= 3 and rig.driver.errors_by_device[others].sum() == 0
 
     ph.set_fault(2, Fault.NONE)
-    await until(lambda: fleet.state[2] == DeviceState.ON, 10, "recovery")
-    await until(lambda: ph.cmd_setpoint_w[2] == 80e3, 5, "pending command delivered")
+    await until(lambda: fleet.state[2] == DeviceState.ON, 10, what="recovery")
+    await until(lambda: ph.cmd_setpoint_w[2] == 80e3, 5, what="pending command delivered")
     msgs = [r.getMessage() for r in caplog.records if "row-2" in r.getMessage()]
     assert sum("FAULT" in m for m in msgs) == 1, msgs  # one line per state change
     assert sum("recovered" in m for m in msgs) == 1, msgs

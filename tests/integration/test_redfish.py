@@ -12,15 +12,13 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import random
 import re
-import socket
 import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,30 +38,23 @@ from drivers.redfish.client import RedfishDriver
 from drivers.redfish.resources import Mechanism
 from drivers.redfish.sim_server import Bmc, RedfishServers, start_redfish_servers
 from drivers.sim.physics import Fault, SitePhysics
-from tests.helpers import until
+from tests.helpers import (
+    SIM_DT,
+    CommandLog,
+    DriverRig,
+    cancel_and_wait,
+    free_loopback_net,
+    step_forever,
+    until,
+)
 
-DT = 0.02
 P = rf.chassis_paths("1")
 USER, PASSWORD = "admin", "rampd-sim"  # the shipped template's simulator credentials
 
 
-def free_net() -> tuple[str, int]:
-    """A random 127.a.b.0 net and a port free on its .1 (other hosts of it are unused)."""
-    rnd = random.Random()
-    for _ in range(50):
-        net = f"127.{rnd.randint(10, 250)}.{rnd.randint(1, 250)}"
-        with socket.socket() as s:
-            try:
-                s.bind((f"{net}.1", 0))
-            except OSError:
-                continue
-            return net, int(s.getsockname()[1])
-    raise RuntimeError("no free loopback address")
-
-
 def gpu_specs(tmp_path: Path, n: int, **overrides: Any) -> list[DeviceSpec]:
     """n racks from the shipped gpu-rack-redfish template, through the real config loader."""
-    net, port = free_net()
+    net, port = free_loopback_net()
     site = tmp_path / f"site-{net}.toml"
     site.write_text(
         'site_id = "t"\n[site]\nmax_kw = 10000.0\n'
@@ -80,29 +71,13 @@ def with_access(spec: DeviceSpec, **kw: Any) -> DeviceSpec:
     return replace(spec, access=spec.access.model_copy(update=kw))
 
 
-async def step_forever(ph: SitePhysics) -> None:
-    t0, k = time.monotonic(), 0
-    while True:
-        k += 1
-        await asyncio.sleep(max(0.0, t0 + k * DT - time.monotonic()))
-        ph.step(DT)
-
-
 @dataclass
-class Rig:
-    specs: list[DeviceSpec]
-    physics: SitePhysics
-    fleet: Fleet
-    driver: RedfishDriver
+class Rig(DriverRig[RedfishDriver]):
     servers: list[RedfishServers]
     driver_task: asyncio.Task[None]
-    commands: list[tuple[str, float, bool]] = field(default_factory=list)
 
     def bmc(self, i: int) -> Bmc:
         return next(s.bmcs[i] for s in self.servers if i in s.bmcs)
-
-    def polled(self, rows: Sequence[int]) -> bool:
-        return bool(np.isfinite(self.fleet.measured_at[list(rows)]).all())
 
     def state(self, i: int) -> DeviceState:
         return DeviceState(int(self.fleet.state[i]))
@@ -121,10 +96,10 @@ async def rig(
     """Simulated BMCs for `specs` (legacy ones without PowerLimitWatts) and a running driver
     (configured with `driver_specs`, default the same)."""
     n = len(specs)
-    ph = SitePhysics(specs, 0.0, seed=1, dt_s=DT)
+    ph = SitePhysics(specs, 0.0, seed=1, dt_s=SIM_DT)
     ph.set_demand(np.arange(n), ph.p_max_w * demand_frac)  # pinned: caps are what moves power
-    for _ in range(round(2.0 / DT)):  # settle at that demand before anything is measured
-        ph.step(DT)
+    for _ in range(round(2.0 / SIM_DT)):  # settle at that demand before anything is measured
+        ph.step(SIM_DT)
     servers: list[RedfishServers] = []
     modern = [i for i in range(n) if i not in legacy]
     try:
@@ -137,24 +112,22 @@ async def rig(
                     )
                 )
         fleet = Fleet.from_specs(specs, [0] * n)
-        commands: list[tuple[str, float, bool]] = []
+        commands = CommandLog()
         driver = RedfishDriver(
             "redfish",
             fleet,
             np.arange(n),
             driver_specs or specs,
-            on_command=lambda name, s, ok: commands.append((name, s, ok)),
+            on_command=commands,
             backoff_cap_s=1.0,
             **driver_kw,
         )
         stepper = asyncio.create_task(step_forever(ph))
         task = asyncio.create_task(driver.run())
         try:
-            yield Rig(specs, ph, fleet, driver, servers, task, commands)
+            yield Rig(specs, ph, fleet, driver, commands, servers, task)
         finally:
-            for t in (task, stepper):
-                t.cancel()
-            await asyncio.gather(task, stepper, return_exceptions=True)
+            await cancel_and_wait(task, stepper)
     finally:
         for s in servers:
             await s.close()
@@ -165,7 +138,7 @@ async def rig(
 
 async def test_dmtf_client_reads_and_caps_a_simulated_rack(tmp_path: Path) -> None:
     specs = gpu_specs(tmp_path, 1)
-    ph = SitePhysics(specs, 0.0, seed=3, dt_s=DT)
+    ph = SitePhysics(specs, 0.0, seed=3, dt_s=SIM_DT)
     demand = 60_000.0
     ph.set_demand(0, demand)
     servers = await start_redfish_servers(ph, [0], specs)
@@ -234,8 +207,7 @@ async def test_dmtf_client_reads_and_caps_a_simulated_rack(tmp_path: Path) -> No
             )
             await asyncio.to_thread(wrong.login, auth="session")
     finally:
-        stepper.cancel()
-        await asyncio.gather(stepper, return_exceptions=True)
+        await cancel_and_wait(stepper)
         await servers.close()
 
 
@@ -253,7 +225,7 @@ _VALIDATOR = (
 
 async def test_dmtf_service_validator_finds_no_failure(tmp_path: Path) -> None:
     specs = gpu_specs(tmp_path, 1)
-    ph = SitePhysics(specs, 0.0, seed=1, dt_s=DT)
+    ph = SitePhysics(specs, 0.0, seed=1, dt_s=SIM_DT)
     servers = await start_redfish_servers(ph, [0], specs)
     # No schema can be downloaded here: point the validator's external proxy at a closed local
     # port so each fetch fails at once (never leaving the host). It still logs in, reads
@@ -335,7 +307,7 @@ async def test_driver_discovers_polls_and_caps_ten_racks(tmp_path: Path) -> None
     legacy = [6, 7, 8, 9]
     async with rig(specs, legacy=legacy) as r:
         assert isinstance(r.driver, Driver)
-        await until(lambda: r.polled(range(10)), 5.0, what="first polls")
+        await r.first_polls()
         for i in range(10):
             expected = Mechanism.LEGACY_POWER if i in legacy else Mechanism.ENVIRONMENT_METRICS
             assert r.driver.mechanism(i) is expected, i
@@ -493,7 +465,7 @@ async def test_faults_are_isolated_and_recover(tmp_path: Path) -> None:
     faults = {0: Fault.SILENT, 1: Fault.ERROR, 2: Fault.GARBAGE, 3: Fault.SLOW}
     healthy = [4, 5, 6, 7]
     async with rig(specs, legacy=[3, 7]) as r:
-        await until(lambda: r.polled(range(8)), 5.0, what="first polls")
+        await r.first_polls()
         for i, f in faults.items():
             r.physics.set_fault(i, f)
         worst_age = 0.0
@@ -534,7 +506,7 @@ async def test_faults_are_isolated_and_recover(tmp_path: Path) -> None:
 async def test_reboot_drops_sessions_and_the_cap_is_resent(tmp_path: Path) -> None:
     specs = gpu_specs(tmp_path, 3)
     async with rig(specs, legacy=[2]) as r:
-        await until(lambda: r.polled(range(3)), 5.0, what="first polls")
+        await r.first_polls()
         r.driver.submit(np.arange(3), np.array([45_000.0, 46_000.0, 47_000.0]))
         caps = [45_000.0, 46_000.0, 47_000.0]
         await until(lambda: list(r.physics.cmd_setpoint_w) == caps, 5.0, what="caps")
@@ -561,7 +533,7 @@ async def test_many_racks_in_one_process(tmp_path: Path) -> None:
     specs = gpu_specs(tmp_path, 24)
     specs = [with_access(s, model="8x DGX H100") for s in specs]
     async with rig(specs, legacy=list(range(0, 24, 4))) as r:
-        await until(lambda: r.polled(range(24)), 10.0, what="24 racks polled")
+        await r.first_polls(10.0)
         r.driver.submit(np.arange(24), np.full(24, 40_000.0))
         await until(
             lambda: bool((r.physics.cmd_setpoint_w == 40_000.0).all()), 10.0, what="24 caps"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -11,34 +10,13 @@ import pytest
 from controller.config import DeviceSpec, SimParams
 from controller.fleet import DeviceState
 from drivers.sim.physics import Fault, SitePhysics
+from tests.helpers import device_spec
 
 DT = 0.02
 
 
 def spec(name: str = "d", **kw: Any) -> DeviceSpec:
-    base = DeviceSpec(
-        name=name,
-        kind="modbus_load",
-        protocol="modbus",
-        host="127.0.0.1",
-        port=1502,
-        unit=1,
-        p_min_w=1000.0,
-        p_max_w=10_000.0,
-        p_idle_w=100.0,
-        ramp_up_w_s=1000.0,
-        ramp_down_w_s=2000.0,
-        dead_time_s=0.0,
-        wake_s=0.0,
-        sleep_s=0.0,
-        step_w=0.0,
-        deadband_w=0.0,
-        noise_w=0.0,
-        priority=0,
-        poll_s=1.0,
-        timeout_s=1.0,
-    )
-    return replace(base, **kw)
+    return device_spec(name=name, **kw)
 
 
 def run_for(ph: SitePhysics, seconds: float) -> None:

@@ -1,0 +1,334 @@
+"""One task per device: the machinery every protocol driver shares, whatever its wire.
+
+`PerDeviceDriver` owns the mapping of global fleet rows to local indices, the command mailbox
+and each device's outbox slot, one task per device (staggered polls, latest setpoint sent, a
+command stream never starving polls), the concurrency limit shared by all devices, backoff with
+jitter, FAULT after FAULT_AFTER consecutive failures (one log line per state change, one on
+recovery), counters for metrics and command-latency reporting. A dead device only ever costs
+its own task time.
+
+A protocol subclass says only what is protocol-specific: how to read one device (`_read`), how
+to send it one setpoint (`_command`), what to check in a good reading (`_polled`: readback,
+using `_readback_due` and `_resend`), which command failures are not the device's fault
+(`_command_failed`), and the connections or sessions held while running (`_running`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import ClassVar, Generic, TypedDict, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.config import DeviceSpec
+from controller.fleet import DeviceState, Fleet
+from drivers.base import (
+    F64,
+    Backoff,
+    CommandMailbox,
+    CommandObserver,
+    DriverError,
+    ProtocolError,
+    Rows,
+)
+
+FAULT_AFTER = 2
+"""Consecutive failed polls or commands before a device is declared FAULT."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What one good poll learned; the base writes it into the fleet arrays.
+
+    Protocols subclass it to carry what their `_polled` checks (the setpoint read back).
+    """
+
+    measured_w: float
+    state: DeviceState
+
+
+ReadingT = TypeVar("ReadingT", bound=Reading)
+
+
+class DriverOptions(TypedDict, total=False):
+    """Keyword options of every per-device driver (see `PerDeviceDriver.__init__`)."""
+
+    max_concurrency: int
+    backoff_base_s: float
+    backoff_cap_s: float
+    rng: random.Random | None
+
+
+class PerDeviceDriver(ABC, Generic[ReadingT]):
+    """Drives the devices owned by this driver (global fleet `rows`, parallel `specs`)."""
+
+    protocol: ClassVar[str]
+    """First word of every log line ("modbus row-3: ...")."""
+    attempt_noun: ClassVar[str] = "transactions"
+    """What failed, as the FAULT line says it ("FAULT after 2 failed transactions")."""
+    default_concurrency: ClassVar[int] = 32
+    _log: ClassVar[logging.Logger]
+
+    def __init__(
+        self,
+        name: str,
+        fleet: Fleet,
+        rows: npt.ArrayLike,
+        specs: Sequence[DeviceSpec],
+        on_command: CommandObserver | None = None,
+        *,
+        max_concurrency: int | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.rows: Rows = np.asarray(rows, dtype=np.intp)
+        if len(self.rows) != len(specs):
+            raise ValueError(f"{name}: {len(self.rows)} rows but {len(specs)} specs")
+        n = len(specs)
+        self._fleet = fleet
+        self._specs = tuple(specs)
+        self._on_command = on_command
+        self._rng = rng or random.Random()
+        self._local_of = np.full(fleet.n, -1, dtype=np.intp)
+        self._local_of[self.rows] = np.arange(n)
+        self._max_concurrency = (
+            self.default_concurrency if max_concurrency is None else max_concurrency
+        )
+        self._sem = asyncio.Semaphore(self._max_concurrency)
+        self._mailbox = CommandMailbox(n)
+        self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
+        self._wake = [asyncio.Event() for _ in range(n)]
+        self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, self._rng)
+        self._retry_at = np.zeros(n)
+        self._poll_soon = np.zeros(n, dtype=np.bool_)
+        self._faulted = np.zeros(n, dtype=np.bool_)
+        self._bug_logged = np.zeros(n, dtype=np.bool_)
+        self._readback_warned = np.zeros(n, dtype=np.bool_)
+        self._last_value_w = np.full(n, np.nan)  # last setpoint the device accepted, as asked
+        # Counters, public for metrics.
+        self.polls_ok = 0
+        self.poll_errors = 0
+        self.commands_ok = 0
+        self.command_errors = 0
+        self.resends = 0
+        self.errors_by_device = np.zeros(n, dtype=np.int64)
+
+    # --- what a protocol provides ---
+
+    @abstractmethod
+    async def _read(self, local: int) -> ReadingT:
+        """Poll one device; raise DriverError when it fails or answers implausibly."""
+
+    @abstractmethod
+    async def _command(self, local: int, value_w: float) -> None:
+        """Bring one device to `value_w`; raise DriverError when it is not done."""
+
+    def _polled(self, local: int, reading: ReadingT) -> None:
+        """After a good poll was recorded: compare what was read back with what was sent.
+        A bug here counts as a failed poll, like one in `_read`."""
+
+    def _command_failed(self, local: int, exc: DriverError) -> bool:
+        """A command failed (and was put back): False when that is not the device's fault
+        (the protocol then schedules the retry itself), True to count a device failure."""
+        return True
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """What is held while the device tasks run (pools, sessions); released on the way
+        out, cancellation included."""
+        yield
+
+    # --- the control cycle's side: never blocks ---
+
+    def submit(self, rows: Rows, setpoints_w: F64) -> None:
+        local = self._local_of[np.asarray(rows, dtype=np.intp)]
+        mine = local >= 0  # rows of other drivers are ignored, never an error here
+        self._mailbox.put(local[mine], np.asarray(setpoints_w, dtype=np.float64)[mine])
+
+    @property
+    def pending(self) -> int:
+        return self._mailbox.pending + int((~np.isnan(self._outbox)).sum())
+
+    @property
+    def faulted(self) -> int:
+        return int(self._faulted.sum())
+
+    # --- tasks ---
+
+    async def run(self) -> None:
+        """Poll and send until cancelled; device failures are isolated and never raise."""
+        async with self._running(), asyncio.TaskGroup() as tg:
+            tg.create_task(self._dispatch(), name=f"{self.name}:dispatch")
+            for local, spec in enumerate(self._specs):
+                tg.create_task(self._device(local), name=f"{self.name}:{spec.name}")
+
+    async def _dispatch(self) -> None:
+        """Fan the mailbox out to per-device slots: latest value wins in both."""
+        while True:
+            if not await self._mailbox.wait(1.0):
+                continue
+            local, values = self._mailbox.take()
+            self._outbox[local] = values
+            for i in local.tolist():
+                self._wake[i].set()
+
+    async def _device(self, local: int) -> None:
+        spec = self._specs[local]
+        task = asyncio.current_task()
+        # Stagger first polls over one period so N devices do not poll in lockstep.
+        next_poll = time.monotonic() + spec.poll_s * local / max(len(self._specs), 1)
+        while True:
+            # Python 3.11's asyncio.wait_for (pymodbus awaits every transaction with it)
+            # swallows a cancellation that lands as its future completes: stop anyway, or
+            # run() would wait for this task forever.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+            now = time.monotonic()
+            if now < self._retry_at[local]:
+                await asyncio.sleep(self._retry_at[local] - now)
+                continue
+            overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
+            if not np.isnan(self._outbox[local]) and not overdue:
+                await self._send(local)
+                continue
+            if now >= next_poll or self._poll_soon[local]:
+                self._poll_soon[local] = False
+                await self._poll(local)
+                next_poll = max(next_poll + spec.poll_s, time.monotonic())
+                continue
+            self._wake[local].clear()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(next_poll - now):
+                    await self._wake[local].wait()
+
+    async def _send(self, local: int) -> None:
+        value = float(self._outbox[local])
+        self._outbox[local] = np.nan
+        t0 = time.monotonic()
+        try:
+            await self._command(local, value)
+        except Exception as caught:
+            exc = self._as_driver_error(local, caught)
+            self._report(time.monotonic() - t0, ok=False)
+            self.command_errors += 1
+            self._put_back(local, value)
+            if self._command_failed(local, exc):
+                self._failed(local, exc)
+            return
+        self._report(time.monotonic() - t0, ok=True)
+        self.commands_ok += 1
+        self._last_value_w[local] = value
+        # The control model follows what devices acknowledged, not what is still queued.
+        self._fleet.delivered_w[self.rows[local]] = value
+        self._readback_warned[local] = False
+        self._backoff.succeeded(local)
+        if self._faulted[local]:
+            self._poll_soon[local] = True  # recovery is declared by telemetry, not a command
+
+    async def _poll(self, local: int) -> None:
+        try:
+            reading = await self._read(local)
+            self._record(local, reading)
+            self._polled(local, reading)
+        except Exception as caught:
+            self.poll_errors += 1
+            self._failed(local, self._as_driver_error(local, caught))
+
+    def _record(self, local: int, reading: Reading) -> None:
+        """A good poll: into the fleet arrays; it alone declares recovery from FAULT."""
+        row = int(self.rows[local])
+        fleet = self._fleet
+        fleet.measured_w[row] = reading.measured_w
+        fleet.measured_at[row] = time.monotonic()
+        fleet.state[row] = reading.state
+        self.polls_ok += 1
+        self._backoff.succeeded(local)
+        if self._faulted[local]:
+            self._faulted[local] = False
+            self._log.info(
+                "%s %s: recovered, state %s, %.1f kW",
+                self.protocol,
+                self._name(local),
+                reading.state.name,
+                reading.measured_w / 1e3,
+            )
+
+    # --- helpers for protocols ---
+
+    def _name(self, local: int) -> str:
+        return self._specs[local].name
+
+    def _check_power(self, local: int, measured_w: float) -> float:
+        """`measured_w`, unless no such device could draw it (garbage, a wrong unit)."""
+        p_max = float(self._fleet.p_max_w[self.rows[local]])
+        if not -0.1 * p_max <= measured_w <= 2.0 * p_max:  # NaN fails too
+            raise ProtocolError(f"implausible power reading {measured_w!r} W")
+        return measured_w
+
+    def _put_back(self, local: int, value_w: float) -> None:
+        if np.isnan(self._outbox[local]):  # retry later unless a newer value came
+            self._outbox[local] = value_w
+
+    def _readback_due(self, local: int, sent: float) -> bool:
+        """Whether a readback means anything: something was sent (`sent` is not NaN; set it
+        NaN on a resend so each mismatch costs one resend until it lands) and nothing newer
+        is queued."""
+        return not np.isnan(sent) and bool(np.isnan(self._outbox[local]))
+
+    def _resend(self, local: int, value_w: float, why: str, *args: object) -> None:
+        """Queue `value_w` again for a device that lost it (reboot, another manager); warn
+        with `why % args` once, until a command lands."""
+        self._outbox[local] = value_w
+        self.resends += 1
+        if not self._readback_warned[local]:
+            self._readback_warned[local] = True
+            self._log.warning(
+                "%s %s: " + why + "; resending", self.protocol, self._name(local), *args
+            )
+
+    # --- bookkeeping ---
+
+    def _report(self, seconds: float, ok: bool) -> None:
+        if self._on_command is not None:
+            self._on_command(self.name, seconds, ok)
+
+    def _as_driver_error(self, local: int, exc: Exception) -> DriverError:
+        """A bug in our handling of one device must not take the others down: log it with its
+        traceback once per device, then count it as one more failure of that device."""
+        if isinstance(exc, DriverError):
+            return exc
+        if not self._bug_logged[local]:
+            self._bug_logged[local] = True
+            self._log.error(
+                "%s %s: unexpected error", self.protocol, self._name(local), exc_info=exc
+            )
+        return DriverError(f"unexpected {type(exc).__name__}: {exc}")
+
+    def _failed(self, local: int, exc: DriverError) -> None:
+        now = time.monotonic()
+        self.errors_by_device[local] += 1
+        self._retry_at[local] = now + self._backoff.failed(local, now)
+        failures = self._backoff.failures(local)
+        if failures < FAULT_AFTER:
+            return
+        self._fleet.state[self.rows[local]] = DeviceState.FAULT
+        if not self._faulted[local]:
+            self._faulted[local] = True
+            self._log.warning(
+                "%s %s: FAULT after %d failed %s: %s",
+                self.protocol,
+                self._name(local),
+                failures,
+                self.attempt_noun,
+                exc,
+            )

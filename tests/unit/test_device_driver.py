@@ -1,0 +1,142 @@
+"""PerDeviceDriver's shared machinery, driven by a minimal in-memory protocol.
+
+The protocol drivers' integration tests cover the same machinery over real sockets; these pin
+the contract every protocol inherits (FAULT and recovery lines, bug isolation, foreign rows,
+clean cancellation) in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Unpack
+
+import numpy as np
+import pytest
+
+from controller.config import DeviceSpec
+from controller.fleet import DeviceState, Fleet
+from drivers.base import DeviceTimeout, Driver
+from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
+from tests.helpers import CommandLog, cancel_and_wait, device_spec, until
+
+log = logging.getLogger("rampd.drivers.memory")
+
+
+class MemoryDriver(PerDeviceDriver[Reading]):
+    """Devices are list slots; `broken` makes one fail like a dead device, `buggy` like a bug."""
+
+    protocol = "memory"
+    _log = log
+
+    def __init__(
+        self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]
+    ) -> None:
+        super().__init__("mem", fleet, range(len(specs)), specs, CommandLog(), **options)
+        self.power_w = [1000.0] * len(specs)
+        self.broken: set[int] = set()
+        self.buggy: set[int] = set()
+        self.swallow_cancel: set[int] = set()
+        self.closed = False
+
+    def _check(self, local: int) -> None:
+        if local in self.broken:
+            raise DeviceTimeout("no answer")
+        if local in self.buggy:
+            raise KeyError("oops")
+
+    async def _read(self, local: int) -> Reading:
+        self._check(local)
+        if local in self.swallow_cancel:  # once, as Python 3.11's wait_for can in a library
+            with suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+            self.swallow_cancel.discard(local)
+        return Reading(self.power_w[local], DeviceState.ON)
+
+    async def _command(self, local: int, value_w: float) -> None:
+        self._check(local)
+        self.power_w[local] = value_w
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            self.closed = True
+
+
+def specs(n: int) -> list[DeviceSpec]:
+    return [
+        device_spec(name=f"dev-{i}", protocol="memory", p_max_w=2000.0, poll_s=0.02)
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[MemoryDriver, Fleet]]:
+    s = specs(4)
+    fleet = Fleet.from_specs(s, [0, 0, 0, 1])  # row 3 belongs to another driver
+    driver = MemoryDriver(fleet, s[:3], backoff_base_s=0.02, backoff_cap_s=0.05)
+    task = asyncio.create_task(driver.run())
+    try:
+        yield driver, fleet
+    finally:
+        await cancel_and_wait(task)
+        assert task.done() and driver.closed  # released on cancellation
+
+
+async def test_polls_fill_the_fleet_and_commands_are_reported(
+    running: tuple[MemoryDriver, Fleet],
+) -> None:
+    driver, fleet = running
+    assert isinstance(driver, Driver)
+    await until(lambda: bool((fleet.state[:3] == DeviceState.ON).all()), 2, what="polled")
+    driver.submit(np.array([1, 3]), np.array([1500.0, 1.0]))  # row 3 is ignored
+    await until(lambda: driver.power_w[1] == 1500.0, 2, what="sent")
+    await until(lambda: fleet.measured_w[1] == 1500.0, 2, what="polled back")
+    assert driver.commands_ok == 1 and driver.pending == 0
+    assert fleet.state[3] == DeviceState.UNKNOWN
+    assert isinstance(driver._on_command, CommandLog)
+    assert [(name, ok) for name, _, ok in driver._on_command] == [("mem", True)]
+
+
+@pytest.mark.parametrize("failure", ["broken", "buggy"])
+async def test_fault_is_isolated_logged_once_and_recovers(
+    running: tuple[MemoryDriver, Fleet], failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    driver, fleet = running
+    caplog.set_level(logging.INFO, logger=log.name)
+    await until(lambda: bool((fleet.state[:3] == DeviceState.ON).all()), 2, what="polled")
+    getattr(driver, failure).add(2)
+    await until(lambda: fleet.state[2] == DeviceState.FAULT, 2, what="FAULT")
+    driver.submit(np.array([2, 0]), np.array([500.0, 600.0]))
+    await until(lambda: driver.power_w[0] == 600.0, 2, what="healthy device commanded")
+    await until(lambda: driver.errors_by_device[2] >= 5, 2, what="failures go on")
+    assert driver.faulted == 1 and (fleet.state[:2] == DeviceState.ON).all()
+
+    getattr(driver, failure).clear()
+    await until(lambda: fleet.state[2] == DeviceState.ON, 2, what="recovered")
+    await until(lambda: driver.power_w[2] == 500.0, 2, what="queued command delivered")
+    assert driver.faulted == 0 and driver.errors_by_device[:2].sum() == 0
+    msgs = [r.getMessage() for r in caplog.records if "dev-2" in r.getMessage()]
+    assert sum("memory dev-2: FAULT after 2 failed transactions" in m for m in msgs) == 1, msgs
+    assert sum("recovered" in m for m in msgs) == 1, msgs
+    assert sum("unexpected error" in m for m in msgs) == (1 if failure == "buggy" else 0), msgs
+
+
+async def test_stops_even_when_a_library_swallows_the_cancellation() -> None:
+    s = specs(2)
+    driver = MemoryDriver(Fleet.from_specs(s, [0, 0]), s)
+    driver.swallow_cancel = {0, 1}
+    task = asyncio.create_task(driver.run())
+    await asyncio.sleep(0.1)  # both devices are inside a read now
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=2.0)
+    if not done:  # the bug: its TaskGroup never cancels twice; stop the devices, then fail
+        for t in asyncio.all_tasks():
+            if t.get_name().startswith("mem:"):
+                t.cancel()
+        await asyncio.wait({task}, timeout=2.0)
+    assert done and task.cancelled() and driver.closed
