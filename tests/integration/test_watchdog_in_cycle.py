@@ -1,0 +1,91 @@
+"""The watchdog is kicked by the control cycle on the event loop, not by a helper thread: when
+the loop stalls, the kicks stop (a thread would keep kicking through a dead loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from controller.app import Daemon, Overrides
+from controller.config import load_config
+from drivers.sim.site import SimSite
+from tests.helpers import Mosquitto, until
+
+SITE = """
+site_id = "wd"
+noncontrollable_kw = 50.0
+[site]
+max_kw = 1000
+[metrics]
+listen = "127.0.0.1:0"
+[meter]
+host = "127.68.2.1"
+port = 1502
+[[devices]]
+name = "row"
+template = "modbus-load"
+count = 4
+address = "127.68.1.1"
+overrides = { port = 1502 }
+"""
+
+
+class Listener(threading.Thread):
+    """systemd's side of NOTIFY_SOCKET, on its own thread so it hears through a stalled loop."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, str]] = []
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            with contextlib.suppress(TimeoutError):
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+
+    def kicks(self, t0: float, t1: float) -> list[float]:
+        return [t for t, m in self.messages if "WATCHDOG=1" in m and t0 <= t <= t1]
+
+
+async def test_a_stalled_loop_stops_the_watchdog(
+    mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg_path = tmp_path / "site.toml"
+    cfg_path.write_text(SITE)
+    cfg = load_config(cfg_path)
+    listener = Listener(tmp_path / "notify.sock")
+    listener.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a kick every 0.2 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    sim = SimSite(cfg)
+    await sim.start()
+    sim_task = asyncio.create_task(sim.run())
+    daemon = Daemon(cfg, Overrides(mqtt=f"{mosquitto.host}:{mosquitto.port}"))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await until(lambda: any("READY=1" in m for _, m in listener.messages), 20)
+        await until(lambda: len(listener.kicks(time.monotonic() - 1.0, time.monotonic())) >= 3, 5)
+        t_block = time.monotonic()
+        time.sleep(1.5)  # noqa: ASYNC251 - the point: the loop, and the cycle on it, stuck here
+        t_unblock = time.monotonic()
+        await until(lambda: listener.kicks(t_unblock, time.monotonic()), 5)
+        # Nothing while stuck (a datagram sent just before may land a hair after t_block).
+        assert listener.kicks(t_block + 0.05, t_unblock - 0.05) == []
+    finally:
+        task.cancel()
+        sim_task.cancel()
+        await asyncio.gather(task, sim_task, return_exceptions=True)
+        await sim.close()
+        listener.running = False
+        listener.join(2)
+        listener.sock.close()
