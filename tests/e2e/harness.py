@@ -106,7 +106,7 @@ def run_site(
     try:
         yield site
     finally:
-        stop(daemon)
+        stop(site.daemon)  # a test may have restarted it
         stop(sim)
 
 

@@ -20,7 +20,14 @@ def test_demo_starts_a_broker_follows_the_script_and_reports_settle_times(tmp_pa
     # The shipped sim site, moved to addresses and a broker port nobody else uses.
     text = (REPO / "configs" / "sim-site.toml").read_text()
     text = text.replace("port = 1883", f"port = {free_port()}")
-    text = text.replace("127.0.1.1", "127.62.1.1").replace("127.0.2.1", "127.62.2.1")
+    for shipped, ours in (
+        ("127.0.1.1", "127.62.1.1"),  # Modbus rows
+        ("127.0.2.1", "127.62.2.1"),  # meter
+        ("127.1.0.1", "127.62.3.1"),  # miners
+        ("127.2.0.1", "127.62.4.1"),  # GPU racks
+    ):
+        assert shipped in text
+        text = text.replace(f'"{shipped}"', f'"{ours}"')
     cfg = tmp_path / "site.toml"
     cfg.write_text(text)
     proc = subprocess.run(

@@ -45,13 +45,13 @@ dispatch_timeout_s = 600
 [metrics]
 listen = "127.0.0.1:{{metrics_port}}"
 [meter]
-host = "127.62.2.1"
+host = "127.69.2.1"
 port = 1502
 [[devices]]
 name = "row"
 template = "modbus-load"
 count = {N_LOADS}
-address = "127.62.1.1"
+address = "127.69.1.1"
 overrides = {{{{ port = 1502 }}}}
 """
 
