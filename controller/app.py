@@ -201,6 +201,7 @@ class Daemon:
                     last_seq=self.tracker.last_seq,
                     limits=self.cfg.site.site,
                     replay=True,
+                    hmac_key=self.cfg.dispatch_key,
                 )
             except DispatchRejected as exc:
                 text = f"not resumed: {exc.id} seq {exc.seq}: {exc.reason}"
@@ -221,6 +222,7 @@ class Daemon:
                 now_unix=now_unix,
                 last_seq=_max_seq(self.tracker.last_seq, self._seq_floor),
                 limits=self.cfg.site.site,
+                hmac_key=self.cfg.dispatch_key,
             )
         except DispatchRejected as exc:
             log.warning("dispatch rejected: id=%s seq=%s: %s", exc.id, exc.seq, exc.reason)

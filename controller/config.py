@@ -218,6 +218,15 @@ class JournalConfig(_Strict):
     telemetry_retention_days: PositiveFloat = 14.0
 
 
+MIN_HMAC_KEY_BYTES = 16
+
+
+class DispatchConfig(_Strict):
+    hmac_key_file: Path | None = None
+    """Shared HMAC-SHA256 key (at least 16 bytes; one trailing newline is ignored). When set,
+    every dispatch must carry a valid `sig`; when unset, a `sig` field is ignored."""
+
+
 class SiteConfig(_Strict):
     site_id: str
     cycle_s: Annotated[float, Field(ge=0.01, le=5.0)] = 0.1
@@ -227,6 +236,7 @@ class SiteConfig(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
     journal: JournalConfig = JournalConfig()
+    dispatch: DispatchConfig = DispatchConfig()
     meter: MeterConfig
     devices: list[DeviceGroup] = Field(min_length=1)
     noncontrollable_kw: NonNegFloat = 0.0
@@ -274,6 +284,8 @@ class LoadedConfig:
     site: SiteConfig
     templates: dict[str, DeviceTemplate]
     devices: tuple[DeviceSpec, ...]
+    dispatch_key: bytes | None = field(default=None, repr=False)
+    """The HMAC key read from `dispatch.hmac_key_file` at load; None: dispatches unsigned."""
 
     @property
     def topic_root(self) -> str:
@@ -312,6 +324,34 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def read_hmac_key(config_path: Path, key_file: Path | None) -> bytes | None:
+    """The dispatch HMAC key from its file, or None when none is configured.
+
+    One trailing newline (LF or CRLF) is stripped; anything else is part of the key. A file
+    that is missing, unreadable, empty or shorter than MIN_HMAC_KEY_BYTES is a ConfigError.
+    """
+    if key_file is None:
+        return None
+    where = f"{config_path}: dispatch.hmac_key_file"
+    try:
+        key = key_file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {key_file}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {key_file}: {exc.strerror or exc}") from None
+    if key.endswith(b"\r\n"):
+        key = key[:-2]
+    elif key.endswith(b"\n"):
+        key = key[:-1]
+    if not key:
+        raise ConfigError(f"{where}: {key_file} is empty")
+    if len(key) < MIN_HMAC_KEY_BYTES:
+        raise ConfigError(
+            f"{where}: key in {key_file} too short ({len(key)} < {MIN_HMAC_KEY_BYTES} bytes)"
+        )
+    return key
 
 
 def template_dirs(config_path: Path) -> list[Path]:
@@ -401,4 +441,7 @@ def load_config(path: str | Path) -> LoadedConfig:
         other = endpoints.setdefault((dev.host, dev.port), dev.name)
         if other != dev.name:
             raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")
-    return LoadedConfig(path=p, site=site, templates=templates, devices=devices)
+    dispatch_key = read_hmac_key(p, site.dispatch.hmac_key_file)
+    return LoadedConfig(
+        path=p, site=site, templates=templates, devices=devices, dispatch_key=dispatch_key
+    )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -41,6 +43,7 @@ REJECT_CODES: Final[frozenset[str]] = frozenset(
         "missing", "bad_type", "not_finite", "out_of_range",  # a field
         "bad_id", "bad_mode", "bad_time",
         "stale", "future", "replay", "expired", "bad_schedule",  # timing and ordering
+        "bad_signature",  # HMAC missing or wrong (only with dispatch.hmac_key_file)
     }
 )  # fmt: skip
 
@@ -53,6 +56,9 @@ MAX_CLOCK_SKEW_S: Final = 5.0
 MAX_START_AHEAD_S: Final = 2 * 86400.0
 # Fits a signed 64-bit column (journal) and every JSON library's integers.
 MAX_SEQ: Final = 2**63 - 1
+
+SIG_FIELD: Final = "sig"
+_SIG_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
@@ -185,6 +191,35 @@ def _time(obj: dict[str, Any], key: str, ctx: _Ctx) -> float:
     return parsed.timestamp()
 
 
+def canonical_bytes(obj: dict[str, Any]) -> bytes:
+    """What a dispatch signature covers: the object without `sig`, as canonical JSON.
+
+    Raises ValueError (or a subclass) when the object cannot be encoded, e.g. a lone surrogate.
+    """
+    body = {k: v for k, v in obj.items() if k != SIG_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode()
+
+
+def sign_dispatch(obj: dict[str, Any], key: bytes) -> str:
+    """The hex HMAC-SHA256 a dispatcher puts in `sig` (tests and tools; see README)."""
+    return hmac.new(key, canonical_bytes(obj), hashlib.sha256).hexdigest()
+
+
+def _verify(obj: dict[str, Any], key: bytes, ctx: _Ctx) -> None:
+    sig = obj.get(SIG_FIELD)
+    if sig is None:
+        raise ctx.reject("sig missing (dispatch must be signed)", code="bad_signature")
+    if not isinstance(sig, str) or not _SIG_HEX.fullmatch(sig):
+        raise ctx.reject("sig must be 64 hex characters (HMAC-SHA256)", code="bad_signature")
+    try:
+        expected = hmac.new(key, canonical_bytes(obj), hashlib.sha256).digest()
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        raise ctx.reject("payload cannot be canonicalised for sig", code="bad_signature") from None
+    if not hmac.compare_digest(expected, bytes.fromhex(sig)):
+        raise ctx.reject("sig does not match (wrong key or altered payload)", code="bad_signature")
+
+
 @dataclass(slots=True)
 class _Ctx:
     """What is known so far about the payload, so every rejection can carry id and seq."""
@@ -203,6 +238,7 @@ def parse_dispatch(
     last_seq: int | None,
     limits: SiteLimits,
     replay: bool = False,
+    hmac_key: bytes | None = None,
 ) -> Dispatch:
     """Validate one wire dispatch (kW, RFC3339) into a `Dispatch` (W, unix seconds).
 
@@ -211,6 +247,9 @@ def parse_dispatch(
     `replay=True` (resuming from the journal at start) skips the `issued_at` freshness checks:
     the payload was fresh when it was accepted. Everything else is checked again against the
     current config and clock (an expired or now out-of-range dispatch is still rejected).
+    With `hmac_key`, the `sig` field must be the HMAC-SHA256 of `canonical_bytes(obj)`; it is
+    checked right after decoding, before any other field (code `bad_signature`). Without a
+    key, `sig` is ignored.
     """
     obj = _decode(payload)
     ctx = _Ctx()
@@ -222,6 +261,11 @@ def parse_dispatch(
     raw_seq = obj.get("seq")
     if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) and 0 <= raw_seq <= MAX_SEQ:
         ctx.seq = raw_seq
+
+    # Authenticity before anything else: an unsigned payload is not judged on its content.
+    # (id and seq above are only read, to name the dispatch in the ack.)
+    if hmac_key is not None:
+        _verify(obj, hmac_key, ctx)
 
     if raw_id is None:
         raise ctx.reject("id missing", code="missing")
