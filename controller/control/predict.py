@@ -183,9 +183,7 @@ class DelayModel:
         self.model[rows] = measured_w
         self._set_bias(rows, 0.0)
 
-    def ahead_sum(
-        self, cycles: int, weights: F64, up_step_w: F64, neg_down_step_w: F64
-    ) -> float:
+    def ahead_sum(self, cycles: int, weights: F64, up_step_w: F64, neg_down_step_w: F64) -> float:
         """Weighted sum of the model ``cycles`` cycles from now (devices with delay >= cycles).
 
         Their path over that window is already decided by past setpoints. One read
