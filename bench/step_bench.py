@@ -90,8 +90,10 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=50)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"Controller.step, dt={DT} s, {args.cycles} cycles after 5 warm-up; "
-          f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}")
+    print(
+        f"Controller.step, dt={DT} s, {args.cycles} cycles after 5 warm-up; "
+        f"numpy {np.__version__}, Python {platform.python_version()}, {platform.machine()}"
+    )
     print(f"{'devices':>10} {'fleet':>8} {'states':>7} {'mean ms':>9} {'p99 ms':>9}")
     for n in sizes:
         for mixed, churn in ((True, False), (True, True), (False, False)):

@@ -218,9 +218,7 @@ class SitePhysics:
         # A cap is a ceiling: the device draws what its job needs, up to the cap.
         cap = np.clip(setpoint, self.p_min_w, self.p_max_w)
         target = self._quantize(np.minimum(cap, self.demand_w))
-        move = np.clip(
-            target - self.power_w, -self.ramp_down_w_s * dt, self.ramp_up_w_s * dt
-        )
+        move = np.clip(target - self.power_w, -self.ramp_down_w_s * dt, self.ramp_up_w_s * dt)
         p = np.where(running, self.power_w + move, self.power_w)
         idle = (st == DeviceState.SLEEPING) | (st == DeviceState.WAKING)
         self.power_w = np.where(idle, self.p_idle_w, p)

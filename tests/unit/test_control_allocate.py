@@ -25,15 +25,18 @@ def snap(measured: Sequence[float] | np.ndarray, state: Sequence[int] | None = N
     m = np.asarray(measured, dtype=np.float64)
     s = np.full(m.size, ON, dtype=np.int8) if state is None else np.asarray(state, np.int8)
     # Meter NaN: the observer stays at 0, so the flexible target is target - fixed power.
-    return Snapshot(t=0.0, meter_w=math.nan, measured_w=m,
-                    new_reading=np.zeros(m.size, dtype=np.bool_), state=s)
+    return Snapshot(
+        t=0.0, meter_w=math.nan, measured_w=m, new_reading=np.zeros(m.size, dtype=np.bool_), state=s
+    )
 
 
 def fast_fleet(n: int, p_max: float = 100e3, **kw: object) -> FleetParams:
     """Devices that can cross their whole range in one 0.1 s cycle."""
     args: dict[str, object] = {
-        "p_min_w": [0.0] * n, "p_max_w": [p_max] * n,
-        "ramp_up_w_s": [1e9] * n, "ramp_down_w_s": [1e9] * n,
+        "p_min_w": [0.0] * n,
+        "p_max_w": [p_max] * n,
+        "ramp_up_w_s": [1e9] * n,
+        "ramp_down_w_s": [1e9] * n,
     }
     args.update(kw)
     return FleetParams.of(**args)  # type: ignore[arg-type]

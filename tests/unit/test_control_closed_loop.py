@@ -27,7 +27,7 @@ def print_response(site: np.ndarray, goal: np.ndarray) -> None:
     for start, end in itertools.pairwise(bounds):
         seg, tgt = site[start:end] - goal[start], goal[start]
         d = math.copysign(1.0, tgt - site[start - 1])
-        late = np.abs(seg[round(len(seg) / 2):]).max()
+        late = np.abs(seg[round(len(seg) / 2) :]).max()
         print(f"t={start * DT}: overshoot {(seg * d).max():.0f} W, late error {late:.0f} W")
 
 
@@ -75,7 +75,7 @@ class Plant:
     def apply(self, setpoints_w: np.ndarray) -> None:
         """Advance one cycle: each device follows the setpoint sent `delay` cycles ago."""
         self.history.append(setpoints_w.copy())
-        hist = np.array(self.history[-(int(self.delay.max()) + 1):])
+        hist = np.array(self.history[-(int(self.delay.max()) + 1) :])
         followed = hist[-1 - self.delay, np.arange(self.power_w.size)]
         goal = np.clip(self.gain * followed, 0.0, self.gain * self.params.p_max_w)
         p = self.params
@@ -85,8 +85,9 @@ class Plant:
         self.k += 1
 
 
-def run(ctl: Controller, plant: Plant, target: Callable[[float], float],
-        seconds: float) -> tuple[np.ndarray, np.ndarray]:
+def run(
+    ctl: Controller, plant: Plant, target: Callable[[float], float], seconds: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Site power (true, after each cycle) and the target it was aiming at."""
     site, goal = [], []
     for _ in range(round(seconds / DT)):
@@ -101,8 +102,12 @@ def run(ctl: Controller, plant: Plant, target: Callable[[float], float],
 def container_fleet(n: int = 50) -> FleetParams:
     """configs/devices/modbus-load.toml: 250 kW rows, 0.2 s dead time."""
     return FleetParams.of(
-        p_min_w=[25e3] * n, p_max_w=[250e3] * n, p_idle_w=[5e3] * n,
-        ramp_up_w_s=[50e3] * n, ramp_down_w_s=[100e3] * n, dead_time_s=[0.2] * n,
+        p_min_w=[25e3] * n,
+        p_max_w=[250e3] * n,
+        p_idle_w=[5e3] * n,
+        ramp_up_w_s=[50e3] * n,
+        ramp_down_w_s=[100e3] * n,
+        dead_time_s=[0.2] * n,
     )
 
 
@@ -110,8 +115,9 @@ def steps_target(t: float) -> float:
     return 10e6 if t < 10 else 5e6 if t < 40 else 9e6
 
 
-def check_step_response(site: np.ndarray, goal: np.ndarray, deadband: float,
-                        settle_s: float, overshoot_w: float) -> None:
+def check_step_response(
+    site: np.ndarray, goal: np.ndarray, deadband: float, settle_s: float, overshoot_w: float
+) -> None:
     if DEBUG:
         print_response(site, goal)
     """After each target step: no overshoot past the target beyond `overshoot_w`, and
@@ -124,15 +130,21 @@ def check_step_response(site: np.ndarray, goal: np.ndarray, deadband: float,
         direction = math.copysign(1.0, tgt - before)
         beyond = (seg - tgt) * direction  # > 0 means past the target
         assert beyond.max() <= overshoot_w, f"overshoot {beyond.max():.0f} W after t={start * DT}"
-        settled = seg[round(settle_s / DT):]
+        settled = seg[round(settle_s / DT) :]
         err = np.abs(settled - tgt).max()
         assert err <= deadband, f"not within deadband after {settle_s} s: {err:.0f} W"
 
 
 def test_steps_down_and_up_converge_without_overshoot() -> None:
     params = container_fleet()
-    plant = Plant(params, power_w=params.p_max_w * 0.8, load_w=lambda t: 800e3,
-                  meter_noise_w=2e3, poll_noise_w=500.0, poll_every=10)
+    plant = Plant(
+        params,
+        power_w=params.p_max_w * 0.8,
+        load_w=lambda t: 800e3,
+        meter_noise_w=2e3,
+        poll_noise_w=500.0,
+        poll_every=10,
+    )
     deadband = 20e3
     ctl = Controller(params, deadband_w=deadband)
     site, goal = run(ctl, plant, steps_target, 70.0)
@@ -157,13 +169,19 @@ def test_gain_error_is_absorbed_by_the_observer() -> None:
     params = container_fleet()
     deadband = 20e3
     for gain in (1.05, 0.95):
-        plant = Plant(params, power_w=params.p_max_w * 0.8, load_w=lambda t: 800e3,
-                      gain=gain, meter_noise_w=2e3, poll_noise_w=500.0, seed=3)
+        plant = Plant(
+            params,
+            power_w=params.p_max_w * 0.8,
+            load_w=lambda t: 800e3,
+            gain=gain,
+            meter_noise_w=2e3,
+            poll_noise_w=500.0,
+            seed=3,
+        )
         ctl = Controller(params, deadband_w=deadband)
         site, goal = run(ctl, plant, steps_target, 70.0)
         # Converges; the transient error is bounded by the mismatch on the step size.
-        check_step_response(site, goal, deadband, settle_s=15.0,
-                            overshoot_w=0.05 * 5e6 + deadband)
+        check_step_response(site, goal, deadband, settle_s=15.0, overshoot_w=0.05 * 5e6 + deadband)
 
 
 def test_fast_devices_carry_the_transient_and_hand_back_to_slow_ones() -> None:
@@ -171,12 +189,20 @@ def test_fast_devices_carry_the_transient_and_hand_back_to_slow_ones() -> None:
     # the racks have the higher priority, so in steady state the miners are curtailed.
     nf, ns = 5, 20
     params = FleetParams.of(
-        p_min_w=[10e3] * nf + [5e3] * ns, p_max_w=[100e3] * nf + [50e3] * ns,
-        ramp_up_w_s=[500e3] * nf + [20e3] * ns, ramp_down_w_s=[500e3] * nf + [20e3] * ns,
-        dead_time_s=[0.1] * nf + [2.0] * ns, priority=[1] * nf + [0] * ns,
+        p_min_w=[10e3] * nf + [5e3] * ns,
+        p_max_w=[100e3] * nf + [50e3] * ns,
+        ramp_up_w_s=[500e3] * nf + [20e3] * ns,
+        ramp_down_w_s=[500e3] * nf + [20e3] * ns,
+        dead_time_s=[0.1] * nf + [2.0] * ns,
+        priority=[1] * nf + [0] * ns,
     )
-    plant = Plant(params, power_w=params.p_max_w * 0.8, load_w=lambda t: 100e3,
-                  meter_noise_w=200.0, poll_every=20)
+    plant = Plant(
+        params,
+        power_w=params.p_max_w * 0.8,
+        load_w=lambda t: 100e3,
+        meter_noise_w=200.0,
+        poll_every=20,
+    )
     deadband = 5e3
     ctl = Controller(params, deadband_w=deadband)
 
@@ -198,11 +224,21 @@ def test_fast_devices_carry_the_transient_and_hand_back_to_slow_ones() -> None:
 def test_slow_only_fleet_does_not_overshoot() -> None:
     n = 40
     params = FleetParams.of(
-        p_min_w=[1e3] * n, p_max_w=[3.3e3] * n, ramp_up_w_s=[200.0] * n,
-        ramp_down_w_s=[400.0] * n, dead_time_s=[2.0] * n, step_w=[100.0] * n,
+        p_min_w=[1e3] * n,
+        p_max_w=[3.3e3] * n,
+        ramp_up_w_s=[200.0] * n,
+        ramp_down_w_s=[400.0] * n,
+        dead_time_s=[2.0] * n,
+        step_w=[100.0] * n,
     )
-    plant = Plant(params, power_w=np.full(n, 3e3), load_w=lambda t: 20e3,
-                  meter_noise_w=50.0, poll_noise_w=20.0, poll_every=30)
+    plant = Plant(
+        params,
+        power_w=np.full(n, 3e3),
+        load_w=lambda t: 20e3,
+        meter_noise_w=50.0,
+        poll_noise_w=20.0,
+        poll_every=30,
+    )
     deadband = 1e3
     ctl = Controller(params, deadband_w=deadband)
 
@@ -211,8 +247,7 @@ def test_slow_only_fleet_does_not_overshoot() -> None:
 
     site, goal = run(ctl, plant, target, 60.0)
     # Quantized (100 W steps): the total lands within one step below the target.
-    check_step_response(site, goal, deadband + 100.0, settle_s=12.0,
-                        overshoot_w=deadband)
+    check_step_response(site, goal, deadband + 100.0, settle_s=12.0, overshoot_w=deadband)
 
 
 @dataclass
@@ -286,15 +321,19 @@ class QueuedPlant(Plant):
     def snapshot(self) -> Snapshot:
         snap = super().snapshot()
         return Snapshot(
-            t=snap.t, meter_w=snap.meter_w, measured_w=snap.measured_w,
-            new_reading=snap.new_reading, state=snap.state, delivered_w=self.delivered.copy(),
+            t=snap.t,
+            meter_w=snap.meter_w,
+            measured_w=snap.measured_w,
+            new_reading=snap.new_reading,
+            state=snap.state,
+            delivered_w=self.delivered.copy(),
         )
 
     def apply(self, setpoints_w: np.ndarray) -> None:
         self.decided.append(setpoints_w.copy())
         n = self.power_w.size
         back = np.minimum(self.queue, len(self.decided) - 1)
-        hist = np.array(self.decided[-(self.queue_max + 1):])
+        hist = np.array(self.decided[-(self.queue_max + 1) :])
         self.delivered = hist[len(hist) - 1 - np.minimum(back, len(hist) - 1), np.arange(n)]
         super().apply(self.delivered)
 
@@ -305,12 +344,21 @@ def test_commands_queued_for_seconds_do_not_make_the_site_hunt() -> None:
     # megawatts here and hunts; one that follows what devices acknowledged does not.
     nm, nc = 2000, 50
     params = FleetParams.of(
-        p_min_w=[1750.0] * nm + [25e3] * nc, p_max_w=[3500.0] * nm + [250e3] * nc,
-        ramp_up_w_s=[50.0] * nm + [50e3] * nc, ramp_down_w_s=[100.0] * nm + [100e3] * nc,
-        dead_time_s=[1.0] * nm + [0.2] * nc, step_w=[250.0] * nm + [0.0] * nc,
+        p_min_w=[1750.0] * nm + [25e3] * nc,
+        p_max_w=[3500.0] * nm + [250e3] * nc,
+        ramp_up_w_s=[50.0] * nm + [50e3] * nc,
+        ramp_down_w_s=[100.0] * nm + [100e3] * nc,
+        dead_time_s=[1.0] * nm + [0.2] * nc,
+        step_w=[250.0] * nm + [0.0] * nc,
     )
-    plant = QueuedPlant(params, power_w=params.p_max_w.copy(), load_w=lambda t: 1500e3,
-                        meter_noise_w=200.0, poll_every=50, seed=5)
+    plant = QueuedPlant(
+        params,
+        power_w=params.p_max_w.copy(),
+        load_w=lambda t: 1500e3,
+        meter_noise_w=200.0,
+        poll_every=50,
+        seed=5,
+    )
     deadband = 40e3
     ctl = Controller(params, deadband_w=deadband)
 

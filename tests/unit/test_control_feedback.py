@@ -59,7 +59,14 @@ def test_target_deadband_holds_within_half() -> None:
 def test_ramp_window() -> None:
     prev = np.array([50.0, 95.0, 5.0])
     lo, hi = np.empty(3), np.empty(3)
-    ramp_window(prev, np.array([10.0, 10.0, 10.0]), np.array([-20.0, -20.0, -20.0]),
-                np.array([0.0, 0.0, 0.0]), np.array([100.0, 100.0, 100.0]), lo, hi)
+    ramp_window(
+        prev,
+        np.array([10.0, 10.0, 10.0]),
+        np.array([-20.0, -20.0, -20.0]),
+        np.array([0.0, 0.0, 0.0]),
+        np.array([100.0, 100.0, 100.0]),
+        lo,
+        hi,
+    )
     assert lo.tolist() == [30.0, 75.0, 0.0]
     assert hi.tolist() == [60.0, 100.0, 15.0]

@@ -10,8 +10,13 @@ from controller.control import DelayModel, FleetParams
 
 def model(dead: list[float], up: float = 10.0, down: float = 20.0) -> DelayModel:
     n = len(dead)
-    params = FleetParams.of(p_min_w=[0.0] * n, p_max_w=[1e3] * n, ramp_up_w_s=[up] * n,
-                            ramp_down_w_s=[down] * n, dead_time_s=dead)
+    params = FleetParams.of(
+        p_min_w=[0.0] * n,
+        p_max_w=[1e3] * n,
+        ramp_up_w_s=[up] * n,
+        ramp_down_w_s=[down] * n,
+        dead_time_s=dead,
+    )
     m = DelayModel(params, max_dead_time_s=3.0, cycle_s=0.1)
     m.set_dt(0.1)
     m.reset(np.zeros(n))
@@ -87,7 +92,8 @@ def test_row_blend_and_per_device_gather_agree() -> None:
         np.testing.assert_array_equal(a.model, b.model)
     w = np.ones(40)
     assert a.ahead_sum(3, w, a.up_step_w, -a.down_step_w) == pytest.approx(
-        b.ahead_sum(3, w, b.up_step_w, -b.down_step_w))
+        b.ahead_sum(3, w, b.up_step_w, -b.down_step_w)
+    )
 
 
 def test_ahead_is_exact_for_a_held_setpoint() -> None:
@@ -104,8 +110,9 @@ def test_ahead_is_exact_for_a_held_setpoint() -> None:
 
 
 def test_dead_time_above_the_cap_is_clipped() -> None:
-    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1.0], ramp_up_w_s=[1.0],
-                            ramp_down_w_s=[1.0], dead_time_s=[10.0])
+    params = FleetParams.of(
+        p_min_w=[0.0], p_max_w=[1.0], ramp_up_w_s=[1.0], ramp_down_w_s=[1.0], dead_time_s=[10.0]
+    )
     m = DelayModel(params, max_dead_time_s=1.0, cycle_s=0.1)
     m.set_dt(0.1)
     assert m.delay.tolist() == [10]

@@ -29,8 +29,13 @@ def snap(
     return Snapshot(t=t, meter_w=meter, measured_w=m, new_reading=nr, state=s)
 
 
-def random_params(rng: np.random.Generator, n: int, *, quantized: bool,
-                  dead: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 2.0)) -> FleetParams:
+def random_params(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    quantized: bool,
+    dead: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5, 2.0),
+) -> FleetParams:
     p_max = rng.uniform(1e3, 300e3, n)
     step = np.where(rng.random(n) < 0.4, rng.choice([100.0, 1e3, 5e3], n), 0.0)
     return FleetParams.of(
@@ -102,10 +107,15 @@ def test_reachable_target_is_met_in_one_step_when_ramps_allow(
     rng = np.random.default_rng(seed)
     params = random_params(rng, n, quantized=True, dead=(0.2,))
     # Ramps that cross the whole range within one cycle.
-    big = FleetParams.of(p_min_w=params.p_min_w, p_max_w=params.p_max_w,
-                         ramp_up_w_s=params.p_max_w * 20, ramp_down_w_s=params.p_max_w * 20,
-                         dead_time_s=params.dead_time_s, step_w=params.step_w,
-                         priority=params.priority)
+    big = FleetParams.of(
+        p_min_w=params.p_min_w,
+        p_max_w=params.p_max_w,
+        ramp_up_w_s=params.p_max_w * 20,
+        ramp_down_w_s=params.p_max_w * 20,
+        dead_time_s=params.dead_time_s,
+        step_w=params.step_w,
+        priority=params.priority,
+    )
     deadband = 2e3
     state = np.where(rng.random(n) < 0.8, ON, FAULT).astype(np.int8)
     ctrl = state == ON
@@ -145,8 +155,12 @@ def test_reachable_target_is_met_after_enough_steps(seed: int, n: int, frac: flo
 
 
 def test_newly_controllable_row_ramps_from_its_measured_power() -> None:
-    params = FleetParams.of(p_min_w=[0.0, 0.0], p_max_w=[100e3, 100e3],
-                            ramp_up_w_s=[10e3, 10e3], ramp_down_w_s=[10e3, 10e3])
+    params = FleetParams.of(
+        p_min_w=[0.0, 0.0],
+        p_max_w=[100e3, 100e3],
+        ramp_up_w_s=[10e3, 10e3],
+        ramp_down_w_s=[10e3, 10e3],
+    )
     ctl = Controller(params, deadband_w=0.0)
     r = ctl.step(snap([20e3, 80e3], [ON, UNKNOWN]), 200e3, 0.1)
     assert r.setpoints_w[0] == pytest.approx(21e3)
@@ -158,8 +172,7 @@ def test_newly_controllable_row_ramps_from_its_measured_power() -> None:
 
 
 def test_stale_meter_runs_open_loop_on_predictions() -> None:
-    params = FleetParams.of(p_min_w=[0.0], p_max_w=[100e3], ramp_up_w_s=[1e9],
-                            ramp_down_w_s=[1e9])
+    params = FleetParams.of(p_min_w=[0.0], p_max_w=[100e3], ramp_up_w_s=[1e9], ramp_down_w_s=[1e9])
     ctl = Controller(params, deadband_w=0.0)
     r = ctl.step(snap([50e3], meter=80e3), 80e3, 0.1)
     # First valid residual initialises the estimate: 80 - 50 kW of non-flexible load.
@@ -172,8 +185,7 @@ def test_stale_meter_runs_open_loop_on_predictions() -> None:
 
 
 def test_meter_residual_closes_the_loop_gradually() -> None:
-    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1e6], ramp_up_w_s=[1e9],
-                            ramp_down_w_s=[1e9])
+    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1e6], ramp_up_w_s=[1e9], ramp_down_w_s=[1e9])
     ctl = Controller(params, deadband_w=0.0, observer_tau_s=1.0)
     ctl.step(snap([500e3], meter=600e3), 600e3, 0.1)  # 100 kW non-flexible
     # The non-flexible load jumps to 150 kW: the estimate moves by 1 - exp(-dt/tau).
@@ -188,8 +200,7 @@ def test_meter_residual_closes_the_loop_gradually() -> None:
 
 
 def test_site_deadband_holds_small_target_changes() -> None:
-    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1e6], ramp_up_w_s=[1e9],
-                            ramp_down_w_s=[1e9])
+    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1e6], ramp_up_w_s=[1e9], ramp_down_w_s=[1e9])
     ctl = Controller(params, deadband_w=10e3)
     r1 = ctl.step(snap([0.0]), 500e3, 0.1)
     r2 = ctl.step(snap([500e3]), 504e3, 0.1)  # within deadband / 2: held
@@ -199,8 +210,7 @@ def test_site_deadband_holds_small_target_changes() -> None:
 
 
 def test_poll_offset_is_kept_and_comes_off_the_setpoints() -> None:
-    params = FleetParams.of(p_min_w=[0.0], p_max_w=[100e3], ramp_up_w_s=[1e9],
-                            ramp_down_w_s=[1e9])
+    params = FleetParams.of(p_min_w=[0.0], p_max_w=[100e3], ramp_up_w_s=[1e9], ramp_down_w_s=[1e9])
     ctl = Controller(params, deadband_w=0.0)
     r = ctl.step(snap([50e3], meter=50e3), 50e3, 0.1)
     assert r.setpoints_w[0] == pytest.approx(50e3)
@@ -219,8 +229,14 @@ def test_deterministic() -> None:
     rng = np.random.default_rng(7)
     params = random_params(rng, 30, quantized=True)
     inputs = [
-        (snap(rng.uniform(0, 1, 30) * params.p_max_w, meter=float(rng.uniform(1e6, 3e6)),
-              new=rng.random(30) < 0.2), float(rng.uniform(1e6, 4e6)))
+        (
+            snap(
+                rng.uniform(0, 1, 30) * params.p_max_w,
+                meter=float(rng.uniform(1e6, 3e6)),
+                new=rng.random(30) < 0.2,
+            ),
+            float(rng.uniform(1e6, 4e6)),
+        )
         for _ in range(20)
     ]
     runs = []
@@ -232,8 +248,7 @@ def test_deterministic() -> None:
 
 
 def test_bad_inputs_are_rejected() -> None:
-    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1.0], ramp_up_w_s=[1.0],
-                            ramp_down_w_s=[1.0])
+    params = FleetParams.of(p_min_w=[0.0], p_max_w=[1.0], ramp_up_w_s=[1.0], ramp_down_w_s=[1.0])
     ctl = Controller(params, deadband_w=0.0)
     with pytest.raises(ValueError, match="dt"):
         ctl.step(snap([0.0]), 1.0, 0.0)
@@ -246,12 +261,12 @@ def test_bad_inputs_are_rejected() -> None:
 
 
 def test_nan_reading_is_not_propagated() -> None:
-    params = FleetParams.of(p_min_w=[0.0, 0.0], p_max_w=[100e3, 100e3],
-                            ramp_up_w_s=[1e9, 1e9], ramp_down_w_s=[1e9, 1e9])
+    params = FleetParams.of(
+        p_min_w=[0.0, 0.0], p_max_w=[100e3, 100e3], ramp_up_w_s=[1e9, 1e9], ramp_down_w_s=[1e9, 1e9]
+    )
     ctl = Controller(params, deadband_w=0.0)
     ctl.step(snap([50e3, 50e3]), 100e3, 0.1)
-    r = ctl.step(snap([math.nan, 50e3], state=[FAULT, ON], new=np.array([True, True])),
-                 100e3, 0.1)
+    r = ctl.step(snap([math.nan, 50e3], state=[FAULT, ON], new=np.array([True, True])), 100e3, 0.1)
     assert np.all(np.isfinite(r.setpoints_w))
     assert math.isfinite(r.flex_target_w)
 
@@ -262,10 +277,16 @@ def test_params_from_fleet_copy_the_static_columns() -> None:
 
     from controller.fleet import Fleet
 
-    cols = {name: np.array([1.0, 2.0]) for name in (
-        "p_min_w", "p_idle_w", "ramp_up_w_s", "ramp_down_w_s", "dead_time_s", "step_w")}
-    fleet = cast(Fleet, SimpleNamespace(**cols, p_max_w=np.array([250e3, 250e3]),
-                                        priority=np.array([3, 1], dtype=np.int32)))
+    cols = {
+        name: np.array([1.0, 2.0])
+        for name in ("p_min_w", "p_idle_w", "ramp_up_w_s", "ramp_down_w_s", "dead_time_s", "step_w")
+    }
+    fleet = cast(
+        Fleet,
+        SimpleNamespace(
+            **cols, p_max_w=np.array([250e3, 250e3]), priority=np.array([3, 1], dtype=np.int32)
+        ),
+    )
     params = FleetParams.from_fleet(fleet)
     assert params.n == 2
     assert params.p_max_w.tolist() == [250e3, 250e3]
