@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiomqtt
 import pytest
 
@@ -15,13 +17,7 @@ async def test_local_broker_round_trip(prefer: str) -> None:
         async with aiomqtt.Client(broker.host, broker.port, timeout=5) as client:
             await client.subscribe("rampd/x/ack", qos=1)
             await client.publish("rampd/x/ack", b"hello", qos=1)
-            async with asyncio_timeout(5):
+            async with asyncio.timeout(5):
                 async for msg in client.messages:
                     assert msg.payload == b"hello"
                     break
-
-
-def asyncio_timeout(seconds: float):  # type: ignore[no-untyped-def]
-    import asyncio
-
-    return asyncio.timeout(seconds)

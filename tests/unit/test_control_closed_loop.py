@@ -332,9 +332,10 @@ class QueuedPlant(Plant):
     def apply(self, setpoints_w: np.ndarray) -> None:
         self.decided.append(setpoints_w.copy())
         n = self.power_w.size
-        back = np.minimum(self.queue, len(self.decided) - 1)
         hist = np.array(self.decided[-(self.queue_max + 1) :])
-        self.delivered = hist[len(hist) - 1 - np.minimum(back, len(hist) - 1), np.arange(n)]
+        # Device i gets what was decided queue[i] cycles ago (or the oldest kept decision).
+        back = np.minimum(self.queue, len(hist) - 1)
+        self.delivered = hist[len(hist) - 1 - back, np.arange(n)]
         super().apply(self.delivered)
 
 
