@@ -40,6 +40,10 @@ class FleetParams:
     dead_time_s: F64
     step_w: F64
     priority: I32
+    wake_s: F64
+    """Sleep -> running latency; 0 with ``sleep_s`` 0: the device cannot sleep."""
+    sleep_s: F64
+    """Running -> asleep latency (the device draws its power until then)."""
 
     def __post_init__(self) -> None:
         n = self.p_min_w.shape
@@ -51,6 +55,8 @@ class FleetParams:
             "dead_time_s",
             "step_w",
             "priority",
+            "wake_s",
+            "sleep_s",
         ):
             if getattr(self, name).shape != n:
                 raise ValueError(f"FleetParams.{name}: shape {getattr(self, name).shape} != {n}")
@@ -63,6 +69,8 @@ class FleetParams:
             (self.ramp_down_w_s >= 0, "ramp_down_w_s must be >= 0"),
             (self.dead_time_s >= 0, "dead_time_s must be >= 0"),
             (self.step_w >= 0, "step_w must be >= 0"),
+            (self.wake_s >= 0, "wake_s must be >= 0"),
+            (self.sleep_s >= 0, "sleep_s must be >= 0"),
         )
         for ok, msg in checks:
             if not bool(np.all(ok)):
@@ -71,6 +79,12 @@ class FleetParams:
     @property
     def n(self) -> int:
         return int(self.p_min_w.shape[0])
+
+    @property
+    def sleepable(self) -> Bool:
+        """Rows that can be put to sleep (a miner's curtail): below p_min there is p_idle."""
+        out: Bool = ((self.wake_s > 0) | (self.sleep_s > 0)) & (self.p_idle_w < self.p_min_w)
+        return out
 
     @classmethod
     def of(
@@ -84,6 +98,8 @@ class FleetParams:
         dead_time_s: npt.ArrayLike | None = None,
         step_w: npt.ArrayLike | None = None,
         priority: npt.ArrayLike | None = None,
+        wake_s: npt.ArrayLike | None = None,
+        sleep_s: npt.ArrayLike | None = None,
     ) -> FleetParams:
         """Convenience constructor for tests and tools: lists or arrays, optional zeros."""
         lo = _f64(p_min_w)
@@ -101,6 +117,8 @@ class FleetParams:
                 if priority is None
                 else np.array(priority, dtype=np.int32, copy=True)
             ),
+            wake_s=zeros.copy() if wake_s is None else _f64(wake_s),
+            sleep_s=zeros.copy() if sleep_s is None else _f64(sleep_s),
         )
 
     @classmethod
@@ -114,6 +132,8 @@ class FleetParams:
             dead_time_s=_f64(fleet.dead_time_s),
             step_w=_f64(fleet.step_w),
             priority=np.array(fleet.priority, dtype=np.int32, copy=True),
+            wake_s=_f64(fleet.wake_s),
+            sleep_s=_f64(fleet.sleep_s),
         )
 
 

@@ -279,7 +279,16 @@ def test_params_from_fleet_copy_the_static_columns() -> None:
 
     cols = {
         name: np.array([1.0, 2.0])
-        for name in ("p_min_w", "p_idle_w", "ramp_up_w_s", "ramp_down_w_s", "dead_time_s", "step_w")
+        for name in (
+            "p_min_w",
+            "p_idle_w",
+            "ramp_up_w_s",
+            "ramp_down_w_s",
+            "dead_time_s",
+            "step_w",
+            "wake_s",
+            "sleep_s",
+        )
     }
     fleet = cast(
         Fleet,
