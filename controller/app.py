@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -16,8 +17,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from controller.config import DeviceSpec, JournalConfig, LoadedConfig, split_host_port
-from controller.control import Controller, FleetParams
+from controller.control import Capability, Controller, FleetParams
+from controller.control.step import RESERVE_HORIZON_S
 from controller.cycle import ControlCycle, CycleOutput
 from controller.dispatch import (
     Dispatch,
@@ -144,9 +148,15 @@ class Daemon:
             observer_tau_s=site.control.observer_tau_s,
             cycle_s=site.cycle_s,
             meter_lag_s=site.control.meter_lag_s,
+            reserve_up_w=site.reserve.up_kw_5s * 1e3,
+            reserve_down_w=site.reserve.down_kw_5s * 1e3,
         )
         self.funnel = CommandFunnel(
-            self.fleet.p_min_w, self.fleet.p_max_w, self.fleet.step_w, self.fleet.deadband_w
+            self.fleet.p_min_w,
+            self.fleet.p_max_w,
+            self.fleet.step_w,
+            self.fleet.deadband_w,
+            sleep_w=np.where(params.sleepable, self.fleet.p_idle_w, np.nan),
         )
         self.journal = open_journal(site.journal)
         if self.journal is not None:
@@ -290,7 +300,7 @@ class Daemon:
                 from_w=last.meter_w if last is not None and last.meter_fresh else None,
                 target_w=target_w,
                 tol_w=tolerance_kw(target_w / 1e3, self.cfg.site.site.max_kw) * 1e3,
-                physical_min_s=None,  # max(active.ramp_s, the fleet's physical minimum)
+                physical_min_s=max(active.ramp_s or 0.0, self._physical_min_s(target_w) or 0.0),
             )
         if rec is not None:
             self.journal.record_ramp(rec)
@@ -347,8 +357,29 @@ class Daemon:
             "devices": counts,
             "mode": self.tracker.mode,
             "saturated": out.result.saturated,
+            "reserve": self._reserve(cap),
+            "physical_min_s": self._physical_min_s(out.target_w),
+            "sleep": {"parked": out.result.parked, "waking": out.result.waking},
             "cycle": {"count": self.cycle.cycles, "overruns": self.cycle.overruns},
         }
+
+    def _reserve(self, cap: Capability) -> dict[str, float | None]:
+        """The fast reserve asked for and held (what the fleet can move within 5 s now)."""
+        res = self.cfg.site.reserve
+        i = cap.horizons_s.index(RESERVE_HORIZON_S)
+        return {
+            "up_kw_5s": res.up_kw_5s,
+            "down_kw_5s": res.down_kw_5s,
+            "up_held_kw": _kw(cap.up_w[i]),
+            "down_held_kw": _kw(cap.down_w[i]),
+        }
+
+    def _physical_min_s(self, target_w: float) -> float | None:
+        """The fleet's physical minimum time to ``target_w`` (within the ramp tolerance);
+        None when out of reach."""
+        tol_w = tolerance_kw(target_w / 1e3, self.cfg.site.site.max_kw) * 1e3
+        t = self.controller.physical_min_s(target_w, tol_w)
+        return round(t, 3) if math.isfinite(t) else None
 
     async def _telemetry_loop(self) -> None:
         while True:

@@ -116,6 +116,17 @@ class ControlConfig(_Strict):
     """The meter's own latency (sampling/averaging); a 10 Hz meter holds each value ~50 ms."""
 
 
+class ReserveConfig(_Strict):
+    """Fast reserve: power the site keeps reachable within 5 s while it follows its target.
+
+    A site that sells fast up-ramps must not put its flexibility where it cannot come back
+    quickly (a sleeping miner needs minutes to wake). The controller holds at least this
+    much on devices that can move it within 5 s, and reports what it holds."""
+
+    up_kw_5s: NonNegFloat = 0.0
+    down_kw_5s: NonNegFloat = 0.0
+
+
 class MeterConfig(_Strict):
     protocol: MeterProtocol = "modbus"
     host: str = "127.0.0.1"
@@ -235,6 +246,7 @@ class SiteConfig(_Strict):
     failsafe: FailsafeConfig = FailsafeConfig()
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
+    reserve: ReserveConfig = ReserveConfig()
     journal: JournalConfig = JournalConfig()
     dispatch: DispatchConfig = DispatchConfig()
     meter: MeterConfig

@@ -136,7 +136,7 @@ class ControlCycle:
         fleet.setpoint_w[:] = result.setpoints_w
 
         # 3. Hand changed setpoints of controllable rows to their drivers.
-        ctl = np.flatnonzero(result.controllable)
+        ctl = np.flatnonzero(result.controllable if result.commanded is None else result.commanded)
         if ctl.size:
             changed, values = self.funnel.changed_rows(ctl, result.setpoints_w[ctl])
             if changed.size:

@@ -131,13 +131,23 @@ class CommandFunnel:
     """Clamp to device bounds, quantize, skip what is within the deadband of the last sent.
 
     Vectorized over the whole fleet; returns the rows whose command must go out.
+    ``sleep_w``: per row, the power asleep (p_idle) of a device that can sleep, NaN where it
+    cannot; a setpoint below such a device's p_min becomes exactly that (its driver sleeps it).
     """
 
-    def __init__(self, p_min_w: F64, p_max_w: F64, step_w: F64, deadband_w: F64) -> None:
+    def __init__(
+        self,
+        p_min_w: F64,
+        p_max_w: F64,
+        step_w: F64,
+        deadband_w: F64,
+        sleep_w: F64 | None = None,
+    ) -> None:
         self._lo = p_min_w
         self._hi = p_max_w
         self._step = step_w
         self._deadband = deadband_w
+        self._sleep_w = sleep_w if sleep_w is not None and np.isfinite(sleep_w).any() else None
         self.last_sent_w = np.full(len(p_min_w), np.nan)
 
     def shape(self, rows: Rows, setpoints_w: F64) -> F64:
@@ -149,6 +159,11 @@ class CommandFunnel:
             safe = np.where(quantized, step, 1.0)
             # Round down so a quantized device never exceeds the share it was given.
             sp = np.where(quantized, np.maximum(np.floor(sp / safe + 1e-9) * safe, lo), sp)
+        if self._sleep_w is not None:
+            asleep = self._sleep_w[rows]
+            sp = np.where(
+                setpoints_w < lo - 1e-9 * np.abs(lo), np.where(np.isnan(asleep), sp, asleep), sp
+            )
         return sp
 
     def changed_rows(self, rows: Rows, setpoints_w: F64) -> tuple[Rows, F64]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from controller.control.feedback import ramp_window
 from controller.control.types import F64, I32, Bool, FleetParams
 
 I64A = npt.NDArray[np.int64]
@@ -78,17 +77,30 @@ class Allocator:
     ``set_ctrl`` when the controllable rows change, then ``allocate`` and ``quantize``.
     """
 
-    def __init__(self, params: FleetParams) -> None:
+    def __init__(self, params: FleetParams, desire_bounds: tuple[F64, F64] | None = None) -> None:
         n = params.n
         self.n = n
-        self._p_min = params.p_min_w
         self._p_max = params.p_max_w
-        self._range = params.p_max_w - params.p_min_w
+        # The steady-state desire fills [d_min, d_max] (inside the device bounds): a fast
+        # reserve keeps a slice at either end free; transients may still use it.
+        d_min, d_max = desire_bounds or (params.p_min_w, params.p_max_w)
+        self.reserve = desire_bounds is not None
+        self._p_min = d_min
+        self._p_min_dev = params.p_min_w
+        self._range = d_max - d_min
+        self._d_max = d_max
         # Controllable-masked arrays (0 on other rows), kept up to date sparsely.
         self.ctrl = np.zeros(n, dtype=np.bool_)
         self.ctrl_f: F64 = np.zeros(n)
         self.p_min_e: F64 = np.zeros(n)
         self.p_max_e: F64 = np.zeros(n)
+        self.d_min_e: F64 = np.zeros(n)
+        self.d_max_e: F64 = np.zeros(n)
+        self.win_up_e: F64 = np.zeros(n)
+        """How far a setpoint may rise this cycle: a ramp step on fast-tier rows; the whole
+        range on slow-tier rows (they get their steady state at once and ramp by themselves;
+        the model predicts the ramp and the fast tier covers it)."""
+        self.win_down_e: F64 = np.zeros(n)
         self.up_e: F64 = np.zeros(n)
         """ramp_up * dt on controllable rows, 0 elsewhere (the model uses it too)."""
         self.neg_down_e: F64 = np.zeros(n)
@@ -97,6 +109,9 @@ class Allocator:
         self.slow_f: F64 = np.zeros(n)
         self._cont_ctrl_f: F64 = np.zeros(n)
         self.sum_p_min = 0.0
+        """sum of the desire floor over the controllable rows (p_min plus any down reserve)."""
+        self.sum_p_max = 0.0
+        """sum of p_max over the controllable rows."""
         self._fast_p_min = 0.0
         self._n_fast = 0
         self._n_slow = 0
@@ -106,7 +121,8 @@ class Allocator:
         self._down_step: F64 = np.zeros(n)
         self._fast_static = np.ones(n, dtype=np.bool_)  # shortest delay of the fleet
         self._n_fast_all = n
-        self._p_min_all = float(params.p_min_w.sum())
+        self._p_min_all = float(d_min.sum())
+        self._p_max_all = float(params.p_max_w.sum())
         self._fast_p_min_all = self._p_min_all
         self.fast_delay = 0
         self.two_tiers = False
@@ -137,6 +153,8 @@ class Allocator:
             raise ValueError(f"priority: shape {priority.shape} != ({self.n},)")
         order = merit_order(priority)
         self._order = order
+        self.order = order
+        """Merit order: rows filled first come first."""
         self._inv = np.empty_like(order)
         self._inv[order] = np.arange(self.n)
         self._rng_s: F64 = self._range[order]
@@ -155,6 +173,7 @@ class Allocator:
         np.multiply(up_step_w, self.ctrl_f, out=self.up_e)
         np.multiply(down_step_w, self.ctrl_f, out=self.neg_down_e)
         np.negative(self.neg_down_e, out=self.neg_down_e)
+        self._windows(None)
 
     def set_delays(self, delay: I64A) -> None:
         """Dead times in cycles changed with dt: tiers are the fleet's shortest delay class
@@ -168,6 +187,15 @@ class Allocator:
         self._recount()
         self._static_fast_cumsum()
         self._fixed_intervals()
+        self._windows(None)
+
+    def _windows(self, rows: npt.NDArray[np.intp] | None) -> None:
+        """Setpoint windows of ``rows`` (all when None); see ``win_up_e``."""
+        sel = slice(None) if rows is None else rows
+        span = (self.p_max_e[sel] - self.p_min_e[sel]) * self.slow_f[sel]
+        fast = self.fast_f[sel]
+        self.win_up_e[sel] = self.up_e[sel] * fast + span
+        self.win_down_e[sel] = -self.neg_down_e[sel] * fast + span
 
     def set_ctrl(self, ctrl: Bool, fixed_rows: npt.NDArray[np.intp]) -> None:
         """The controllable rows changed; only the rows that flipped are touched."""
@@ -175,8 +203,10 @@ class Allocator:
         on = ctrl[rows].astype(np.float64)
         self.ctrl[rows] = ctrl[rows]
         self.ctrl_f[rows] = on
-        self.p_min_e[rows] = self._p_min[rows] * on
+        self.p_min_e[rows] = self._p_min_dev[rows] * on
         self.p_max_e[rows] = self._p_max[rows] * on
+        self.d_min_e[rows] = self._p_min[rows] * on
+        self.d_max_e[rows] = self._d_max[rows] * on
         self.up_e[rows] = self._up_step[rows] * on
         self.neg_down_e[rows] = -self._down_step[rows] * on
         fast = self._fast_static[rows] * on
@@ -186,6 +216,7 @@ class Allocator:
         self._fixed = fixed_rows
         self._recount()
         self._fixed_intervals()
+        self._windows(rows)
 
     def _recount(self) -> None:
         # Sums over the controllable rows in O(fixed rows): fleet totals minus the fixed.
@@ -193,6 +224,7 @@ class Allocator:
         fast_fixed = self._fast_static[fixed]
         n_fast_fixed = int(np.count_nonzero(fast_fixed))
         self.sum_p_min = self._p_min_all - float(self._p_min[fixed].sum())
+        self.sum_p_max = self._p_max_all - float(self._p_max[fixed].sum())
         self._n_fast = self._n_fast_all - n_fast_fixed
         self._n_slow = (self.n - self._n_fast_all) - (fixed.size - n_fast_fixed)
         self._fast_p_min = self._fast_p_min_all - float(self._p_min[fixed[fast_fixed]].sum())
@@ -234,7 +266,7 @@ class Allocator:
         Not used by the cycle (which folds it into S); for tests and tools.
         """
         level = self._level(flex_w - self.sum_p_min)
-        return np.clip(level + self._base, self.p_min_e, self.p_max_e)
+        return np.clip(level + self._base, self.d_min_e, self.d_max_e)
 
     def _fast_desire_w(self, level: float) -> float:
         """sum(D) over the fast tier at ``level``, by binary search in the cached cumsums."""
@@ -261,10 +293,16 @@ class Allocator:
         command lands (ignored with one tier).
         """
         lo, hi, s = self.lo, self.hi, self.share
-        ramp_window(prev_w, self.up_e, self.neg_down_e, self.p_min_e, self.p_max_e, lo, hi)
+        np.add(prev_w, self.win_up_e, out=hi)
+        np.minimum(hi, self.p_max_e, out=hi)
+        np.subtract(prev_w, self.win_down_e, out=lo)
+        np.maximum(lo, self.p_min_e, out=lo)
         # (a)+(b): S = clip(D, R) = clip(level + base, R).
         level = self._level(flex_w - self.sum_p_min)
         np.add(self._base, level, out=s)
+        if self.reserve:  # D's bounds are inside R's then: clip to them first
+            np.maximum(s, self.d_min_e, out=s)
+            np.minimum(s, self.d_max_e, out=s)
         np.maximum(s, lo, out=s)
         np.minimum(s, hi, out=s)
         total = float(s.sum())

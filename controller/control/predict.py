@@ -72,6 +72,7 @@ class DelayModel:
         self._base = np.arange(n, dtype=I64)
         self._idx = np.empty(n, dtype=I64)
         self._tmp: F64 = np.empty(n)
+        self._tmp2: F64 = np.empty(n)
         self._dt = math.nan
 
     @property
@@ -186,17 +187,29 @@ class DelayModel:
     def ahead_sum(self, cycles: int, weights: F64, up_step_w: F64, neg_down_step_w: F64) -> float:
         """Weighted sum of the model ``cycles`` cycles from now (devices with delay >= cycles).
 
-        Their path over that window is already decided by past setpoints. One read
-        approximates it: ramp from ``model`` toward the setpoint in force at the end of the
-        window, at most ``cycles`` ramp steps (exact when that setpoint held all along).
-        In setpoint units: the poll offset is not included.
+        Their path over that window is already decided by past setpoints. Two reads
+        approximate it: one ramp step toward the setpoint followed in the first cycle, then
+        up to ``cycles - 1`` steps toward the one in force at the end (exact when the
+        followed setpoint changes at most once in the window, after its first cycle: slow
+        devices get a new setpoint only now and then, so this is the usual case; a single
+        read would see a device start moving one cycle early, a blip of one ramp step of
+        the whole slow tier). In setpoint units: the poll offset is not included.
         """
-        move = self._toward(cycles, self._tmp)
-        if cycles != 1:
-            move *= 1.0 / cycles  # clip(x, c*a, c*b) = c*clip(x/c, a, b); c comes out of the sum
+        first = self._toward(1, self._tmp)
+        np.minimum(first, up_step_w, out=first)
+        np.maximum(first, neg_down_step_w, out=first)
+        base = float(np.dot(self.model, weights)) + float(np.dot(first, weights))
+        if cycles <= 1:
+            return base
+        # toward(c) - first = setpoint at the end - (model + first step)
+        move = self._toward(cycles, self._tmp2)
+        move -= first
+        rest = cycles - 1
+        if rest != 1:
+            move *= 1.0 / rest  # clip(x, c*a, c*b) = c*clip(x/c, a, b); c comes out of the sum
         np.minimum(move, up_step_w, out=move)
         np.maximum(move, neg_down_step_w, out=move)
-        return float(np.dot(self.model, weights)) + cycles * float(np.dot(move, weights))
+        return base + rest * float(np.dot(move, weights))
 
     def next_row(self) -> F64:
         """The ring row this step's setpoints go into (write them there: no extra copy)."""

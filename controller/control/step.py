@@ -17,9 +17,12 @@ import numpy as np
 from controller.control.allocate import Allocator
 from controller.control.capability import capability as _capability
 from controller.control.feedback import ResidualObserver, SumHistory, TargetDeadband
+from controller.control.physical_min import physical_min_s as _physical_min_s
 from controller.control.predict import DelayModel
+from controller.control.sleep import SLEEPING, WAKING, SleepPlanner
 from controller.control.types import (
     F64,
+    I8,
     I32,
     ON,
     Bool,
@@ -29,6 +32,32 @@ from controller.control.types import (
     Snapshot,
     StepResult,
 )
+
+RESERVE_HORIZON_S = 5.0
+
+
+def reserve_bounds(
+    params: FleetParams, up_w: float, down_w: float, horizon_s: float = RESERVE_HORIZON_S
+) -> tuple[F64, F64] | None:
+    """Bounds of the steady-state desire that hold a fast reserve (None: no reserve).
+
+    Each device can move ``c = min(range, rate * (horizon - dead))`` within the horizon; the
+    reserve is kept as a slice of that at the top (up) and bottom (down) of every device's
+    range, pro rata to ``c`` (10 % spare for devices that fail), so the devices that can
+    deliver it fast hold most of it, and no device holds more than it can move in time.
+    What the slices cost is running the other (slow) devices higher or lower instead.
+    """
+    if up_w <= 0.0 and down_w <= 0.0:
+        return None
+    span = params.p_max_w - params.p_min_w
+    moving = np.maximum(horizon_s - params.dead_time_s, 0.0)
+    c_up = np.minimum(span, params.ramp_up_w_s * moving)
+    c_down = np.minimum(span, params.ramp_down_w_s * moving)
+    r_up = c_up * min(1.0, 1.1 * up_w / max(float(c_up.sum()), 1e-9))
+    r_down = c_down * min(1.0, 1.1 * down_w / max(float(c_down.sum()), 1e-9))
+    both = r_up + r_down
+    scale = np.where(both > span, span / np.maximum(both, 1e-12), 1.0)
+    return params.p_min_w + r_down * scale, params.p_max_w - r_up * scale
 
 
 def effective_params(params: FleetParams) -> FleetParams:
@@ -66,6 +95,8 @@ class Controller:
         cycle_s: float = 0.1,
         noncontrollable_range_w: tuple[float, float] | None = None,
         meter_lag_s: float = 0.0,
+        reserve_up_w: float = 0.0,
+        reserve_down_w: float = 0.0,
     ) -> None:
         n = params.n
         self.fleet_params = params
@@ -74,7 +105,10 @@ class Controller:
         params = effective_params(params)
         self.params = params
         self._model = DelayModel(params, max_dead_time_s=max_dead_time_s, cycle_s=cycle_s)
-        self._alloc = Allocator(params)
+        self._alloc = Allocator(params, reserve_bounds(params, reserve_up_w, reserve_down_w))
+        self.reserve_up_w = reserve_up_w
+        self.reserve_down_w = reserve_down_w
+        self._planner = SleepPlanner(params, self._alloc.order)
         if noncontrollable_range_w is None:
             span = 2.0 * max(float(params.p_max_w.sum()), 1.0)
             noncontrollable_range_w = (-span, span)
@@ -88,9 +122,12 @@ class Controller:
         self._ctrl = np.zeros(n, dtype=np.bool_)
         self._fixed_rows: Rows = np.arange(n, dtype=np.intp)
         self._fixed_w = 0.0
+        self._fixed_ss_w = 0.0  # fixed power once every parked device sleeps
+        self._wakeable_w = 0.0
         self._last_out: F64 = np.zeros(n)
         self._dt = math.nan
         self._started = False
+        self._state: I8 | None = None
 
     # -- public API -----------------------------------------------------------------------
 
@@ -106,6 +143,7 @@ class Controller:
     def set_priorities(self, priority: I32) -> None:
         """New merit order: the cached sort is rebuilt (O(N log N), once)."""
         self._alloc.set_priorities(np.asarray(priority, dtype=np.int32))
+        self._planner.set_order(self._alloc.order)
 
     def capability(self, horizons_s: tuple[float, ...] = (1.0, 5.0, 60.0)) -> Capability:
         """Reachable power from the last step's state (nothing offered before the first)."""
@@ -116,6 +154,23 @@ class Controller:
             self._fixed_w,
             self._observer.estimate_w,
             horizons_s,
+            wakeable_w=self._wakeable_w,
+            asleep_floor_w=self._fixed_ss_w,
+        )
+
+    def physical_min_s(self, target_w: float, tol_w: float) -> float:
+        """Least time in which the fleet could bring the site within ``tol_w`` of
+        ``target_w`` from the last step's state (a bound no controller beats; inf: out of
+        reach; 0: inside now). Wakes under way count as just started (a lower bound)."""
+        if self._state is None:
+            return math.inf
+        return _physical_min_s(
+            self.fleet_params,
+            self._model.pred,
+            self._state,
+            target_w,
+            tol_w,
+            other_w=self._observer.estimate_w,
         )
 
     def step(self, snap: Snapshot, target_w: float, dt: float) -> StepResult:
@@ -128,7 +183,14 @@ class Controller:
             raise ValueError("snapshot arrays do not match the fleet size")
 
         measured = snap.measured_w  # read only where it is used: polled, fixed, new rows
+        self._state = snap.state
         ctrl = snap.state == ON
+        planner = self._planner
+        if planner.any:
+            planner.observe(snap.state, ctrl)
+            if self._started and self._observer.initialised:
+                self._plan(snap, target_w)
+            ctrl = ctrl & ~planner.parked
 
         # 1. Device model: where is each device now?
         if dt != self._dt:
@@ -151,10 +213,13 @@ class Controller:
         fixed = self._fixed_rows
         if fixed.size:
             values = self._readings(measured, fixed)
+            self._fixed_ss_w = self._fixed_w = float(values.sum())
+            self._wakeable_w = 0.0
+            if planner.any:
+                self._parked_values(snap, fixed, values, dt)
             model.pin(fixed, values)  # fixed devices are where they were measured
-            self._fixed_w = float(values.sum())
         else:
-            self._fixed_w = 0.0
+            self._fixed_w = self._fixed_ss_w = self._wakeable_w = 0.0
         bias_w = model.bias_sum
         pred_sum = float(model.model.sum()) + bias_w
 
@@ -191,6 +256,7 @@ class Controller:
         model.commit()
         self._last_out = setpoints
         self._started = True
+        commanded = ctrl | planner.parked | planner.woken if planner.any else ctrl
         return StepResult(
             setpoints_w=setpoints,
             flex_target_w=flex,
@@ -198,9 +264,51 @@ class Controller:
             noncontrollable_w=nc,
             saturated=saturated,
             controllable=ctrl,
+            commanded=commanded,
+            parked=int(np.count_nonzero(planner.parked)) if planner.any else 0,
+            waking=int(np.count_nonzero(planner.woken)) if planner.any else 0,
         )
 
     # -- internals ------------------------------------------------------------------------
+
+    def _plan(self, snap: Snapshot, target_w: float) -> None:
+        """Sleep or wake whole devices when the target leaves what the awake ones can do.
+
+        Uses the previous cycle's estimates (non-flexible load, offsets, the fixed power in
+        steady state): they move slowly, and deciding before this cycle's allocation lets
+        the commands go out now.
+        """
+        alloc, planner, p = self._alloc, self._planner, self.params
+        flex_ss = target_w - self._observer.estimate_w - self._fixed_ss_w - self._model.bias_sum
+        hyst = max(self._hold.half_w, 1.0)
+        if flex_ss < alloc.sum_p_min - hyst:
+            pred = self._model.model + self._model.bias
+            rows = planner.park(alloc.sum_p_min - flex_ss, snap.state == ON, snap.t, pred)
+            self._last_out[rows] = p.p_idle_w[rows]  # below p_min: the driver sleeps it
+        elif planner.parked.any():
+            excess = flex_ss - alloc.sum_p_max - planner.pending_up_w(snap.state)
+            if excess > hyst:
+                _, woken = planner.unpark(excess, snap.state)
+                self._last_out[woken] = p.p_max_w[woken]  # a running setpoint wakes it
+
+    def _parked_values(self, snap: Snapshot, fixed: Rows, values: F64, dt: float) -> None:
+        """Fixed rows the planner parked and that still run: their power until the sleep
+        takes effect, as of when this cycle's commands land; also the steady-state and
+        wakeable sums of the fixed rows."""
+        planner, p = self._planner, self.params
+        parked = planner.parked[fixed]
+        if parked.any():
+            running = parked & (snap.state[fixed] == ON)
+            if running.any():
+                rows = fixed[running]
+                lands = snap.t + (self._alloc.fast_delay + 1) * dt
+                values[running] = planner.parked_power_w(rows, lands)
+            self._fixed_ss_w -= float(np.sum(values - p.p_idle_w[fixed], where=parked))
+        asleep = (parked | planner.woken[fixed]) & (
+            (snap.state[fixed] == SLEEPING) | (snap.state[fixed] == WAKING) | parked
+        )
+        if asleep.any():
+            self._wakeable_w = float(np.sum(p.p_max_w[fixed] - values, where=asleep))
 
     def _readings(self, measured: F64, rows: Rows) -> F64:
         """``measured[rows]``; a NaN/inf a driver may have written reads as the prediction."""

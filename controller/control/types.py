@@ -172,6 +172,13 @@ class StepResult:
     saturated: int
     """-1 target below what is reachable this cycle, +1 above, 0 reachable."""
     controllable: Bool
+    commanded: Bool | None = None
+    """Rows whose setpoint the controller decides: the controllable ones plus those it puts
+    to sleep or wakes (None: the controllable ones)."""
+    parked: int = 0
+    """Devices told to sleep (asleep or on their way)."""
+    waking: int = 0
+    """Devices told to wake, not running yet."""
 
 
 @dataclass(frozen=True, slots=True)

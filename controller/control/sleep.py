@@ -1,0 +1,120 @@
+"""Which sleepable devices (miners) should sleep: the discrete layer under the allocation.
+
+A miner's profiles cover ``[p_min, p_max]``; below that it can only sleep (``p_idle``), and
+sleep is both deep and fast (``dead + sleep_s``, a few seconds) while waking is slow
+(``wake_s``, minutes). The continuous allocation (allocate.py) works on the devices that are
+ON and not parked; this planner moves devices between that set and sleep, by whole devices:
+
+- park (sleep) when the flexible target, with parked devices at ``p_idle``, lies below what the
+  awake devices can go down to (``sum p_min``): just enough devices, lowest merit first;
+- unpark when it lies above what the awake devices and the wakes under way can reach: first
+  parked devices that have not fallen asleep yet (they are back at once), then sleeping ones
+  are woken, highest merit first, at once, since a wake takes minutes: started early, it is
+  over early.
+
+The two thresholds are ``sum p_min`` and ``sum p_max`` of the awake set, a whole range apart,
+so the planner cannot chatter between them. Pure numpy, no I/O; O(N) on a cycle that
+decides, O(1) on the others (the sums come from the allocator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from controller.control.types import F64, I8, Bool, FleetParams, Rows
+
+SLEEPING = 1
+"""`controller.fleet.DeviceState.SLEEPING`."""
+WAKING = 2
+"""`controller.fleet.DeviceState.WAKING`."""
+
+
+class SleepPlanner:
+    """Parked (told to sleep) and woken (told to wake) rows, and what parked rows draw."""
+
+    def __init__(self, params: FleetParams, order: Rows) -> None:
+        self.params = params
+        self.sleepable: Bool = params.sleepable
+        self.any = bool(self.sleepable.any())
+        n = params.n
+        self.parked: Bool = np.zeros(n, dtype=np.bool_)
+        """Told to sleep; out of the continuous allocation until unparked."""
+        self.woken: Bool = np.zeros(n, dtype=np.bool_)
+        """Told to wake, not seen ON yet."""
+        self.parked_at: F64 = np.full(n, np.nan)
+        """When parked (monotonic s)."""
+        self.parked_from_w: F64 = np.zeros(n)
+        """Predicted power when parked: drawn until the sleep takes effect."""
+        self._gain_down: F64 = np.maximum(params.p_min_w - params.p_idle_w, 0.0)
+        self._gain_up: F64 = np.maximum(params.p_max_w - params.p_idle_w, 0.0)
+        self._asleep_after: F64 = params.dead_time_s + params.sleep_s
+        self.set_order(order)
+
+    def set_order(self, order: Rows) -> None:
+        """Merit order (filled first): wakes follow it, sleeps go the other way."""
+        self._wake_order = order
+        self._sleep_order = order[::-1].copy()
+
+    def observe(self, state: I8, on: Bool) -> None:
+        """Follow what the devices report: a woken device seen ON is controllable again; a
+        device seen asleep that nobody woke counts as parked (asleep at start, or put to
+        sleep by another tool)."""
+        if not self.any:
+            return
+        self.woken &= ~on
+        asleep = (state == SLEEPING) & self.sleepable & ~self.woken & ~self.parked
+        if asleep.any():
+            self.parked |= asleep
+            self.parked_at[asleep] = -math.inf
+            self.parked_from_w[asleep] = self.params.p_idle_w[asleep]
+
+    def parked_power_w(self, rows: Rows, t: float) -> F64:
+        """What parked ``rows`` draw at time ``t``: their power when parked until the sleep
+        takes effect, then ``p_idle``."""
+        done = t >= self.parked_at[rows] + self._asleep_after[rows]
+        return np.where(done, self.params.p_idle_w[rows], self.parked_from_w[rows])
+
+    def pending_up_w(self, state: I8) -> float:
+        """Power the wakes under way will add (woken rows still asleep or waking)."""
+        rows = self.woken & ((state == SLEEPING) | (state == WAKING))
+        return float(self._gain_up.sum(where=rows))
+
+    def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64) -> Rows:
+        """Park just enough controllable sleepable rows (lowest merit first) to free
+        ``deficit_w`` below the awake set's floor; returns them."""
+        order = self._sleep_order
+        cand = (ctrl & self.sleepable)[order]
+        gains = np.where(cand, self._gain_down[order], 0.0)
+        cum = np.cumsum(gains)
+        k = int(np.searchsorted(cum, deficit_w - 1e-9, side="left")) + 1
+        rows = order[:k][cand[:k]]
+        self.parked[rows] = True
+        self.woken[rows] = False
+        self.parked_at[rows] = t
+        self.parked_from_w[rows] = pred_w[rows]
+        return rows
+
+    def unpark(self, excess_w: float, state: I8) -> tuple[Rows, Rows]:
+        """Bring back ``excess_w`` of capacity: parked rows still ON first (instant), then
+        sleeping ones woken (highest merit first). Returns (back ON, woken)."""
+        order = self._wake_order
+        still_on = (self.parked & (state != SLEEPING) & (state != WAKING))[order]
+        gains_on = np.where(still_on, self._gain_up[order], 0.0)
+        cum_on = np.cumsum(gains_on)
+        k = int(np.searchsorted(cum_on, excess_w - 1e-9, side="left")) + 1
+        back = order[:k][still_on[:k]]
+        left = excess_w - float(gains_on[:k].sum())
+        woken = np.empty(0, dtype=np.intp)
+        if left > 0.0:
+            asleep = (self.parked & ((state == SLEEPING) | (state == WAKING)))[order]
+            gains = np.where(asleep, self._gain_up[order], 0.0)
+            cum = np.cumsum(gains)
+            j = int(np.searchsorted(cum, left - 1e-9, side="left")) + 1
+            woken = order[:j][asleep[:j]]
+            self.woken[woken] = True
+        rows = np.concatenate([back, woken])
+        self.parked[rows] = False
+        self.parked_at[rows] = np.nan
+        return back, woken
