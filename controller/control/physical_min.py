@@ -45,8 +45,8 @@ end: never later than the exact answer, at most ``resolution_s`` earlier. Each p
 of vectorized operations over the rows that can move; no per-row Python loop. An exact
 piecewise-linear solve would need a sort of every row's breakpoints (and the sleep jumps);
 bisection is simpler to get right and fast enough: about 0.25 ms per call for 2,070 rows and
-9 ms for 100,000 on one core of the 2-core dev box (a third of it preparing the rows, which
-makes ``reachable_w`` cost about as much as a whole ``physical_min_s`` at that size).
+9 ms for 100,000 on the 2-core dev box, where gathering the movable rows costs about as much
+as the 22 passes (``reachable_w`` alone is about as dear as a whole ``physical_min_s``).
 """
 
 from __future__ import annotations

@@ -47,7 +47,6 @@ class SleepPlanner:
         """When parked (monotonic s)."""
         self.parked_from_w: F64 = np.zeros(n)
         """Predicted power when parked: drawn until the sleep takes effect."""
-        self._gain_down: F64 = np.maximum(params.p_min_w - params.p_idle_w, 0.0)
         self._gain_up: F64 = np.maximum(params.p_max_w - params.p_idle_w, 0.0)
         self._asleep_after: F64 = params.dead_time_s + params.sleep_s
         self.set_order(order)
@@ -81,12 +80,12 @@ class SleepPlanner:
         rows = self.woken & ((state == SLEEPING) | (state == WAKING))
         return float(self._gain_up.sum(where=rows))
 
-    def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64) -> Rows:
+    def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64, gain_w: F64) -> Rows:
         """Park just enough controllable sleepable rows (lowest merit first) to free
-        ``deficit_w`` below the awake set's floor; returns them."""
+        ``deficit_w``, each freeing ``gain_w``; returns them."""
         order = self._sleep_order
         cand = (ctrl & self.sleepable)[order]
-        gains = np.where(cand, self._gain_down[order], 0.0)
+        gains = np.where(cand, gain_w[order], 0.0)
         cum = np.cumsum(gains)
         k = int(np.searchsorted(cum, deficit_w - 1e-9, side="left")) + 1
         rows = order[:k][cand[:k]]

@@ -19,7 +19,7 @@ from controller.control.capability import capability as _capability
 from controller.control.feedback import ResidualObserver, SumHistory, TargetDeadband
 from controller.control.physical_min import physical_min_s as _physical_min_s
 from controller.control.predict import DelayModel
-from controller.control.sleep import SLEEPING, WAKING, SleepPlanner
+from controller.control.sleep import SleepPlanner
 from controller.control.types import (
     F64,
     I8,
@@ -109,6 +109,10 @@ class Controller:
         self.reserve_up_w = reserve_up_w
         self.reserve_down_w = reserve_down_w
         self._planner = SleepPlanner(params, self._alloc.order)
+        # How far each device ramps down by the time the slowest sleep lands.
+        sleep_h = params.dead_time_s + params.sleep_s
+        horizon = float(sleep_h[params.sleepable].max()) if self._planner.any else 0.0
+        self._sleep_moving_w = params.ramp_down_w_s * np.maximum(horizon - params.dead_time_s, 0.0)
         if noncontrollable_range_w is None:
             span = 2.0 * max(float(params.p_max_w.sum()), 1.0)
             noncontrollable_range_w = (-span, span)
@@ -213,10 +217,12 @@ class Controller:
         fixed = self._fixed_rows
         if fixed.size:
             values = self._readings(measured, fixed)
-            self._fixed_ss_w = self._fixed_w = float(values.sum())
             self._wakeable_w = 0.0
+            self._fixed_w = self._fixed_ss_w = 0.0
             if planner.any:
                 self._parked_values(snap, fixed, values, dt)
+            else:
+                self._fixed_w = self._fixed_ss_w = float(values.sum())
             model.pin(fixed, values)  # fixed devices are where they were measured
         else:
             self._fixed_w = self._fixed_ss_w = self._wakeable_w = 0.0
@@ -282,9 +288,18 @@ class Controller:
         flex_ss = target_w - self._observer.estimate_w - self._fixed_ss_w - self._model.bias_sum
         hyst = max(self._hold.half_w, 1.0)
         if flex_ss < alloc.sum_p_min - hyst:
+            # Sleep only what ramping cannot shed by the time a sleep would land: the awake
+            # devices' lowest power then, not their steady-state floor. Slow profiles would
+            # otherwise hold the site above the target for tens of seconds.
             pred = self._model.model + self._model.bias
-            rows = planner.park(alloc.sum_p_min - flex_ss, snap.state == ON, snap.t, pred)
-            self._last_out[rows] = p.p_idle_w[rows]  # below p_min: the driver sleeps it
+            low = np.subtract(pred, self._sleep_moving_w)
+            np.maximum(low, alloc.d_min_e, out=low)
+            low *= alloc.ctrl_f
+            floor_w = float(low.sum())
+            if flex_ss < floor_w - hyst:
+                low -= p.p_idle_w
+                rows = planner.park(floor_w - flex_ss, alloc.ctrl, snap.t, pred, low)
+                self._last_out[rows] = p.p_idle_w[rows]  # below p_min: the driver sleeps it
         elif planner.parked.any():
             excess = flex_ss - alloc.sum_p_max - planner.pending_up_w(snap.state)
             if excess > hyst:
@@ -292,23 +307,30 @@ class Controller:
                 self._last_out[woken] = p.p_max_w[woken]  # a running setpoint wakes it
 
     def _parked_values(self, snap: Snapshot, fixed: Rows, values: F64, dt: float) -> None:
-        """Fixed rows the planner parked and that still run: their power until the sleep
-        takes effect, as of when this cycle's commands land; also the steady-state and
-        wakeable sums of the fixed rows."""
+        """Fixed rows the planner parked that still run draw their power until the sleep
+        takes effect: ``values`` gets that for now (the model, compared with the meter);
+        the fixed sum the allocation works against takes it as of when this cycle's
+        commands land. Also the steady-state sum (every parked row asleep) and the power
+        sleepers would add awake."""
         planner, p = self._planner, self.params
         parked = planner.parked[fixed]
-        if parked.any():
-            running = parked & (snap.state[fixed] == ON)
-            if running.any():
-                rows = fixed[running]
-                lands = snap.t + (self._alloc.fast_delay + 1) * dt
-                values[running] = planner.parked_power_w(rows, lands)
-            self._fixed_ss_w -= float(np.sum(values - p.p_idle_w[fixed], where=parked))
-        asleep = (parked | planner.woken[fixed]) & (
-            (snap.state[fixed] == SLEEPING) | (snap.state[fixed] == WAKING) | parked
+        self._fixed_w = float(values.sum())
+        self._fixed_ss_w = self._fixed_w
+        self._wakeable_w = 0.0
+        if not parked.any():
+            return
+        running = parked & (snap.state[fixed] == ON)
+        if running.any():
+            rows = fixed[running]
+            now = planner.parked_power_w(rows, snap.t)
+            lands = planner.parked_power_w(rows, snap.t + (self._alloc.fast_delay + 1) * dt)
+            values[running] = now
+            self._fixed_w = float(values.sum()) + float((lands - now).sum())
+        self._fixed_ss_w = float(values.sum()) - float(
+            np.sum(values - p.p_idle_w[fixed], where=parked)
         )
-        if asleep.any():
-            self._wakeable_w = float(np.sum(p.p_max_w[fixed] - values, where=asleep))
+        asleep = (parked | planner.woken[fixed]) & (snap.state[fixed] != ON) | parked
+        self._wakeable_w = float(np.sum(p.p_max_w[fixed] - values, where=asleep))
 
     def _readings(self, measured: F64, rows: Rows) -> F64:
         """``measured[rows]``; a NaN/inf a driver may have written reads as the prediction."""

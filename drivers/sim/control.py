@@ -7,6 +7,9 @@
                   {"fault": ..., "fraction": 0.1, "protocol": "luxos"?, "seed": 1?}
                   -> {"applied": [names]}
     POST /meter   {"fault": "silent"|"none"|...}
+    POST /physical_min  {"target_kw": float, "tol_kw": float >= 0}
+                  -> {"physical_min_s": s | null (not within an hour), "now_kw": true site kW,
+                      "lo_5s_kw": ..., "hi_5s_kw": ...}  (site power reachable at 5 s)
 
 Tests and benches use it to make devices misbehave while the daemon runs in its own process.
 """
@@ -14,6 +17,7 @@ Tests and benches use it to make devices misbehave while the daemon runs in its 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +26,8 @@ import numpy as np
 from aiohttp import web
 
 from controller.config import DeviceSpec
+from controller.control.physical_min import physical_min_s, reachable_w
+from controller.control.types import FleetParams
 from drivers.sim.physics import Fault, SitePhysics
 
 log = logging.getLogger("rampd.sim")
@@ -47,6 +53,13 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _number(body: dict[str, Any], key: str) -> float:
+    value = body.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise web.HTTPBadRequest(text=f"{key} must be a finite number")
+    return float(value)
+
+
 class SimControl:
     def __init__(self, physics: SitePhysics, specs: Sequence[DeviceSpec]) -> None:
         self.physics = physics
@@ -59,7 +72,20 @@ class SimControl:
         app.router.add_get("/truth", self.truth)
         app.router.add_post("/faults", self.faults)
         app.router.add_post("/meter", self.meter)
+        app.router.add_post("/physical_min", self.physical_min)
         self.app = app
+        ph = physics
+        self._params = FleetParams.of(
+            p_min_w=ph.p_min_w,
+            p_max_w=ph.p_max_w,
+            p_idle_w=ph.p_idle_w,
+            ramp_up_w_s=ph.ramp_up_w_s,
+            ramp_down_w_s=ph.ramp_down_w_s,
+            dead_time_s=ph.dead_time_s,
+            step_w=ph.step_w,
+            wake_s=ph.wake_s,
+            sleep_s=ph.sleep_s,
+        )
 
     async def start(self, host: str, port: int) -> int:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -115,6 +141,35 @@ class SimControl:
         self.physics.meter_fault = _fault(await _json(request))
         log.info("sim: meter fault %s", self.physics.meter_fault.name.lower())
         return web.json_response({"meter": self.physics.meter_fault.name.lower()})
+
+    async def physical_min(self, request: web.Request) -> web.Response:
+        """The physical minimum from the simulator's TRUE state (see control/physical_min.py).
+
+        Each row's cap is its present workload demand (p_max for a miner), held for the
+        horizon; the non-flexible load is held at its present value. Commands still inside a
+        device's dead-time buffer, and rows still ramping or counting down to sleep, are
+        ignored: call this with the site at rest, e.g. right when a dispatch is published.
+        """
+        body = await _json(request)
+        target_w = _number(body, "target_kw") * 1e3
+        tol_w = _number(body, "tol_kw") * 1e3
+        if tol_w < 0:
+            raise web.HTTPBadRequest(text="tol_kw must be >= 0")
+        ph = self.physics
+        p, st, cap, left = ph.power_w, ph.state, ph.demand_w, ph.wake_left_s
+        other = ph.noncontrollable_w
+        t = physical_min_s(
+            self._params, p, st, target_w, tol_w, other_w=other, p_hi_w=cap, wake_left_s=left
+        )
+        lo, hi = reachable_w(self._params, p, st, 5.0, p_hi_w=cap, wake_left_s=left)
+        return web.json_response(
+            {
+                "physical_min_s": None if math.isinf(t) else t,
+                "now_kw": round(ph.truth() / 1e3, 3),
+                "lo_5s_kw": round((lo + other) / 1e3, 3),
+                "hi_5s_kw": round((hi + other) / 1e3, 3),
+            }
+        )
 
     def _select(self, body: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.intp]]:
         if "devices" in body:

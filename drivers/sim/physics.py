@@ -242,6 +242,13 @@ class SitePhysics:
 
     # --- ground truth ---
 
+    @property
+    def wake_left_s(self) -> F64:
+        """Seconds each WAKING row still waits before it runs (0 elsewhere); a copy."""
+        waking = self.state == DeviceState.WAKING
+        out: F64 = np.where(waking, np.maximum(self._timer, 0.0), 0.0)
+        return out
+
     def truth(self) -> float:
         """True site power W: every device plus the non-flexible load, without meter noise."""
         return float(self.power_w.sum()) + self.noncontrollable_w

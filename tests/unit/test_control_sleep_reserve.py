@@ -1,0 +1,211 @@
+"""Sleep planning and the fast reserve, in closed loop with the simulator's own physics.
+
+The plant is `drivers.sim.physics.SitePhysics` (what `rampd sim` serves); the "driver" here
+does what the LuxOS driver does on the wire: a setpoint below a sleepable device's p_min
+sleeps it, any other wakes it and sets its power. Polls are every `POLL_S`, the meter is read
+every cycle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from controller.config import DeviceSpec
+from controller.control import Controller, FleetParams, Snapshot
+from controller.fleet import DeviceState
+from drivers.base import CommandFunnel
+from drivers.sim.physics import SitePhysics
+from tests.helpers import device_spec
+
+DT = 0.1
+SUB = 5  # physics steps per control cycle
+POLL_S = 1.0
+
+
+def miner(i: int) -> DeviceSpec:
+    return device_spec(
+        name=f"m{i}",
+        kind="miner",
+        p_min_w=1750.0,
+        p_max_w=3500.0,
+        p_idle_w=20.0,
+        ramp_up_w_s=50.0,
+        ramp_down_w_s=100.0,
+        dead_time_s=1.0,
+        wake_s=8.0,
+        sleep_s=2.0,
+        step_w=250.0,
+    )
+
+
+def load(i: int) -> DeviceSpec:
+    return device_spec(
+        name=f"l{i}",
+        kind="load",
+        p_min_w=25e3,
+        p_max_w=250e3,
+        p_idle_w=5e3,
+        ramp_up_w_s=50e3,
+        ramp_down_w_s=100e3,
+        dead_time_s=0.2,
+    )
+
+
+def params_of(specs: list[DeviceSpec]) -> FleetParams:
+    def col(a: str) -> list[float]:
+        return [float(getattr(s, a)) for s in specs]
+
+    return FleetParams.of(
+        p_min_w=col("p_min_w"),
+        p_max_w=col("p_max_w"),
+        p_idle_w=col("p_idle_w"),
+        ramp_up_w_s=col("ramp_up_w_s"),
+        ramp_down_w_s=col("ramp_down_w_s"),
+        dead_time_s=col("dead_time_s"),
+        step_w=col("step_w"),
+        wake_s=col("wake_s"),
+        sleep_s=col("sleep_s"),
+    )
+
+
+class Loop:
+    """Controller + funnel + a LuxOS-like driver + the simulator's physics."""
+
+    def __init__(self, specs: list[DeviceSpec], **ctl: float) -> None:
+        self.ph = SitePhysics(specs, 50e3, dt_s=DT / SUB, meter_noise_w=0.0, drift_fraction=0.0)
+        self.p = params_of(specs)
+        self.ctl = Controller(self.p, deadband_w=2e3, **ctl)
+        sleep_w = np.where(self.p.sleepable, self.p.p_idle_w, np.nan)
+        self.funnel = CommandFunnel(
+            self.p.p_min_w, self.p.p_max_w, self.p.step_w, np.zeros(self.p.n), sleep_w=sleep_w
+        )
+        self.t = 0.0
+        self.measured = self.ph.reported_w.copy()
+        self.state = self.ph.state.copy()
+        self.truth: list[float] = []
+
+    def run(self, target_w: float, seconds: float) -> None:
+        for _ in range(round(seconds / DT)):
+            polled = (
+                np.ones(self.p.n, dtype=np.bool_)
+                if math.isclose(self.t % POLL_S, 0.0, abs_tol=1e-6)
+                else np.zeros(self.p.n, dtype=np.bool_)
+            )
+            self.measured[polled] = self.ph.reported_w[polled]
+            self.state[polled] = self.ph.state[polled]
+            snap = Snapshot(
+                t=self.t,
+                meter_w=self.ph.meter_w,
+                measured_w=self.measured.copy(),
+                new_reading=polled,
+                state=self.state.copy(),
+            )
+            r = self.ctl.step(snap, target_w, DT)
+            assert r.commanded is not None
+            rows, values = self.funnel.changed_rows(
+                np.flatnonzero(r.commanded), r.setpoints_w[r.commanded]
+            )
+            asleep = values < self.p.p_min_w[rows]
+            self.ph.command(rows[asleep], run=0)
+            self.ph.command(rows[~asleep], setpoint_w=values[~asleep], run=1)
+            for _ in range(SUB):
+                self.ph.step(DT / SUB)
+            self.t = round(self.t + DT, 9)
+            self.truth.append(self.ph.truth())
+
+    def settle_s(self, target_w: float, tol_w: float, since: int) -> float | None:
+        err = np.abs(np.array(self.truth[since:]) - target_w) > tol_w
+        if err[-1]:
+            return None
+        bad = np.flatnonzero(err)
+        return 0.0 if bad.size == 0 else float(bad[-1] + 1) * DT
+
+
+def fleet(n_miners: int = 40, n_loads: int = 2) -> list[DeviceSpec]:
+    return [load(i) for i in range(n_loads)] + [miner(i) for i in range(n_miners)]
+
+
+def test_a_target_below_the_awake_floor_sleeps_just_enough_miners_and_settles_fast() -> None:
+    loop = Loop(fleet())
+    loop.run(loop.ph.truth(), 3.0)
+    # Floor with every miner at its lowest profile: 2 x 25 kW + 40 x 1.75 kW + 50 kW = 170 kW.
+    target = 130e3  # 40 kW below it
+    start = len(loop.truth)
+    loop.run(target, 30.0)
+    # Profiles alone cannot get there at all. Sleep lands after dead + sleep_s = 3 s, when
+    # the awake miners have ramped down only 0.2 kW each (to 3.3 kW): with the loads at
+    # their floor, 130 - 50 - 50 = 30 kW is left for the miners, so 32 must sleep
+    # ((40 - k) * 3.3 + k * 0.02 <= 30), not the 23 the steady-state floor would suggest.
+    asleep = int(np.count_nonzero(loop.ph.state == DeviceState.SLEEPING))
+    assert 30 <= asleep <= 34, asleep
+    settle = loop.settle_s(target, 3e3, start)
+    assert settle is not None and settle <= 5.0, settle
+    # No chatter: the same miners stay asleep, nobody is woken.
+    before = loop.ph.state.copy()
+    loop.run(target, 10.0)
+    assert np.array_equal(before == DeviceState.SLEEPING, loop.ph.state == DeviceState.SLEEPING)
+
+
+def test_a_target_above_the_awake_range_wakes_sleepers_at_once() -> None:
+    loop = Loop(fleet())
+    loop.run(loop.ph.truth(), 3.0)
+    loop.run(80e3, 20.0)  # far below the floor: every miner sleeps
+    assert np.count_nonzero(loop.ph.state == DeviceState.SLEEPING) == 40
+    top = 2 * 250e3 + 40 * 3500.0 + 50e3
+    start = len(loop.truth)
+    loop.run(top, 90.0)
+    # Woken at once (wake 8 s + dead 1 s), then profiles ramp up 1.75 kW at 50 W/s.
+    assert np.count_nonzero(loop.ph.state == DeviceState.ON) == 42
+    settle = loop.settle_s(top, 0.02 * top, start)
+    assert settle is not None and settle <= 9.0 + 3500.0 / 50.0 + 5.0, settle
+
+
+def test_fast_reserve_keeps_headroom_on_the_fast_devices() -> None:
+    specs = fleet(n_miners=60, n_loads=2)
+    # At 640 kW the merit order (ties by index) puts both loads near full power (485 kW,
+    # the miners at their 105 kW floor) and leaves the miners' slow profiles as the only
+    # way up. Holding 100 kW (+10 % spare) moves 110 kW of it onto the miners (200 kW).
+    target = 640e3
+    plain = Loop(specs)
+    plain.run(target, 60.0)
+    held = Loop(specs, reserve_up_w=100e3)
+    held.run(target, 60.0)
+    up_plain = plain.ctl.capability((5.0,)).up_w[0]
+    up_held = held.ctl.capability((5.0,)).up_w[0]
+    assert up_plain < 50e3, up_plain
+    assert up_held >= 100e3, up_held
+    # Both still deliver the target; the reserve moved power from the loads to the miners.
+    for loop in (plain, held):
+        assert abs(loop.truth[-1] - target) <= 5e3
+    assert held.ph.power_w[:2].sum() < plain.ph.power_w[:2].sum() - 80e3
+
+
+def test_capability_counts_sleep_as_a_fast_way_down_and_sleepers_in_the_maximum() -> None:
+    loop = Loop(fleet(n_miners=10, n_loads=0))
+    loop.run(loop.ph.truth(), 3.0)
+    cap = loop.ctl.capability((1.0, 5.0))
+    # Within 1 s nothing moves (dead time 1 s); within 5 s every miner can be asleep.
+    assert cap.down_w[0] == pytest.approx(0.0, abs=1.0)
+    assert cap.down_w[1] == pytest.approx(10 * (3500.0 - 20.0), rel=0.01)
+    assert cap.min_w == pytest.approx(10 * 20.0 + 50e3, rel=0.01)
+    loop.run(50e3, 10.0)  # all asleep
+    cap = loop.ctl.capability((5.0,))
+    assert cap.max_w == pytest.approx(10 * 3500.0 + 50e3, rel=0.01)
+    assert cap.up_w[0] == pytest.approx(0.0, abs=1.0)  # nothing awake to ramp
+
+
+def test_funnel_turns_a_setpoint_below_p_min_into_sleep_only_where_a_device_can_sleep() -> None:
+    funnel = CommandFunnel(
+        np.array([1750.0, 25e3]),
+        np.array([3500.0, 250e3]),
+        np.array([250.0, 0.0]),
+        np.zeros(2),
+        sleep_w=np.array([20.0, np.nan]),
+    )
+    rows, values = funnel.changed_rows(np.array([0, 1]), np.array([0.0, 0.0]))
+    assert rows.tolist() == [0, 1] and values.tolist() == [20.0, 25e3]
+    rows, values = funnel.changed_rows(np.array([0, 1]), np.array([3000.0, 30e3]))
+    assert values.tolist() == [3000.0, 30e3]
