@@ -2,7 +2,7 @@
 
 Fleets:
 - `mixed`: a random mix of three device classes: slow miners' power targets (70 %, 2 s dead
-  time, 100 W steps), Modbus container loads (20 %, 0.2 s) and GPU rack power caps (10 %,
+  time, 100 W steps, able to sleep), Modbus container loads (20 %, 0.2 s) and GPU rack power caps (10 %,
   0.1 s), so the two-tier allocation, quantization and the dead-time ring are all exercised
   (the worst case);
 - `uniform`: one class like configs/devices/modbus-load.toml (continuous, 0.2 s dead time).
@@ -44,6 +44,9 @@ def random_fleet(n: int, rng: np.random.Generator, mixed: bool = True) -> FleetP
         dead_time_s=np.choose(kind, [2.0, 0.2, 0.1]),
         step_w=np.choose(kind, [100.0, 0.0, 0.0]),
         priority=rng.integers(0, 3, n).astype(np.int32),
+        p_idle_w=np.choose(kind, [20.0, 5e3, 2e3]),
+        wake_s=np.choose(kind, [120.0, 0.0, 0.0]),  # miners sleep: the planner runs too
+        sleep_s=np.choose(kind, [2.0, 0.0, 0.0]),
     )
 
 
