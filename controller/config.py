@@ -193,6 +193,9 @@ class DeviceTemplate(_Strict):
     unit: Annotated[int, Field(ge=0, le=255)] = 1
     poll_s: PositiveFloat = 2.0
     timeout_s: Annotated[float, Field(gt=0, le=10)] = 1.0
+    setpoint_is_cap: bool = False
+    """The setpoint is a ceiling: the device draws what its workload needs, up to it (a GPU
+    power cap). The controller then learns each device's demand from its readings."""
     access: DeviceAccess = DeviceAccess()
     sim: SimParams = SimParams()
 
@@ -288,6 +291,7 @@ class DeviceSpec:
     timeout_s: float
     access: DeviceAccess = field(default_factory=DeviceAccess)
     sim: SimParams = field(default_factory=SimParams)
+    setpoint_is_cap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +433,7 @@ def _expand(
                 timeout_s=tpl.timeout_s,
                 access=tpl.access,
                 sim=tpl.sim,
+                setpoint_is_cap=tpl.setpoint_is_cap,
             )
 
 

@@ -50,6 +50,8 @@ class Fleet:
     deadband_w: F64
     priority: I32
     driver_id: I32
+    capped: Bool
+    """The setpoint is a ceiling (`DeviceSpec.setpoint_is_cap`)."""
     measured_w: F64 = field(init=False)
     measured_at: F64 = field(init=False)
     """Monotonic time of the last good reading; NaN when never read."""
@@ -95,6 +97,7 @@ class Fleet:
             deadband_w=col("deadband_w"),
             priority=np.array([s.priority for s in specs], dtype=np.int32),
             driver_id=np.asarray(driver_ids, dtype=np.int32),
+            capped=np.array([s.setpoint_is_cap for s in specs], dtype=np.bool_),
         )
 
     def mark_stale(self, now: float, max_age_s: float) -> None:

@@ -17,6 +17,13 @@ its setpoint stays there): every poll would then make the prediction jump up and
 and that sawtooth biases the meter residual by mismatch x power / poll period (40 kW on a
 50 x 250 kW site polled each second), a steady error the observer cannot see. The offset is
 also what the allocator subtracts to turn a power target into setpoints.
+
+Caps. A device whose setpoint is a ceiling (a GPU rack's power cap: it draws what its job
+needs, up to the cap) is not offset by a constant: a poll at rest that reads clearly below
+the cap is its demand, and the prediction is ``min(model, demand)`` from then on (its offset
+follows the model: 0 once the cap is below the demand). A constant offset would be wrong the
+moment the cap moves below the demand: the site would be predicted to drop by more than it
+does, and the fleet would hunt.
 """
 
 from __future__ import annotations
@@ -72,6 +79,14 @@ class DelayModel:
         self._base = np.arange(n, dtype=I64)
         self._idx = np.empty(n, dtype=I64)
         self._tmp: F64 = np.empty(n)
+        capped = params.capped if params.capped is not None else np.zeros(n, dtype=np.bool_)
+        self._capped = capped.copy()
+        self.capped_rows: Rows = np.flatnonzero(capped)
+        self.ceiling_w: F64 = np.full(self.capped_rows.size, np.inf)
+        """Learned demand of each capped row (inf: at least its cap)."""
+        self._cap_index = np.full(n, -1, dtype=I64)
+        self._cap_index[self.capped_rows] = np.arange(self.capped_rows.size)
+        self._cap_tol = 0.02 * params.p_max_w[self.capped_rows]
         self._tmp2: F64 = np.empty(n)
         self._dt = math.nan
 
@@ -121,6 +136,17 @@ class DelayModel:
         self._ring[:, rows] = values_w
         self.model[rows] = values_w
         self._set_bias(rows, 0.0)
+        idx = self._cap_index[rows]
+        self.ceiling_w[idx[idx >= 0]] = np.inf
+
+    def apply_ceilings(self, ctrl: npt.NDArray[np.bool_]) -> None:
+        """Capped controllable rows: offset = min(0, demand - model), so pred follows
+        min(model, demand). O(capped rows)."""
+        rows = self.capped_rows
+        if rows.size:
+            off = np.minimum(self.ceiling_w - self.model[rows], 0.0)
+            off *= ctrl[rows]
+            self._set_bias(rows, off)
 
     def _set_bias(self, rows: Rows, values_w: F64 | float) -> None:
         # The sum is kept incrementally (polls touch few rows); refreshed in commit().
@@ -165,8 +191,16 @@ class DelayModel:
         the next, steady poll clears it). Moving devices keep their last offset instead.
         """
         rest = self._at_rest(rows)
-        rows = rows[rest]
-        self._set_bias(rows, measured_w[rest] - self.model[rows])
+        rows, measured_w = rows[rest], measured_w[rest]
+        idx = self._cap_index[rows]
+        cap = idx >= 0
+        if cap.any():
+            # Clearly below its cap: that is its demand. At the cap: demand unknown (>= cap).
+            ci, cm = idx[cap], measured_w[cap]
+            below = cm < self.model[rows[cap]] - self._cap_tol[ci]
+            self.ceiling_w[ci] = np.where(below, cm, np.inf)
+            rows, measured_w = rows[~cap], measured_w[~cap]
+        self._set_bias(rows, measured_w - self.model[rows])
 
     def _at_rest(self, rows: Rows) -> npt.NDArray[np.bool_]:
         """Rows whose model sits at both the setpoint it follows and the newest setpoint."""

@@ -168,13 +168,17 @@ class Controller:
         reach; 0: inside now). Wakes under way count as just started (a lower bound)."""
         if self._state is None:
             return math.inf
+        model = self._model
+        p_hi = np.full(self.params.n, np.nan)
+        p_hi[model.capped_rows] = np.where(np.isfinite(model.ceiling_w), model.ceiling_w, np.nan)
         return _physical_min_s(
             self.fleet_params,
-            self._model.pred,
+            model.pred,
             self._state,
             target_w,
             tol_w,
             other_w=self._observer.estimate_w,
+            p_hi_w=p_hi,
         )
 
     def step(self, snap: Snapshot, target_w: float, dt: float) -> StepResult:
@@ -204,6 +208,7 @@ class Controller:
             alloc.set_ramps(model.up_step_w, model.down_step_w)
         if self._started:
             model.advance(alloc.up_e, alloc.neg_down_e)
+            model.apply_ceilings(self._ctrl)
             advanced_sum = float(model.model.sum()) + model.bias_sum
         else:
             first = np.nan_to_num(measured, nan=0.0, posinf=0.0, neginf=0.0)
@@ -226,6 +231,7 @@ class Controller:
             model.pin(fixed, values)  # fixed devices are where they were measured
         else:
             self._fixed_w = self._fixed_ss_w = self._wakeable_w = 0.0
+        model.apply_ceilings(ctrl)
         bias_w = model.bias_sum
         pred_sum = float(model.model.sum()) + bias_w
 

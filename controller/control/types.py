@@ -44,6 +44,8 @@ class FleetParams:
     """Sleep -> running latency; 0 with ``sleep_s`` 0: the device cannot sleep."""
     sleep_s: F64
     """Running -> asleep latency (the device draws its power until then)."""
+    capped: Bool | None = None
+    """Rows whose setpoint is a ceiling (they draw min(setpoint, demand)); None: none."""
 
     def __post_init__(self) -> None:
         n = self.p_min_w.shape
@@ -100,6 +102,7 @@ class FleetParams:
         priority: npt.ArrayLike | None = None,
         wake_s: npt.ArrayLike | None = None,
         sleep_s: npt.ArrayLike | None = None,
+        capped: npt.ArrayLike | None = None,
     ) -> FleetParams:
         """Convenience constructor for tests and tools: lists or arrays, optional zeros."""
         lo = _f64(p_min_w)
@@ -119,6 +122,7 @@ class FleetParams:
             ),
             wake_s=zeros.copy() if wake_s is None else _f64(wake_s),
             sleep_s=zeros.copy() if sleep_s is None else _f64(sleep_s),
+            capped=None if capped is None else np.array(capped, dtype=np.bool_, copy=True),
         )
 
     @classmethod
@@ -134,6 +138,7 @@ class FleetParams:
             priority=np.array(fleet.priority, dtype=np.int32, copy=True),
             wake_s=_f64(fleet.wake_s),
             sleep_s=_f64(fleet.sleep_s),
+            capped=np.array(fleet.capped, dtype=np.bool_, copy=True),
         )
 
 

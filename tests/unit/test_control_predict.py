@@ -117,3 +117,34 @@ def test_dead_time_above_the_cap_is_clipped() -> None:
     m.set_dt(0.1)
     assert m.delay.tolist() == [10]
     assert m.k == 12
+
+
+def test_a_capped_device_is_predicted_at_its_demand_not_with_a_constant_offset() -> None:
+    # A GPU rack: cap 80 kW, job needs 60 kW. A constant offset (-20 kW) learned at the cap
+    # would predict 30 kW when the cap drops to 50 kW; the truth is 50 kW.
+    params = FleetParams.of(
+        p_min_w=[30e3, 30e3],
+        p_max_w=[80e3, 80e3],
+        ramp_up_w_s=[1e6, 1e6],
+        ramp_down_w_s=[1e6, 1e6],
+        capped=[True, False],
+    )
+    m = DelayModel(params, max_dead_time_s=1.0, cycle_s=0.1)
+    m.set_dt(0.1)
+    ctrl = np.ones(2, dtype=np.bool_)
+    m.reset(np.array([80e3, 80e3]))
+    m.correct(np.array([0, 1]), np.array([60e3, 60e3]))
+    m.apply_ceilings(ctrl)
+    assert m.pred.tolist() == [60e3, 60e3]
+    send(m, [50e3, 50e3])
+    m.advance(m.up_step_w, -m.down_step_w)
+    m.apply_ceilings(ctrl)
+    # The capped row follows min(cap, demand); the other keeps its offset (a gain error).
+    assert m.pred.tolist() == [50e3, 30e3]
+    assert m.bias_sum == pytest.approx(-20e3)
+    # Back at the cap, a reading at the cap means the demand is at least the cap.
+    send(m, [80e3, 80e3])
+    m.advance(m.up_step_w, -m.down_step_w)
+    m.correct(np.array([0]), np.array([79.5e3]))
+    m.apply_ceilings(ctrl)
+    assert m.pred[0] == 80e3

@@ -297,7 +297,10 @@ def test_params_from_fleet_copy_the_static_columns() -> None:
     fleet = cast(
         Fleet,
         SimpleNamespace(
-            **cols, p_max_w=np.array([250e3, 250e3]), priority=np.array([3, 1], dtype=np.int32)
+            **cols,
+            p_max_w=np.array([250e3, 250e3]),
+            priority=np.array([3, 1], dtype=np.int32),
+            capped=np.array([False, True]),
         ),
     )
     params = FleetParams.from_fleet(fleet)
