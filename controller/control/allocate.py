@@ -112,6 +112,8 @@ class Allocator:
         """sum of the desire floor over the controllable rows (p_min plus any down reserve)."""
         self.sum_p_max = 0.0
         """sum of p_max over the controllable rows."""
+        self.sum_d_max = 0.0
+        """sum of the desire ceiling over the controllable rows (p_max less any up reserve)."""
         self._fast_p_min = 0.0
         self._n_fast = 0
         self._n_slow = 0
@@ -123,6 +125,7 @@ class Allocator:
         self._n_fast_all = n
         self._p_min_all = float(d_min.sum())
         self._p_max_all = float(params.p_max_w.sum())
+        self._d_max_all = float(d_max.sum())
         self._fast_p_min_all = self._p_min_all
         self.fast_delay = 0
         self.two_tiers = False
@@ -225,6 +228,7 @@ class Allocator:
         n_fast_fixed = int(np.count_nonzero(fast_fixed))
         self.sum_p_min = self._p_min_all - float(self._p_min[fixed].sum())
         self.sum_p_max = self._p_max_all - float(self._p_max[fixed].sum())
+        self.sum_d_max = self._d_max_all - float(self._d_max[fixed].sum())
         self._n_fast = self._n_fast_all - n_fast_fixed
         self._n_slow = (self.n - self._n_fast_all) - (fixed.size - n_fast_fixed)
         self._fast_p_min = self._fast_p_min_all - float(self._p_min[fixed[fast_fixed]].sum())

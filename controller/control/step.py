@@ -290,24 +290,32 @@ class Controller:
         steady state): they move slowly, and deciding before this cycle's allocation lets
         the commands go out now.
         """
-        alloc, planner, p = self._alloc, self._planner, self.params
-        flex_ss = target_w - self._observer.estimate_w - self._fixed_ss_w - self._model.bias_sum
+        alloc, planner, p, model = self._alloc, self._planner, self.params, self._model
+        other_w = self._observer.estimate_w + self._fixed_ss_w
+        flex_ss = target_w - other_w - model.bias_sum
         hyst = max(self._hold.half_w, 1.0)
-        if flex_ss < alloc.sum_p_min - hyst:
+        if target_w - other_w < alloc.sum_p_min + abs(model.bias_sum) - hyst:  # cheap pre-check
             # Sleep only what ramping cannot shed by the time a sleep would land: the awake
             # devices' lowest power then, not their steady-state floor. Slow profiles would
-            # otherwise hold the site above the target for tens of seconds.
-            pred = self._model.model + self._model.bias
+            # otherwise hold the site above the target for tens of seconds. In power: a
+            # device keeps its offset at its floor, a capped one draws min(floor, demand).
+            pred = model.model + model.bias
             low = np.subtract(pred, self._sleep_moving_w)
-            np.maximum(low, alloc.d_min_e, out=low)
+            np.maximum(low, np.add(alloc.d_min_e, model.bias), out=low)
+            r = model.capped_rows
+            if r.size:
+                at = np.maximum(model.model[r] - self._sleep_moving_w[r], alloc.d_min_e[r])
+                low[r] = np.minimum(at, model.ceiling_w)
             low *= alloc.ctrl_f
-            floor_w = float(low.sum())
-            if flex_ss < floor_w - hyst:
+            deficit_w = other_w + float(low.sum()) - target_w
+            if deficit_w > hyst:
                 low -= p.p_idle_w
-                rows = planner.park(floor_w - flex_ss, alloc.ctrl, snap.t, pred, low)
+                rows = planner.park(deficit_w, alloc.ctrl, snap.t, pred, low)
                 self._last_out[rows] = p.p_idle_w[rows]  # below p_min: the driver sleeps it
         elif planner.parked.any():
-            excess = flex_ss - alloc.sum_p_max - planner.pending_up_w(snap.state)
+            # Above what the awake devices hold while keeping the fast reserve: wake now (a
+            # wake takes minutes), so the reserve is back as early as the fleet allows.
+            excess = flex_ss - alloc.sum_d_max - planner.pending_up_w(snap.state)
             if excess > hyst:
                 _, woken = planner.unpark(excess, snap.state)
                 self._last_out[woken] = p.p_max_w[woken]  # a running setpoint wakes it
