@@ -35,6 +35,8 @@ max_kw = {SITE_MAX_KW}
 deadband_kw = 20.0
 [failsafe]
 dispatch_timeout_s = 600
+[reserve]
+up_kw_5s = 500.0
 [metrics]
 listen = "127.0.0.1:{{metrics_port}}"
 [meter]
@@ -80,6 +82,12 @@ async def test_setpoint_settles_on_ground_truth_with_ack_and_telemetry(site: Sit
         assert tel["measured_kw"] == pytest.approx(target, abs=tol)
         assert set(tel["capability"]["up_kw"]) == {"1s", "5s", "60s"}
         assert tel["capability"]["up_kw"]["5s"] > 0
+        # The fast reserve asked for is held (and reported); the site sits in its band, so
+        # the physical minimum to the target is nothing; no device sleeps.
+        assert tel["reserve"]["up_kw_5s"] == 500.0
+        assert tel["reserve"]["up_held_kw"] >= 500.0
+        assert tel["physical_min_s"] is not None and tel["physical_min_s"] <= 1.0
+        assert tel["sleep"] == {"parked": 0, "waking": 0}
         assert tel["mode"] == "normal"
         assert d.status and d.status[-1]["state"] == "online"
 
