@@ -2,9 +2,9 @@
 
 Fleets:
 - `mixed`: a random mix of three device classes: slow miners' power targets (70 %, 2 s dead
-  time, 100 W steps, able to sleep), Modbus container loads (20 %, 0.2 s) and GPU rack power caps (10 %,
-  0.1 s), so the two-tier allocation, quantization and the dead-time ring are all exercised
-  (the worst case);
+  time, 100 W steps, able to sleep), Modbus container loads (20 %, 0.2 s) and GPU rack power
+  caps (10 %, 0.1 s), so the two-tier allocation, quantization, the dead-time ring and the
+  sleep planner are all exercised (the worst case);
 - `uniform`: one class like configs/devices/modbus-load.toml (continuous, 0.2 s dead time).
 2 % of rows are not ON, each device is polled every ~2 s, the target follows a
 regulation-like random walk. `steady`: device states do not change; `churn`: each cycle

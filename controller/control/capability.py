@@ -26,15 +26,18 @@ def capability(
     *,
     wakeable_w: float = 0.0,
     asleep_floor_w: float | None = None,
+    p_hi_w: F64 | None = None,
 ) -> Capability:
     """``wakeable_w``: what parked/sleeping devices would add at full power (beyond the
     ``fixed_w`` they draw now). ``asleep_floor_w``: fixed power in steady state when every
-    parked device sleeps (default ``fixed_w``)."""
+    parked device sleeps (default ``fixed_w``). ``p_hi_w``: a lower ceiling than p_max
+    where known (a capped device's demand), else p_max."""
     h = np.asarray(horizons_s, dtype=np.float64)[:, None]
     moving = np.maximum(h - params.dead_time_s, 0.0)  # (H, N) seconds of ramping
+    top = params.p_max_w if p_hi_w is None else np.clip(p_hi_w, params.p_min_w, params.p_max_w)
     # A device predicted outside its bounds (noise) offers only from the bound it will be held at.
     pred = np.clip(predicted_w, params.p_min_w, params.p_max_w)
-    up = np.minimum(params.p_max_w, pred + params.ramp_up_w_s * moving) - pred
+    up = np.maximum(np.minimum(top, pred + params.ramp_up_w_s * moving) - pred, 0.0)
     floor = np.maximum(params.p_min_w, pred - params.ramp_down_w_s * moving)
     sleepable = params.sleepable & controllable
     if sleepable.any():
@@ -52,5 +55,5 @@ def capability(
         up_w=tuple(float(x) for x in up_w),
         down_w=tuple(float(x) for x in down_w),
         min_w=base_low + float(np.sum(low, where=controllable)),
-        max_w=base + wakeable_w + float(np.sum(params.p_max_w, where=controllable)),
+        max_w=base + wakeable_w + float(np.sum(top, where=controllable)),
     )

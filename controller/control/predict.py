@@ -139,6 +139,15 @@ class DelayModel:
         idx = self._cap_index[rows]
         self.ceiling_w[idx[idx >= 0]] = np.inf
 
+    def ceilings(self) -> F64 | None:
+        """Per row, the learned demand of capped rows (p_max elsewhere stays: +inf);
+        None when no row is capped."""
+        if not self.capped_rows.size:
+            return None
+        out = np.full(self.n, np.inf)
+        out[self.capped_rows] = self.ceiling_w
+        return out
+
     def apply_ceilings(self, ctrl: npt.NDArray[np.bool_]) -> None:
         """Capped controllable rows: offset = min(0, demand - model), so pred follows
         min(model, demand). O(capped rows)."""

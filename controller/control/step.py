@@ -160,6 +160,7 @@ class Controller:
             horizons_s,
             wakeable_w=self._wakeable_w,
             asleep_floor_w=self._fixed_ss_w,
+            p_hi_w=self._model.ceilings(),
         )
 
     def physical_min_s(self, target_w: float, tol_w: float) -> float:

@@ -60,3 +60,19 @@ def test_nothing_offered_before_the_first_step() -> None:
     cap = ctl.capability()
     assert cap.up_w == (0.0, 0.0, 0.0)
     assert cap.down_w == (0.0, 0.0, 0.0)
+
+
+def test_a_learned_demand_below_the_cap_bounds_what_is_offered_up() -> None:
+    # A GPU rack capped at 80 kW whose job needs 60 kW cannot add anything by raising its
+    # cap; at 50 kW it can add 10 kW, not 30.
+    from controller.control import FleetParams, capability
+
+    params = FleetParams.of(p_min_w=[30e3], p_max_w=[80e3], ramp_up_w_s=[1e6], ramp_down_w_s=[1e6])
+    ctrl = np.ones(1, dtype=np.bool_)
+    hi = np.array([60e3])
+    at_cap = capability(params, np.array([60e3]), ctrl, 0.0, 0.0, (1.0,), p_hi_w=hi)
+    assert at_cap.up_w == (0.0,) and at_cap.max_w == 60e3
+    below = capability(params, np.array([50e3]), ctrl, 0.0, 0.0, (1.0,), p_hi_w=hi)
+    assert below.up_w == (10e3,) and below.down_w == (20e3,)
+    unknown = capability(params, np.array([50e3]), ctrl, 0.0, 0.0, (1.0,))
+    assert unknown.up_w == (30e3,) and unknown.max_w == 80e3

@@ -1,0 +1,87 @@
+"""Benchmarks on a simulated site run as separate processes: `rampd bench ramp | regulation`.
+
+They print their figures and the command that reproduces them; timing is never a test. The
+arguments live here so the CLI can list them without importing the benches themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from controller.bench.site_run import DEFAULT_CONFIG
+
+
+def _common(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG), help="site TOML file")
+    p.add_argument("--out", help=f"output directory (default bench-runs/<timestamp>-{kind})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small site from the same templates (10 loads, 100 miners, 4 racks), short run",
+    )
+    p.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    p.add_argument("--mqtt", help="use the broker at HOST:PORT instead of starting one")
+
+
+def add_ramp_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p, "ramp")
+    p.add_argument(
+        "--random-steps",
+        type=int,
+        help="seeded random steps after the fixed scenarios (default 20; --quick 1)",
+    )
+    p.add_argument(
+        "--step-cap-s",
+        type=float,
+        help="end every step after this many seconds (default: from the physical minimum)",
+    )
+
+
+def add_regulation_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p, "regulation")
+    p.add_argument(
+        "--compress",
+        type=int,
+        help="replay the signal K times faster and score K times shorter samples, blocks and "
+        "delays (default 1; --quick 5)",
+    )
+    p.add_argument(
+        "--minutes", type=float, help="wall-clock minutes of replay (default 10; --quick 2)"
+    )
+    p.add_argument("--day", default="8/1/2017", help="signal column (a day of the CSV)")
+    p.add_argument(
+        "--start",
+        default="22:00:00",
+        help="time of day to start the signal at (default 22:00:00: both directions within "
+        "10 min; on 8/1/2017 the signal sits at -1 from 16:00 to 16:10)",
+    )
+    p.add_argument("--signal", help="PJM regulation CSV (default ../shared/data/pjm_rega_*)")
+
+
+def _run_ramp(args: argparse.Namespace) -> int:
+    from controller.bench.ramp import run_cli
+
+    return run_cli(args)
+
+
+def _run_regulation(args: argparse.Namespace) -> int:
+    from controller.bench.regulation import run_cli
+
+    return run_cli(args)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `rampd bench ramp` and `rampd bench regulation` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks on a simulated site (ramp, regulation)",
+        description="Start a broker, the simulated site and the daemon as processes, drive "
+        "them like a grid dispatcher and score the simulator's ground truth.",
+    )
+    benches = p.add_subparsers(dest="bench", required=True)
+    r = benches.add_parser("ramp", help="setpoint steps: settle time against the physical minimum")
+    add_ramp_arguments(r)
+    r.set_defaults(func=_run_ramp)
+    g = benches.add_parser("regulation", help="replay a PJM RegA signal, PJM performance score")
+    add_regulation_arguments(g)
+    g.set_defaults(func=_run_regulation)
