@@ -80,6 +80,7 @@ class ControlCycle:
         self._last_t: float | None = None
         self._on_tick: list[Callable[[CycleOutput], None]] = []
         self._meter_was_fresh: bool | None = None
+        self._sleep_counts = (0, 0)
         self._seen_all = False
 
     def on_tick(self, callback: Callable[[CycleOutput], None]) -> None:
@@ -134,6 +135,10 @@ class ControlCycle:
         # 2. Pure control step.
         result = self.controller.step(snap, target_w, dt)
         fleet.setpoint_w[:] = result.setpoints_w
+        counts = (result.parked, result.waking)
+        if counts != self._sleep_counts:
+            log.info("sleep plan: %d devices told to sleep, %d waking", *counts)
+            self._sleep_counts = counts
 
         # 3. Hand changed setpoints of controllable rows to their drivers.
         ctl = np.flatnonzero(result.controllable if result.commanded is None else result.commanded)
