@@ -245,6 +245,7 @@ class Daemon:
                 self.journal.record_ack(now_unix, exc.id, exc.seq, False, exc.reason)
             return
         self.tracker.accept(d, now, now_unix)
+        self.cycle.poke()
         if self.journal is not None:
             self.journal.record_dispatch(now_unix, payload, d)
             self.journal.record_ack(now_unix, d.id, d.seq, True, "")

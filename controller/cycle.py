@@ -81,6 +81,7 @@ class ControlCycle:
         self._on_tick: list[Callable[[CycleOutput], None]] = []
         self._meter_was_fresh: bool | None = None
         self._sleep_counts = (0, 0)
+        self._poke = asyncio.Event()
         self._seen_all = False
 
     def on_tick(self, callback: Callable[[CycleOutput], None]) -> None:
@@ -99,9 +100,17 @@ class ControlCycle:
         self._seen_all = not unseen.any()
         return self._seen_all
 
-    def tick(self) -> CycleOutput:
+    def poke(self) -> None:
+        """Run the next cycle now (a new dispatch): saves up to a period of latency."""
+        self._poke.set()
+
+    def tick(self, *, early: bool = False) -> CycleOutput:
         now = self.clock()
         dt = self.period_s if self._last_t is None else max(now - self._last_t, 1e-3)
+        if early:
+            # The device model counts dead times in cycles of about the period; a poked
+            # cycle is short, and a short dt would re-derive those counts for one cycle.
+            dt = self.period_s
         self._last_t = now
         fleet = self.fleet
 
@@ -175,10 +184,12 @@ class ControlCycle:
         return out
 
     async def run(self) -> None:
-        """Tick on a fixed monotonic schedule; an overrun skips ahead instead of bunching."""
+        """Tick on a fixed monotonic schedule; an overrun skips ahead instead of bunching.
+        A poke (new dispatch) ticks at once and restarts the schedule from there."""
         next_t = self.clock()
+        early = False
         while True:
-            self.tick()
+            self.tick(early=early)
             next_t += self.period_s
             now = self.clock()
             if now > next_t:
@@ -186,4 +197,12 @@ class ControlCycle:
                 self.metrics.cycle_overruns.inc()
                 missed = int((now - next_t) / self.period_s) + 1
                 next_t += missed * self.period_s
-            await asyncio.sleep(next_t - now)
+            self._poke.clear()
+            try:
+                async with asyncio.timeout(next_t - now):
+                    await self._poke.wait()
+            except TimeoutError:
+                early = False
+            else:
+                early = True
+                next_t = self.clock()

@@ -34,6 +34,9 @@ from controller.control.types import (
 )
 
 RESERVE_HORIZON_S = 5.0
+TIMING_UNCERTAINTY_S = 0.1
+"""How far meter and device timing may be off the model (a cycle): sets when the observer
+holds (the model moving more than the deadband, or 0.5 % of the fleet, in this time)."""
 
 
 def reserve_bounds(
@@ -120,6 +123,11 @@ class Controller:
         self._hold = TargetDeadband(deadband_w)
         self._history = SumHistory()
         self._meter_lag_s = meter_lag_s
+        # Moves smaller than the deadband or 0.5 % of the fleet per TIMING_UNCERTAINTY_S
+        # are slow enough to learn from.
+        self._hold_above_w = max(deadband_w, 0.005 * float(params.p_max_w.sum())) + 1.0
+        self._observer_hold = 0  # cycles left with the observer held
+        self._last_pred_w = 0.0
         # Internal setpoint: continuous, ramp-limited, 0 on rows not controllable. What the
         # devices are told (quantized) lives in the model's ring buffer.
         self._cmd: F64 = np.zeros(n)
@@ -244,7 +252,24 @@ class Controller:
             self._history.shift(pred_sum - advanced_sum)
         self._history.push(snap.t, pred_sum)
         meter_t = snap.t - snap.meter_age_s - self._meter_lag_s
-        nc = self._observer.update(snap.meter_w, self._history.at(meter_t), dt)
+        model_then = self._history.at(meter_t)
+        # While the fleet moves fast, a timing error of the meter or of a device's dead
+        # time (tens of ms) reads as a phantom change of the non-flexible load, which the
+        # observer would keep after the move; it holds its estimate until the fleet has
+        # slowed and the meter has caught up with the move.
+        if (
+            self._started
+            and abs(advanced_sum - self._last_pred_w) * (TIMING_UNCERTAINTY_S / dt)
+            > self._hold_above_w
+        ):
+            lag = snap.meter_age_s + self._meter_lag_s + TIMING_UNCERTAINTY_S
+            self._observer_hold = math.ceil(lag / dt)
+        if self._observer.initialised and self._observer_hold > 0:
+            self._observer_hold -= 1
+            nc = self._observer.estimate_w
+        else:
+            nc = self._observer.update(snap.meter_w, model_then, dt)
+        self._last_pred_w = pred_sum
         flex = self._hold.apply(target_w - nc - self._fixed_w - bias_w)
 
         # 3. Ramp filter and allocation.
