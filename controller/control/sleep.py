@@ -44,7 +44,7 @@ class SleepPlanner:
         self.woken: Bool = np.zeros(n, dtype=np.bool_)
         """Told to wake, not seen ON yet."""
         self.parked_at: F64 = np.full(n, np.nan)
-        """When parked (monotonic s)."""
+        """When the sleep command was acknowledged (monotonic s); inf until then."""
         self.parked_from_w: F64 = np.zeros(n)
         """Predicted power when parked: drawn until the sleep takes effect."""
         self._gain_up: F64 = np.maximum(params.p_max_w - params.p_idle_w, 0.0)
@@ -69,6 +69,21 @@ class SleepPlanner:
             self.parked_at[asleep] = -math.inf
             self.parked_from_w[asleep] = self.params.p_idle_w[asleep]
 
+    def note_delivery(self, delivered_w: F64 | None, t: float) -> None:
+        """Parked rows whose driver acknowledged the sleep now start their countdown: on a
+        big site the commands take a while to go out, and a drop predicted from the
+        decision would come early (the fast devices would fill a hole not there yet)."""
+        if not self.any:
+            return
+        waiting = self.parked & np.isinf(self.parked_at) & (self.parked_at > 0)
+        if not waiting.any():
+            return
+        if delivered_w is None:  # no acknowledgements: count from the decision
+            self.parked_at[waiting] = t
+            return
+        acked = waiting & (delivered_w < self.params.p_min_w)
+        self.parked_at[acked] = t
+
     def parked_power_w(self, rows: Rows, t: float) -> F64:
         """What parked ``rows`` draw at time ``t``: their power when parked until the sleep
         takes effect, then ``p_idle``."""
@@ -91,7 +106,7 @@ class SleepPlanner:
         rows = order[:k][cand[:k]]
         self.parked[rows] = True
         self.woken[rows] = False
-        self.parked_at[rows] = t
+        self.parked_at[rows] = np.inf  # until the driver acknowledges (note_delivery)
         self.parked_from_w[rows] = pred_w[rows]
         return rows
 

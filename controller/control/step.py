@@ -60,7 +60,15 @@ def reserve_bounds(
     r_down = c_down * min(1.0, 1.1 * down_w / max(float(c_down.sum()), 1e-9))
     both = r_up + r_down
     scale = np.where(both > span, span / np.maximum(both, 1e-12), 1.0)
-    return params.p_min_w + r_down * scale, params.p_max_w - r_up * scale
+    r_up, r_down = r_up * scale, r_down * scale
+    # A quantized device holds whole steps or nothing: a sliver below one step would only
+    # floor its steady state a whole step down.
+    q = params.step_w > 0
+    if q.any():
+        step = np.where(q, params.step_w, 1.0)
+        r_up = np.where(q, np.floor(r_up / step + 1e-9) * step, r_up)
+        r_down = np.where(q, np.floor(r_down / step + 1e-9) * step, r_down)
+    return params.p_min_w + r_down, params.p_max_w - r_up
 
 
 def effective_params(params: FleetParams) -> FleetParams:
@@ -207,6 +215,7 @@ class Controller:
             planner.observe(snap.state, ctrl)
             if self._started and self._observer.initialised:
                 self._plan(snap, target_w)
+            planner.note_delivery(snap.delivered_w, snap.t)
             ctrl = ctrl & ~planner.parked
 
         # 1. Device model: where is each device now?
@@ -363,7 +372,14 @@ class Controller:
         if running.any():
             rows = fixed[running]
             now = planner.parked_power_w(rows, snap.t)
-            lands = planner.parked_power_w(rows, snap.t + (self._alloc.fast_delay + 1) * dt)
+            # A sleep drops power in one step; the fast tier can only ramp. Starting half
+            # its ramp time early (plus its dead time) splits the error around the step.
+            step_w = float((now - p.p_idle_w[rows]).sum())
+            rate_w_s = float(np.dot(self._alloc.up_e, self._alloc.fast_f)) / dt
+            ahead = (self._alloc.fast_delay + 1) * dt
+            if step_w > 0.0 and rate_w_s > 0.0:
+                ahead += 0.5 * step_w / rate_w_s
+            lands = planner.parked_power_w(rows, snap.t + ahead)
             values[running] = now
             self._fixed_w = float(values.sum()) + float((lands - now).sum())
         self._fixed_ss_w = float(values.sum()) - float(
