@@ -55,7 +55,7 @@ def add_regulation_arguments(p: argparse.ArgumentParser) -> None:
         help="time of day to start the signal at (default 22:00:00: both directions within "
         "10 min; on 8/1/2017 the signal sits at -1 from 16:00 to 16:10)",
     )
-    p.add_argument("--signal", help="PJM regulation CSV (default ../shared/data/pjm_rega_*)")
+    p.add_argument("--signal", help="PJM regulation CSV (default bench/data/pjm_rega_*)")
 
 
 def _run_ramp(args: argparse.Namespace) -> int:

@@ -49,7 +49,8 @@ from controller.ramp_metrics import tolerance_kw
 from controller.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
 
 DESCRIPTION: Final = "Regulation bench: replay a PJM RegA signal, score with the PJM score."
-DEFAULT_SIGNAL: Final = REPO.parent / "shared" / "data" / "pjm_rega_2017-08_2s.csv"
+DEFAULT_SIGNAL: Final = REPO / "bench" / "data" / "pjm_rega_2017-08_2s.csv"
+"""A copy of ../shared/data/pjm_rega_2017-08_2s.csv (see bench/data/README.md)."""
 SIGNAL_STEP_S: Final = 2.0
 """The CSV's sample period."""
 PJM_SAMPLE_S: Final = 10.0

@@ -16,7 +16,7 @@ from controller.pjm_score import (
     resample,
 )
 
-REGA = Path("/work/shared/data/pjm_rega_2017-08_2s.csv")
+REGA = Path(__file__).resolve().parents[2] / "bench" / "data" / "pjm_rega_2017-08_2s.csv"
 
 # One default block (30 samples of 10 s): +1 for 100 s, -1 for 100 s, +1 for 100 s.
 # mean|s| = 1.
