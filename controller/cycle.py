@@ -145,9 +145,10 @@ class ControlCycle:
         result = self.controller.step(snap, target_w, dt)
         fleet.setpoint_w[:] = result.setpoints_w
         counts = (result.parked, result.waking)
-        if counts != self._sleep_counts:
+        # A decision (more or fewer asleep, new wakes), not wakes completing one by one.
+        if counts[0] != self._sleep_counts[0] or counts[1] > self._sleep_counts[1]:
             log.info("sleep plan: %d devices told to sleep, %d waking", *counts)
-            self._sleep_counts = counts
+        self._sleep_counts = counts
 
         # 3. Hand changed setpoints of controllable rows to their drivers.
         ctl = np.flatnonzero(result.controllable if result.commanded is None else result.commanded)
