@@ -243,6 +243,18 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         self._busy_warned[local] = False
         return sid
 
+    async def _check_atm(self, local: int) -> None:
+        """At the first good poll, not at the first command: read whether ATM is on (one
+        unprivileged exchange). Where it is off, nothing is left to do, and a fleet-wide
+        command (a site shedding within seconds) costs a miner one exchange fewer; where it
+        is on, switching it off needs the session, so the first command does it."""
+        try:
+            enabled = m.parse_atm(await self._call(local, "atm"))
+        except m.CommandError:
+            enabled = False  # firmware without ATM
+        if not enabled:
+            self._atm_done[local] = True
+
     async def _disable_atm(self, local: int, sid: str) -> None:
         """ATM moves profiles with temperature and would undo ours: switch it off once."""
         try:
@@ -344,6 +356,8 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
             cfg = None
             if k % self._config_every == self._config_every // 2 or self._curtailed[local] is None:
                 cfg = await self._read_config(local)
+            if not self._atm_done[local]:
+                await self._check_atm(local)
         except DriverError as exc:
             if not isinstance(exc, m.CommandError):
                 # The connection failed: the miner may have restarted; verify before trusting.

@@ -420,3 +420,18 @@ async def test_reboot_of_a_sleeping_miner_puts_it_back_to_sleep(rig: Rig) -> Non
     await until(lambda: ph.cmd_run[k] == 1, 2, what="restarted running")
     await until(lambda: ph.cmd_run[k] == 0, 5, what="curtailed again")
     await until(lambda: fleet.state[k] == DeviceState.SLEEPING, 5, what="asleep again")
+
+
+async def test_polls_learn_that_atm_is_off_so_a_command_needs_no_atm_exchange(rig: Rig) -> None:
+    sim = rig.site.servers.sim
+    sim.atm_enabled[4] = False  # an operator switched it off already
+    await rig.first_polls()
+    await until(lambda: sim.counts[4, "atm"] >= 1, 3, what="ATM read by a poll")
+    assert sim.counts[4, "logon"] == 0  # reading it needs no session
+    rig.driver.submit(np.array([4, 5]), np.array([3000.0, 3000.0]))
+    await until(
+        lambda: bool((rig.physics.cmd_setpoint_w[[4, 5]] == 3000.0).all()), 3, what="commands"
+    )
+    # Miner 4: logon + profileset only. Miner 5 (ATM on) still has it switched off first.
+    assert sim.counts[4, "atm"] == 1 and sim.counts[4, "atmset"] == 0
+    assert sim.counts[5, "atmset"] == 1 and not sim.atm_enabled[5]
