@@ -69,10 +69,12 @@ class SleepPlanner:
             self.parked_at[asleep] = -math.inf
             self.parked_from_w[asleep] = self.params.p_idle_w[asleep]
 
-    def note_delivery(self, delivered_w: F64 | None, t: float) -> None:
-        """Parked rows whose driver acknowledged the sleep now start their countdown: on a
-        big site the commands take a while to go out, and a drop predicted from the
-        decision would come early (the fast devices would fill a hole not there yet)."""
+    def note_delivery(self, delivered_w: F64 | None, t: float, dt: float = 0.0) -> None:
+        """Parked rows whose driver acknowledged the sleep start their countdown: on a big
+        site the commands take a while to go out, and a drop predicted from the decision
+        would come early (the fast devices would fill a hole not there yet). An ack seen
+        now came within the last cycle, and the device acted before it answered: the
+        countdown starts half a cycle back."""
         if not self.any:
             return
         waiting = self.parked & np.isinf(self.parked_at) & (self.parked_at > 0)
@@ -82,7 +84,7 @@ class SleepPlanner:
             self.parked_at[waiting] = t
             return
         acked = waiting & (delivered_w < self.params.p_min_w)
-        self.parked_at[acked] = t
+        self.parked_at[acked] = t - 0.5 * dt
 
     def parked_power_w(self, rows: Rows, t: float) -> F64:
         """What parked ``rows`` draw at time ``t``: their power when parked until the sleep

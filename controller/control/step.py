@@ -135,6 +135,8 @@ class Controller:
         # are slow enough to learn from.
         self._hold_above_w = max(deadband_w, 0.005 * float(params.p_max_w.sum())) + 1.0
         self._observer_hold = 0  # cycles left with the observer held
+        self._parked_motion_w = 0.0
+        self._drop_soon = False
         self._last_pred_w = 0.0
         # Internal setpoint: continuous, ramp-limited, 0 on rows not controllable. What the
         # devices are told (quantized) lives in the model's ring buffer.
@@ -215,7 +217,7 @@ class Controller:
             planner.observe(snap.state, ctrl)
             if self._started and self._observer.initialised:
                 self._plan(snap, target_w)
-            planner.note_delivery(snap.delivered_w, snap.t)
+            planner.note_delivery(snap.delivered_w, snap.t, dt)
             ctrl = ctrl & ~planner.parked
 
         # 1. Device model: where is each device now?
@@ -238,6 +240,7 @@ class Controller:
         if polled.size:
             model.correct(polled, self._readings(measured, polled))
         fixed = self._fixed_rows
+        self._parked_motion_w, self._drop_soon = 0.0, False
         if fixed.size:
             values = self._readings(measured, fixed)
             self._wakeable_w = 0.0
@@ -250,6 +253,8 @@ class Controller:
         else:
             self._fixed_w = self._fixed_ss_w = self._wakeable_w = 0.0
         model.apply_ceilings(ctrl)
+        if self._started:
+            advanced_sum += self._parked_motion_w
         bias_w = model.bias_sum
         pred_sum = float(model.model.sum()) + bias_w
 
@@ -266,9 +271,9 @@ class Controller:
         # time (tens of ms) reads as a phantom change of the non-flexible load, which the
         # observer would keep after the move; it holds its estimate until the fleet has
         # slowed and the meter has caught up with the move.
-        if (
-            self._started
-            and abs(advanced_sum - self._last_pred_w) * (TIMING_UNCERTAINTY_S / dt)
+        if self._started and (
+            self._drop_soon
+            or abs(advanced_sum - self._last_pred_w) * (TIMING_UNCERTAINTY_S / dt)
             > self._hold_above_w
         ):
             lag = snap.meter_age_s + self._meter_lag_s + TIMING_UNCERTAINTY_S
@@ -380,6 +385,11 @@ class Controller:
             if step_w > 0.0 and rate_w_s > 0.0:
                 ahead += 0.5 * step_w / rate_w_s
             lands = planner.parked_power_w(rows, snap.t + ahead)
+            # A scheduled drop is the fleet moving, not news about the past (a poll's);
+            # the observer also holds just before one, as the meter may see it first.
+            self._parked_motion_w = float((now - planner.parked_power_w(rows, snap.t - dt)).sum())
+            soon = planner.parked_power_w(rows, snap.t + TIMING_UNCERTAINTY_S)
+            self._drop_soon = bool((soon < now).any())
             values[running] = now
             self._fixed_w = float(values.sum()) + float((lands - now).sum())
         self._fixed_ss_w = float(values.sum()) - float(
