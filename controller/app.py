@@ -19,7 +19,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from controller.config import DeviceSpec, JournalConfig, LoadedConfig, split_host_port
+from controller.config import (
+    ConfigError,
+    DeviceSpec,
+    JournalConfig,
+    LoadedConfig,
+    plaintext_problem,
+    split_host_port,
+)
 from controller.control import Capability, Controller, FleetParams
 from controller.control.step import RESERVE_HORIZON_S
 from controller.cycle import ControlCycle, CycleOutput
@@ -122,6 +129,10 @@ class Daemon:
         mqtt_cfg = site.mqtt
         if ov.mqtt:
             host, port = split_host_port(ov.mqtt, default_port=1883)
+            try:
+                plaintext_problem(host, mqtt_cfg.tls is not None, mqtt_cfg.allow_plaintext)
+            except ValueError as exc:
+                raise ConfigError(f"--mqtt {ov.mqtt}: {exc}") from None
             mqtt_cfg = mqtt_cfg.model_copy(update={"host": host, "port": port})
         self.metrics_listen = ov.metrics_listen or site.metrics.listen
 

@@ -99,7 +99,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     try:
         run_loop(run_daemon(cfg, Overrides(mqtt=args.mqtt, metrics_listen=args.metrics_listen)))
-    except JournalError as exc:
+    except (JournalError, ConfigError) as exc:
         print(f"rampd: {exc}", file=sys.stderr)
         return 2
     return 0

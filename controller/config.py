@@ -57,6 +57,14 @@ class MqttConfig(_Strict):
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     tls: TlsConfig | None = None
     reconnect_max_s: PositiveFloat = 30.0
+    allow_plaintext: bool = False
+    """Allow MQTT without TLS to a broker that is not on this host. Off: dispatches and
+    credentials would cross the network readable and forgeable."""
+
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> MqttConfig:
+        plaintext_problem(self.host, self.tls is not None, self.allow_plaintext)
+        return self
 
     @field_validator("prefix")
     @classmethod
@@ -64,6 +72,25 @@ class MqttConfig(_Strict):
         if not v or any(c in v for c in "#+\0") or v.startswith("/") or v.endswith("/"):
             raise ValueError("must be a non-empty topic level without '#', '+' or edge '/'")
         return v
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (names are not resolved: anything else is remote)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_problem(host: str, tls: bool, allowed: bool) -> None:
+    """Raise ValueError when MQTT would go in plaintext to a broker off this host."""
+    if not tls and not allowed and not is_loopback(host):
+        raise ValueError(
+            f"plaintext MQTT to {host!r}, which is not this host: configure [mqtt.tls], "
+            "or set allow_plaintext = true if the network is trusted"
+        )
 
 
 class SiteLimits(_Strict):

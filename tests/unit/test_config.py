@@ -117,3 +117,36 @@ def test_check_config_summary_and_exit_codes(
         main(["check-config", str(bad)])
     assert exc.value.code == 2
     assert "site.max_kw" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "ok"),
+    [
+        ('host = "broker.site.internal"', False),
+        ('host = "10.20.1.5"', False),
+        ('host = "broker.site.internal"\nallow_plaintext = true', True),
+        ('host = "broker.site.internal"\n[mqtt.tls]\nca_file = "/etc/ssl/ca.pem"', True),
+        ('host = "127.0.0.1"', True),
+        ('host = "::1"', True),
+        ('host = "localhost"', True),
+    ],
+)
+def test_plaintext_mqtt_off_this_host_is_refused_unless_allowed(
+    tmp_path: Path, mqtt: str, ok: bool
+) -> None:
+    path = write(tmp_path, GOOD + "[mqtt]\n" + mqtt + "\n")
+    if ok:
+        load_config(path)
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = str(exc.value)
+    assert str(path) in msg and "mqtt" in msg and "plaintext MQTT" in msg
+
+
+def test_a_plaintext_broker_override_off_this_host_is_refused(tmp_path: Path) -> None:
+    from controller.app import Daemon, Overrides
+
+    cfg = load_config(write(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match=r"--mqtt 10\.0\.0\.9:1883: plaintext MQTT"):
+        Daemon(cfg, Overrides(mqtt="10.0.0.9:1883"))
