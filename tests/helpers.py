@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import random
 import socket
 import subprocess
@@ -234,3 +235,18 @@ class DriverRig(Generic[DriverT]):
 
     async def first_polls(self, timeout: float = 5.0) -> None:
         await until(self.polled, timeout, what="first polls")
+
+
+def assert_finite_numbers(value: object) -> None:
+    """Every number inside ``value`` (lists, tuples, dataclasses) is finite: what a device
+    parser returns ends up in the fleet arrays, where a NaN or inf would poison sums."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        assert math.isfinite(value), value
+    elif isinstance(value, list | tuple):
+        for v in value:
+            assert_finite_numbers(v)
+    elif hasattr(value, "__dataclass_fields__"):
+        for name in value.__dataclass_fields__:
+            assert_finite_numbers(getattr(value, name))

@@ -156,8 +156,6 @@ class Allocator:
             raise ValueError(f"priority: shape {priority.shape} != ({self.n},)")
         order = merit_order(priority)
         self._order = order
-        self.order = order
-        """Merit order: rows filled first come first."""
         self._inv = np.empty_like(order)
         self._inv[order] = np.arange(self.n)
         self._rng_s: F64 = self._range[order]
@@ -168,6 +166,11 @@ class Allocator:
         self._base += self._p_min
         self._static_fast_cumsum()
         self._fixed_intervals()
+
+    @property
+    def order(self) -> npt.NDArray[np.intp]:
+        """Merit order: rows filled first come first."""
+        return self._order
 
     def set_ramps(self, up_step_w: F64, down_step_w: F64) -> None:
         """Ramp steps (ramp * dt) changed with dt."""

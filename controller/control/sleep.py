@@ -100,37 +100,35 @@ class SleepPlanner:
     def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64, gain_w: F64) -> Rows:
         """Park just enough controllable sleepable rows (lowest merit first) to free
         ``deficit_w``, each freeing ``gain_w``; returns them."""
-        order = self._sleep_order
-        cand = (ctrl & self.sleepable)[order]
-        gains = np.where(cand, gain_w[order], 0.0)
-        cum = np.cumsum(gains)
-        k = int(np.searchsorted(cum, deficit_w - 1e-9, side="left")) + 1
-        rows = order[:k][cand[:k]]
+        rows, _ = _first_covering(self._sleep_order, ctrl & self.sleepable, gain_w, deficit_w)
         self.parked[rows] = True
         self.woken[rows] = False
         self.parked_at[rows] = np.inf  # until the driver acknowledges (note_delivery)
         self.parked_from_w[rows] = pred_w[rows]
         return rows
 
-    def unpark(self, excess_w: float, state: I8) -> tuple[Rows, Rows]:
+    def unpark(self, excess_w: float, state: I8) -> Rows:
         """Bring back ``excess_w`` of capacity: parked rows still ON first (instant), then
-        sleeping ones woken (highest merit first). Returns (back ON, woken)."""
+        sleeping ones woken (highest merit first). Returns the woken rows."""
+        asleep = (state == SLEEPING) | (state == WAKING)
         order = self._wake_order
-        still_on = (self.parked & (state != SLEEPING) & (state != WAKING))[order]
-        gains_on = np.where(still_on, self._gain_up[order], 0.0)
-        cum_on = np.cumsum(gains_on)
-        k = int(np.searchsorted(cum_on, excess_w - 1e-9, side="left")) + 1
-        back = order[:k][still_on[:k]]
-        left = excess_w - float(gains_on[:k].sum())
+        back, covered = _first_covering(order, self.parked & ~asleep, self._gain_up, excess_w)
         woken = np.empty(0, dtype=np.intp)
-        if left > 0.0:
-            asleep = (self.parked & ((state == SLEEPING) | (state == WAKING)))[order]
-            gains = np.where(asleep, self._gain_up[order], 0.0)
-            cum = np.cumsum(gains)
-            j = int(np.searchsorted(cum, left - 1e-9, side="left")) + 1
-            woken = order[:j][asleep[:j]]
+        if excess_w - covered > 0.0:
+            woken, _ = _first_covering(
+                order, self.parked & asleep, self._gain_up, excess_w - covered
+            )
             self.woken[woken] = True
         rows = np.concatenate([back, woken])
         self.parked[rows] = False
         self.parked_at[rows] = np.nan
-        return back, woken
+        return woken
+
+
+def _first_covering(order: Rows, candidate: Bool, gain_w: F64, need_w: float) -> tuple[Rows, float]:
+    """The fewest candidate rows, taken in ``order``, whose gains add up to ``need_w`` (all
+    of them if they cannot), and what they add up to."""
+    cand = candidate[order]
+    cum = np.cumsum(np.where(cand, gain_w[order], 0.0))
+    k = int(np.searchsorted(cum, need_w - 1e-9, side="left")) + 1
+    return order[:k][cand[:k]], float(cum[min(k, cum.size) - 1]) if cum.size else 0.0

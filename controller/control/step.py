@@ -243,12 +243,11 @@ class Controller:
         self._parked_motion_w, self._drop_soon = 0.0, False
         if fixed.size:
             values = self._readings(measured, fixed)
-            self._wakeable_w = 0.0
-            self._fixed_w = self._fixed_ss_w = 0.0
             if planner.any:
                 self._parked_values(snap, fixed, values, dt)
             else:
                 self._fixed_w = self._fixed_ss_w = float(values.sum())
+                self._wakeable_w = 0.0
             model.pin(fixed, values)  # fixed devices are where they were measured
         else:
             self._fixed_w = self._fixed_ss_w = self._wakeable_w = 0.0
@@ -357,7 +356,7 @@ class Controller:
             # wake takes minutes), so the reserve is back as early as the fleet allows.
             excess = flex_ss - alloc.sum_d_max - planner.pending_up_w(snap.state)
             if excess > hyst:
-                _, woken = planner.unpark(excess, snap.state)
+                woken = planner.unpark(excess, snap.state)
                 self._last_out[woken] = p.p_max_w[woken]  # a running setpoint wakes it
 
     def _parked_values(self, snap: Snapshot, fixed: Rows, values: F64, dt: float) -> None:
@@ -395,7 +394,7 @@ class Controller:
         self._fixed_ss_w = float(values.sum()) - float(
             np.sum(values - p.p_idle_w[fixed], where=parked)
         )
-        asleep = (parked | planner.woken[fixed]) & (snap.state[fixed] != ON) | parked
+        asleep = parked | (planner.woken[fixed] & (snap.state[fixed] != ON))
         self._wakeable_w = float(np.sum(p.p_max_w[fixed] - values, where=asleep))
 
     def _readings(self, measured: F64, rows: Rows) -> F64:

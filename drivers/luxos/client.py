@@ -243,25 +243,23 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         self._busy_warned[local] = False
         return sid
 
+    async def _atm_enabled(self, local: int) -> bool:
+        try:
+            return m.parse_atm(await self._call(local, "atm"))
+        except m.CommandError:
+            return False  # firmware without ATM
+
     async def _check_atm(self, local: int) -> None:
         """At the first good poll, not at the first command: read whether ATM is on (one
         unprivileged exchange). Where it is off, nothing is left to do, and a fleet-wide
         command (a site shedding within seconds) costs a miner one exchange fewer; where it
         is on, switching it off needs the session, so the first command does it."""
-        try:
-            enabled = m.parse_atm(await self._call(local, "atm"))
-        except m.CommandError:
-            enabled = False  # firmware without ATM
-        if not enabled:
+        if not await self._atm_enabled(local):
             self._atm_done[local] = True
 
     async def _disable_atm(self, local: int, sid: str) -> None:
         """ATM moves profiles with temperature and would undo ours: switch it off once."""
-        try:
-            enabled = m.parse_atm(await self._call(local, "atm"))
-        except m.CommandError:
-            enabled = False  # firmware without ATM
-        if enabled:
+        if await self._atm_enabled(local):
             await self._call(local, "atmset", sid, "enabled=false")
             log.info("luxos %s: ATM disabled (it would override power targets)", self._name(local))
         self._atm_done[local] = True

@@ -27,7 +27,6 @@ from aiohttp import web
 
 from controller.config import DeviceSpec
 from controller.control.physical_min import physical_min_s, reachable_w
-from controller.control.types import FleetParams
 from drivers.sim.physics import Fault, SitePhysics
 
 log = logging.getLogger("rampd.sim")
@@ -74,18 +73,7 @@ class SimControl:
         app.router.add_post("/meter", self.meter)
         app.router.add_post("/physical_min", self.physical_min)
         self.app = app
-        ph = physics
-        self._params = FleetParams.of(
-            p_min_w=ph.p_min_w,
-            p_max_w=ph.p_max_w,
-            p_idle_w=ph.p_idle_w,
-            ramp_up_w_s=ph.ramp_up_w_s,
-            ramp_down_w_s=ph.ramp_down_w_s,
-            dead_time_s=ph.dead_time_s,
-            step_w=ph.step_w,
-            wake_s=ph.wake_s,
-            sleep_s=ph.sleep_s,
-        )
+        self._params = physics.fleet_params()
 
     async def start(self, host: str, port: int) -> int:
         self._runner = web.AppRunner(self.app, access_log=None)

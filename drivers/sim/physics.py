@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.config import DeviceSpec
+from controller.control.types import FleetParams
 from controller.fleet import DeviceState
 
 F64 = npt.NDArray[np.float64]
@@ -248,6 +249,20 @@ class SitePhysics:
         waking = self.state == DeviceState.WAKING
         out: F64 = np.where(waking, np.maximum(self._timer, 0.0), 0.0)
         return out
+
+    def fleet_params(self) -> FleetParams:
+        """The devices' static columns as the control math takes them."""
+        return FleetParams.of(
+            p_min_w=self.p_min_w,
+            p_max_w=self.p_max_w,
+            p_idle_w=self.p_idle_w,
+            ramp_up_w_s=self.ramp_up_w_s,
+            ramp_down_w_s=self.ramp_down_w_s,
+            dead_time_s=self.dead_time_s,
+            step_w=self.step_w,
+            wake_s=self.wake_s,
+            sleep_s=self.sleep_s,
+        )
 
     def truth(self) -> float:
         """True site power W: every device plus the non-flexible load, without meter noise."""

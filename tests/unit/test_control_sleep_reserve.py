@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceSpec
-from controller.control import Controller, FleetParams, Snapshot
+from controller.control import Controller, Snapshot
 from controller.fleet import DeviceState
 from drivers.base import CommandFunnel
 from drivers.sim.physics import SitePhysics
@@ -54,30 +54,13 @@ def load(i: int) -> DeviceSpec:
     )
 
 
-def params_of(specs: list[DeviceSpec]) -> FleetParams:
-    def col(a: str) -> list[float]:
-        return [float(getattr(s, a)) for s in specs]
-
-    return FleetParams.of(
-        p_min_w=col("p_min_w"),
-        p_max_w=col("p_max_w"),
-        p_idle_w=col("p_idle_w"),
-        ramp_up_w_s=col("ramp_up_w_s"),
-        ramp_down_w_s=col("ramp_down_w_s"),
-        dead_time_s=col("dead_time_s"),
-        step_w=col("step_w"),
-        wake_s=col("wake_s"),
-        sleep_s=col("sleep_s"),
-    )
-
-
 class Loop:
     """Controller + funnel + a LuxOS-like driver + the simulator's physics."""
 
-    def __init__(self, specs: list[DeviceSpec], **ctl: float) -> None:
+    def __init__(self, specs: list[DeviceSpec], *, reserve_up_w: float = 0.0) -> None:
         self.ph = SitePhysics(specs, 50e3, dt_s=DT / SUB, meter_noise_w=0.0, drift_fraction=0.0)
-        self.p = params_of(specs)
-        self.ctl = Controller(self.p, deadband_w=2e3, **ctl)
+        self.p = self.ph.fleet_params()
+        self.ctl = Controller(self.p, deadband_w=2e3, reserve_up_w=reserve_up_w)
         sleep_w = np.where(self.p.sleepable, self.p.p_idle_w, np.nan)
         self.funnel = CommandFunnel(
             self.p.p_min_w, self.p.p_max_w, self.p.step_w, np.zeros(self.p.n), sleep_w=sleep_w

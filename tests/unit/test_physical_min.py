@@ -214,20 +214,6 @@ def test_bad_input_is_refused() -> None:
 DT = 0.02
 
 
-def params_of(ph: SitePhysics) -> FleetParams:
-    return FleetParams.of(
-        p_min_w=ph.p_min_w,
-        p_max_w=ph.p_max_w,
-        p_idle_w=ph.p_idle_w,
-        ramp_up_w_s=ph.ramp_up_w_s,
-        ramp_down_w_s=ph.ramp_down_w_s,
-        dead_time_s=ph.dead_time_s,
-        step_w=ph.step_w,
-        wake_s=ph.wake_s,
-        sleep_s=ph.sleep_s,
-    )
-
-
 def site_specs() -> list[DeviceSpec]:
     """Three quantized S21-like miners (short wake), two Modbus rows, one GPU rack whose job
     needs 75 % of its 81.6 kW (fixed, so the cap holds for the whole run)."""
@@ -280,7 +266,7 @@ def test_the_simulator_never_enters_the_band_before_the_bound(direction: str) ->
     told to sleep; or at p_max, sleeping rows woken): the fastest a controller could try."""
     tol = 5e3  # wider than a miner's sleep step, so no trajectory can jump over the band
     probe = settled_site()
-    params = params_of(probe)
+    params = probe.fleet_params()
     far = reachable_w(params, probe.power_w, probe.state, 1e3, p_hi_w=probe.demand_w)
     now = probe.truth()
     checked = 0
@@ -337,7 +323,7 @@ def random_site(seed: int) -> tuple[SitePhysics, FleetParams, np.ndarray[Any, An
         for i in range(n)
     ]
     ph = SitePhysics(specs, 0.0, dt_s=DT)
-    params = params_of(ph)
+    params = ph.fleet_params()
     assert (params.sleepable == sleepy).all()
     # Settle (every move takes < 15 s); then wake sleepers whose command lands within 1.6 s
     # but whose wake lasts beyond it: at the snapshot they are WAKING, nothing else moves.
