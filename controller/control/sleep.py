@@ -86,10 +86,18 @@ class SleepPlanner:
         acked = waiting & (delivered_w < self.params.p_min_w)
         self.parked_at[acked] = t - 0.5 * dt
 
+    def unacknowledged(self) -> bool:
+        """Some parked row's sleep command is not acknowledged yet."""
+        return bool(np.isposinf(self.parked_at).any())
+
+    def landing_s(self, rows: Rows) -> F64:
+        """When the sleep of parked ``rows`` takes effect (inf until acknowledged)."""
+        return self.parked_at[rows] + self._asleep_after[rows]
+
     def parked_power_w(self, rows: Rows, t: float) -> F64:
         """What parked ``rows`` draw at time ``t``: their power when parked until the sleep
         takes effect, then ``p_idle``."""
-        done = t >= self.parked_at[rows] + self._asleep_after[rows]
+        done = t >= self.landing_s(rows)
         return np.where(done, self.params.p_idle_w[rows], self.parked_from_w[rows])
 
     def pending_up_w(self, state: I8) -> float:

@@ -333,23 +333,29 @@ class Controller:
         other_w = self._observer.estimate_w + self._fixed_ss_w
         flex_ss = target_w - other_w - model.bias_sum
         hyst = max(self._hold.half_w, 1.0)
-        if target_w - other_w < alloc.sum_p_min + abs(model.bias_sum) - hyst:  # cheap pre-check
-            # Sleep only what ramping cannot shed by the time a sleep would land: the awake
-            # devices' lowest power then, not their steady-state floor. Slow profiles would
-            # otherwise hold the site above the target for tens of seconds. In power: a
-            # device keeps its offset at its floor, a capped one draws min(floor, demand).
+        # Cheap pre-check (O(1)): the target is below the awake floor, or below where the
+        # site is predicted now (a down move under way).
+        below_now = self._observer.estimate_w + self._last_pred_w - target_w > hyst
+        if below_now or target_w - other_w < alloc.sum_p_min + abs(model.bias_sum) - hyst:
+            # Sleep against the awake devices' lowest power when a sleep would land, not
+            # their steady-state floor: slow profiles would otherwise hold the site above
+            # the target for tens of seconds, even where they could reach it in the end.
             pred = model.model + model.bias
-            low = np.subtract(pred, self._sleep_moving_w)
-            np.maximum(low, np.add(alloc.d_min_e, model.bias), out=low)
-            r = model.capped_rows
-            if r.size:
-                at = np.maximum(model.model[r] - self._sleep_moving_w[r], alloc.d_min_e[r])
-                low[r] = np.minimum(at, model.ceiling_w)
-            low *= alloc.ctrl_f
-            deficit_w = other_w + float(low.sum()) - target_w
-            if deficit_w > hyst:
-                low -= p.p_idle_w
-                rows = planner.park(deficit_w, alloc.ctrl, snap.t, pred, low)
+            low = self._low_at_sleep(pred, alloc.p_min_e)
+            low_ss = self._low_at_sleep(pred, alloc.d_min_e)
+            # Where ramping alone cannot reach the target by the time a sleep would land,
+            # sleep at once what reaches it there with the fast devices out of their down
+            # reserve slice. Where ramping can, the fast devices get there first, and
+            # sleep only hands their slice back: a batch per cycle, since each landing is
+            # a step they can only ramp to meet, and a small one stays inside the band.
+            need_w = other_w + float(low_ss.sum()) - target_w
+            if other_w + float(low.sum()) - target_w <= hyst:
+                # The next batch waits for the last one's acknowledgement: batches sent
+                # while a command burst drains would land together.
+                need_w = 0.0 if planner.unacknowledged() else min(need_w, 0.5 * self._hold_above_w)
+            if need_w > hyst:
+                low_ss -= p.p_idle_w
+                rows = planner.park(need_w, alloc.ctrl, snap.t, pred, low_ss)
                 self._last_out[rows] = p.p_idle_w[rows]  # below p_min: the driver sleeps it
         elif planner.parked.any():
             # Above what the awake devices hold while keeping the fast reserve: wake now (a
@@ -358,6 +364,20 @@ class Controller:
             if excess > hyst:
                 woken = planner.unpark(excess, snap.state)
                 self._last_out[woken] = p.p_max_w[woken]  # a running setpoint wakes it
+
+    def _low_at_sleep(self, pred: F64, floor: F64) -> F64:
+        """Each controllable device's lowest power when a sleep decided now would land,
+        ramping down towards ``floor``: it keeps its offset there, and a capped one draws
+        min(floor, demand). Zero on the other rows."""
+        model, alloc = self._model, self._alloc
+        low = np.subtract(pred, self._sleep_moving_w)
+        np.maximum(low, np.add(floor, model.bias), out=low)
+        r = model.capped_rows
+        if r.size:
+            at = np.maximum(model.model[r] - self._sleep_moving_w[r], floor[r])
+            low[r] = np.minimum(at, model.ceiling_w)
+        low *= alloc.ctrl_f
+        return low
 
     def _parked_values(self, snap: Snapshot, fixed: Rows, values: F64, dt: float) -> None:
         """Fixed rows the planner parked that still run draw their power until the sleep
@@ -377,8 +397,11 @@ class Controller:
             rows = fixed[running]
             now = planner.parked_power_w(rows, snap.t)
             # A sleep drops power in one step; the fast tier can only ramp. Starting half
-            # its ramp time early (plus its dead time) splits the error around the step.
-            step_w = float((now - p.p_idle_w[rows]).sum())
+            # its ramp time early (plus its dead time) splits the error around the step:
+            # the next step, what lands within a cycle of the first landing.
+            landing = planner.landing_s(rows)
+            nxt = landing <= landing.min() + dt
+            step_w = float(np.sum(now - p.p_idle_w[rows], where=nxt))
             rate_w_s = float(np.dot(self._alloc.up_e, self._alloc.fast_f)) / dt
             ahead = (self._alloc.fast_delay + 1) * dt
             if step_w > 0.0 and rate_w_s > 0.0:

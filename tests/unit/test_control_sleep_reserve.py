@@ -57,10 +57,14 @@ def load(i: int) -> DeviceSpec:
 class Loop:
     """Controller + funnel + a LuxOS-like driver + the simulator's physics."""
 
-    def __init__(self, specs: list[DeviceSpec], *, reserve_up_w: float = 0.0) -> None:
+    def __init__(
+        self, specs: list[DeviceSpec], *, reserve_up_w: float = 0.0, reserve_down_w: float = 0.0
+    ) -> None:
         self.ph = SitePhysics(specs, 50e3, dt_s=DT / SUB, meter_noise_w=0.0, drift_fraction=0.0)
         self.p = self.ph.fleet_params()
-        self.ctl = Controller(self.p, deadband_w=2e3, reserve_up_w=reserve_up_w)
+        self.ctl = Controller(
+            self.p, deadband_w=2e3, reserve_up_w=reserve_up_w, reserve_down_w=reserve_down_w
+        )
         sleep_w = np.where(self.p.sleepable, self.p.p_idle_w, np.nan)
         self.funnel = CommandFunnel(
             self.p.p_min_w, self.p.p_max_w, self.p.step_w, np.zeros(self.p.n), sleep_w=sleep_w
@@ -130,6 +134,36 @@ def test_a_target_below_the_awake_floor_sleeps_just_enough_miners_and_settles_fa
     before = loop.ph.state.copy()
     loop.run(target, 10.0)
     assert np.array_equal(before == DeviceState.SLEEPING, loop.ph.state == DeviceState.SLEEPING)
+
+
+def test_a_target_profiles_reach_only_slowly_is_reached_by_sleep_at_its_speed() -> None:
+    loop = Loop(fleet())
+    loop.run(loop.ph.truth(), 3.0)
+    # Above the 170 kW floor, so profiles could get there: loads to 50 kW and the miners
+    # from 3.5 kW to 2.5 kW each, at 100 W/s, in 11 s. Ten miners asleep get there when
+    # the sleep lands (dead 1 s + sleep 2 s): (40 - 10) x 3.3 kW (ramped 2 s) <= 100 kW.
+    target = 200e3
+    start = len(loop.truth)
+    loop.run(target, 20.0)
+    assert 8 <= np.count_nonzero(loop.ph.state == DeviceState.SLEEPING) <= 14
+    settle = loop.settle_s(target, 0.02 * target, start)
+    assert settle is not None and settle <= 4.0, settle
+
+
+def test_sleep_hands_the_down_reserve_back_in_steps_that_stay_inside_the_band() -> None:
+    loop = Loop(fleet(), reserve_down_w=100e3)
+    loop.run(loop.ph.truth(), 3.0)
+    # The loads alone get there in 2 s; holding 100 kW of down reserve then needs them
+    # higher, where only the miners' sleep makes room fast: one or two at a time, each
+    # landing a step the loads meet by ramping, small enough to keep the site in its band.
+    target = 300e3
+    start = len(loop.truth)
+    loop.run(target, 30.0)
+    tol = 0.02 * target
+    settle = loop.settle_s(target, tol, start)
+    assert settle is not None and settle <= 2.5, settle
+    assert np.count_nonzero(loop.ph.state == DeviceState.SLEEPING) >= 8
+    assert loop.ctl.capability((5.0,)).down_w[0] >= 100e3
 
 
 def test_a_target_above_the_awake_range_wakes_sleepers_at_once() -> None:
