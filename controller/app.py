@@ -48,11 +48,12 @@ from controller.journal import (
 from controller.metrics import Metrics
 from controller.notify import LastError, Notifier
 from controller.ramp_metrics import tolerance_kw
-from controller.target import TargetTracker
+from controller.target import TargetTracker, resumed
 from drivers.base import CommandFunnel, CommandObserver, Driver
 from drivers.luxos.client import LuxosDriver
 from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
 from drivers.redfish.client import RedfishDriver
+from drivers.zone.client import ZoneDriver
 
 log = logging.getLogger("rampd")
 
@@ -69,12 +70,27 @@ class _DriverFactory(Protocol):
 
 
 # One driver per protocol owns every device of that protocol (config validation admits only
-# these names).
+# these names, and "zone": child rampd instances, reached over this daemon's own broker).
 DRIVERS: dict[str, _DriverFactory] = {
     "modbus": ModbusLoadDriver,
     "luxos": LuxosDriver,
     "redfish": RedfishDriver,
 }
+
+
+ADOPT_IDLE_S = 10.0
+"""Without a dispatch for this long, learned device limits go into the control math."""
+
+
+class NoMeter:
+    """`[meter] protocol = "none"`: no site meter (a parent of zones, whose power is what its
+    zones measure and report); the cycle runs on its device model, corrected by telemetry."""
+
+    value_w = math.nan
+    at = math.nan
+
+    async def run(self) -> None:
+        return None
 
 
 def rampd_version() -> str:
@@ -144,24 +160,22 @@ class Daemon:
         for pid, protocol in enumerate(protocols):
             rows = [r for r, d in enumerate(driver_ids) if d == pid]
             specs = [cfg.devices[r] for r in rows]
-            driver_cls = DRIVERS[protocol]
-            self.drivers.append(
-                driver_cls(protocol, self.fleet, rows, specs, self.metrics.observe_command)
-            )
-        self.meter = ModbusMeter(site.meter)
+            observe = self.metrics.observe_command
+            if protocol == "zone":
+                driver: Driver = ZoneDriver(
+                    protocol, self.fleet, rows, specs, observe, mqtt=mqtt_cfg
+                )
+            else:
+                driver = DRIVERS[protocol](protocol, self.fleet, rows, specs, observe)
+            self.drivers.append(driver)
+        self.meter = ModbusMeter(site.meter) if site.meter.protocol == "modbus" else NoMeter()
         self.metrics.watch_drivers([*self.drivers, self.meter])
         if site.metrics.per_device:
             self.metrics.enable_device_metrics(self.fleet)
-        params = FleetParams.from_fleet(self.fleet)
-        self.controller = Controller(
-            params,
-            deadband_w=site.site.deadband_kw * 1e3,
-            observer_tau_s=site.control.observer_tau_s,
-            cycle_s=site.cycle_s,
-            meter_lag_s=site.control.meter_lag_s,
-            reserve_up_w=site.reserve.up_kw_5s * 1e3,
-            reserve_down_w=site.reserve.down_kw_5s * 1e3,
-        )
+        self.controller = self._new_controller()
+        self._dynamics_version = self.fleet.dynamics_version
+        self._dispatched_at = -math.inf  # monotonic time of the last accepted dispatch
+        params = self.controller.fleet_params
         self.funnel = CommandFunnel(
             self.fleet.p_min_w,
             self.fleet.p_max_w,
@@ -209,6 +223,29 @@ class Daemon:
         self.cycle.on_tick(self._after_tick)
         self._resume(resume or ())
 
+    def _new_controller(self) -> Controller:
+        site = self.cfg.site
+        return Controller(
+            FleetParams.from_fleet(self.fleet),
+            deadband_w=site.site.deadband_kw * 1e3,
+            observer_tau_s=site.control.observer_tau_s,
+            cycle_s=site.cycle_s,
+            meter_lag_s=site.control.meter_lag_s,
+            reserve_up_w=site.reserve.up_kw_5s * 1e3,
+            reserve_down_w=site.reserve.down_kw_5s * 1e3,
+        )
+
+    def _adopt_dynamics(self) -> None:
+        """Bounds and ramp rates a driver learned at run time (a zone's capability) go into
+        the control math at a new dispatch (the site starts a move from where it is, so a
+        model restarted from the measurements loses nothing), or once the site has been left
+        alone for ADOPT_IDLE_S (at start, and in a long hold)."""
+        if self.fleet.dynamics_version == self._dynamics_version:
+            return
+        self._dynamics_version = self.fleet.dynamics_version
+        self.controller = self.cycle.controller = self._new_controller()
+        log.info("control model rebuilt with the devices' latest limits and ramp rates")
+
     def _resume(self, payloads: Sequence[bytes]) -> None:
         """Put the journal's last valid dispatch(es) back in force (see last_valid_dispatch)."""
         if self.journal is None:
@@ -229,7 +266,7 @@ class Daemon:
                 log.warning("journal: %s", text)
                 self.journal.record_event("resume", text, at=now_unix)
                 continue
-            self.tracker.accept(d, now, now_unix)
+            self.tracker.accept(resumed(d, now_unix), now, now_unix)
             text = f"resumed {d.id} seq {d.seq}: {d.mode} {d.target_w / 1e3:.1f} kW"
             log.info("journal: %s", text)
             self.journal.record_event("resume", text, at=now_unix)
@@ -255,6 +292,8 @@ class Daemon:
                 self.journal.record_dispatch(now_unix, payload, exc)
                 self.journal.record_ack(now_unix, exc.id, exc.seq, False, exc.reason)
             return
+        self._adopt_dynamics()
+        self._dispatched_at = now
         self.tracker.accept(d, now, now_unix)
         self.cycle.poke()
         if self.journal is not None:
@@ -280,7 +319,10 @@ class Daemon:
     # -- out -------------------------------------------------------------------------------
     def _after_tick(self, out: CycleOutput) -> None:
         self.notifier.kick(out.t)
-        if not self.notifier.ready_sent and self.cycle.all_seen and out.meter_fresh:
+        if out.t - self._dispatched_at >= ADOPT_IDLE_S:
+            self._adopt_dynamics()
+        meter_ok = out.meter_fresh or isinstance(self.meter, NoMeter)
+        if not self.notifier.ready_sent and self.cycle.all_seen and meter_ok:
             self.notifier.ready(self._status_text())
             log.info("ready: every device reported and the meter is fresh")
         self._publish_status_if_changed()
@@ -337,8 +379,16 @@ class Daemon:
                     )
             self._mode = mode
             self.metrics.set_mode(mode)
-            self.link.set_status(mode)
             self.notifier.status(self._status_text())
+        self.link.set_status(mode, self._status_detail())  # published when it changes
+
+    def _status_detail(self) -> str:
+        """Why the site is not simply following its dispatches ("" when it is)."""
+        parts = [self.tracker.failsafe_reason]
+        last = self.cycle.last
+        if last is not None and not last.meter_fresh and not isinstance(self.meter, NoMeter):
+            parts.append("site meter stale: controlling on device telemetry")
+        return "; ".join(p for p in parts if p)
 
     def telemetry(self) -> dict[str, Any]:
         out = self.cycle.last

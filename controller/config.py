@@ -24,8 +24,9 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-DeviceProtocol = Literal["modbus", "luxos", "redfish"]
-MeterProtocol = Literal["modbus"]
+DeviceProtocol = Literal["modbus", "luxos", "redfish", "zone"]
+# "none": no meter of its own (a parent of zones: its power is what its zones report).
+MeterProtocol = Literal["modbus", "none"]
 FailsafePolicy = Literal["hold", "baseline", "min"]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -178,6 +179,10 @@ class DeviceAccess(_Strict):
     """Redfish: the Chassis member whose power is read and capped."""
     model: str | None = None
     """Hardware model, e.g. "S21"; reported by the simulator and shown in logs."""
+    topic_root: str | None = None
+    """Zone: the child rampd's topic root (default `<mqtt.prefix>/<device name>`)."""
+    hmac_key_file: Path | None = None
+    """Zone: the key that signs dispatches to it (the child's `dispatch.hmac_key_file`)."""
 
 
 class SimParams(_Strict):
@@ -223,6 +228,10 @@ class DeviceTemplate(_Strict):
     setpoint_is_cap: bool = False
     """The setpoint is a ceiling: the device draws what its workload needs, up to it (a GPU
     power cap). The controller then learns each device's demand from its readings."""
+    ramps_itself: bool = False
+    """The device is a controller of its own (a rampd zone) that moves to a new setpoint as
+    fast as it can: it gets its steady-state share at once, never a setpoint ramped cycle
+    by cycle, which it would follow a dead time late."""
     access: DeviceAccess = DeviceAccess()
     sim: SimParams = SimParams()
 
@@ -241,7 +250,8 @@ class DeviceGroup(_Strict):
     name: str
     template: str
     count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | None = None
+    """Required, except for zones (child rampd instances, reached by MQTT topic)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -319,6 +329,7 @@ class DeviceSpec:
     access: DeviceAccess = field(default_factory=DeviceAccess)
     sim: SimParams = field(default_factory=SimParams)
     setpoint_is_cap: bool = False
+    ramps_itself: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +440,9 @@ def _expand(
             tpl = DeviceTemplate.model_validate({**base.model_dump(), **group.overrides})
         except ValidationError as exc:
             raise ConfigError(_format_validation(path, exc, prefix=f"{key}.overrides.")) from None
-        last = int(group.address) + group.count - 1
+        if group.address is None and tpl.protocol != "zone":
+            raise ConfigError(f"{path}: {key}.address: required for {tpl.protocol} devices")
+        last = int(group.address or 0) + group.count - 1
         if last > int(ipaddress.IPv4Address("255.255.255.254")):
             raise ConfigError(f"{path}: {key}.address: range of {group.count} overflows IPv4")
         if group.name in seen:
@@ -441,7 +454,7 @@ def _expand(
                 name=group.name if group.count == 1 else f"{group.name}-{i:0{width}d}",
                 kind=tpl.kind,
                 protocol=tpl.protocol,
-                host=str(group.address + i),
+                host="" if group.address is None else str(group.address + i),
                 port=tpl.port,
                 unit=tpl.unit,
                 p_min_w=tpl.p_min_kw * 1e3,
@@ -461,6 +474,7 @@ def _expand(
                 access=tpl.access,
                 sim=tpl.sim,
                 setpoint_is_cap=tpl.setpoint_is_cap,
+                ramps_itself=tpl.ramps_itself,
             )
 
 
@@ -482,6 +496,8 @@ def load_config(path: str | Path) -> LoadedConfig:
     devices = tuple(_expand(site.devices, templates, p))
     endpoints: dict[tuple[str, int], str] = {(site.meter.host, site.meter.port): "meter"}
     for dev in devices:
+        if not dev.host:  # a zone: reached by topic, not by address
+            continue
         other = endpoints.setdefault((dev.host, dev.port), dev.name)
         if other != dev.name:
             raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")

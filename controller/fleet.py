@@ -1,7 +1,9 @@
 """Struct-of-arrays state of every device, one row per device, SI units (W, s, monotonic clock).
 
 Static columns come from the config; dynamic columns are written by drivers (telemetry)
-and by the control cycle (setpoints). Nothing here loops per device.
+and by the control cycle (setpoints). Nothing here loops per device. A driver whose devices
+report their own limits (a child rampd: its capability) updates bounds and ramp rates with
+`update_dynamics`; `dynamics_version` tells the daemon to hand them to the control math.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Fleet:
     driver_id: I32
     capped: Bool
     """The setpoint is a ceiling (`DeviceSpec.setpoint_is_cap`)."""
+    ramps_itself: Bool
+    """A controller of its own, given its steady-state share at once (`DeviceSpec`)."""
     measured_w: F64 = field(init=False)
     measured_at: F64 = field(init=False)
     """Monotonic time of the last good reading; NaN when never read."""
@@ -60,6 +64,8 @@ class Fleet:
     delivered_w: F64 = field(init=False)
     """Last setpoint the device acknowledged (written by its driver); NaN: none yet."""
     state: I8 = field(init=False)
+    dynamics_version: int = field(init=False)
+    """Counts `update_dynamics` calls that changed something."""
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -68,6 +74,7 @@ class Fleet:
         self.setpoint_w = self.p_max_w.copy()
         self.delivered_w = np.full(n, np.nan)
         self.state = np.full(n, DeviceState.UNKNOWN, dtype=np.int8)
+        self.dynamics_version = 0
 
     @property
     def n(self) -> int:
@@ -98,7 +105,45 @@ class Fleet:
             priority=np.array([s.priority for s in specs], dtype=np.int32),
             driver_id=np.asarray(driver_ids, dtype=np.int32),
             capped=np.array([s.setpoint_is_cap for s in specs], dtype=np.bool_),
+            ramps_itself=np.array([s.ramps_itself for s in specs], dtype=np.bool_),
         )
+
+    def update_dynamics(
+        self,
+        rows: npt.ArrayLike,
+        *,
+        p_min_w: npt.ArrayLike,
+        p_max_w: npt.ArrayLike,
+        ramp_up_w_s: npt.ArrayLike,
+        ramp_down_w_s: npt.ArrayLike,
+    ) -> bool:
+        """New bounds and ramp rates for ``rows``, written in place (the command funnel holds
+        these arrays, so its clamp follows at once). Returns whether anything changed.
+
+        Raises ValueError, changing nothing, unless every value is finite, ``0 <= p_min <=
+        p_max`` and the ramp rates are above 0 (a device that cannot move is not a device
+        with a zero ramp rate: its driver marks it FAULT instead).
+        """
+        idx = np.asarray(rows, dtype=np.intp)
+        lo, hi = np.broadcast_arrays(
+            np.asarray(p_min_w, dtype=np.float64), np.asarray(p_max_w, dtype=np.float64)
+        )
+        up = np.asarray(ramp_up_w_s, dtype=np.float64)
+        down = np.asarray(ramp_down_w_s, dtype=np.float64)
+        values = np.broadcast_arrays(lo, hi, up, down, idx)[:4]
+        if not all(np.isfinite(v).all() for v in values):
+            raise ValueError("update_dynamics: values must be finite")
+        if not ((values[0] >= 0) & (values[0] <= values[1])).all():
+            raise ValueError("update_dynamics: need 0 <= p_min_w <= p_max_w")
+        if not ((values[2] > 0) & (values[3] > 0)).all():
+            raise ValueError("update_dynamics: ramp rates must be above 0")
+        columns = (self.p_min_w, self.p_max_w, self.ramp_up_w_s, self.ramp_down_w_s)
+        if all(np.array_equal(col[idx], v) for col, v in zip(columns, values, strict=True)):
+            return False
+        for col, v in zip(columns, values, strict=True):
+            col[idx] = v
+        self.dynamics_version += 1
+        return True
 
     def mark_stale(self, now: float, max_age_s: float) -> None:
         """Telemetry older than max_age_s (or never read) makes a device UNKNOWN."""

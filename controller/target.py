@@ -12,7 +12,7 @@ not of how often it is sampled.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from controller.config import FailsafeConfig, SiteLimits
@@ -38,6 +38,19 @@ class _Ramp:
         if t <= self.t0:
             return self.w0
         return self.w0 + (self.w1 - self.w0) * (t - self.t0) / (self.t1 - self.t0)
+
+
+def resumed(d: Dispatch, now_unix: float) -> Dispatch:
+    """`d` as put back in force after a restart at `now_unix`: a ramp already under way keeps
+    its original end instead of starting over (one already over becomes a step).
+
+    The ramp is taken to have begun at `issued_at` (or a later `start_at`): the journal's
+    payload carries no acceptance time, and the two differ by the delivery latency only.
+    """
+    began = max(d.issued_at, d.start_at if d.start_at is not None else d.issued_at)
+    if d.ramp_s <= 0.0 or began > now_unix:
+        return d  # a step, or not started yet: its ramp is still all ahead
+    return replace(d, ramp_s=max(0.0, began + d.ramp_s - now_unix))
 
 
 class TargetTracker:
@@ -125,6 +138,14 @@ class TargetTracker:
     def ramp_end_w(self) -> float:
         """Where the current ramp is heading (the final value), for telemetry."""
         return self._ramp.w1
+
+    @property
+    def failsafe_reason(self) -> str:
+        """Why the failsafe is on, for the status; "" when it is not."""
+        if not self._failsafe:
+            return ""
+        fs = self._fs
+        return f"no dispatch or heartbeat for {fs.dispatch_timeout_s:g} s; policy {fs.policy}"
 
     def failsafe_at(self) -> float | None:
         """Monotonic instant the failsafe will start if nothing arrives; None if latched."""
@@ -239,11 +260,7 @@ class TargetTracker:
     def _enter_failsafe(self, t: float) -> None:
         self._failsafe = True
         policy = self._fs.policy
-        log.warning(
-            "failsafe: no dispatch or heartbeat for %.0f s; policy %s",
-            self._fs.dispatch_timeout_s,
-            policy,
-        )
+        log.warning("failsafe: %s", self.failsafe_reason)
         if policy == "hold":
             return
         self._active, self._active_expires, self._pending = None, None, None

@@ -122,6 +122,9 @@ class Allocator:
         self._up_step: F64 = np.zeros(n)
         self._down_step: F64 = np.zeros(n)
         self._fast_static = np.ones(n, dtype=np.bool_)  # shortest delay of the fleet
+        self._ramps_itself = (
+            np.zeros(n, dtype=np.bool_) if params.ramps_itself is None else params.ramps_itself
+        )
         self._n_fast_all = n
         self._p_min_all = float(d_min.sum())
         self._p_max_all = float(params.p_max_w.sum())
@@ -183,9 +186,12 @@ class Allocator:
 
     def set_delays(self, delay: I64A) -> None:
         """Dead times in cycles changed with dt: tiers are the fleet's shortest delay class
-        (fast) and the rest (slow), each restricted to the controllable rows."""
-        self.fast_delay = int(delay.min()) if self.n else 0
+        (fast) and the rest (slow), each restricted to the controllable rows. Rows that ramp
+        by themselves are always slow: they get their steady-state share at once."""
+        own = delay[~self._ramps_itself]
+        self.fast_delay = int(own.min()) if own.size else 0
         np.equal(delay, self.fast_delay, out=self._fast_static)
+        self._fast_static &= ~self._ramps_itself
         self._n_fast_all = int(np.count_nonzero(self._fast_static))
         self._fast_p_min_all = float(self._p_min[self._fast_static].sum())
         np.multiply(self._fast_static, self.ctrl_f, out=self.fast_f)

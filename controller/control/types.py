@@ -46,6 +46,9 @@ class FleetParams:
     """Running -> asleep latency (the device draws its power until then)."""
     capped: Bool | None = None
     """Rows whose setpoint is a ceiling (they draw min(setpoint, demand)); None: none."""
+    ramps_itself: Bool | None = None
+    """Rows that ramp to a new setpoint by themselves (child controllers): always in the
+    slow tier, which gets its steady-state share at once; None: none."""
 
     def __post_init__(self) -> None:
         n = self.p_min_w.shape
@@ -103,6 +106,7 @@ class FleetParams:
         wake_s: npt.ArrayLike | None = None,
         sleep_s: npt.ArrayLike | None = None,
         capped: npt.ArrayLike | None = None,
+        ramps_itself: npt.ArrayLike | None = None,
     ) -> FleetParams:
         """Convenience constructor for tests and tools: lists or arrays, optional zeros."""
         lo = _f64(p_min_w)
@@ -123,6 +127,9 @@ class FleetParams:
             wake_s=zeros.copy() if wake_s is None else _f64(wake_s),
             sleep_s=zeros.copy() if sleep_s is None else _f64(sleep_s),
             capped=None if capped is None else np.array(capped, dtype=np.bool_, copy=True),
+            ramps_itself=(
+                None if ramps_itself is None else np.array(ramps_itself, dtype=np.bool_, copy=True)
+            ),
         )
 
     @classmethod
@@ -139,6 +146,7 @@ class FleetParams:
             wake_s=_f64(fleet.wake_s),
             sleep_s=_f64(fleet.sleep_s),
             capped=np.array(fleet.capped, dtype=np.bool_, copy=True),
+            ramps_itself=np.array(fleet.ramps_itself, dtype=np.bool_, copy=True),
         )
 
 

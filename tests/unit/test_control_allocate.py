@@ -190,3 +190,32 @@ def test_set_priorities_invalidates_the_cached_order() -> None:
     ctl.set_priorities(np.array([1, 0], dtype=np.int32))
     r = ctl.step(snap(r.setpoints_w), 50e3, 0.1)
     np.testing.assert_allclose(r.setpoints_w, [50e3, 0.0])
+
+
+def test_rows_that_ramp_by_themselves_get_their_share_at_once() -> None:
+    # Two child controllers (zones) at 50 kW/s: as ordinary rows the parent would ramp
+    # their setpoints 5 kW per cycle, and each zone would follow that moving target a dead
+    # time late; as rows that ramp by themselves they are told where to end up.
+    kw = {
+        "p_min_w": [0.0, 0.0],
+        "p_max_w": [1e6, 1e6],
+        "ramp_up_w_s": [50e3, 50e3],
+        "ramp_down_w_s": [50e3, 50e3],
+        "dead_time_s": [0.6, 0.6],
+    }
+    start = snap([500e3, 500e3])
+    ramped = Controller(FleetParams.of(**kw), deadband_w=0.0).step(start, 600e3, 0.1)  # type: ignore[arg-type]
+    np.testing.assert_allclose(ramped.setpoints_w.sum(), 1e6 - 2 * 5e3)
+    own = Controller(FleetParams.of(**kw, ramps_itself=[True, True]), deadband_w=0.0)  # type: ignore[arg-type]
+    r = own.step(start, 600e3, 0.1)
+    np.testing.assert_allclose(r.setpoints_w, [600e3, 0.0])  # merit order, at once
+    # Next to a fast device (no dead time, 1 MW/s) the zones are the slow tier: they get
+    # their steady-state share at once, and the fast device covers what they cannot do
+    # before their dead time is over (here: all it can, down to 0).
+    kw3 = {k: [*v, v[0]] for k, v in kw.items()}
+    kw3["ramp_up_w_s"][2] = kw3["ramp_down_w_s"][2] = 1e6
+    kw3["dead_time_s"][2] = 0.0
+    kw3["p_max_w"][2] = 200e3
+    mixed = Controller(FleetParams.of(**kw3, ramps_itself=[True, True, False]), deadband_w=0.0)  # type: ignore[arg-type]
+    r = mixed.step(snap([500e3, 500e3, 100e3]), 700e3, 0.1)
+    np.testing.assert_allclose(r.setpoints_w, [700e3, 0.0, 0.0], atol=1.0)

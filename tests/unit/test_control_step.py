@@ -301,6 +301,7 @@ def test_params_from_fleet_copy_the_static_columns() -> None:
             p_max_w=np.array([250e3, 250e3]),
             priority=np.array([3, 1], dtype=np.int32),
             capped=np.array([False, True]),
+            ramps_itself=np.array([True, False]),
         ),
     )
     params = FleetParams.from_fleet(fleet)
@@ -308,5 +309,6 @@ def test_params_from_fleet_copy_the_static_columns() -> None:
     assert params.p_max_w.tolist() == [250e3, 250e3]
     assert params.priority.tolist() == [3, 1]
     assert params.priority.dtype == np.int32
+    assert params.ramps_itself is not None and params.ramps_itself.tolist() == [True, False]
     fleet.p_max_w[0] = 1.0  # later edits of the fleet do not leak in
     assert params.p_max_w[0] == 250e3

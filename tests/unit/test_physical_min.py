@@ -51,7 +51,7 @@ def miner(n: int = 1, **kw: Any) -> FleetParams:
 
 
 def concat(*ps: FleetParams) -> FleetParams:
-    fields = [f for f in FleetParams.__dataclass_fields__ if f != "capped"]
+    fields = [f for f in FleetParams.__dataclass_fields__ if f not in ("capped", "ramps_itself")]
     return FleetParams(**{f: np.concatenate([getattr(p, f) for p in ps]) for f in fields})
 
 
