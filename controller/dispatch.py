@@ -23,12 +23,13 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, cast
 
 import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.config import ConfigError, MqttConfig, SiteLimits
 
@@ -387,6 +388,9 @@ PayloadHandler = Callable[[bytes], None]
 # Out-queue classes: telemetry is dropped first when full, acks never.
 _DROP_FIRST: Final = "telemetry"
 _NEVER_DROP: Final = "ack"
+# QoS 1 publishes awaiting their PUBACK at once (paho's in-flight limit is set to match).
+_PUBLISH_WINDOW: Final = 64
+_PUBACK_GRACE_S: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +399,15 @@ class _Out:
     payload: bytes
     qos: int
     retain: bool
+
+
+# CONNACK refusals that mean "not these credentials": MQTT 3.1.1 codes 4 and 5, and the
+# MQTT 5 reason codes paho maps them to (mosquitto answers a wrong password with 5).
+_AUTH_REFUSED: Final = frozenset({4, 5, 0x86, 0x87})
+
+
+def _code(rc: int | ReasonCode | None) -> int | None:
+    return rc.value if isinstance(rc, ReasonCode) else rc
 
 
 def _read_password(cfg: MqttConfig) -> str | None:
@@ -533,7 +546,7 @@ class MqttLink:
     # -- the connection -------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._cfg.host,
             self._cfg.port,
             username=self._cfg.username,
@@ -551,7 +564,11 @@ class MqttLink:
             tls_params=self._tls,
             # Bounded so a flooding dispatcher cannot eat memory; far above any sane rate.
             max_queued_incoming_messages=10_000,
+            max_inflight_messages=_PUBLISH_WINDOW,
         )
+        # aiomqtt warns on every publish while more than this await their PUBACK.
+        client.pending_calls_threshold = 2 * _PUBLISH_WINDOW
+        return client
 
     async def run(self) -> None:
         """Connect, serve, reconnect; forever, until cancelled (then publish offline)."""
@@ -566,6 +583,13 @@ class MqttLink:
                 reason = str(exc) or type(exc).__name__
                 if exc.__cause__ is not None:  # aiomqtt keeps the real cause here
                     reason = f"{reason} ({exc.__cause__})"
+                if isinstance(exc, aiomqtt.MqttCodeError) and _code(exc.rc) in _AUTH_REFUSED:
+                    user = self._cfg.username
+                    reason += (
+                        f": the broker refused {'user ' + repr(user) if user else 'anonymous'}"
+                        " access (check mqtt.username, password or password_file, and the"
+                        " broker's password file)"
+                    )
             except OSError as exc:  # TLS files, DNS: reported and retried like a broker error
                 reason = f"{type(exc).__name__}: {exc}"
             was_connected = self._session_up
@@ -601,10 +625,9 @@ class MqttLink:
         try:
             await client.publish(self.topic("status"), self._status("online"), qos=1, retain=True)
             self._status_dirty = False
-            await client.subscribe(
-                [(self.topic("dispatch"), 1), (self.topic("heartbeat"), 1)],
-                timeout=self._timeout_s,
-            )
+            topics = [self.topic("dispatch"), self.topic("heartbeat")]
+            granted = await client.subscribe([(t, 1) for t in topics], timeout=self._timeout_s)
+            self._check_granted(topics, granted)
             self.connected = self._session_up = True
             self._sessions += 1
             if self._sessions > 1:
@@ -632,6 +655,19 @@ class MqttLink:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 async with asyncio.timeout(self._timeout_s):
                     await client.__aexit__(None, None, None)
+
+    @staticmethod
+    def _check_granted(topics: list[str], granted: Sequence[int | ReasonCode]) -> None:
+        # A broker that denies a subscription (ACL) still answers SUBACK, with a failure code
+        # (0x80 and up) per topic. Reconnecting would not help, but say it: the link would
+        # otherwise look healthy while no dispatch can ever arrive.
+        codes = [_code(g) or 0 for g in granted]
+        refused = [t for t, code in zip(topics, codes, strict=False) if code >= 0x80]
+        if refused:
+            log.error(
+                "mqtt broker refused subscription to %s (ACL?): dispatches cannot arrive",
+                ", ".join(refused),
+            )
 
     def _status(self, state: Literal["online", "offline"], detail: str | None = None) -> bytes:
         return status_payload(state, self._mode, self._detail if detail is None else detail)
@@ -663,38 +699,74 @@ class MqttLink:
         raise aiomqtt.MqttError("mqtt session ended")
 
     async def _drain(self, client: aiomqtt.Client) -> None:
-        while True:
-            if self._status_dirty:
-                self._status_dirty = False
-                try:
-                    await client.publish(
-                        self.topic("status"), self._status("online"), qos=1, retain=True
+        """Publish the out-queue in order, up to `_PUBLISH_WINDOW` awaiting their PUBACK at
+        once: one round trip per message would cap acks at a few hundred a second, below what
+        a dispatch burst needs. Whatever is not known to be delivered when the session ends
+        goes back to the head of the queue, in order, and is sent again after reconnect."""
+        inflight: deque[tuple[_Out, asyncio.Task[None]]] = deque()
+        try:
+            while True:
+                while inflight and inflight[0][1].done():
+                    item, task = inflight.popleft()
+                    if not self._settled(item, task):
+                        inflight.appendleft((item, task))  # undelivered: the finally requeues it
+                        task.result()  # re-raises the MqttError that ends the session
+                if self._status_dirty:
+                    self._status_dirty = False
+                    try:
+                        await client.publish(
+                            self.topic("status"), self._status("online"), qos=1, retain=True
+                        )
+                    except BaseException:
+                        self._status_dirty = True  # republished on reconnect anyway
+                        raise
+                    continue
+                if self._out and len(inflight) < _PUBLISH_WINDOW:
+                    item = self._out.popleft()
+                    # The task hands the message to paho on its first step: tasks start in
+                    # creation order, so messages go out in queue order.
+                    send = client.publish(
+                        self.topic(item.suffix), item.payload, qos=item.qos, retain=item.retain
                     )
-                except BaseException:
-                    self._status_dirty = True  # republished on reconnect anyway
-                    raise
-                continue
-            if not self._out:
+                    inflight.append((item, asyncio.create_task(send)))
+                    continue
                 self._wake.clear()
-                await self._wake.wait()
-                continue
-            item = self._out.popleft()
-            try:
-                await client.publish(
-                    self.topic(item.suffix), item.payload, qos=item.qos, retain=item.retain
-                )
-            except (aiomqtt.MqttError, asyncio.CancelledError):
-                # Not (known to be) delivered: back to the head, sent again after reconnect.
-                # QoS 1 is at-least-once anyway; the dispatcher dedupes acks by id.
-                if item.qos > 0:
+                wake = asyncio.ensure_future(self._wake.wait())
+                oldest = [inflight[0][1]] if inflight else []
+                try:
+                    await asyncio.wait([wake, *oldest], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+        except asyncio.CancelledError:
+            # Stopping (or the receive side ended the session): messages the broker already
+            # has get a moment for their PUBACK rather than being sent again.
+            pending = [t for _, t in inflight if not t.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=_PUBACK_GRACE_S)
+            raise
+        finally:
+            for _, task in inflight:
+                task.cancel()
+            await asyncio.gather(*(t for _, t in inflight), return_exceptions=True)
+            # Not (known to be) delivered: back to the head, in order. QoS 1 is at-least-once
+            # anyway; the dispatcher dedupes acks by id.
+            for item, task in reversed(inflight):
+                delivered = not task.cancelled() and task.exception() is None
+                if not delivered and item.qos > 0:
                     self._out.appendleft(item)
-                raise
-            except Exception:
-                # paho refused this one message (e.g. oversized): drop it, keep the link.
-                log.exception("mqtt cannot publish to %s; message dropped", item.suffix)
-                self.dropped += 1
-                continue
+
+    def _settled(self, item: _Out, task: asyncio.Task[None]) -> bool:
+        """Count a finished publish. False: not delivered, the session is over (MqttError)."""
+        exc = task.exception()
+        if exc is None:
             self.published += 1
+            return True
+        if isinstance(exc, aiomqtt.MqttError):
+            return False
+        # paho refused this one message (e.g. oversized): drop it, keep the link.
+        log.error("mqtt cannot publish to %s; message dropped", item.suffix, exc_info=exc)
+        self.dropped += 1
+        return True
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         dispatch_topic, heartbeat_topic = self.topic("dispatch"), self.topic("heartbeat")

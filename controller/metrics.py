@@ -13,6 +13,8 @@ so neither drivers nor the cycle pay anything per device for metrics.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -156,6 +158,33 @@ class DeviceCollector:
         return (power, setpoint)
 
 
+class LoopCollector:
+    """rampd_asyncio_tasks: live tasks of the daemon's event loop, counted at scrape time.
+
+    A daemon that runs for months must not leak tasks (a soak watches this gauge). Counted
+    from the scrape thread: `asyncio.all_tasks` copies the loop's task set, retrying if the
+    loop changes it meanwhile; once per scrape, so the cycle pays nothing."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "rampd_asyncio_tasks", "Live (not yet done) asyncio tasks of the daemon's event loop"
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return (self._family(),)
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            family.add_metric([], len(asyncio.all_tasks(loop)))
+        return (family,)
+
+
 class Metrics:
     def __init__(self, version: str) -> None:
         # `_created` series double every counter and histogram in the TSDB for nothing
@@ -247,6 +276,8 @@ class Metrics:
         self.dispatches.labels(result="accepted", reason="")  # exists before the first one
         for mode in MODES:
             self.mode.labels(mode=mode)
+        self._loop_collector = LoopCollector()
+        r.register(self._loop_collector)
         self._driver_collector: DriverCollector | None = None
         self._device_collector: DeviceCollector | None = None
         self._server: WSGIServer | None = None
@@ -313,8 +344,16 @@ class Metrics:
 
     # -- exposition -------------------------------------------------------------------------
 
+    def watch_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Export the number of live tasks of `loop` (rampd_asyncio_tasks)."""
+        self._loop_collector.loop = loop
+
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics from a daemon thread (prometheus-client's own server); returns port."""
+        """Serve /metrics from a daemon thread (prometheus-client's own server); returns port.
+
+        Called from the event loop (the daemon's start), it also watches that loop's tasks."""
+        with contextlib.suppress(RuntimeError):  # no running loop: no task gauge
+            self.watch_loop(asyncio.get_running_loop())
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         return int(self._server.server_port)
 

@@ -8,7 +8,9 @@ sys.path under pytest's default rootdir-based import mode).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import inspect
+import ipaddress
 import math
 import random
 import socket
@@ -20,6 +22,10 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.broker import free_port
 from controller.config import DeviceSpec
@@ -63,13 +69,27 @@ class Mosquitto:
     """A real mosquitto on 127.0.0.1:<port>, anonymous, no persistence.
 
     `start()` / `stop()` / `kill()` can be repeated; the port stays the same, so a client
-    can reconnect to a restarted broker.
+    can reconnect to a restarted broker. `listener_conf` replaces the lines after `listener`
+    (default: anonymous access), e.g. TLS files, `password_file`, `acl_file`; it may be
+    changed between a stop and a start. `extra_conf` lines go at the end of the file (e.g. a
+    bridge: `connection`, `address`, `topic` lines).
     """
 
-    def __init__(self, exe: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        exe: str,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        listener_conf: Sequence[str] = ("allow_anonymous true",),
+        extra_conf: Sequence[str] = (),
+    ) -> None:
         self.exe = exe
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
+        self.listener_conf = list(listener_conf)
+        self.extra_conf = list(extra_conf)
         self.workdir = workdir
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
@@ -78,11 +98,15 @@ class Mosquitto:
     def _write_conf(self) -> None:
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
+            + "".join(f"{line}\n" for line in self.listener_conf)
+            + "persistence false\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             "max_keepalive 3600\n"
+            # Default 1000: QoS 1 messages queued for a busy subscriber beyond that are
+            # dropped (a dispatch burst would lose dispatches). See README "Broker settings".
+            "max_queued_messages 100000\n"
+            + "".join(f"{line}\n" for line in self.extra_conf)
         )
 
     def accepting(self) -> bool:
@@ -142,6 +166,73 @@ class Mosquitto:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+# --- TLS: a throwaway CA for servers and clients under test ---
+
+
+class CertAuthority:
+    """A test CA (EC P-256, valid for a day) that issues server and client certificates as
+    PEM files in `workdir`; `ca_file` is what a peer configures to trust it."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.workdir = workdir
+        self.name = name
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
+        ca = (
+            self._builder(self._subject, self._key.public_key(), ca=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self.ca_file = workdir / f"{name}-ca.pem"
+        self.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def _builder(
+        self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, *, ca: bool
+    ) -> x509.CertificateBuilder:
+        now = dt.datetime.now(dt.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self._subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
+        )
+
+    def issue(self, cn: str, *, ips: Sequence[str] = (), client: bool = False) -> tuple[Path, Path]:
+        """A leaf certificate for `cn`: a server one valid for `ips`, or (`client`) one for
+        client authentication. Returns (cert, key) PEM files."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        b = self._builder(name, key.public_key(), ca=False).add_extension(
+            x509.ExtendedKeyUsage([usage]), False
+        )
+        if ips:
+            sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        pem = serialization.Encoding.PEM
+        cert_file = self.workdir / f"{self.name}-{cn}.pem"
+        key_file = self.workdir / f"{self.name}-{cn}-key.pem"
+        cert_file.write_bytes(b.sign(self._key, hashes.SHA256()).public_bytes(pem))
+        key_file.write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        return cert_file, key_file
+
+
+def tls_material(workdir: Path, ips: Sequence[str], name: str) -> tuple[Path, Path, Path]:
+    """A fresh test CA and a server certificate for `ips` signed by it: (ca, cert, key)."""
+    ca = CertAuthority(workdir, name)
+    cert, key = ca.issue("server", ips=ips)
+    return ca.ca_file, cert, key
 
 
 # --- protocol driver tests: simulated devices on loopback, physics in the background ---

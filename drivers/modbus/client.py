@@ -68,6 +68,38 @@ def quiet_pymodbus() -> None:
         lib.setLevel(logging.CRITICAL)
 
 
+def fail_fast(client: AsyncModbusTcpClient) -> None:
+    """End a transaction at once, as a ModbusException, when the device hangs up or sends a
+    frame pymodbus cannot decode.
+
+    pymodbus (3.x) leaves the request waiting for its full timeout when the connection
+    closes, and lets a decode error escape from `data_received`, where asyncio logs a
+    traceback for every garbage reply. This hooks the client's protocol instance.
+    """
+    ctx = client.ctx
+    on_data, on_disconnected = ctx.callback_data, ctx.callback_disconnected
+
+    def fail(exc: ModbusException) -> None:
+        if not ctx.response_future.done():
+            ctx.response_future.set_exception(exc)
+
+    def callback_data(data: bytes, addr: tuple[str, int] | None = None) -> int:
+        try:
+            return on_data(data, addr)
+        except ModbusException as exc:
+            fail(exc)
+            if ctx.transport:
+                ctx.transport.close()  # the stream is out of step: never read it again
+            return len(data)
+
+    def callback_disconnected(exc: Exception | None) -> None:
+        on_disconnected(exc)
+        fail(ConnectionException(f"connection closed by the device ({exc or 'EOF'})"))
+
+    ctx.callback_data = callback_data  # type: ignore[method-assign]
+    ctx.callback_disconnected = callback_disconnected  # type: ignore[method-assign]
+
+
 class ModbusLink:
     """One Modbus TCP endpoint: lazy connect, per-call timeout, at most one retry."""
 
@@ -92,6 +124,7 @@ class ModbusLink:
             retries=0,
             reconnect_delay=0,  # reconnects are ours, with backoff
         )
+        fail_fast(client)
         try:
             async with asyncio.timeout(self.timeout_s + _GRACE_S):
                 ok = await client.connect()
@@ -176,7 +209,16 @@ class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
         setpoint = max(value_w, 0.0)
         address, regs = LOAD_MAP.encode({"setpoint_w": setpoint, "run": run})
         unit = self._specs[local].unit
-        await self._transact(local, lambda c: c.write_registers(address, regs, device_id=unit))
+        reply = await self._transact(
+            local, lambda c: c.write_registers(address, regs, device_id=unit)
+        )
+        # pymodbus hands back whatever PDU came with our transaction id: only the echo of
+        # this write (FC16, same address and count) says the registers were written.
+        if reply.function_code != 16 or (reply.address, reply.count) != (address, len(regs)):
+            raise ProtocolError(
+                f"write answered with function {reply.function_code}, "
+                f"address {reply.address}, count {reply.count}"
+            )
         self._last_register_w[local] = as_f32(setpoint)
         self._last_run[local] = run
 

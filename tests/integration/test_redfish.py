@@ -8,8 +8,6 @@ bounds are generous because timing is not under test.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import logging
 import os
 import re
@@ -25,10 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redfish  # type: ignore[import-untyped]
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from controller.config import DeviceSpec, load_config
 from controller.fleet import DeviceState, Fleet
@@ -45,6 +39,7 @@ from tests.helpers import (
     cancel_and_wait,
     free_loopback_net,
     step_forever,
+    tls_material,
     until,
 )
 
@@ -362,55 +357,10 @@ async def test_latest_value_wins(tmp_path: Path) -> None:
             await asyncio.gather(r.driver_task, return_exceptions=True)
 
 
-def _tls_material(tmp_path: Path, ips: Sequence[str], name: str) -> tuple[Path, Path, Path]:
-    """A test CA and a server certificate for `ips`, signed by it: (ca, cert, key) PEM files."""
-    now = dt.datetime.now(dt.UTC)
-
-    def cert(
-        subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: Any, ca: bool
-    ) -> x509.Certificate:
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        )
-        if ca:
-            b = b.add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-            )
-        else:
-            sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            b = b.add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False
-            )
-        return b.sign(signer, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
-    ca = cert(f"{name} test CA", ca_key, ca_name, ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = cert("bmc", key, ca_name, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    paths = tmp_path / f"{name}-ca.pem", tmp_path / f"{name}-bmc.pem", tmp_path / f"{name}-key.pem"
-    paths[0].write_bytes(ca.public_bytes(pem))
-    paths[1].write_bytes(leaf.public_bytes(pem))
-    paths[2].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return paths
-
-
 async def test_https_with_a_test_ca(tmp_path: Path) -> None:
     specs = gpu_specs(tmp_path, 3)
-    ca, cert, key = _tls_material(tmp_path, [s.host for s in specs], "site")
-    other_ca, _, _ = _tls_material(tmp_path, ["127.0.0.1"], "other")
+    ca, cert, key = tls_material(tmp_path, [s.host for s in specs], "site")
+    other_ca, _, _ = tls_material(tmp_path, ["127.0.0.1"], "other")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert, key)
     specs = [

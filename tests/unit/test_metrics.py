@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -85,3 +86,21 @@ def test_collectors_read_drivers_and_fleet_at_scrape_time() -> None:
 def test_no_per_device_series_by_default() -> None:
     text = generate_latest(Metrics("t").registry).decode()
     assert "device=" not in text
+
+
+async def test_asyncio_tasks_gauge_counts_the_served_loops_live_tasks() -> None:
+    m = Metrics("t")
+    assert value(m, "rampd_asyncio_tasks") is None  # no loop watched: no sample, not a 0
+    port = m.serve("127.0.0.1", 0)  # from the loop: watches it
+    try:
+        assert port > 0
+        before = value(m, "rampd_asyncio_tasks")
+        assert before is not None and before >= 1  # this test's own task at least
+        gate = asyncio.Event()
+        tasks = [asyncio.create_task(gate.wait()) for _ in range(5)]
+        assert value(m, "rampd_asyncio_tasks") == before + 5
+        gate.set()
+        await asyncio.gather(*tasks)
+        assert value(m, "rampd_asyncio_tasks") == before  # done tasks do not count
+    finally:
+        m.close()

@@ -1,0 +1,52 @@
+"""The soak's short version: `bench/soak.py` as a user runs it, for about 35 s.
+
+Broker, simulator and daemon as processes at a 100 ms cycle under random dispatches (see the
+script). The same goals as the 30-minute soak: every dispatch acked, cycle overruns under 1%
+after the warm-up, no growth of the daemon's asyncio tasks; resident memory may grow more in
+so short a run (allocator and caches still settling), but not without bound (25%).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+# The 30-minute soak runs on net offset 0 (127.92.0-47.x); the burst test uses 127.92.200+.
+NET_OFFSET = 100
+
+
+def test_short_soak_meets_the_goals(tmp_path: Path) -> None:
+    out = tmp_path / "soak"
+    args = [
+        "--minutes", "0.6", "--warmup-s", "10", "--sample-s", "2",
+        "--max-rss-growth-pct", "25", "--net-offset", str(NET_OFFSET), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "soak.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    print(proc.stdout)
+    assert (out / "results.json").is_file(), proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    fig, verdicts = results["figures"], results["verdicts"]
+
+    assert fig["dispatches_sent"] >= 10 and fig["dispatches_invalid"] >= 1, fig
+    assert fig["dispatches_acked"] == fig["dispatches_sent"], fig
+    assert fig["cycles_after_warmup"] >= 150, fig  # a 100 ms cycle ran for the whole window
+    assert fig["overrun_pct"] < 1.0, fig
+    assert fig["tasks_min"] > 0, fig
+    assert fig["tasks_last_quarter_median"] <= fig["tasks_first_quarter_max"], fig
+    assert fig["rss_warm_mib"] > 10 and fig["rss_growth_pct"] < 25.0, fig
+    # The script judges the same way and says so in its exit code and its last lines.
+    assert all(verdicts.values()), verdicts
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout and proc.stdout.count("PASS") == 4, proc.stdout
