@@ -410,7 +410,20 @@ def _code(rc: int | ReasonCode | None) -> int | None:
     return rc.value if isinstance(rc, ReasonCode) else rc
 
 
-def _read_password(cfg: MqttConfig) -> str | None:
+def tls_params(cfg: MqttConfig) -> aiomqtt.TLSParameters | None:
+    """The client's TLS settings from `[mqtt.tls]`; None: plaintext."""
+    tls = cfg.tls
+    if tls is None:
+        return None
+    return aiomqtt.TLSParameters(
+        ca_certs=str(tls.ca_file) if tls.ca_file else None,
+        certfile=str(tls.cert_file) if tls.cert_file else None,
+        keyfile=str(tls.key_file) if tls.key_file else None,
+    )
+
+
+def read_password(cfg: MqttConfig) -> str | None:
+    """The MQTT password, from `password_file` when set (ConfigError if unreadable)."""
     if cfg.password_file is None:
         return cfg.password
     try:
@@ -453,16 +466,8 @@ class MqttLink:
         self._hard_max = 4 * queue_max
         self._timeout_s = timeout_s
         self._backoff_base_s = backoff_base_s
-        self._password = _read_password(cfg)
-        self._tls = (
-            aiomqtt.TLSParameters(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-            )
-            if cfg.tls is not None
-            else None
-        )
+        self._password = read_password(cfg)
+        self._tls = tls_params(cfg)
 
         self._out: deque[_Out] = deque()
         self._wake = asyncio.Event()

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.config import DeviceSpec, MqttConfig, read_hmac_key
-from controller.dispatch import _read_password
+from controller.dispatch import read_password, tls_params
 from controller.fleet import DeviceState, Fleet
 from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
@@ -75,7 +75,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
         options.setdefault("backoff_cap_s", 2.0)
         super().__init__(name, fleet, rows, specs, on_command, **options)
         self._mqtt = mqtt
-        self._password = _read_password(mqtt)  # ConfigError at start, like the daemon's link
+        self._password = read_password(mqtt)  # ConfigError at start, like the daemon's link
         self._roots = [s.access.topic_root or f"{mqtt.prefix}/{s.name}" for s in specs]
         # A key file that is missing or short stops the daemon at start, naming the zone.
         self._keys = [read_hmac_key(Path(f"zone {s.name}"), s.access.hmac_key_file) for s in specs]
@@ -107,7 +107,6 @@ class ZoneDriver(PerDeviceDriver[Reading]):
 
     def _new_client(self) -> aiomqtt.Client:
         cfg = self._mqtt
-        tls = cfg.tls
         return aiomqtt.Client(
             cfg.host,
             cfg.port,
@@ -118,13 +117,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
             clean_session=True,
             keepalive=cfg.keepalive_s,
             timeout=max(s.timeout_s for s in self._specs),
-            tls_params=None
-            if tls is None
-            else aiomqtt.TLSParameters(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-            ),
+            tls_params=tls_params(cfg),
         )
 
     async def _link(self) -> None:
