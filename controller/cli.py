@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from controller.bench import add_parser as add_bench_parser
 from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
+from controller.fdlimit import raise_fd_limit
 from controller.journal import JournalError
 from controller.report import add_parser as add_report_parser
 
@@ -97,6 +98,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from controller.app import Overrides, run_daemon
 
     cfg = _load(args.config)
+    raise_fd_limit(logging.getLogger("rampd"))
     try:
         run_loop(run_daemon(cfg, Overrides(mqtt=args.mqtt, metrics_listen=args.metrics_listen)))
     except (JournalError, ConfigError) as exc:
@@ -111,6 +113,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     control = split_host_port(args.control, default_port=9480) if args.control else None
     truth = Path(args.truth) if args.truth else None
+    raise_fd_limit(logging.getLogger("rampd.sim"))  # a listening socket per device
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(run_sim(cfg, truth, seed=args.seed, control=control))
     return 0

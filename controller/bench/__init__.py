@@ -1,4 +1,5 @@
-"""Benchmarks on a simulated site run as separate processes: `rampd bench ramp | regulation`.
+"""Benchmarks on a simulated site run as separate processes: `rampd bench ramp | regulation |
+fanout`.
 
 They print their figures and the command that reproduces them; timing is never a test. The
 arguments live here so the CLI can list them without importing the benches themselves.
@@ -58,8 +59,51 @@ def add_regulation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal", help="PJM regulation CSV (default bench/data/pjm_rega_*)")
 
 
+FANOUT_PROTOCOLS = ("luxos", "modbus", "redfish")
+FANOUT_SIZES = (1000, 5000, 10000)
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = [int(x) for x in text.split(",") if x.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("comma-separated positive device counts")
+    return sizes
+
+
+def _protocols(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in FANOUT_PROTOCOLS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(FANOUT_PROTOCOLS)}")
+    return names
+
+
+def add_fanout_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="output directory (default bench-runs/<timestamp>-fanout)")
+    p.add_argument(
+        "--sizes", type=_sizes, default=list(FANOUT_SIZES), help="device counts (1000,5000,10000)"
+    )
+    p.add_argument(
+        "--protocols", type=_protocols, default=list(FANOUT_PROTOCOLS), help="luxos,modbus,redfish"
+    )
+    p.add_argument("--bursts", type=int, default=3, help="timed bursts after the first (3)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        help="simulator processes per run (default: one per 2,500 devices, at most one per CPU)",
+    )
+    p.add_argument("--concurrency", type=int, help="driver concurrency (default: the driver's)")
+    p.add_argument("--poll-s", type=float, help="devices' poll period (default: their templates')")
+
+
 def _run_ramp(args: argparse.Namespace) -> int:
     from controller.bench.ramp import run_cli
+
+    return run_cli(args)
+
+
+def _run_fanout(args: argparse.Namespace) -> int:
+    from controller.bench.fanout import run_cli
 
     return run_cli(args)
 
@@ -85,3 +129,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g = benches.add_parser("regulation", help="replay a PJM RegA signal, PJM performance score")
     add_regulation_arguments(g)
     g.set_defaults(func=_run_regulation)
+    f = benches.add_parser(
+        "fanout", help="time from a dispatch to every device's command answered, beside a floor"
+    )
+    add_fanout_arguments(f)
+    f.set_defaults(func=_run_fanout)

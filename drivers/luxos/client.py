@@ -2,17 +2,23 @@
 
 Every miner gets its own task: it polls `power` every poll_s (staggered over the fleet), reads
 `summary` (hashrate) every `summary_every` polls and `config` (profile and curtail mode: the
-readback of our commands) every `config_every` polls, and sends the latest queued setpoint.
-All connections share one semaphore, so thousands of miners never open thousands of sockets
-at once; every call is bounded by the miner's timeout_s.
+readback of our commands) every `config_every` polls, all in one exchange (a multi-command,
+"power+summary"), and sends the latest queued setpoint. All connections share a limited
+number of slots, so thousands of miners never open thousands of sockets at once; a freed slot
+goes to a waiting command before a waiting adoption or poll, so a fleet-wide command is not
+queued behind the fleet's polls. Every call is bounded by the miner's timeout_s.
 
 A setpoint maps to the miner's profile ladder (fetched once per miner with `profiles`): at or
 above the lowest profile's power (the row's p_min_w) the miner runs the highest profile at or
 below the setpoint, waking it first if it sleeps; below it the miner is curtailed to sleep.
-Privileged commands need the miner's only session: we log on once and reuse the session id,
-log on again when the miner says it is invalid (it expires 60 s after its last use), and log
-off on shutdown. After each first logon ATM (automatic thermal management, which would move
-the profile on its own) is switched off if it is on.
+Privileged commands need the miner's only session. A miner is adopted at its first good poll,
+in the background (at most ADOPT_AT_ONCE at a time, a miner left out is adopted at a later
+poll): its profile ladder is fetched, we log on, and ATM (automatic thermal management, which
+would move the profile on its own) is switched off if its config says it is on. Polls renew
+the session before it expires (it lapses session_ttl_s after its last use) with a harmless
+privileged command, so a fleet-wide command costs each miner one exchange, however long the
+site was idle. A session the miner no longer knows is replaced at once; another actor's
+session is waited out; ours is logged off on shutdown.
 
 State: SLEEPING when the PSU is off, WAKING while the PSU is on but the miner does not hash
 yet (after a wakeup), ON when hashing, FAULT after FAULT_AFTER consecutive failed exchanges.
@@ -23,8 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Unpack, cast
 
@@ -41,6 +49,53 @@ log = logging.getLogger("rampd.drivers.luxos")
 
 SESSION_MARGIN_S = 2.0
 """A session unused this long past its lifetime is surely gone: log on without trying it."""
+RENEW_FRACTION = 0.5
+"""Polls renew a session idle for this fraction of its lifetime."""
+ADOPT_AT_ONCE = 64
+"""Miners adopted concurrently: a fleet's first polls must not become a logon storm."""
+KEEPALIVE = "enabled=false"
+"""`atmset` parameter renewing a session: privileged, and what we want anyway (ATM off)."""
+
+COMMAND, ADOPTION, POLL = 0, 1, 2
+"""Priorities of exchanges, most urgent first."""
+_priority: ContextVar[int] = ContextVar("luxos_priority", default=POLL)
+"""Set while a device task sends a command or adopts its miner."""
+
+
+class ExchangeSlots:
+    """At most `limit` exchanges at once; a freed slot goes to the most urgent waiter:
+    commands, then adoptions, then polls."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = max(1, limit)
+        self._queues: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque(), deque())
+
+    async def acquire(self, priority: int) -> None:
+        queues = self._queues
+        if self._free > 0 and not any(queues[p] for p in range(priority + 1)):
+            self._free -= 1
+            return
+        queue = queues[priority]
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot just as we were cancelled: pass it on
+            else:
+                with suppress(ValueError):
+                    queue.remove(fut)
+            raise
+
+    def release(self) -> None:
+        for queue in self._queues:
+            while queue:
+                fut = queue.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
+        self._free += 1
 
 
 class _Exchange(asyncio.Protocol):
@@ -129,7 +184,9 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
 
     protocol = "luxos"
     attempt_noun = "exchanges"
-    default_concurrency = 128
+    # Measured with `rampd bench fanout` (5,000 miners): 64 -> 1.9 s, 128 -> 2.4 s,
+    # 256 -> 1.2 s, 512 -> 1.1 s, 1024 -> 0.9 s, 2048 -> 1.1 s per fleet-wide command.
+    default_concurrency = 512
     _log = log
 
     def __init__(
@@ -150,7 +207,11 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         self._summary_every = max(1, summary_every)
         self._config_every = max(1, config_every)
         self._session_ttl_s = session_ttl_s
+        self._slots = ExchangeSlots(self._max_concurrency)
         self._busy_backoff = Backoff(n, 1.0, 15.0, self._rng)
+        self._adopted = np.zeros(n, dtype=np.bool_)
+        self._multi = np.ones(n, dtype=np.bool_)  # takes multi-commands ("power+summary")
+        self._adopting_now = 0
         self._polls = np.zeros(n, dtype=np.int64)
         # What we know of each miner; None / "" = unknown until read.
         self._profiles: list[list[m.Profile] | None] = [None] * n
@@ -176,6 +237,11 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
     def session_id(self, local: int) -> str:
         return self._session[local]
 
+    @property
+    def adopting(self) -> int:
+        """Miners not adopted yet (ladder, session, ATM): their first command costs more."""
+        return len(self._adopted) - int(self._adopted.sum())
+
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
         try:
@@ -188,7 +254,8 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         held = [k for k, sid in enumerate(self._session) if sid]
         if not held:
             return
-        timeout_s = 1.0 + max(self._specs[k].timeout_s for k in held)
+        # Bounded, but long enough for a whole fleet through the slots.
+        timeout_s = 1.0 + max(self._specs[k].timeout_s for k in held) + len(held) / 2000
 
         async def logoff(k: int) -> None:
             sid, self._session[k] = self._session[k], ""
@@ -202,14 +269,18 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
     # --- exchanges ---
 
     async def _call(self, local: int, command: str, *params: str) -> m.Json:
-        """One command to one miner, reply checked (CommandError on STATUS "E")."""
+        """One command to one miner, reply checked (CommandError on STATUS "E"); a
+        multi-command's reply is returned unchecked (`messages.split_multi`)."""
         spec = self._specs[local]
-        async with self._sem:
+        request = m.encode_request(command, *params)
+        slots = self._slots
+        await slots.acquire(_priority.get())
+        try:
             self.exchanges += 1
-            reply = await exchange(
-                spec.host, spec.port, m.encode_request(command, *params), spec.timeout_s
-            )
-        return m.check(reply, command)
+            reply = await exchange(spec.host, spec.port, request, spec.timeout_s)
+        finally:
+            slots.release()
+        return reply if "+" in command else m.check(reply, command)
 
     async def _privileged(self, local: int, command: str, *params: str) -> m.Json:
         """A command that needs the session: reuse it, log on again once if it is gone."""
@@ -249,20 +320,57 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         except m.CommandError:
             return False  # firmware without ATM
 
-    async def _check_atm(self, local: int) -> None:
-        """At the first good poll, not at the first command: read whether ATM is on (one
-        unprivileged exchange). Where it is off, nothing is left to do, and a fleet-wide
-        command (a site shedding within seconds) costs a miner one exchange fewer; where it
-        is on, switching it off needs the session, so the first command does it."""
-        if not await self._atm_enabled(local):
-            self._atm_done[local] = True
-
-    async def _disable_atm(self, local: int, sid: str) -> None:
-        """ATM moves profiles with temperature and would undo ours: switch it off once."""
-        if await self._atm_enabled(local):
-            await self._call(local, "atmset", sid, "enabled=false")
+    async def _disable_atm(self, local: int, sid: str, enabled: bool | None = None) -> None:
+        """ATM moves profiles with temperature and would undo ours: switch it off once.
+        `enabled`: what the miner's config said, None to ask it."""
+        if enabled is None:
+            enabled = await self._atm_enabled(local)
+        if enabled:
+            await self._call(local, "atmset", sid, KEEPALIVE)
             log.info("luxos %s: ATM disabled (it would override power targets)", self._name(local))
         self._atm_done[local] = True
+
+    async def _adopt(self, local: int, atm_enabled: bool | None) -> None:
+        """At a good poll, not at the first command: everything a command needs but the
+        command itself (ladder, session, ATM off), so a fleet-wide command (a site shedding
+        within seconds) costs each miner one exchange. Left for a later poll when
+        ADOPT_AT_ONCE miners are being adopted already or the miner refuses."""
+        if self._adopting_now >= ADOPT_AT_ONCE:
+            return
+        self._adopting_now += 1
+        token = _priority.set(ADOPTION)  # before the fleet's polls: a command may come soon
+        try:
+            await self._ladder(local)
+            sid = await self._ensure_session(local)
+            if not self._atm_done[local]:
+                await self._disable_atm(local, sid, atm_enabled)
+            self._session_used[local] = time.monotonic()
+            self._adopted[local] = True
+        except m.SessionBusy as exc:
+            self._session_busy(local, exc)  # another actor's: adopt once it is gone
+        except DriverError as exc:
+            log.debug("luxos %s: adoption deferred: %s", self._name(local), exc)
+        finally:
+            _priority.reset(token)
+            self._adopting_now -= 1
+
+    async def _renew(self, local: int) -> None:
+        """Keep a held session alive: polls are frequent, sessions lapse after a minute."""
+        try:
+            await self._privileged(local, "atmset", KEEPALIVE)
+        except m.SessionBusy as exc:
+            self._session_busy(local, exc)
+        except m.CommandError as exc:
+            log.debug("luxos %s: session renewal refused: %s", self._name(local), exc)
+            self._session[local] = ""
+            self._adopted[local] = False  # adopt it again at the next poll
+
+    def _session_busy(self, local: int, exc: m.SessionBusy) -> None:
+        self._session[local] = ""
+        self._adopted[local] = False
+        if not self._busy_warned[local]:
+            self._busy_warned[local] = True
+            log.warning("luxos %s: %s; retrying", self._name(local), exc)
 
     async def _ladder(self, local: int) -> list[m.Profile]:
         ladder = self._profiles[local]
@@ -272,7 +380,9 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         return ladder
 
     async def _read_config(self, local: int) -> m.ConfigInfo:
-        cfg = m.parse_config(await self._call(local, "config"))
+        return self._config_read(local, m.parse_config(await self._call(local, "config")))
+
+    def _config_read(self, local: int, cfg: m.ConfigInfo) -> m.ConfigInfo:
         self._profile[local] = cfg.profile
         self._curtailed[local] = cfg.curtailed
         return cfg
@@ -280,7 +390,11 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
     # --- sending ---
 
     async def _command(self, local: int, value_w: float) -> None:
-        await self._apply(local, value_w)
+        token = _priority.set(COMMAND)
+        try:
+            await self._apply(local, value_w)
+        finally:
+            _priority.reset(token)
         self._busy_backoff.succeeded(local)
 
     def _command_failed(self, local: int, exc: DriverError) -> bool:
@@ -288,9 +402,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
             # Someone else holds the session: not a fault of the miner; try again later.
             now = time.monotonic()
             self._retry_at[local] = now + self._busy_backoff.failed(local, now)
-            if not self._busy_warned[local]:
-                self._busy_warned[local] = True
-                log.warning("luxos %s: %s; retrying", self._name(local), exc)
+            self._session_busy(local, exc)
             return False
         self._curtailed[local] = None  # our view may be stale: read config before retrying
         if isinstance(exc, m.CommandError) and exc.command == "profileset":
@@ -329,20 +441,27 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
     async def _read(self, local: int) -> _MinerReading:
         k = int(self._polls[local])
         self._polls[local] += 1
+        last = self._last_state[local]
+        # One exchange per poll: what is due goes in one multi-command ("power+summary").
+        commands = ["power"]
+        if (
+            self._waking[local]
+            or last != DeviceState.ON  # waking, or powered up since (reboot, another tool)
+            or k % self._summary_every == 0
+        ):
+            commands.append("summary")
+        if k % self._config_every == self._config_every // 2 or self._curtailed[local] is None:
+            commands.append("config")
         try:
-            power = m.parse_power(await self._call(local, "power"))
+            replies = await self._poll_replies(local, commands)
+            power = m.parse_power(replies["power"])
             watts = self._check_power(local, power.watts)
-            last = self._last_state[local]
             if not power.psu_on:  # asleep, or a wakeup not acted on yet
                 state = DeviceState.SLEEPING
                 self.hashrate_ths[local] = 0.0
                 self.hashrate_at[local] = time.monotonic()
-            elif (
-                self._waking[local]
-                or last != DeviceState.ON  # waking, or powered up since (reboot, another tool)
-                or k % self._summary_every == 0
-            ):
-                summary = m.parse_summary(await self._call(local, "summary"))
+            elif "summary" in replies:
+                summary = m.parse_summary(replies["summary"])
                 self.hashrate_ths[local] = summary.hashrate_ths
                 self.hashrate_at[local] = time.monotonic()
                 hashing = summary.ghs_5s > 0
@@ -352,16 +471,35 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
             else:
                 state = DeviceState.ON
             cfg = None
-            if k % self._config_every == self._config_every // 2 or self._curtailed[local] is None:
-                cfg = await self._read_config(local)
-            if not self._atm_done[local]:
-                await self._check_atm(local)
+            if "config" in replies:
+                cfg = self._config_read(local, m.parse_config(replies["config"]))
+                if cfg.atm_enabled and self._atm_done[local]:
+                    self._atm_done[local] = self._adopted[local] = False  # switched on again
+            if not self._adopted[local]:
+                await self._adopt(local, None if cfg is None else cfg.atm_enabled)
+            elif self._session[local] and (
+                time.monotonic() - self._session_used[local] > RENEW_FRACTION * self._session_ttl_s
+            ):
+                await self._renew(local)
         except DriverError as exc:
             if not isinstance(exc, m.CommandError):
                 # The connection failed: the miner may have restarted; verify before trusting.
                 self._curtailed[local] = None
             raise
         return _MinerReading(watts, state, cfg)
+
+    async def _poll_replies(self, local: int, commands: list[str]) -> dict[str, m.Json]:
+        """The replies to `commands`, in one multi-command exchange where the firmware
+        takes them (one by one where it answers "invalid command")."""
+        if len(commands) > 1 and self._multi[local]:
+            try:
+                return m.split_multi(await self._call(local, "+".join(commands)), commands)
+            except m.CommandError as exc:
+                if exc.code != m.Code.INVALID_COMMAND:
+                    raise
+                self._multi[local] = False
+                log.info("luxos %s: no multi-commands; polling one by one", self._name(local))
+        return {c: await self._call(local, c) for c in commands}
 
     def _polled(self, local: int, reading: _MinerReading) -> None:
         self._last_state[local] = reading.state

@@ -22,14 +22,17 @@ any input.
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final
 
 from drivers.base import ProtocolError
+
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 Json = dict[str, Any]
 
@@ -113,11 +116,12 @@ class AlreadyActive(CommandError):
 
 
 def encode_request(command: str, *params: str | int | float) -> bytes:
-    """`{"command": ..., "parameter": "a,b"}` as sent on the wire (no terminator)."""
-    msg: Json = {"command": command}
-    if params:
-        msg["parameter"] = ",".join(str(p) for p in params)
-    return json.dumps(msg).encode()
+    """`{"command": ..., "parameter": "a,b"}` as sent on the wire (no terminator): what
+    `json.dumps` writes, built from escaped strings (every exchange of a fleet pays for it)."""
+    if not params:
+        return f'{{"command": {_quote(command)}}}'.encode()
+    joined = ",".join(str(p) for p in params)
+    return f'{{"command": {_quote(command)}, "parameter": {_quote(joined)}}}'.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,6 +535,22 @@ class PowerReading:
     psu_on: bool
 
 
+def split_multi(reply: Mapping[str, Any], commands: Sequence[str]) -> dict[str, Json]:
+    """The replies of a multi-command ("power+summary") by command, each still unchecked;
+    a single command's reply is returned as that command's."""
+    if len(commands) == 1:
+        return {commands[0]: dict(reply)}
+    out: dict[str, Json] = {}
+    for cmd in commands:
+        part = reply.get(cmd)
+        if not isinstance(part, list) or not part or not isinstance(part[0], Mapping):
+            if STATUS in reply:  # refused as a whole (an old firmware without multi-commands)
+                check(reply, "+".join(commands))
+            raise ProtocolError(f"multi-command reply without {cmd!r}")
+        out[cmd] = dict(part[0])
+    return out
+
+
 def parse_power(reply: Mapping[str, Any]) -> PowerReading:
     item = _first(check(reply, "power"), POWER)
     psu = item.get("PSU", True)
@@ -700,4 +720,5 @@ __all__ = [
     "parse_status",
     "parse_summary",
     "parse_version",
+    "split_multi",
 ]

@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -372,6 +373,95 @@ class LuxosSim:
         return m.ok_reply(m.Code.ATM_SET, "Advanced Thermal Management configuration updated")
 
 
+class _ApiConnection(asyncio.Protocol):
+    """One connection to a miner's API: a request in, the reply out, closed.
+
+    A bare Protocol, not streams and a task: a site's thousands of miners answer every poll and
+    every command on a new connection, and the simulator must stay cheaper than the clients it
+    serves. Only a SLOW fault takes a task (it sleeps); SILENT holds the connection on a timer.
+    """
+
+    def __init__(self, servers: LuxosServers, k: int) -> None:
+        self._servers = servers
+        self._k = k
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._servers.transports.add(self._transport)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(REQUEST_TIMEOUT_S, self._transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return  # SILENT reads and discards
+        self._buf += data
+        try:
+            end = m.object_end(self._buf)
+        except ProtocolError:
+            end = len(self._buf)  # not JSON: answer it as such
+        if end is None and len(self._buf) <= m.MAX_MESSAGE_BYTES:
+            return
+        self._answer(bytes(self._buf[: end or len(self._buf)]))
+
+    def eof_received(self) -> bool:
+        if not self._answered:
+            if self._buf:
+                self._answer(bytes(self._buf))
+                return True  # keep our side open until the reply is out
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is not None:
+            self._servers.transports.discard(self._transport)
+
+    def _answer(self, request: bytes) -> None:
+        self._answered = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fault() == Fault.SLOW:
+            task = asyncio.get_running_loop().create_task(self._slow(request))
+            self._servers.conns.add(task)
+            task.add_done_callback(self._servers.conns.discard)
+        else:
+            self._reply(request)
+
+    async def _slow(self, request: bytes) -> None:
+        await asyncio.sleep(SLOW_S)
+        self._reply(request)
+
+    def _fault(self) -> int:
+        return int(self._servers.sim.physics.fault[int(self._servers.sim.rows[self._k])])
+
+    def _reply(self, request: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        fault = self._fault()
+        if fault == Fault.SILENT:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(SILENT_HOLD_S, transport.close)
+            return
+        if fault == Fault.GARBAGE:
+            transport.write(GARBAGE)
+        elif fault == Fault.ERROR:
+            transport.write(m.encode_reply(m.error_reply(m.Code.INTERNAL, "Internal error")))
+        else:
+            try:
+                reply = self._servers.sim.handle(self._k, m.decode_request(request))
+            except ProtocolError as exc:
+                reply = m.error_reply(m.Code.INVALID_COMMAND, f"Invalid JSON: {exc}"[:80])
+            transport.write(m.encode_reply(reply))
+        transport.close()  # after the buffered reply is written
+
+
 class LuxosServers:
     """The listeners of a set of simulated miners; `close()` stops them and their connections."""
 
@@ -379,48 +469,11 @@ class LuxosServers:
         self.sim = sim
         self.servers: list[asyncio.Server] = []
         self.conns: set[asyncio.Task[None]] = set()
+        self.transports: set[asyncio.Transport] = set()
 
     @property
     def physics(self) -> SitePhysics:
         return self.sim.physics
-
-    async def serve_api(self, k: int, reader: Reader, w: Writer) -> None:
-        try:
-            await self._api(k, reader, w)
-        except (OSError, TimeoutError, ProtocolError):
-            pass  # the client went away or misbehaved; one connection, nothing to keep
-        finally:
-            w.close()
-
-    async def _api(self, k: int, reader: Reader, w: Writer) -> None:
-        sim, i = self.sim, int(self.sim.rows[k])
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            data = await _read_request(reader)
-        if not data:
-            return
-        fault = int(sim.physics.fault[i])
-        if fault == Fault.SLOW:
-            await asyncio.sleep(SLOW_S)
-            fault = int(sim.physics.fault[i])
-        if fault == Fault.SILENT:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SILENT_HOLD_S):
-                    while await reader.read(4096):
-                        pass
-            return
-        if fault == Fault.GARBAGE:
-            w.write(GARBAGE)
-        else:
-            if fault == Fault.ERROR:
-                reply = m.error_reply(m.Code.INTERNAL, "Internal error")
-            else:
-                try:
-                    reply = sim.handle(k, m.decode_request(data))
-                except ProtocolError as exc:
-                    reply = m.error_reply(m.Code.INVALID_COMMAND, f"Invalid JSON: {exc}"[:80])
-            w.write(m.encode_reply(reply))
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
-            await w.drain()
 
     async def serve_http(self, k: int, reader: Reader, w: Writer) -> None:
         """The web UI's landing page, reduced to what identifies the firmware."""
@@ -448,6 +501,8 @@ class LuxosServers:
     async def close(self) -> None:
         for server in self.servers:
             server.close()
+        for transport in list(self.transports):
+            transport.abort()
         for task in list(self.conns):
             task.cancel()
         if self.conns:
@@ -457,23 +512,6 @@ class LuxosServers:
                 async with asyncio.timeout(2.0):
                     await server.wait_closed()
         self.servers.clear()
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    """Bytes up to the end of the first JSON object (clients do not half-close), or to EOF."""
-    buf = bytearray()
-    while len(buf) <= m.MAX_MESSAGE_BYTES:
-        chunk = await reader.read(4096)
-        if not chunk:
-            break
-        buf += chunk
-        try:
-            end = m.object_end(buf)
-        except ProtocolError:
-            break  # not JSON: answer it as such
-        if end is not None:
-            return bytes(buf[:end])
-    return bytes(buf)
 
 
 async def start_luxos_servers(
@@ -512,19 +550,20 @@ async def start_luxos_servers(
 
 
 async def _listen(out: LuxosServers, k: int, host: str, port: int, *, http: bool) -> asyncio.Server:
-    serve = out.serve_http if http else out.serve_api
-
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:  # so close() can end connections a fault holds open
             out.conns.add(task)
         try:
-            await serve(k, reader, writer)
+            await out.serve_http(k, reader, writer)
         finally:
             if task is not None:
                 out.conns.discard(task)
 
     try:
+        if not http:
+            loop = asyncio.get_running_loop()
+            return await loop.create_server(lambda: _ApiConnection(out, k), host, port, backlog=64)
         return await asyncio.start_server(on_connect, host, port, backlog=64)
     except OSError as exc:
         name = out.sim.specs[k].name

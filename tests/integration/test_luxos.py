@@ -224,6 +224,7 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
         on_command=commands,
         summary_every=3,
         config_every=2,
+        session_ttl_s=opts.get("session_ttl_s", 60.0),
         backoff_cap_s=1.0,
     )
     site.tasks.append(asyncio.create_task(driver.run()))
@@ -270,11 +271,13 @@ async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
     assert all(sim.current_profile(k).watts == expected[k] for k in range(n))
     assert rig.driver.commands_ok == n and rig.driver.command_errors == 0
     assert len(rig.commands) == n and all(ok and name == "luxos" for name, _, ok in rig.commands)
-    # The ladder was fetched once per miner and cached; ATM went off after the first logon
-    # (miner 0 already ran its profile: no command, no session, ATM untouched).
+    # The ladder was fetched once per miner and cached; every miner was adopted (one logon,
+    # ATM off), miner 0 too though it already ran its profile and got no command.
     assert all(sim.counts[k, "profiles"] == 1 for k in range(n))
-    assert sim.atm_enabled[0] and not sim.atm_enabled[1:].any()
-    assert sim.counts[0, "logon"] == 0
+    await until(lambda: rig.driver.adopting == 0, 5, what="miners adopted")
+    assert not sim.atm_enabled.any()
+    assert all(sim.counts[k, "logon"] == 1 for k in range(n))
+    assert sim.counts[0, "profileset"] == 0
     rig.driver.submit(rows, expected + 10.0)  # same profiles: nothing to send
     await until(lambda: rig.driver.pending == 0, 2, what="drained")
     await until(lambda: rig.driver.commands_ok == 2 * n, 2, what="no-op commands done")
@@ -309,32 +312,34 @@ async def test_sleep_below_the_lowest_profile_and_wake_on_demand(rig: Rig) -> No
 
 
 @pytest.mark.parametrize("rig", [{"session_ttl_s": 1.0}], indirect=True)
-async def test_session_is_reused_and_renewed_after_expiry(rig: Rig) -> None:
-    await rig.first_polls()
+async def test_session_is_held_renewed_and_replaced_when_lost(rig: Rig) -> None:
     ph, drv, sim = rig.physics, rig.driver, rig.site.servers.sim
-    rows = np.array([0])
-    drv.submit(rows, np.array([3000.0]))
-    await until(lambda: ph.cmd_setpoint_w[0] == 3000.0, 3, what="first command")
+    await until(lambda: drv.adopting == 0, 5, what="miners adopted")
     first = drv.session_id(0)
-    assert first and drv.logons == 1 and sim.active_session(0) == first
+    assert first and sim.active_session(0) == first and sim.counts[0, "logon"] == 1
+    # Polls renew it (0.5 s idle of a 1 s life): it outlives its lifetime several times.
+    await until(lambda: sim.counts[0, "atmset"] >= 4, 5, what="renewals")
+    assert sim.active_session(0) == first and drv.session_id(0) == first
 
-    drv.submit(rows, np.array([2500.0]))  # well within the session's life: reused
-    await until(lambda: ph.cmd_setpoint_w[0] == 2500.0, 3, what="second command")
-    assert drv.logons == 1 and drv.session_id(0) == first
+    rows = np.array([0])
+    drv.submit(rows, np.array([3000.0]))  # the held session: the command is one exchange
+    await until(lambda: ph.cmd_setpoint_w[0] == 3000.0, 3, what="first command")
+    assert sim.counts[0, "logon"] == 1 and drv.session_id(0) == first
 
-    await until(lambda: sim.active_session(0) == "", 3, what="session expired on the miner")
-    drv.submit(rows, np.array([2000.0]))  # the driver still holds the old id: refused, re-logon
-    await until(lambda: ph.cmd_setpoint_w[0] == 2000.0, 3, what="command after expiry")
-    assert drv.logons == 2 and drv.session_id(0) not in ("", first)
-    assert sim.counts[0, "logon"] == 2
-    assert drv.command_errors == 0  # an expired session is handled, not an error
+    sim.session[0] = ""  # the miner forgot it (its API restarted): refused, logged on again
+    drv.submit(rows, np.array([2500.0]))
+    await until(lambda: ph.cmd_setpoint_w[0] == 2500.0, 3, what="command after the loss")
+    await until(lambda: drv.session_id(0) not in ("", first), 3, what="a new session")
+    assert sim.counts[0, "logon"] == 2 and sim.active_session(0) == drv.session_id(0)
+    assert drv.command_errors == 0  # a lost session is handled, not an error
 
 
 @pytest.mark.parametrize("rig", [{"session_ttl_s": 1.0}], indirect=True)
 async def test_another_actors_session_delays_but_does_not_fault(rig: Rig) -> None:
-    await rig.first_polls()
-    ph, spec = rig.physics, rig.site.specs[9]
-    # Someone else (an operator's script) holds the miner's only session.
+    await until(lambda: rig.driver.adopting == 0, 5, what="miners adopted")
+    ph, spec, sim = rig.physics, rig.site.specs[9], rig.site.servers.sim
+    # Someone else (an operator's script) took the miner's only session: ours is gone.
+    sim.session[9] = ""
     m.parse_session(await exchange(spec.host, spec.port, m.encode_request("logon"), 1.0))
     rig.driver.submit(np.array([9]), np.array([2000.0]))
     await until(lambda: rig.driver.command_errors >= 1, 3, what="refused: session busy")
@@ -422,16 +427,59 @@ async def test_reboot_of_a_sleeping_miner_puts_it_back_to_sleep(rig: Rig) -> Non
     await until(lambda: fleet.state[k] == DeviceState.SLEEPING, 5, what="asleep again")
 
 
-async def test_polls_learn_that_atm_is_off_so_a_command_needs_no_atm_exchange(rig: Rig) -> None:
-    sim = rig.site.servers.sim
+async def test_adoption_at_first_poll_so_a_fleet_command_costs_one_exchange(rig: Rig) -> None:
+    sim, drv = rig.site.servers.sim, rig.driver
     sim.atm_enabled[4] = False  # an operator switched it off already
-    await rig.first_polls()
-    await until(lambda: sim.counts[4, "atm"] >= 1, 3, what="ATM read by a poll")
-    assert sim.counts[4, "logon"] == 0  # reading it needs no session
-    rig.driver.submit(np.array([4, 5]), np.array([3000.0, 3000.0]))
-    await until(
-        lambda: bool((rig.physics.cmd_setpoint_w[[4, 5]] == 3000.0).all()), 3, what="commands"
-    )
-    # Miner 4: logon + profileset only. Miner 5 (ATM on) still has it switched off first.
-    assert sim.counts[4, "atm"] == 1 and sim.counts[4, "atmset"] == 0
-    assert sim.counts[5, "atmset"] == 1 and not sim.atm_enabled[5]
+    await until(lambda: drv.adopting == 0, 5, what="miners adopted")
+    # Adopted from the config the first poll read: no `atm` reads; ATM off where it was on.
+    n = len(rig.site.specs)
+    assert sim.counts[4, "atmset"] == 0 and sim.counts[5, "atmset"] == 1
+    assert not sim.atm_enabled.any() and sum(sim.counts[k, "atm"] for k in range(n)) == 0
+    assert all(sim.counts[k, "logon"] == 1 and sim.counts[k, "profiles"] == 1 for k in range(n))
+    # ATM switched on again by an operator is noticed by a config poll and switched off.
+    sim.atm_enabled[6] = True
+    await until(lambda: not sim.atm_enabled[6], 5, what="ATM off again")
+    before = sim.counts.copy()
+
+    drv.submit(np.arange(n), np.full(n, 3000.0))  # the fleet-wide burst
+    await until(lambda: drv.commands_ok == n, 3, what="all acknowledged")
+    assert (rig.physics.cmd_setpoint_w == 3000.0).all()
+    # The command was one exchange per miner: no logon, ladder or ATM exchange on its way.
+    assert all(sim.counts[k, "profileset"] - before[k, "profileset"] == 1 for k in range(n))
+    for cmd in ("logon", "profiles", "atm"):
+        assert all(sim.counts[k, cmd] == before[k, cmd] for k in range(n)), cmd
+
+
+async def test_firmware_without_multi_commands_is_polled_one_by_one() -> None:
+    """An older firmware answers "Invalid command" to "power+summary": the driver notices once
+    and polls that miner with one command per exchange, without a failed poll or a FAULT."""
+    site = await start_site(1)
+    real = site.specs[0]
+    old = replace(real, host=f"{free_loopback_net(m.PORT)[0]}.1")
+    refused: list[str] = []
+
+    async def old_firmware(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(4096)  # a request is one small object
+        req = m.decode_request(data)
+        if "+" in req.command:
+            refused.append(req.command)
+            reply = m.error_reply(m.Code.INVALID_COMMAND, f"Invalid command '{req.command}'")
+        else:  # the real simulated miner answers everything else
+            reply = await exchange(real.host, real.port, data, 1.0)
+        writer.write(m.encode_reply(reply))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(old_firmware, old.host, old.port)
+    fleet = Fleet.from_specs([old], [0])
+    driver = LuxosDriver("luxos", fleet, [0], [old])
+    task = asyncio.create_task(driver.run())
+    try:
+        await until(lambda: driver.polls_ok >= 4, 5, what="polls one by one")
+        assert len(refused) == 1 and driver.poll_errors == 0 and driver.faulted == 0
+        assert fleet.state[0] == DeviceState.ON and driver.adopting == 0
+        assert site.servers.sim.counts[0, "power"] >= 4
+    finally:
+        await cancel_and_wait(task)
+        server.close()
+        await stop_site(site)

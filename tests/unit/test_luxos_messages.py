@@ -192,6 +192,19 @@ def test_choose_profile_takes_the_highest_at_or_below() -> None:
         m.choose_profile([], 1)
 
 
+def test_multi_command_replies_split_by_command() -> None:
+    power, summary = m.power_reply(3100.0, True), m.summary_reply(1.5e5, 1.4e5, 60)
+    parts = m.split_multi(m.multi_reply({"power": power, "summary": summary}), ["power", "summary"])
+    assert m.parse_power(parts["power"]).watts == 3100.0
+    assert m.parse_summary(parts["summary"]).ghs_5s == 1.5e5
+    assert m.split_multi(power, ["power"]) == {"power": power}  # one command: as it came
+    with pytest.raises(ProtocolError, match="without 'summary'"):
+        m.split_multi(m.multi_reply({"power": power}), ["power", "summary"])
+    refused = m.error_reply(m.Code.INVALID_COMMAND, "Invalid command")  # no multi-commands
+    with pytest.raises(m.CommandError):
+        m.split_multi(refused, ["power", "summary"])
+
+
 # --- nothing but ProtocolError, whatever arrives ---
 
 PARSERS: list[Callable[[dict[str, Any]], object]] = [
@@ -206,6 +219,7 @@ PARSERS: list[Callable[[dict[str, Any]], object]] = [
     m.parse_atm,
     m.parse_profileset,
     lambda r: m.check(r, "x"),
+    lambda r: m.split_multi(r, ["power", "summary"]),
 ]
 
 json_values = st.recursive(
