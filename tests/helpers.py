@@ -105,8 +105,7 @@ class Mosquitto:
             "max_keepalive 3600\n"
             # Default 1000: QoS 1 messages queued for a busy subscriber beyond that are
             # dropped (a dispatch burst would lose dispatches). See README "Broker settings".
-            "max_queued_messages 100000\n"
-            + "".join(f"{line}\n" for line in self.extra_conf)
+            "max_queued_messages 100000\n" + "".join(f"{line}\n" for line in self.extra_conf)
         )
 
     def accepting(self) -> bool:

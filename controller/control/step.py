@@ -81,6 +81,23 @@ def effective_params(params: FleetParams) -> FleetParams:
     return dataclasses.replace(params, p_max_w=np.where(q, top, params.p_max_w))
 
 
+def _landing_lead_s(drop_w: F64, landing_s: F64, rate_w_s: float) -> float:
+    """How early the fast tier should start rising to meet the sleep drops ahead.
+
+    Sleeps land as a staircase (acks come in over a command burst); the fast tier can only
+    ramp at ``rate_w_s``. Started at the first landing, it would be late at landing i by
+    ``C_i / rate - (t_i - t_1)`` (``C_i``: the drop so far); starting half the worst of that
+    early splits the error evenly around the staircase (half the ramp time for one step).
+    """
+    due = np.isfinite(landing_s) & (drop_w > 0.0)
+    if not due.any():
+        return 0.0
+    order = np.argsort(landing_s[due], kind="stable")
+    t = landing_s[due][order]
+    late = np.cumsum(drop_w[due][order]) / rate_w_s - (t - t[0])
+    return 0.5 * max(float(late.max()), 0.0)
+
+
 class Controller:
     """Moves the site's metered power to ``target_w``; one instance per fleet.
 
@@ -396,16 +413,11 @@ class Controller:
         if running.any():
             rows = fixed[running]
             now = planner.parked_power_w(rows, snap.t)
-            # A sleep drops power in one step; the fast tier can only ramp. Starting half
-            # its ramp time early (plus its dead time) splits the error around the step:
-            # the next step, what lands within a cycle of the first landing.
-            landing = planner.landing_s(rows)
-            nxt = landing <= landing.min() + dt
-            step_w = float(np.sum(now - p.p_idle_w[rows], where=nxt))
             rate_w_s = float(np.dot(self._alloc.up_e, self._alloc.fast_f)) / dt
             ahead = (self._alloc.fast_delay + 1) * dt
-            if step_w > 0.0 and rate_w_s > 0.0:
-                ahead += 0.5 * step_w / rate_w_s
+            if rate_w_s > 0.0:
+                drop_w = now - p.p_idle_w[rows]
+                ahead += _landing_lead_s(drop_w, planner.landing_s(rows), rate_w_s)
             lands = planner.parked_power_w(rows, snap.t + ahead)
             # A scheduled drop is the fleet moving, not news about the past (a poll's);
             # the observer also holds just before one, as the meter may see it first.
