@@ -209,6 +209,7 @@ class Daemon:
             period_s=site.cycle_s,
             telemetry_max_age_s=site.site.telemetry_max_age_s,
             meter_max_age_s=site.control.meter_max_age_s,
+            has_meter=not isinstance(self.meter, NoMeter),
         )
         self.link = MqttLink(
             mqtt_cfg,

@@ -74,8 +74,12 @@ def summarize(cfg: LoadedConfig) -> str:
         f"mqtt {site.mqtt.host}:{site.mqtt.port} topics {cfg.topic_root}/"
         f"{{dispatch,heartbeat,ack,telemetry,status}}"
         f"{' (TLS)' if site.mqtt.tls else ''}",
-        f"meter {site.meter.protocol} {site.meter.host}:{site.meter.port} "
-        f"unit {site.meter.unit}, every {site.meter.poll_s:g} s",
+        (
+            f"meter {site.meter.protocol} {site.meter.host}:{site.meter.port} "
+            f"unit {site.meter.unit}, every {site.meter.poll_s:g} s"
+            if site.meter.protocol != "none"
+            else "meter none: power is what the devices (zones) report"
+        ),
         f"failsafe after {site.failsafe.dispatch_timeout_s:g} s silence: {site.failsafe.policy}",
         f"metrics http://{site.metrics.listen}/metrics",
         "",

@@ -61,6 +61,7 @@ class ControlCycle:
         telemetry_max_age_s: float,
         meter_max_age_s: float,
         clock: Callable[[], float] = time.monotonic,
+        has_meter: bool = True,
     ) -> None:
         self.fleet = fleet
         self.controller = controller
@@ -72,6 +73,8 @@ class ControlCycle:
         self.period_s = period_s
         self.telemetry_max_age_s = telemetry_max_age_s
         self.meter_max_age_s = meter_max_age_s
+        self.has_meter = has_meter
+        """False: no site meter by design (a parent of zones); its absence is not news."""
         self.clock = clock
         self.cycles = 0
         self.overruns = 0
@@ -123,7 +126,7 @@ class ControlCycle:
         # Until every live device has reported once, the meter residual would count their
         # unknown power as non-flexible load; hold the observer back until then.
         observed_w = meter_w if self._all_seen() else float("nan")
-        if meter_fresh != self._meter_was_fresh:
+        if self.has_meter and meter_fresh != self._meter_was_fresh:
             log.log(
                 logging.INFO if meter_fresh else logging.WARNING,
                 "site meter %s",
