@@ -59,8 +59,10 @@ class CommandMailbox:
     def __init__(self, n: int) -> None:
         self._pending = np.full(n, np.nan)
         self._event = asyncio.Event()
+        self._count = 0
 
     def put(self, local: Rows, values_w: F64) -> None:
+        self._count += int(np.count_nonzero(np.isnan(self._pending[local])))
         self._pending[local] = values_w
         if len(local):
             self._event.set()
@@ -68,6 +70,7 @@ class CommandMailbox:
     def put_back(self, local: int, value_w: float) -> None:
         """Re-queue a failed send unless a newer value arrived meanwhile."""
         if np.isnan(self._pending[local]):
+            self._count += 1
             self._pending[local] = value_w
             self._event.set()
 
@@ -76,6 +79,7 @@ class CommandMailbox:
         local = np.flatnonzero(~np.isnan(self._pending))
         values = self._pending[local].copy()
         self._pending[local] = np.nan
+        self._count = 0
         self._event.clear()
         return local, values
 
@@ -94,7 +98,8 @@ class CommandMailbox:
 
     @property
     def pending(self) -> int:
-        return int((~np.isnan(self._pending)).sum())
+        """Devices with a value waiting (O(1))."""
+        return self._count
 
 
 class Backoff:

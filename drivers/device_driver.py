@@ -75,6 +75,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     attempt_noun: ClassVar[str] = "transactions"
     """What failed, as the FAULT line says it ("FAULT after 2 failed transactions")."""
     default_concurrency: ClassVar[int] = 32
+    polls_yield_to_bursts: ClassVar[bool] = False
+    """While more commands are queued than the concurrency limit (a fleet-wide command), due
+    polls wait (at most until a period overdue): where every exchange costs a connection, a
+    poll sent then only delays the burst, and what it reads is about to change anyway."""
     _log: ClassVar[logging.Logger]
 
     def __init__(
@@ -107,6 +111,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self._sem = asyncio.Semaphore(self._max_concurrency)
         self._mailbox = CommandMailbox(n)
         self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
+        self._queued = 0  # commands taken from the mailbox and not answered yet
+        self._deferred: list[int] = []  # devices whose poll waits for a burst to drain
         self._wake = [asyncio.Event() for _ in range(n)]
         self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, self._rng)
         self._retry_at = np.zeros(n)
@@ -178,6 +184,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             if not await self._mailbox.wait(1.0):
                 continue
             local, values = self._mailbox.take()
+            self._queued += int(np.count_nonzero(np.isnan(self._outbox[local])))
             self._outbox[local] = values
             for i in local.tolist():
                 self._wake[i].set()
@@ -200,6 +207,13 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
             if not np.isnan(self._outbox[local]) and not overdue:
                 await self._send(local)
+                continue
+            if (now >= next_poll or self._poll_soon[local]) and not overdue and self._bursting():
+                self._deferred.append(local)  # woken when the burst drains or a command comes
+                self._wake[local].clear()
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(next_poll + spec.poll_s - now):
+                        await self._wake[local].wait()
                 continue
             if now >= next_poll or self._poll_soon[local]:
                 self._poll_soon[local] = False
@@ -225,6 +239,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             if self._command_failed(local, exc):
                 self._failed(local, exc)
             return
+        finally:
+            self._answered()
         self._report(time.monotonic() - t0, ok=True)
         self.commands_ok += 1
         self._last_value_w[local] = value
@@ -278,6 +294,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _put_back(self, local: int, value_w: float) -> None:
         if np.isnan(self._outbox[local]):  # retry later unless a newer value came
             self._outbox[local] = value_w
+            self._queued += 1
 
     def _readback_due(self, local: int, sent: float) -> bool:
         """Whether a readback means anything: something was sent (`sent` is not NaN; set it
@@ -288,6 +305,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _resend(self, local: int, value_w: float, why: str, *args: object) -> None:
         """Queue `value_w` again for a device that lost it (reboot, another manager); warn
         with `why % args` once, until a command lands."""
+        self._queued += int(np.isnan(self._outbox[local]))
         self._outbox[local] = value_w
         self.resends += 1
         if not self._readback_warned[local]:
@@ -297,6 +315,19 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             )
 
     # --- bookkeeping ---
+
+    def _bursting(self) -> bool:
+        queued = self._queued + self._mailbox.pending
+        return self.polls_yield_to_bursts and queued > self._max_concurrency
+
+    def _answered(self) -> None:
+        """A command came back (either way): once the burst has drained to what the
+        concurrency limit holds at once, the polls waiting for it go."""
+        self._queued -= 1
+        if self._deferred and not self._bursting():
+            for i in self._deferred:
+                self._wake[i].set()
+            self._deferred.clear()
 
     def _report(self, seconds: float, ok: bool) -> None:
         if self._on_command is not None:

@@ -140,3 +140,52 @@ async def test_stops_even_when_a_library_swallows_the_cancellation() -> None:
                 t.cancel()
         await asyncio.wait({task}, timeout=2.0)
     assert done and task.cancelled() and driver.closed
+
+
+class BurstDriver(MemoryDriver):
+    """Exchanges take time and share the concurrency limit, as on a real wire."""
+
+    polls_yield_to_bursts = True
+
+    def __init__(self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]):
+        super().__init__(fleet, specs, **options)
+        self.polls_started: list[float] = []
+        self.sent_at: list[float] = []
+
+    async def _read(self, local: int) -> Reading:
+        self.polls_started.append(asyncio.get_running_loop().time())
+        async with self._sem:
+            await asyncio.sleep(0.01)
+        return await super()._read(local)
+
+    async def _command(self, local: int, value_w: float) -> None:
+        async with self._sem:
+            await asyncio.sleep(0.02)
+        await super()._command(local, value_w)
+        self.sent_at.append(asyncio.get_running_loop().time())
+
+
+@pytest.mark.parametrize("yields", [True, False])
+async def test_due_polls_wait_while_a_fleet_wide_command_drains(yields: bool) -> None:
+    n, limit = 12, 2
+    s = [
+        device_spec(name=f"dev-{i}", protocol="memory", p_max_w=2000.0, poll_s=0.2)
+        for i in range(n)
+    ]
+    fleet = Fleet.from_specs(s, [0] * n)
+    driver = BurstDriver(fleet, s, max_concurrency=limit)
+    driver.polls_yield_to_bursts = yields  # type: ignore[misc]
+    task = asyncio.create_task(driver.run())
+    try:
+        await until(lambda: bool((fleet.state == DeviceState.ON).all()), 2, what="polled")
+        t0 = asyncio.get_running_loop().time()
+        driver.submit(np.arange(n), np.full(n, 1500.0))
+        await until(lambda: driver.commands_ok == n, 3, what="burst sent")
+        # 12 commands of 20 ms, 2 at a time: 120 ms, while polls fall due every 200 ms
+        # (none is a period overdue). Until only `limit` are left, no poll starts.
+        draining = driver.sent_at[n - limit - 1]
+        started = [t for t in driver.polls_started if t0 < t < draining]
+        assert (started == []) == yields, started
+        await until(lambda: len(driver.polls_started) > n + 6, 2, what="polls resume")
+    finally:
+        await cancel_and_wait(task)
