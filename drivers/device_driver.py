@@ -75,10 +75,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     attempt_noun: ClassVar[str] = "transactions"
     """What failed, as the FAULT line says it ("FAULT after 2 failed transactions")."""
     default_concurrency: ClassVar[int] = 32
-    polls_yield_to_bursts: ClassVar[bool] = False
-    """While more commands are queued than the concurrency limit (a fleet-wide command), due
-    polls wait (at most until a period overdue): where every exchange costs a connection, a
-    poll sent then only delays the burst, and what it reads is about to change anyway."""
+    polls_yield_to_bursts: ClassVar[bool] = True
+    """While more commands are outstanding than the concurrency limit (a fleet-wide command),
+    due polls wait (at most until a period overdue): a poll sent then only delays the burst,
+    and what it reads is about to change anyway."""
     _log: ClassVar[logging.Logger]
 
     def __init__(

@@ -187,7 +187,6 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
     # Measured with `rampd bench fanout` (5,000 miners): 64 -> 1.9 s, 128 -> 2.4 s,
     # 256 -> 1.2 s, 512 -> 1.1 s, 1024 -> 0.9 s, 2048 -> 1.1 s per fleet-wide command.
     default_concurrency = 512
-    polls_yield_to_bursts = True
     _log = log
 
     def __init__(

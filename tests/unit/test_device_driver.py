@@ -145,8 +145,6 @@ async def test_stops_even_when_a_library_swallows_the_cancellation() -> None:
 class BurstDriver(MemoryDriver):
     """Exchanges take time and share the concurrency limit, as on a real wire."""
 
-    polls_yield_to_bursts = True
-
     def __init__(self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]):
         super().__init__(fleet, specs, **options)
         self.polls_started: list[float] = []
