@@ -358,7 +358,6 @@ class Controller:
             # their steady-state floor: slow profiles would otherwise hold the site above
             # the target for tens of seconds, even where they could reach it in the end.
             pred = model.model + model.bias
-            low = self._low_at_sleep(pred, alloc.p_min_e)
             low_ss = self._low_at_sleep(pred, alloc.d_min_e)
             # Where ramping alone cannot reach the target by the time a sleep would land,
             # sleep at once what reaches it there with the fast devices out of their down
@@ -366,10 +365,13 @@ class Controller:
             # sleep only hands their slice back: a batch per cycle, since each landing is
             # a step they can only ramp to meet, and a small one stays inside the band.
             need_w = other_w + float(low_ss.sum()) - target_w
-            if other_w + float(low.sum()) - target_w <= hyst:
-                # The next batch waits for the last one's acknowledgement: batches sent
-                # while a command burst drains would land together.
-                need_w = 0.0 if planner.unacknowledged() else min(need_w, 0.5 * self._hold_above_w)
+            if need_w > hyst and alloc.reserve:  # without one, the two floors are the same
+                low = self._low_at_sleep(pred, alloc.p_min_e)
+                if other_w + float(low.sum()) - target_w <= hyst:
+                    # The next batch waits for the last one's acknowledgement: batches
+                    # sent while a command burst drains would land together.
+                    unacked = planner.unacknowledged()
+                    need_w = 0.0 if unacked else min(need_w, 0.5 * self._hold_above_w)
             if need_w > hyst:
                 low_ss -= p.p_idle_w
                 rows = planner.park(need_w, alloc.ctrl, snap.t, pred, low_ss)
