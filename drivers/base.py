@@ -28,6 +28,10 @@ class DeviceTimeout(DriverError):
     pass
 
 
+class PollPreempted(Exception):
+    """A poll gave way to a command for its device (not a failure of anything)."""
+
+
 class ProtocolError(DriverError):
     """The device answered, but not in a way its protocol allows (exception code, garbage)."""
 

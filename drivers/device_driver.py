@@ -36,6 +36,7 @@ from drivers.base import (
     CommandMailbox,
     CommandObserver,
     DriverError,
+    PollPreempted,
     ProtocolError,
     Rows,
 )
@@ -113,6 +114,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
         self._queued = 0  # commands taken from the mailbox and not answered yet
         self._deferred: list[int] = []  # devices whose poll waits for a burst to drain
+        self._burst = False
+        self._overdue_at = np.zeros(n)  # when the poll under way is a period overdue
         self._wake = [asyncio.Event() for _ in range(n)]
         self._backoff = Backoff(n, backoff_base_s, backoff_cap_s, self._rng)
         self._retry_at = np.zeros(n)
@@ -217,8 +220,9 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 continue
             if now >= next_poll or self._poll_soon[local]:
                 self._poll_soon[local] = False
-                await self._poll(local)
-                next_poll = max(next_poll + spec.poll_s, time.monotonic())
+                self._overdue_at[local] = next_poll + spec.poll_s
+                if await self._poll(local):
+                    next_poll = max(next_poll + spec.poll_s, time.monotonic())
                 continue
             self._wake[local].clear()
             with suppress(TimeoutError):
@@ -251,14 +255,18 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         if self._faulted[local]:
             self._poll_soon[local] = True  # recovery is declared by telemetry, not a command
 
-    async def _poll(self, local: int) -> None:
+    async def _poll(self, local: int) -> bool:
+        """One poll; False when it gave way to a command (still due)."""
         try:
             reading = await self._read(local)
             self._record(local, reading)
             self._polled(local, reading)
+        except PollPreempted:
+            return False
         except Exception as caught:
             self.poll_errors += 1
             self._failed(local, self._as_driver_error(local, caught))
+        return True
 
     def _record(self, local: int, reading: Reading) -> None:
         """A good poll: into the fleet arrays; it alone declares recovery from FAULT."""
@@ -314,17 +322,36 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 "%s %s: " + why + "; resending", self.protocol, self._name(local), *args
             )
 
+    def _poll_yields(self, local: int) -> bool:
+        """Whether a poll waiting for the wire should give way (raise PollPreempted): a
+        command for the device came meanwhile, and the poll is not a period overdue."""
+        return bool(self._outbox[local] == self._outbox[local]) and (
+            time.monotonic() < self._overdue_at[local]
+        )
+
     # --- bookkeeping ---
 
     def _bursting(self) -> bool:
-        queued = self._queued + self._mailbox.pending
-        return self.polls_yield_to_bursts and queued > self._max_concurrency
+        """A burst starts when more commands are outstanding than the concurrency limit
+        and lasts until nearly all are answered: polls released while its tail is in flight
+        put their parsing between the tail's answers. Not until every one: a command held
+        back for a retry (a dead device) would make every later poll wait a period."""
+        if not self.polls_yield_to_bursts:
+            return False
+        if not self._burst:
+            self._burst = self._queued + self._mailbox.pending > self._max_concurrency
+        return self._burst
 
     def _answered(self) -> None:
-        """A command came back (either way): once the burst has drained to what the
-        concurrency limit holds at once, the polls waiting for it go."""
+        """A command came back (either way): once the burst has drained, the polls waiting
+        for it go."""
         self._queued -= 1
-        if self._deferred and not self._bursting():
+        if (
+            self._burst
+            and self._queued <= self._max_concurrency // 16
+            and not self._mailbox.pending
+        ):
+            self._burst = False
             for i in self._deferred:
                 self._wake[i].set()
             self._deferred.clear()

@@ -5,7 +5,8 @@ several processes, so the simulator is not the bottleneck of one core), and this
 the real driver against them: it waits until every device has been polled (and, where the
 driver says so, adopted), then submits a new setpoint for every device at once and times the
 moment the last command is acknowledged. The first burst after start is reported apart (it
-may cost a miner a logon); the figure is the median of the bursts after it.
+may cost a miner a logon); the figure is the median of the bursts after it, a poll period
+apart (each meets a site at rest, as a dispatch does).
 
 Beside it, the floor of the same run: bare asyncio streams sending the same request frames to
 the same simulators with the same connection policy (LuxOS: a connection per command;
@@ -260,7 +261,14 @@ async def measure_driver(
     task = asyncio.create_task(driver.run(), name=f"bench:{protocol}")
     try:
         warm_s = await _warm_up(driver, fleet, n, 60.0 + max(s.poll_s for s in specs) + n / 200)
-        runs = [await _burst(driver, answers, burst_values(specs, k)) for k in range(bursts + 1)]
+        # Bursts a poll period apart: each meets a site at rest, not the polls the one
+        # before it held back (a dispatch follows the last by seconds, not microseconds).
+        rest_s = max(s.poll_s for s in specs)
+        runs = []
+        for k in range(bursts + 1):
+            if k:
+                await asyncio.sleep(rest_s)
+            runs.append(await _burst(driver, answers, burst_values(specs, k)))
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -41,7 +41,14 @@ import numpy.typing as npt
 
 from controller.config import DeviceSpec
 from controller.fleet import DeviceState, Fleet
-from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.base import (
+    Backoff,
+    CommandObserver,
+    DeviceTimeout,
+    DriverError,
+    PollPreempted,
+    ProtocolError,
+)
 from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.luxos import messages as m
 
@@ -258,6 +265,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         timeout_s = 1.0 + max(self._specs[k].timeout_s for k in held) + len(held) / 2000
 
         async def logoff(k: int) -> None:
+            _priority.set(COMMAND)  # this task's own context; never preempted as a poll
             sid, self._session[k] = self._session[k], ""
             with suppress(DriverError):
                 await self._call(k, "logoff", sid)
@@ -274,7 +282,13 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         spec = self._specs[local]
         request = m.encode_request(command, *params)
         slots = self._slots
-        await slots.acquire(_priority.get())
+        priority = _priority.get()
+        await slots.acquire(priority)
+        if priority == POLL and self._poll_yields(local):
+            # A command for this miner came while its poll waited for a slot (the tail of
+            # one burst, the start of the next): the command goes first.
+            slots.release()
+            raise PollPreempted
         try:
             self.exchanges += 1
             reply = await exchange(spec.host, spec.port, request, spec.timeout_s)

@@ -18,7 +18,7 @@ import pytest
 
 from controller.config import DeviceSpec
 from controller.fleet import DeviceState, Fleet
-from drivers.base import DeviceTimeout, Driver
+from drivers.base import DeviceTimeout, Driver, PollPreempted
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
 from tests.helpers import CommandLog, cancel_and_wait, device_spec, until
 
@@ -185,5 +185,55 @@ async def test_due_polls_wait_while_a_fleet_wide_command_drains(yields: bool) ->
         started = [t for t in driver.polls_started if t0 < t < draining]
         assert (started == []) == yields, started
         await until(lambda: len(driver.polls_started) > n + 6, 2, what="polls resume")
+    finally:
+        await cancel_and_wait(task)
+
+
+class GatedDriver(MemoryDriver):
+    """Polls wait at a gate, as for a connection slot, and give way there like LuxOS's do."""
+
+    def __init__(self, fleet: Fleet, specs: list[DeviceSpec]) -> None:
+        super().__init__(fleet, specs)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.at_gate = 0
+        self.events: list[str] = []
+
+    async def _read(self, local: int) -> Reading:
+        self.at_gate += 1
+        await self.gate.wait()
+        if self._poll_yields(local):
+            self.events.append("yield")
+            raise PollPreempted
+        self.events.append("poll")
+        return await super()._read(local)
+
+    async def _command(self, local: int, value_w: float) -> None:
+        self.events.append("command")
+        await super()._command(local, value_w)
+
+
+@pytest.mark.parametrize("overdue", [False, True])
+async def test_a_waiting_poll_gives_way_to_a_command_unless_overdue(overdue: bool) -> None:
+    s = [device_spec(name="dev", protocol="memory", p_max_w=2000.0, poll_s=0.3)]
+    fleet = Fleet.from_specs(s, [0])
+    driver = GatedDriver(fleet, s)
+    task = asyncio.create_task(driver.run())
+    try:
+        await until(lambda: driver.polls_ok == 1, 2, what="first poll")
+        driver.gate.clear()
+        await until(lambda: driver.at_gate == 2, 2, what="second poll at the gate")
+        if overdue:  # held past a whole period beyond its due time: it must go first
+            t_over = asyncio.get_running_loop().time() + 0.35
+            await until(lambda: asyncio.get_running_loop().time() > t_over, 2, what="overdue")
+        driver.submit(np.array([0]), np.array([1500.0]))
+        del driver.events[:]
+        driver.gate.set()
+        await until(lambda: driver.commands_ok == 1 and driver.polls_ok >= 2, 3, what="both")
+        # Given way, the poll is still due: it follows the command at once, not a period on.
+        expected = ["poll", "command"] if overdue else ["yield", "command", "poll"]
+        assert driver.events[: len(expected)] == expected
+        assert driver.poll_errors == 0 and driver.faulted == 0
+        assert fleet.delivered_w[0] == 1500.0
     finally:
         await cancel_and_wait(task)
