@@ -471,8 +471,11 @@ def ready_timeout_s(n_devices: int) -> float:
 
 
 def _fresh_out(out: Path) -> Path:
-    """Create the output directory; return its (emptied) truth log path."""
+    """Create the output directory; return its (emptied) truth log path. A journal left by
+    an earlier run in the same directory goes too: the daemon would resume its dispatch."""
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm", "telemetry.jsonl"):
+        (out / name).unlink(missing_ok=True)
     truth = out / "truth.jsonl"
     truth.unlink(missing_ok=True)
     return truth
