@@ -189,7 +189,11 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             local, values = self._mailbox.take()
             self._queued += int(np.count_nonzero(np.isnan(self._outbox[local])))
             self._outbox[local] = values
-            for i in local.tolist():
+            # Sleeps (below p_min) first: one acts seconds after its acknowledgement, a
+            # profile or cap change within a fraction of one, so in a burst larger than the
+            # concurrency limit the sleeps must not wait behind the rest.
+            awake = values >= self._fleet.p_min_w[self.rows[local]]
+            for i in local[np.argsort(awake, kind="stable")].tolist():
                 self._wake[i].set()
 
     async def _device(self, local: int) -> None:

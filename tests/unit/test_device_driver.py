@@ -237,3 +237,37 @@ async def test_a_waiting_poll_gives_way_to_a_command_unless_overdue(overdue: boo
         assert fleet.delivered_w[0] == 1500.0
     finally:
         await cancel_and_wait(task)
+
+
+class OrderDriver(MemoryDriver):
+    """Records the order in which commands take the (single) slot."""
+
+    def __init__(self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]):
+        super().__init__(fleet, specs, **options)
+        self.order: list[int] = []
+
+    async def _command(self, local: int, value_w: float) -> None:
+        async with self._sem:
+            self.order.append(local)
+            await asyncio.sleep(0.001)
+        await super()._command(local, value_w)
+
+
+async def test_sleeps_go_first_in_a_burst() -> None:
+    n = 8
+    s = [
+        device_spec(name=f"dev-{i}", protocol="memory", p_min_w=500.0, p_max_w=2000.0, poll_s=0.5)
+        for i in range(n)
+    ]
+    fleet = Fleet.from_specs(s, [0] * n)
+    driver = OrderDriver(fleet, s, max_concurrency=1)
+    task = asyncio.create_task(driver.run())
+    try:
+        await until(lambda: driver.polls_ok == n, 2, what="first polls")
+        values = np.array([1500.0, 0.0, 1500.0, 0.0, 1500.0, 1500.0, 0.0, 1500.0])
+        driver.submit(np.arange(n), values)
+        await until(lambda: driver.commands_ok == n, 3, what="burst sent")
+        # Below p_min (a sleep: seconds before it acts) before every other, in row order.
+        assert driver.order == [1, 3, 6, 0, 2, 4, 5, 7]
+    finally:
+        await cancel_and_wait(task)
