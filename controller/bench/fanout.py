@@ -419,7 +419,7 @@ async def _http(
 def _http_request(
     method: str, spec: DeviceSpec, path: str, body: bytes, token: str | None
 ) -> bytes:
-    """What aiohttp sends for the driver's requests, header for header."""
+    """What the driver (drivers.redfish.http) sends for its requests, byte for byte."""
     from drivers.redfish import resources as rf
 
     lines = [
@@ -427,13 +427,11 @@ def _http_request(
         f"Host: {spec.host}:{spec.port}",
         f"OData-Version: {rf.ODATA_VERSION}",
         "Accept: application/json",
-        "Accept-Encoding: gzip, deflate",
-        "User-Agent: Python/3.11 aiohttp/3",
     ]
     if token is not None:
         lines.append(f"{rf.AUTH_TOKEN_HEADER}: {token}")
     if body:
-        lines += [f"Content-Length: {len(body)}", "Content-Type: application/json"]
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 

@@ -1,10 +1,10 @@
 """Redfish driver for GPU racks: read power and set the rack's power cap through its BMC.
 
-One aiohttp ClientSession with a pooled keep-alive connector serves every rack (a TLS
-handshake per poll would cost a BMC more than the request). Each rack gets its own task: it
-polls on a staggered schedule and sends the latest queued cap, one request at a time, so a dead
-BMC only ever costs its own task time. Every request has the rack's timeout (about 1 s, never
-aiohttp's 5-minute default), bodies are size-limited, and a failure backs off with jitter.
+Each rack has one keep-alive HTTP/1.1 connection (`drivers.redfish.http`; a TLS handshake
+per poll would cost a BMC more than the request) and its own task: it polls on a staggered
+schedule and sends the latest queued cap, one request at a time, so a dead BMC only ever costs
+its own task time. Every request has the rack's timeout (about 1 s), bodies are size-limited,
+and a failure backs off with jitter.
 
 On first contact a rack is discovered (DMTF Redfish, `drivers.redfish.resources`): GET the
 Chassis, prefer `EnvironmentMetrics.PowerLimitWatts` (PATCH SetPoint, read
@@ -24,6 +24,7 @@ another manager) gets it again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import ssl
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Unpack
 
-import aiohttp
 import numpy as np
 import numpy.typing as npt
 
@@ -42,12 +42,13 @@ from controller.fleet import DeviceState, Fleet
 from drivers.base import CommandObserver, DeviceTimeout, DriverError, ProtocolError
 from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.redfish import resources as rf
+from drivers.redfish.http import HttpConnection
 from drivers.redfish.resources import Mechanism
 
 log = logging.getLogger("rampd.drivers.redfish")
 
-_GRACE_S = 0.25
-"""Outer bound beyond the per-call timeout, in case the library itself hangs."""
+_HEADERS = f"OData-Version: {rf.ODATA_VERSION}\r\nAccept: application/json\r\n".encode()
+_TOKEN = rf.AUTH_TOKEN_HEADER.lower()
 _READBACK_TOLERANCE_W = 1.0  # caps go out in whole watts; BMCs report 0.1 W or 1 W
 _LOGOUT_TIMEOUT_S = 1.0
 
@@ -56,7 +57,7 @@ _LOGOUT_TIMEOUT_S = 1.0
 class _Reply:
     status: int
     body: bytes
-    headers: Any  # CIMultiDictProxy[str]
+    headers: dict[str, str]  # lower-case names
 
 
 @dataclass(slots=True)
@@ -64,8 +65,7 @@ class _Rack:
     """What the driver knows about one BMC."""
 
     spec: DeviceSpec
-    base_url: str
-    ssl: ssl.SSLContext | bool
+    conn: HttpConnection
     username: str | None
     password: str | None
     session_auth: bool
@@ -91,18 +91,18 @@ def _ssl_contexts(specs: Sequence[DeviceSpec]) -> dict[Path | None, ssl.SSLConte
     return out
 
 
-def _rack(spec: DeviceSpec, contexts: dict[Path | None, ssl.SSLContext]) -> _Rack:
+def _rack(
+    spec: DeviceSpec, contexts: dict[Path | None, ssl.SSLContext], max_body_bytes: int
+) -> _Rack:
     access: DeviceAccess = spec.access
     username, password = rf.credentials(access)
-    scheme = "https" if access.https else "http"
-    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    tls = contexts[access.ca_file] if access.https else None
     basic = None
     if username is not None and not access.session_auth:
         basic = rf.basic_authorization(username, password or "")
     return _Rack(
         spec=spec,
-        base_url=f"{scheme}://{host}:{spec.port}",
-        ssl=contexts[access.ca_file] if access.https else True,
+        conn=HttpConnection(spec.host, spec.port, tls, max_body_bytes=max_body_bytes),
         username=username,
         password=password,
         session_auth=access.session_auth,
@@ -138,11 +138,10 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
     ) -> None:
         super().__init__(name, fleet, rows, specs, on_command, **options)
         contexts = _ssl_contexts(self._specs)
-        self._racks = [_rack(s, contexts) for s in self._specs]  # reads password files: now
-        self._timeouts = [aiohttp.ClientTimeout(total=s.timeout_s) for s in self._specs]
+        # Reads password files: now, so a missing one fails at start.
+        self._racks = [_rack(s, contexts, max_body_bytes) for s in self._specs]
         self._max_body = max_body_bytes
         self._last_sent_w = np.full(len(self._specs), np.nan)  # last cap, in whole watts
-        self._http: aiohttp.ClientSession | None = None
         # Counters beyond the base's, public for metrics.
         self.logins = 0
         self.relogins = 0
@@ -153,23 +152,12 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_concurrency,
-            limit_per_host=2,  # one request at a time per rack, plus a logout at shutdown
-            keepalive_timeout=30.0,
-        )
-        async with aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),  # BMC cookies would leak between IP hosts
-            trust_env=False,  # a BMC network is never reached through an HTTP proxy
-            headers={"OData-Version": rf.ODATA_VERSION, "Accept": "application/json"},
-        ) as http:
-            self._http = http
-            try:
-                yield
-            finally:
-                await self._logout_all()
-                self._http = None
+        try:
+            yield
+        finally:
+            await self._logout_all()
+            for rack in self._racks:
+                rack.conn.close()
 
     # --- transactions ---
 
@@ -310,7 +298,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
             detail = rf.error_message(reply.body)
             raise ProtocolError(f"login: HTTP {reply.status} {detail}".rstrip())
         rack.token, rack.session_uri = rf.read_login(
-            reply.headers.get(rf.AUTH_TOKEN_HEADER), reply.headers.get("Location")
+            reply.headers.get(_TOKEN), reply.headers.get("location")
         )
         self.logins += 1
 
@@ -324,53 +312,23 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         auth: bool = True,
     ) -> _Reply:
         """One HTTP exchange within the rack's timeout; DriverError for transport failures."""
-        http = self._http
-        if http is None:
-            raise DriverError("driver is not running")
         rack = self._racks[local]
         timeout_s = rack.spec.timeout_s
-        headers: dict[str, str] = {}
+        headers = _HEADERS
         if auth and rack.username is not None:
             if rack.session_auth:
                 if rack.token is not None:
-                    headers[rf.AUTH_TOKEN_HEADER] = rack.token
+                    headers += f"{rf.AUTH_TOKEN_HEADER}: {rack.token}\r\n".encode("latin-1")
             elif rack.basic is not None:
-                headers["Authorization"] = rack.basic
+                headers += f"Authorization: {rack.basic}\r\n".encode("latin-1")
+        data = None if body is None else json.dumps(body).encode()
         try:
             # The timeout starts once a slot is taken: waiting for one is not the rack's fault.
-            async with (
-                self._sem,
-                asyncio.timeout(timeout_s + _GRACE_S),
-                http.request(
-                    method,
-                    rack.base_url + path,
-                    json=body,
-                    headers=headers,
-                    ssl=rack.ssl,
-                    timeout=self._timeouts[local],
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                data = await self._read_body(resp)
-                return _Reply(resp.status, data, resp.headers)
-        except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
-            raise DeviceTimeout(f"no answer within {timeout_s:g} s") from exc
-        except aiohttp.ClientSSLError as exc:
-            raise DriverError(f"TLS: {exc}") from exc
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise DriverError(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
-
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The whole body, refusing (and dropping the connection) beyond the size limit."""
-        limit = self._max_body
-        if resp.content_length is not None and resp.content_length > limit:
-            raise ProtocolError(f"body of {resp.content_length} bytes exceeds {limit}")
-        buf = bytearray()
-        async for chunk in resp.content.iter_chunked(16384):
-            buf += chunk
-            if len(buf) > limit:
-                raise ProtocolError(f"body exceeds {limit} bytes")
-        return bytes(buf)
+            async with self._sem, asyncio.timeout(timeout_s):
+                resp = await rack.conn.request(method, path, headers, data)
+        except TimeoutError:
+            raise DeviceTimeout(f"no answer within {timeout_s:g} s") from None
+        return _Reply(resp.status, resp.body, resp.headers)
 
     async def _logout_all(self) -> None:
         """Delete our sessions (best effort, bounded): BMCs allow only a few."""
