@@ -77,9 +77,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     """What failed, as the FAULT line says it ("FAULT after 2 failed transactions")."""
     default_concurrency: ClassVar[int] = 32
     polls_yield_to_bursts: ClassVar[bool] = True
-    """While more commands are outstanding than the concurrency limit (a fleet-wide command),
-    due polls wait (at most until a period overdue): a poll sent then only delays the burst,
-    and what it reads is about to change anyway."""
+    """From the moment more commands are outstanding than the concurrency limit (a
+    fleet-wide command) until the burst has nearly drained, due polls wait (at most until a
+    period overdue): a poll sent then only delays the burst, and what it reads is about to
+    change anyway."""
     _log: ClassVar[logging.Logger]
 
     def __init__(
@@ -329,9 +330,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _poll_yields(self, local: int) -> bool:
         """Whether a poll waiting for the wire should give way (raise PollPreempted): a
         command for the device came meanwhile, and the poll is not a period overdue."""
-        return bool(self._outbox[local] == self._outbox[local]) and (
-            time.monotonic() < self._overdue_at[local]
-        )
+        queued = not np.isnan(self._outbox[local])
+        return bool(queued) and time.monotonic() < self._overdue_at[local]
 
     # --- bookkeeping ---
 

@@ -42,7 +42,7 @@ from controller.fleet import DeviceState, Fleet
 from drivers.base import CommandObserver, DeviceTimeout, DriverError, ProtocolError
 from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.redfish import resources as rf
-from drivers.redfish.http import HttpConnection
+from drivers.redfish.http import HttpConnection, Response
 from drivers.redfish.resources import Mechanism
 
 log = logging.getLogger("rampd.drivers.redfish")
@@ -51,13 +51,6 @@ _HEADERS = f"OData-Version: {rf.ODATA_VERSION}\r\nAccept: application/json\r\n".
 _TOKEN = rf.AUTH_TOKEN_HEADER.lower()
 _READBACK_TOLERANCE_W = 1.0  # caps go out in whole watts; BMCs report 0.1 W or 1 W
 _LOGOUT_TIMEOUT_S = 1.0
-
-
-@dataclass(slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    headers: dict[str, str]  # lower-case names
 
 
 @dataclass(slots=True)
@@ -271,7 +264,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
 
     async def _call(
         self, local: int, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> _Reply:
+    ) -> Response:
         """One authenticated request; a rejected session logs in again once. 2xx or raise."""
         rack = self._racks[local]
         use_session = rack.session_auth and rack.username is not None
@@ -310,7 +303,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         body: dict[str, Any] | None = None,
         *,
         auth: bool = True,
-    ) -> _Reply:
+    ) -> Response:
         """One HTTP exchange within the rack's timeout; DriverError for transport failures."""
         rack = self._racks[local]
         timeout_s = rack.spec.timeout_s
@@ -325,10 +318,9 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         try:
             # The timeout starts once a slot is taken: waiting for one is not the rack's fault.
             async with self._sem, asyncio.timeout(timeout_s):
-                resp = await rack.conn.request(method, path, headers, data)
+                return await rack.conn.request(method, path, headers, data)
         except TimeoutError:
             raise DeviceTimeout(f"no answer within {timeout_s:g} s") from None
-        return _Reply(resp.status, resp.body, resp.headers)
 
     async def _logout_all(self) -> None:
         """Delete our sessions (best effort, bounded): BMCs allow only a few."""

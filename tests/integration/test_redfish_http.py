@@ -16,12 +16,15 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 @asynccontextmanager
-async def server(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
-    """A TCP server on a free loopback port; yields (port, [requests per connection])."""
-    per_conn: list[int] = []
+async def bmc(
+    handler: Handler, max_body_bytes: int = 1000
+) -> AsyncIterator[tuple[HttpConnection, list[int]]]:
+    """A TCP server on a free loopback port and a client of it; yields (client, one entry
+    per connection the server accepted)."""
+    accepted: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        per_conn.append(0)
+        accepted.append(len(accepted))
         try:
             await handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -30,10 +33,13 @@ async def server(handler: Handler) -> AsyncIterator[tuple[int, list[int]]]:
             writer.close()
 
     srv = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
+    http = HttpConnection(
+        "127.0.0.1", srv.sockets[0].getsockname()[1], None, max_body_bytes=max_body_bytes
+    )
     try:
-        yield port, per_conn
+        yield http, accepted
     finally:
+        http.close()
         srv.close()
         await srv.wait_closed()
 
@@ -57,16 +63,12 @@ async def test_requests_share_one_connection() -> None:
             body = head.split(b" ")[1]  # echo the path
             w.write(reply(body, b"Content-Length: %d" % len(body), b"X-Auth-Token: t"))
 
-    async with server(handler) as (port, conns):
-        http = HttpConnection("127.0.0.1", port, None, max_body_bytes=1000)
-        try:
-            for path in ("/a", "/b", "/c"):
-                resp = await http.request("PATCH", path, b"Accept: application/json\r\n", b"{}")
-                assert (resp.status, resp.body) == (200, path.encode())
-                assert resp.headers["x-auth-token"] == "t"
-            assert len(conns) == 1
-        finally:
-            http.close()
+    async with bmc(handler) as (http, conns):
+        for path in ("/a", "/b", "/c"):
+            resp = await http.request("PATCH", path, b"Accept: application/json\r\n", b"{}")
+            assert (resp.status, resp.body) == (200, path.encode())
+            assert resp.headers["x-auth-token"] == "t"
+        assert len(conns) == 1
 
 
 async def test_a_connection_the_bmc_closed_while_idle_is_replaced_without_an_error() -> None:
@@ -76,15 +78,11 @@ async def test_a_connection_the_bmc_closed_while_idle_is_replaced_without_an_err
         await w.drain()
         # ...and closes it while idle (its keep-alive timeout), saying nothing.
 
-    async with server(handler) as (port, conns):
-        http = HttpConnection("127.0.0.1", port, None, max_body_bytes=1000)
-        try:
-            for _ in range(3):
-                resp = await http.request("GET", "/x", b"")
-                assert resp.body == b"ok"
-            assert len(conns) == 3
-        finally:
-            http.close()
+    async with bmc(handler) as (http, conns):
+        for _ in range(3):
+            resp = await http.request("GET", "/x", b"")
+            assert resp.body == b"ok"
+        assert len(conns) == 3
 
 
 async def test_a_response_cut_off_on_a_new_connection_is_an_error_not_retried() -> None:
@@ -92,8 +90,7 @@ async def test_a_response_cut_off_on_a_new_connection_is_an_error_not_retried() 
         await read_request(reader)
         w.write(b"HTTP/1.1 200 OK\r\nContent-Le")
 
-    async with server(handler) as (port, conns):
-        http = HttpConnection("127.0.0.1", port, None, max_body_bytes=1000)
+    async with bmc(handler) as (http, conns):
         with pytest.raises(DriverError, match="closed mid-response"):
             await http.request("GET", "/x", b"")
         assert len(conns) == 1
@@ -121,12 +118,8 @@ async def test_each_way_a_body_ends(wire: bytes, body: bytes) -> None:
         else:
             await reader.read()  # keep it open
 
-    async with server(handler) as (port, _):
-        http = HttpConnection("127.0.0.1", port, None, max_body_bytes=1000)
-        try:
-            assert (await http.request("GET", "/x", b"")).body == body
-        finally:
-            http.close()
+    async with bmc(handler) as (http, _):
+        assert (await http.request("GET", "/x", b"")).body == body
 
 
 async def test_limits_are_protocol_errors() -> None:
@@ -135,7 +128,6 @@ async def test_limits_are_protocol_errors() -> None:
         w.write(reply(b"x" * 20, b"Content-Length: 20"))
         await reader.read()
 
-    async with server(handler) as (port, _):
-        http = HttpConnection("127.0.0.1", port, None, max_body_bytes=10)
+    async with bmc(handler, max_body_bytes=10) as (http, _):
         with pytest.raises(ProtocolError, match="exceeds 10"):
             await http.request("GET", "/x", b"")

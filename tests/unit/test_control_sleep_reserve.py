@@ -190,11 +190,12 @@ def test_sleep_hands_the_down_reserve_back_in_steps_that_stay_inside_the_band() 
     assert loop.ctl.capability((5.0,)).down_w[0] >= 100e3
 
 
-def test_sleeps_acknowledged_over_a_burst_are_met_by_the_fast_tier_at_every_landing() -> None:
+def test_sleeps_acknowledged_over_a_burst_settle_without_undershoot() -> None:
     # 400 miners, commands delivered 40 a cycle: the sleeps are acknowledged over about a
-    # second and land as a staircase 3 s later. The loads (2 x 50 kW/s up) must already be
-    # on their way up when the drops come, or the site falls below the target after the
-    # last landing and stays out of its band while they climb back.
+    # second and land as a staircase 3 s later; the controller learns of each sleep only at
+    # its acknowledgement. Once in its band the site must stay there. (This small loop does
+    # not need the fast tier to climb back after the landings, so it does not tell how early
+    # the fast tier starts rising; the ramp bench's deep steps do.)
     loop = Loop(fleet(n_miners=400, n_loads=2), per_cycle=40)
     loop.run(loop.ph.truth(), 3.0)
     target = 400e3  # from about 1.5 MW: most miners asleep, the loads carry the rest
