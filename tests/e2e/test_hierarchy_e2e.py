@@ -277,6 +277,20 @@ def _zone_physical_min(w: Watch, t0: float, zone: str, before_kw: float) -> floa
     return 0.0  # its target did not move: the step asked nothing of it
 
 
+def _zones_after(w: Watch, t0: float) -> str:
+    """What each zone said of itself after the step (target, measured, physical minimum),
+    and its acks: the story of a step that did not settle."""
+    lines = []
+    for z in ZONES:
+        tel = [
+            (round(t - t0, 1), b["target_kw"], b["measured_kw"], b["physical_min_s"])
+            for t, b in w.since(t0, f"rampd/{z}", "telemetry")
+        ]
+        acks = [(round(t - t0, 2), b.get("accepted")) for t, b in w.since(t0, f"rampd/{z}", "ack")]
+        lines.append(f"{z}: telemetry (s, target, measured, physical min) {tel}; acks {acks}")
+    return "\n".join(lines)
+
+
 async def _all_on(w: Watch, campus: Campus) -> dict[str, Any]:
     def ready() -> dict[str, Any]:
         assert campus.parent.poll() is None, campus.parent_log.read_text()[-3000:]
@@ -319,7 +333,7 @@ async def test_a_site_step_settles_across_three_bridged_zones(campus: Campus) ->
             f"goal 1.2 x that + 2 cycles = {bound:.2f} s; ratio to the goal "
             f"{'-' if settle is None else f'{settle / bound:.2f}'}"
         )
-        assert settle is not None, "the campus never settled"
+        assert settle is not None, f"the campus never settled: {fig}; {_zones_after(w, t0)}"
         # Generous (2 cores shared by 9 processes and other tests); the ratio is printed.
         assert settle <= 2.0 * bound + 1.0, (settle, bound)
         # A parent without a meter of its own does not call its absence stale.
