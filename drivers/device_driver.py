@@ -2,10 +2,10 @@
 
 `PerDeviceDriver` owns the mapping of global fleet rows to local indices, the command mailbox
 and each device's outbox slot, one task per device (staggered polls, latest setpoint sent, a
-command stream never starving polls), the concurrency limit shared by all devices, backoff with
-jitter, FAULT after FAULT_AFTER consecutive failures (one log line per state change, one on
-recovery), counters for metrics and command-latency reporting. A dead device only ever costs
-its own task time.
+command stream never starving polls), the connection slots shared by all devices (commands
+before polls: `drivers.slots`), backoff with jitter, FAULT after FAULT_AFTER consecutive
+failures (one log line per state change, one on recovery), counters for metrics and
+command-latency reporting. A dead device only ever costs its own task time.
 
 A protocol subclass says only what is protocol-specific: how to read one device (`_read`), how
 to send it one setpoint (`_command`), what to check in a good reading (`_polled`: readback,
@@ -40,6 +40,7 @@ from drivers.base import (
     ProtocolError,
     Rows,
 )
+from drivers.slots import COMMAND, POLL, ExchangeSlots, exchange_priority
 
 FAULT_AFTER = 2
 """Consecutive failed polls or commands before a device is declared FAULT."""
@@ -110,7 +111,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self._max_concurrency = (
             self.default_concurrency if max_concurrency is None else max_concurrency
         )
-        self._sem = asyncio.Semaphore(self._max_concurrency)
+        self._slots = ExchangeSlots(self._max_concurrency)
         self._mailbox = CommandMailbox(n)
         self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
         self._queued = 0  # commands taken from the mailbox and not answered yet
@@ -238,6 +239,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         value = float(self._outbox[local])
         self._outbox[local] = np.nan
         t0 = time.monotonic()
+        token = exchange_priority.set(COMMAND)
         try:
             await self._command(local, value)
         except Exception as caught:
@@ -249,6 +251,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 self._failed(local, exc)
             return
         finally:
+            exchange_priority.reset(token)
             self._answered()
         self._report(time.monotonic() - t0, ok=True)
         self.commands_ok += 1
@@ -327,6 +330,17 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 "%s %s: " + why + "; resending", self.protocol, self._name(local), *args
             )
 
+    async def _take_slot(self, local: int) -> None:
+        """A slot for one exchange with device `local`, at its task's priority (commands
+        before polls). A poll whose device got a command while it waited gives the slot
+        back and raises PollPreempted: the command goes first, the poll follows it (unless
+        the poll is a period overdue). Pair with `self._slots.release()`."""
+        priority = exchange_priority.get()
+        await self._slots.acquire(priority)
+        if priority == POLL and self._poll_yields(local):
+            self._slots.release()
+            raise PollPreempted
+
     def _poll_yields(self, local: int) -> bool:
         """Whether a poll waiting for the wire should give way (raise PollPreempted): a
         command for the device came meanwhile, and the poll is not a period overdue."""
@@ -356,9 +370,17 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             and not self._mailbox.pending
         ):
             self._burst = False
-            for i in self._deferred:
-                self._wake[i].set()
-            self._deferred.clear()
+            deferred, self._deferred = self._deferred, []
+            self._wake_some(deferred, 0)
+
+    def _wake_some(self, devices: list[int], start: int) -> None:
+        """Wake deferred polls a slot-limit's worth per loop iteration: thousands woken at
+        once would run their tasks ahead of the answers to the burst's last commands."""
+        stop = start + self._max_concurrency
+        for i in devices[start:stop]:
+            self._wake[i].set()
+        if stop < len(devices):
+            asyncio.get_running_loop().call_soon(self._wake_some, devices, stop)
 
     def _report(self, seconds: float, ok: bool) -> None:
         if self._on_command is not None:

@@ -12,7 +12,9 @@ Beside it, the floor of the same run: bare asyncio streams sending the same requ
 the same simulators with the same connection policy (LuxOS: a connection per command;
 Modbus: persistent connections; Redfish: HTTP/1.1 keep-alive) and the same concurrency, with
 sessions and connections set up before the clock starts. The ratio says what the driver costs
-beyond the wire and the simulator.
+beyond the wire and the simulator; the CPU time this process spent per device, beside the
+floor's, says how much of it is our code (on a machine whose cores the simulators share,
+every microsecond of it is one the simulators did not get).
 
 Not a test: figures depend on the machine. Reproduce: `rampd bench fanout` (see --help).
 """
@@ -37,7 +39,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
@@ -215,19 +217,21 @@ def burst_values(specs: Sequence[DeviceSpec], k: int) -> np.ndarray:
 @dataclass
 class Burst:
     seconds: float | None
+    cpu_s: float
+    """This process's CPU time over the burst (the simulators run in their own)."""
     answered: int
     errors: int
 
 
 async def _burst(driver: Driver, answers: Answers, values: np.ndarray) -> Burst:
     answers.arm(values)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     driver.submit(answers.rows, values)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(BURST_TIMEOUT_S):
             await answers.done.wait()
     seconds = answers.done_at - t0 if answers.done.is_set() else None
-    return Burst(seconds, answers.answered(), answers.errors)
+    return Burst(seconds, time.process_time() - cpu0, answers.answered(), answers.errors)
 
 
 async def _warm_up(driver: Driver, fleet: Fleet, n: int, timeout_s: float) -> float:
@@ -279,6 +283,7 @@ async def measure_driver(
         "first_s": _r(runs[0].seconds),
         "runs_s": [_r(b.seconds) for b in runs[1:]],
         "median_s": _r(statistics.median(steady)) if len(steady) == bursts else None,
+        "cpu_us_per_device": round(1e6 * statistics.median(b.cpu_s for b in runs[1:]) / n, 1),
         "answered": min(b.answered for b in runs),
         "errors": sum(b.errors for b in runs),
         "concurrency": int(getattr(driver, "_max_concurrency", 0)),
@@ -306,11 +311,16 @@ async def _bounded(n: int, concurrency: int, one: Exchange) -> None:
     await asyncio.gather(*(run(k) for k in range(n)))
 
 
-async def _timed(n: int, concurrency: int, one: Exchange) -> float:
-    t0 = time.perf_counter()
+class Timed(NamedTuple):
+    wall_s: float
+    cpu_s: float
+
+
+async def _timed(n: int, concurrency: int, one: Exchange) -> Timed:
+    t0, cpu0 = time.perf_counter(), time.process_time()
     async with asyncio.timeout(BURST_TIMEOUT_S):
         await _bounded(n, concurrency, one)
-    return time.perf_counter() - t0
+    return Timed(time.perf_counter() - t0, time.process_time() - cpu0)
 
 
 async def _luxos_once(host: str, port: int, frame: bytes) -> bytes:
@@ -322,7 +332,7 @@ async def _luxos_once(host: str, port: int, frame: bytes) -> bytes:
         writer.close()
 
 
-async def floor_luxos(specs: Sequence[DeviceSpec], bursts: int, concurrency: int) -> list[float]:
+async def floor_luxos(specs: Sequence[DeviceSpec], bursts: int, concurrency: int) -> list[Timed]:
     from drivers.luxos import messages as m
     from drivers.luxos.sim_server import model_of, profile_ladder
 
@@ -375,7 +385,7 @@ def _modbus_frame(tid: int, unit: int, value_w: float) -> bytes:
     )
 
 
-async def floor_modbus(specs: Sequence[DeviceSpec], bursts: int, concurrency: int) -> list[float]:
+async def floor_modbus(specs: Sequence[DeviceSpec], bursts: int, concurrency: int) -> list[Timed]:
     n = len(specs)
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = [None] * n
 
@@ -435,7 +445,7 @@ def _http_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def floor_redfish(specs: Sequence[DeviceSpec], bursts: int, concurrency: int) -> list[float]:
+async def floor_redfish(specs: Sequence[DeviceSpec], bursts: int, concurrency: int) -> list[Timed]:
     from drivers.redfish import resources as rf
 
     n = len(specs)
@@ -517,6 +527,9 @@ class Row:
     ratio: float | None
     first_s: float | None
     answered: int
+    cpu_us: float | None
+    """rampd's CPU time per device commanded (median burst), in this process."""
+    floor_cpu_us: float
     driver: dict[str, Any] = field(default_factory=dict)
     floor_runs_s: list[float] = field(default_factory=list)
 
@@ -529,7 +542,8 @@ async def measure(protocol: str, n: int, args: argparse.Namespace, out: Path) ->
         concurrency = args.concurrency or _driver_concurrency()[protocol]
         floor_runs = await FLOORS[protocol](sims.specs, args.bursts, concurrency)
         drv = await measure_driver(protocol, sims.specs, args.bursts, args.concurrency)
-    floor_s = round(statistics.median(floor_runs), 4)
+    floor_s = round(statistics.median(t.wall_s for t in floor_runs), 4)
+    floor_cpu_s = statistics.median(t.cpu_s for t in floor_runs)
     rampd_s = drv["median_s"]
     return Row(
         protocol=protocol,
@@ -540,15 +554,17 @@ async def measure(protocol: str, n: int, args: argparse.Namespace, out: Path) ->
         ratio=None if rampd_s is None else round(rampd_s / floor_s, 2),
         first_s=drv["first_s"],
         answered=drv["answered"],
+        cpu_us=drv["cpu_us_per_device"],
+        floor_cpu_us=round(1e6 * floor_cpu_s / n, 1),
         driver=drv,
-        floor_runs_s=[round(t, 4) for t in floor_runs],
+        floor_runs_s=[round(t.wall_s, 4) for t in floor_runs],
     )
 
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
         f"{'protocol':<9} {'devices':>7} {'rampd s':>8} {'floor s':>8} {'ratio':>6} "
-        f"{'first s':>8} {'answered':>8}"
+        f"{'first s':>8} {'answered':>8} {'cpu us/dev':>10} {'floor':>6}"
     ]
 
     def f(x: float | None, spec: str) -> str:
@@ -557,7 +573,8 @@ def table(rows: Sequence[Row]) -> str:
     for r in rows:
         lines.append(
             f"{r.protocol:<9} {r.devices:>7} {f(r.rampd_s, '8.3f')} {f(r.floor_s, '8.3f')} "
-            f"{f(r.ratio, '6.2f')} {f(r.first_s, '8.3f')} {r.answered:>8}"
+            f"{f(r.ratio, '6.2f')} {f(r.first_s, '8.3f')} {r.answered:>8} "
+            f"{f(r.cpu_us, '10.0f')} {r.floor_cpu_us:6.0f}"
         )
     return "\n".join(lines)
 

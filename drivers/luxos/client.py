@@ -29,10 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Unpack, cast
 
@@ -46,11 +44,11 @@ from drivers.base import (
     CommandObserver,
     DeviceTimeout,
     DriverError,
-    PollPreempted,
     ProtocolError,
 )
 from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.luxos import messages as m
+from drivers.slots import ADOPTION, COMMAND, exchange_priority
 
 log = logging.getLogger("rampd.drivers.luxos")
 
@@ -62,47 +60,6 @@ ADOPT_AT_ONCE = 64
 """Miners adopted concurrently: a fleet's first polls must not become a logon storm."""
 KEEPALIVE = "enabled=false"
 """`atmset` parameter renewing a session: privileged, and what we want anyway (ATM off)."""
-
-COMMAND, ADOPTION, POLL = 0, 1, 2
-"""Priorities of exchanges, most urgent first."""
-_priority: ContextVar[int] = ContextVar("luxos_priority", default=POLL)
-"""Set while a device task sends a command or adopts its miner."""
-
-
-class ExchangeSlots:
-    """At most `limit` exchanges at once; a freed slot goes to the most urgent waiter:
-    commands, then adoptions, then polls."""
-
-    def __init__(self, limit: int) -> None:
-        self._free = max(1, limit)
-        self._queues: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque(), deque())
-
-    async def acquire(self, priority: int) -> None:
-        queues = self._queues
-        if self._free > 0 and not any(queues[p] for p in range(priority + 1)):
-            self._free -= 1
-            return
-        queue = queues[priority]
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # handed a slot just as we were cancelled: pass it on
-            else:
-                with suppress(ValueError):
-                    queue.remove(fut)
-            raise
-
-    def release(self) -> None:
-        for queue in self._queues:
-            while queue:
-                fut = queue.popleft()
-                if not fut.done():
-                    fut.set_result(None)
-                    return
-        self._free += 1
 
 
 class _Exchange(asyncio.Protocol):
@@ -214,7 +171,6 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         self._summary_every = max(1, summary_every)
         self._config_every = max(1, config_every)
         self._session_ttl_s = session_ttl_s
-        self._slots = ExchangeSlots(self._max_concurrency)
         self._busy_backoff = Backoff(n, 1.0, 15.0, self._rng)
         self._adopted = np.zeros(n, dtype=np.bool_)
         self._multi = np.ones(n, dtype=np.bool_)  # takes multi-commands ("power+summary")
@@ -265,7 +221,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         timeout_s = 1.0 + max(self._specs[k].timeout_s for k in held) + len(held) / 2000
 
         async def logoff(k: int) -> None:
-            _priority.set(COMMAND)  # this task's own context; never preempted as a poll
+            exchange_priority.set(COMMAND)  # this task's own context; never preempted as a poll
             sid, self._session[k] = self._session[k], ""
             with suppress(DriverError):
                 await self._call(k, "logoff", sid)
@@ -281,19 +237,12 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         multi-command's reply is returned unchecked (`messages.split_multi`)."""
         spec = self._specs[local]
         request = m.encode_request(command, *params)
-        slots = self._slots
-        priority = _priority.get()
-        await slots.acquire(priority)
-        if priority == POLL and self._poll_yields(local):
-            # A command for this miner came while its poll waited for a slot (the tail of
-            # one burst, the start of the next): the command goes first.
-            slots.release()
-            raise PollPreempted
+        await self._take_slot(local)
         try:
             self.exchanges += 1
             reply = await exchange(spec.host, spec.port, request, spec.timeout_s)
         finally:
-            slots.release()
+            self._slots.release()
         return reply if "+" in command else m.check(reply, command)
 
     async def _privileged(self, local: int, command: str, *params: str) -> m.Json:
@@ -352,7 +301,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         if self._adopting_now >= ADOPT_AT_ONCE:
             return
         self._adopting_now += 1
-        token = _priority.set(ADOPTION)  # before the fleet's polls: a command may come soon
+        token = exchange_priority.set(ADOPTION)  # before the fleet's polls: a command may come soon
         try:
             await self._ladder(local)
             sid = await self._ensure_session(local)
@@ -365,7 +314,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         except DriverError as exc:
             log.debug("luxos %s: adoption deferred: %s", self._name(local), exc)
         finally:
-            _priority.reset(token)
+            exchange_priority.reset(token)
             self._adopting_now -= 1
 
     async def _renew(self, local: int) -> None:
@@ -404,11 +353,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
     # --- sending ---
 
     async def _command(self, local: int, value_w: float) -> None:
-        token = _priority.set(COMMAND)
-        try:
-            await self._apply(local, value_w)
-        finally:
-            _priority.reset(token)
+        await self._apply(local, value_w)  # at COMMAND priority (the base's `_send`)
         self._busy_backoff.succeeded(local)
 
     def _command_failed(self, local: int, exc: DriverError) -> bool:

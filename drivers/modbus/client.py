@@ -201,8 +201,11 @@ class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
                 link.close()
 
     async def _transact(self, local: int, op: Op) -> ModbusPDU:
-        async with self._sem:
+        await self._take_slot(local)
+        try:
             return await self._links[local].call(op)
+        finally:
+            self._slots.release()
 
     async def _command(self, local: int, value_w: float) -> None:
         run = RUN if value_w >= self._fleet.p_min_w[self.rows[local]] else SLEEP

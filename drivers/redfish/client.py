@@ -44,6 +44,7 @@ from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, R
 from drivers.redfish import resources as rf
 from drivers.redfish.http import HttpConnection, Response
 from drivers.redfish.resources import Mechanism
+from drivers.slots import COMMAND, exchange_priority
 
 log = logging.getLogger("rampd.drivers.redfish")
 
@@ -317,8 +318,12 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         data = None if body is None else json.dumps(body).encode()
         try:
             # The timeout starts once a slot is taken: waiting for one is not the rack's fault.
-            async with self._sem, asyncio.timeout(timeout_s):
-                return await rack.conn.request(method, path, headers, data)
+            await self._take_slot(local)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await rack.conn.request(method, path, headers, data)
+            finally:
+                self._slots.release()
         except TimeoutError:
             raise DeviceTimeout(f"no answer within {timeout_s:g} s") from None
 
@@ -326,6 +331,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         """Delete our sessions (best effort, bounded): BMCs allow only a few."""
 
         async def logout(local: int) -> None:
+            exchange_priority.set(COMMAND)  # this task's own context; never preempted as a poll
             rack = self._racks[local]
             if rack.token is None or rack.session_uri is None:
                 return

@@ -152,13 +152,19 @@ class BurstDriver(MemoryDriver):
 
     async def _read(self, local: int) -> Reading:
         self.polls_started.append(asyncio.get_running_loop().time())
-        async with self._sem:
+        await self._take_slot(local)
+        try:
             await asyncio.sleep(0.01)
+        finally:
+            self._slots.release()
         return await super()._read(local)
 
     async def _command(self, local: int, value_w: float) -> None:
-        async with self._sem:
+        await self._take_slot(local)
+        try:
             await asyncio.sleep(0.02)
+        finally:
+            self._slots.release()
         await super()._command(local, value_w)
         self.sent_at.append(asyncio.get_running_loop().time())
 
@@ -190,7 +196,7 @@ async def test_due_polls_wait_while_a_fleet_wide_command_drains(yields: bool) ->
 
 
 class GatedDriver(MemoryDriver):
-    """Polls wait at a gate, as for a connection slot, and give way there like LuxOS's do."""
+    """Polls wait at a gate before they take a connection slot, where they may give way."""
 
     def __init__(self, fleet: Fleet, specs: list[DeviceSpec]) -> None:
         super().__init__(fleet, specs)
@@ -202,9 +208,12 @@ class GatedDriver(MemoryDriver):
     async def _read(self, local: int) -> Reading:
         self.at_gate += 1
         await self.gate.wait()
-        if self._poll_yields(local):
+        try:
+            await self._take_slot(local)
+        except PollPreempted:
             self.events.append("yield")
-            raise PollPreempted
+            raise
+        self._slots.release()
         self.events.append("poll")
         return await super()._read(local)
 
@@ -247,9 +256,12 @@ class OrderDriver(MemoryDriver):
         self.order: list[int] = []
 
     async def _command(self, local: int, value_w: float) -> None:
-        async with self._sem:
+        await self._take_slot(local)
+        try:
             self.order.append(local)
             await asyncio.sleep(0.001)
+        finally:
+            self._slots.release()
         await super()._command(local, value_w)
 
 
