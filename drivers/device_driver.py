@@ -115,6 +115,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self._mailbox = CommandMailbox(n)
         self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
         self._queued = 0  # commands taken from the mailbox and not answered yet
+        self._sending = 0  # commands on their way: sent, or waiting for a slot
         self._deferred: list[int] = []  # devices whose poll waits for a burst to drain
         self._burst = False
         self._overdue_at = np.zeros(n)  # when the poll under way is a period overdue
@@ -240,6 +241,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self._outbox[local] = np.nan
         t0 = time.monotonic()
         token = exchange_priority.set(COMMAND)
+        self._sending += 1
         try:
             await self._command(local, value)
         except Exception as caught:
@@ -351,9 +353,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
 
     def _bursting(self) -> bool:
         """A burst starts when more commands are outstanding than the concurrency limit
-        and lasts until nearly all are answered: polls released while its tail is in flight
-        put their parsing between the tail's answers. Not until every one: a command held
-        back for a retry (a dead device) would make every later poll wait a period."""
+        and lasts until every one is answered or held back for a retry: polls released
+        while its tail is in flight put their connections and parsing between the tail's
+        answers, and a dead device's command must not make every poll wait a period. A
+        command whose device task is still in a poll is neither: the burst goes on."""
         if not self.polls_yield_to_bursts:
             return False
         if not self._burst:
@@ -364,14 +367,22 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         """A command came back (either way): once the burst has drained, the polls waiting
         for it go."""
         self._queued -= 1
+        self._sending -= 1
         if (
             self._burst
-            and self._queued <= self._max_concurrency // 16
+            and not self._sending
             and not self._mailbox.pending
+            and self._queued <= self._held_back()
         ):
             self._burst = False
             deferred, self._deferred = self._deferred, []
             self._wake_some(deferred, 0)
+
+    def _held_back(self) -> int:
+        """Commands queued for devices waiting out a retry backoff (O(n): called only when
+        no command is on its way)."""
+        held = ~np.isnan(self._outbox) & (self._retry_at > time.monotonic())
+        return int(np.count_nonzero(held))
 
     def _wake_some(self, devices: list[int], start: int) -> None:
         """Wake deferred polls a slot-limit's worth per loop iteration: thousands woken at

@@ -195,6 +195,31 @@ async def test_due_polls_wait_while_a_fleet_wide_command_drains(yields: bool) ->
         await cancel_and_wait(task)
 
 
+async def test_a_command_held_back_for_a_retry_does_not_hold_the_polls() -> None:
+    n, limit = 40, 2
+    s = [
+        device_spec(name=f"dev-{i}", protocol="memory", p_max_w=2000.0, poll_s=2.0)
+        for i in range(n)
+    ]
+    fleet = Fleet.from_specs(s, [0] * n)
+    # A long backoff: the dead device's command waits seconds for its retry.
+    driver = BurstDriver(fleet, s, max_concurrency=limit, backoff_base_s=5.0, backoff_cap_s=5.0)
+    task = asyncio.create_task(driver.run())
+    try:
+        await until(lambda: bool((fleet.state == DeviceState.ON).all()), 4, what="polled")
+        driver.broken.add(0)
+        driver.submit(np.arange(n), np.full(n, 1500.0))  # 40 x 20 ms, 2 at a time
+        await until(lambda: driver.commands_ok == n - 1, 3, what="burst sent")
+        sent = asyncio.get_running_loop().time()
+        # Polls fall due every 50 ms: the ones held back by the burst go once the others
+        # are answered, and later ones go when due, not a period late (at most 2 s
+        # overdue) behind the dead device's retry.
+        await until(lambda: sum(t > sent for t in driver.polls_started) >= 10, 1.0, what="polls go")
+        assert driver.command_errors >= 1 and fleet.delivered_w[0] != 1500.0
+    finally:
+        await cancel_and_wait(task)
+
+
 class GatedDriver(MemoryDriver):
     """Polls wait at a gate before they take a connection slot, where they may give way."""
 
