@@ -31,6 +31,7 @@ from typing import Any, Final, Literal, cast
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
+from controller.cancellation import stop_if_cancelled
 from controller.config import ConfigError, MqttConfig, SiteLimits
 
 log = logging.getLogger("rampd.dispatch")
@@ -597,6 +598,7 @@ class MqttLink:
                     )
             except OSError as exc:  # TLS files, DNS: reported and retried like a broker error
                 reason = f"{type(exc).__name__}: {exc}"
+            stop_if_cancelled()  # aiomqtt's wait_for may have swallowed it
             was_connected = self._session_up
             self._session_up = False
             # A connection that held for a while resets the backoff; a flapping one does not.
@@ -711,6 +713,7 @@ class MqttLink:
         inflight: deque[tuple[_Out, asyncio.Task[None]]] = deque()
         try:
             while True:
+                stop_if_cancelled()  # aiomqtt's wait_for may have swallowed it
                 while inflight and inflight[0][1].done():
                     item, task = inflight.popleft()
                     if not self._settled(item, task):

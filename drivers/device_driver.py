@@ -28,6 +28,7 @@ from typing import ClassVar, Generic, TypedDict, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from controller.cancellation import stop_if_cancelled
 from controller.config import DeviceSpec
 from controller.fleet import DeviceState, Fleet
 from drivers.base import (
@@ -201,15 +202,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
 
     async def _device(self, local: int) -> None:
         spec = self._specs[local]
-        task = asyncio.current_task()
         # Stagger first polls over one period so N devices do not poll in lockstep.
         next_poll = time.monotonic() + spec.poll_s * local / max(len(self._specs), 1)
         while True:
-            # Python 3.11's asyncio.wait_for (pymodbus awaits every transaction with it)
-            # swallows a cancellation that lands as its future completes: stop anyway, or
-            # run() would wait for this task forever.
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            stop_if_cancelled()  # pymodbus's wait_for may have swallowed it
             now = time.monotonic()
             if now < self._retry_at[local]:
                 await asyncio.sleep(self._retry_at[local] - now)

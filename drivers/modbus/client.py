@@ -27,6 +27,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from controller.cancellation import stop_if_cancelled
 from controller.config import DeviceSpec, MeterConfig
 from controller.fleet import DeviceState, Fleet
 from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
@@ -288,6 +289,7 @@ class ModbusMeter:
         next_t = time.monotonic()
         try:
             while True:
+                stop_if_cancelled()  # pymodbus's wait_for may have swallowed it
                 backoff = 0.0
                 try:
                     await self._read()

@@ -30,6 +30,7 @@ import aiomqtt
 import numpy as np
 import numpy.typing as npt
 
+from controller.cancellation import stop_if_cancelled
 from controller.config import DeviceSpec, MqttConfig, read_hmac_key
 from controller.dispatch import read_password, tls_params
 from controller.fleet import DeviceState, Fleet
@@ -147,6 +148,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
                 for fut in self._acks.values():
                     if not fut.done():
                         fut.set_exception(DriverError("broker connection lost"))
+            stop_if_cancelled()  # aiomqtt's wait_for may have swallowed it
             delay = backoff.failed(0, time.monotonic())
             if error != last_error:
                 log.warning("zone link: %s: %s; retrying in %.1f s", where, error, delay)
@@ -161,6 +163,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
                 for root in self._roots:
                     with contextlib.suppress(aiomqtt.MqttError):
                         await client.publish(f"{root}/heartbeat", body, qos=0)
+            stop_if_cancelled()  # aiomqtt's wait_for may have swallowed it
             await asyncio.sleep(HEARTBEAT_S)
 
     @asynccontextmanager
