@@ -80,9 +80,9 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     default_concurrency: ClassVar[int] = 32
     polls_yield_to_bursts: ClassVar[bool] = True
     """From the moment more commands are outstanding than the concurrency limit (a
-    fleet-wide command) until the burst has nearly drained, due polls wait (at most until a
-    period overdue): a poll sent then only delays the burst, and what it reads is about to
-    change anyway."""
+    fleet-wide command) until every one is answered or held back for a retry, due polls
+    wait (at most until a period overdue): a poll sent then only delays the burst, and what
+    it reads is about to change anyway."""
     _log: ClassVar[logging.Logger]
 
     def __init__(
