@@ -48,7 +48,7 @@ from controller.journal import (
 from controller.metrics import Metrics
 from controller.notify import LastError, Notifier
 from controller.ramp_metrics import tolerance_kw
-from controller.target import TargetTracker, resumed
+from controller.target import TargetTracker, resume_from_w, resumed
 from drivers.base import CommandFunnel, CommandObserver, Driver
 from drivers.luxos.client import LuxosDriver
 from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
@@ -192,11 +192,13 @@ class Daemon:
         self._ramp_dispatch: Dispatch | None = None
         # Seqs accepted before a restart stay refused even if nothing is resumed.
         self._seq_floor = self.journal.last_seq() if self.journal else None
-        resume = self.journal.last_valid_dispatch(time.time()) if self.journal else None
+        now_unix = time.time()
+        resume = self._resumable(now_unix)
         initial_w = site.site.max_kw * 1e3
-        if resume and self.journal is not None:
-            # Devices kept their setpoints through the restart: start where the site was.
-            initial_w = self.journal.last_target_w() or initial_w
+        last = self.journal.last_target() if resume and self.journal is not None else None
+        if last is not None:
+            # Devices kept their setpoints through the restart: start where the target was.
+            initial_w = resume_from_w(resume[0], *last, now_unix)
         self.tracker = TargetTracker(site.site, site.failsafe, initial_w=initial_w)
         self.cycle = ControlCycle(
             fleet=self.fleet,
@@ -222,7 +224,7 @@ class Daemon:
         self.last_error = LastError()
         self._status_errors = 0
         self.cycle.on_tick(self._after_tick)
-        self._resume(resume or ())
+        self._resume(resume, now_unix)
 
     def _new_controller(self) -> Controller:
         site = self.cfg.site
@@ -247,17 +249,19 @@ class Daemon:
         self.controller = self.cycle.controller = self._new_controller()
         log.info("control model rebuilt with the devices' latest limits and ramp rates")
 
-    def _resume(self, payloads: Sequence[bytes]) -> None:
-        """Put the journal's last valid dispatch(es) back in force (see last_valid_dispatch)."""
-        if self.journal is None:
-            return
-        now_unix, now = time.time(), time.monotonic()
+    def _resumable(self, now_unix: float) -> list[Dispatch]:
+        """The journal's last valid dispatch(es) (see last_valid_dispatch) that still parse;
+        the first is the one in force, or the pending one if none is."""
+        payloads = self.journal.last_valid_dispatch(now_unix) if self.journal else None
+        if self.journal is None or not payloads:
+            return []
+        out: list[Dispatch] = []
         for raw in payloads:
             try:
                 d = parse_dispatch(
                     raw,
                     now_unix=now_unix,
-                    last_seq=self.tracker.last_seq,
+                    last_seq=out[-1].seq if out else None,
                     limits=self.cfg.site.site,
                     replay=True,
                     hmac_key=self.cfg.dispatch_key,
@@ -267,10 +271,18 @@ class Daemon:
                 log.warning("journal: %s", text)
                 self.journal.record_event("resume", text, at=now_unix)
                 continue
+            out.append(d)
+        return out
+
+    def _resume(self, dispatches: Sequence[Dispatch], now_unix: float) -> None:
+        """Put the dispatches from `_resumable` back in force."""
+        now = time.monotonic()
+        for d in dispatches:
             self.tracker.accept(resumed(d, now_unix), now, now_unix)
             text = f"resumed {d.id} seq {d.seq}: {d.mode} {d.target_w / 1e3:.1f} kW"
             log.info("journal: %s", text)
-            self.journal.record_event("resume", text, at=now_unix)
+            if self.journal is not None:
+                self.journal.record_event("resume", text, at=now_unix)
 
     # -- dispatch in ---------------------------------------------------------------------
     def on_dispatch(self, payload: bytes) -> None:

@@ -450,10 +450,13 @@ class JournalReader:
         rows = self._query("SELECT value FROM meta WHERE key = 'last_seq'")
         return int(rows[0][0]) if rows else None
 
-    def last_target_w(self) -> float | None:
-        """The target of the latest telemetry row: a bumpless `initial_w` when resuming."""
-        rows = self._query("SELECT target_w FROM telemetry ORDER BY rowid DESC LIMIT 1")
-        return None if not rows or rows[0][0] is None else float(rows[0][0])
+    def last_target(self) -> tuple[float, float] | None:
+        """(at, target_w) of the latest telemetry row with a target: where to resume from."""
+        rows = self._query(
+            "SELECT at, target_w FROM telemetry WHERE target_w IS NOT NULL "
+            "ORDER BY rowid DESC LIMIT 1"
+        )
+        return (float(rows[0][0]), float(rows[0][1])) if rows else None
 
     def last_valid_dispatch(self, now_unix: float) -> tuple[bytes, ...] | None:
         """Raw payloads to replay, in order, to restore the target in force at `now_unix`.

@@ -40,17 +40,38 @@ class _Ramp:
         return self.w0 + (self.w1 - self.w0) * (t - self.t0) / (self.t1 - self.t0)
 
 
+def _began(d: Dispatch) -> float:
+    """When `d`'s ramp began: `issued_at` (or a later `start_at`). The journal's payload
+    carries no acceptance time, and the two differ by the delivery latency only."""
+    return max(d.issued_at, d.start_at if d.start_at is not None else d.issued_at)
+
+
 def resumed(d: Dispatch, now_unix: float) -> Dispatch:
     """`d` as put back in force after a restart at `now_unix`: a ramp already under way keeps
-    its original end instead of starting over (one already over becomes a step).
-
-    The ramp is taken to have begun at `issued_at` (or a later `start_at`): the journal's
-    payload carries no acceptance time, and the two differ by the delivery latency only.
-    """
-    began = max(d.issued_at, d.start_at if d.start_at is not None else d.issued_at)
+    its original end instead of starting over (one already over becomes a step)."""
+    began = _began(d)
     if d.ramp_s <= 0.0 or began > now_unix:
         return d  # a step, or not started yet: its ramp is still all ahead
     return replace(d, ramp_s=max(0.0, began + d.ramp_s - now_unix))
+
+
+def resume_from_w(d: Dispatch, sample_at: float, sample_w: float, now_unix: float) -> float:
+    """The target to restart from at `now_unix` with `d` in force, given the last journaled
+    target (`sample_w` at `sample_at`): where `d`'s ramp stands now.
+
+    The journal samples the target once a second, so mid-ramp the sample trails the ramp by up
+    to a second of its slope; restarting from it would push the site back the way it came.
+    The ramp is linear and the sample lies on it (or, taken before it began, at its start),
+    so the line from the sample to the ramp's end is the ramp. A step, a ramp not begun or
+    already over, and a release start from the sample.
+    """
+    began = _began(d)
+    end = began + d.ramp_s
+    if d.mode == "release" or d.ramp_s <= 0.0 or not began <= now_unix < end:
+        return sample_w
+    t_from = min(max(sample_at, began), now_unix)
+    goal = d.target_w + (d.signal or 0.0) * (d.band_w or 0.0)
+    return sample_w + (goal - sample_w) * (now_unix - t_from) / (end - t_from)
 
 
 class TargetTracker:

@@ -202,7 +202,7 @@ def test_everything_recorded_is_there_after_close_and_reopen(db: Path) -> None:
         (ramp,) = r.ramps_between(now - 1, now + 1)
         assert ramp.settle_s == 3.2 and ramp.outcome == "settled" and ramp.ratio is not None
         assert r.last_seq() == 5
-        assert r.last_target_w() == 1e6
+        assert r.last_target() == (pytest.approx(now - 1), 1e6)
     # Reopened for writing, it carries on from the same data.
     j2 = Journal(db)
     try:
@@ -361,7 +361,7 @@ def test_retention_runs_at_open(db: Path) -> None:
 def test_nothing_to_resume_in_an_empty_journal(journal: Journal) -> None:
     assert journal.last_valid_dispatch(time.time()) is None
     assert journal.last_seq() is None
-    assert journal.last_target_w() is None
+    assert journal.last_target() is None
 
 
 def test_resume_the_latest_accepted_dispatch(journal: Journal) -> None:
