@@ -45,11 +45,6 @@ from drivers.slots import COMMAND, POLL, ExchangeSlots, exchange_priority
 
 FAULT_AFTER = 2
 """Consecutive failed polls or commands before a device is declared FAULT."""
-WAKE_BATCH = 64
-"""Device tasks woken per event-loop iteration for a burst (commands, or polls released
-after one): thousands woken at once run their connects and parsing, ~100 ms for 1,000
-LuxOS miners, before anything else gets the loop: the control cycle, and the answers of
-the fast devices (Modbus loads, GPU racks) carrying the same step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +83,11 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     fleet-wide command) until every one is answered or held back for a retry, due polls
     wait (at most until a period overdue): a poll sent then only delays the burst, and what
     it reads is about to change anyway."""
+    wake_batch: ClassVar[int] = 64
+    """Device tasks woken per event-loop iteration for a burst (commands, or polls released
+    after one): thousands woken at once run their connects and parsing, ~100 ms for 1,000
+    LuxOS miners, before anything else gets the loop: the control cycle, and the answers
+    of the fast devices (Modbus loads, GPU racks) carrying the same step."""
     _log: ClassVar[logging.Logger]
 
     def __init__(
@@ -385,8 +385,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         return int(np.count_nonzero(held))
 
     def _wake_some(self, devices: list[int], start: int) -> None:
-        """Wake `devices[start:]`, WAKE_BATCH per loop iteration (see WAKE_BATCH)."""
-        stop = start + WAKE_BATCH
+        """Wake `devices[start:]`, `wake_batch` per loop iteration."""
+        stop = start + self.wake_batch
         for i in devices[start:stop]:
             self._wake[i].set()
         if stop < len(devices):

@@ -19,7 +19,7 @@ import pytest
 from controller.config import DeviceSpec
 from controller.fleet import DeviceState, Fleet
 from drivers.base import DeviceTimeout, Driver, PollPreempted
-from drivers.device_driver import WAKE_BATCH, DriverOptions, PerDeviceDriver, Reading
+from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
 from tests.helpers import CommandLog, cancel_and_wait, device_spec, until
 
 log = logging.getLogger("rampd.drivers.memory")
@@ -345,7 +345,7 @@ async def test_a_burst_is_woken_in_batches_so_the_loop_turns_between_them() -> N
         # All at once, the 1,000 commands would hold one iteration; other tasks (the control
         # cycle, other drivers' answers) get the loop between batches. (A device whose own
         # poll timer fires meanwhile sends unwoken: a few more than a batch.)
-        assert per_iteration.max() < 2 * WAKE_BATCH, per_iteration.max()
-        assert np.count_nonzero(per_iteration) >= n // WAKE_BATCH
+        assert per_iteration.max() < 2 * driver.wake_batch, per_iteration.max()
+        assert np.count_nonzero(per_iteration) >= n // driver.wake_batch
     finally:
         await cancel_and_wait(task)
