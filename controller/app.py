@@ -252,11 +252,10 @@ class Daemon:
     def _resumable(self, now_unix: float) -> list[Dispatch]:
         """The journal's last valid dispatch(es) (see last_valid_dispatch) that still parse;
         the first is the one in force, or the pending one if none is."""
-        payloads = self.journal.last_valid_dispatch(now_unix) if self.journal else None
-        if self.journal is None or not payloads:
+        if self.journal is None:
             return []
         out: list[Dispatch] = []
-        for raw in payloads:
+        for raw in self.journal.last_valid_dispatch(now_unix) or ():
             try:
                 d = parse_dispatch(
                     raw,

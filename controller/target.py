@@ -46,6 +46,14 @@ def _began(d: Dispatch) -> float:
     return max(d.issued_at, d.start_at if d.start_at is not None else d.issued_at)
 
 
+def _goal_w(d: Dispatch) -> float:
+    """What a setpoint or regulation dispatch asks for: regulation adds its signal's share
+    of the band to the base."""
+    if d.mode == "regulation":
+        return d.target_w + (d.signal or 0.0) * (d.band_w or 0.0)
+    return d.target_w
+
+
 def resumed(d: Dispatch, now_unix: float) -> Dispatch:
     """`d` as put back in force after a restart at `now_unix`: a ramp already under way keeps
     its original end instead of starting over (one already over becomes a step)."""
@@ -70,8 +78,7 @@ def resume_from_w(d: Dispatch, sample_at: float, sample_w: float, now_unix: floa
     if d.mode == "release" or d.ramp_s <= 0.0 or not began <= now_unix < end:
         return sample_w
     t_from = min(max(sample_at, began), now_unix)
-    goal = d.target_w + (d.signal or 0.0) * (d.band_w or 0.0)
-    return sample_w + (goal - sample_w) * (now_unix - t_from) / (end - t_from)
+    return sample_w + (_goal_w(d) - sample_w) * (now_unix - t_from) / (end - t_from)
 
 
 class TargetTracker:
@@ -227,12 +234,9 @@ class TargetTracker:
             self._released = True
             self._ramp_to(t, self._max_w, d.ramp_s)
         else:
-            goal = d.target_w
-            if d.mode == "regulation":
-                goal += (d.signal or 0.0) * (d.band_w or 0.0)
             self._active, self._active_expires = d, expires
             self._released = False
-            self._ramp_to(t, goal, d.ramp_s)
+            self._ramp_to(t, _goal_w(d), d.ramp_s)
         if self.mode != was:
             log.info("mode %s -> %s by dispatch %s (seq %d)", was, self.mode, d.id, d.seq)
 
