@@ -66,6 +66,8 @@ class _DriverFactory(Protocol):
         rows: Sequence[int],
         specs: Sequence[DeviceSpec],
         on_command: CommandObserver | None = None,
+        *,
+        poll_stretch: float = 1.0,
     ) -> Driver: ...
 
 
@@ -166,8 +168,18 @@ class Daemon:
                     protocol, self.fleet, rows, specs, observe, mqtt=mqtt_cfg
                 )
             else:
-                driver = DRIVERS[protocol](protocol, self.fleet, rows, specs, observe)
+                driver = DRIVERS[protocol](
+                    protocol, self.fleet, rows, specs, observe, poll_stretch=cfg.poll_stretch
+                )
             self.drivers.append(driver)
+        if cfg.poll_stretch > 1.0:
+            log.warning(
+                "%d devices would poll over site.max_polls_per_s (%g/s): every poll period "
+                "stretched %.2fx",
+                sum(s.protocol != "zone" for s in cfg.devices),
+                site.site.max_polls_per_s,
+                cfg.poll_stretch,
+            )
         self.meter = ModbusMeter(site.meter) if site.meter.protocol == "modbus" else NoMeter()
         self.metrics.watch_drivers([*self.drivers, self.meter])
         if site.metrics.per_device:

@@ -81,6 +81,7 @@ def summarize(cfg: LoadedConfig) -> str:
             else "meter none: power is what the devices (zones) report"
         ),
         f"failsafe after {site.failsafe.dispatch_timeout_s:g} s silence: {site.failsafe.policy}",
+        _polls_line(cfg),
         f"metrics http://{site.metrics.listen}/metrics",
         "",
         f"{'kind':<20} {'protocol':<10} {'count':>7} {'min kW':>12} {'max kW':>12}",
@@ -91,6 +92,16 @@ def summarize(cfg: LoadedConfig) -> str:
         total = [total[0] + count, total[1] + lo, total[2] + hi]
     lines.append(f"{'total':<31} {total[0]:>7} {total[1] / 1e3:>12.1f} {total[2] / 1e3:>12.1f}")
     return "\n".join(lines)
+
+
+def _polls_line(cfg: LoadedConfig) -> str:
+    polled = [d.poll_s for d in cfg.devices if d.protocol != "zone"]
+    demand = sum(1.0 / p for p in polled)
+    budget = cfg.site.site.max_polls_per_s
+    line = f"device polls {demand:.0f}/s of at most {budget:g}/s"
+    if cfg.poll_stretch > 1.0:
+        line += f": every poll period stretched {cfg.poll_stretch:.2f}x"
+    return line
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -102,6 +102,10 @@ class SiteLimits(_Strict):
     deadband_kw: NonNegFloat = 5.0
     telemetry_max_age_s: PositiveFloat = 10.0
     max_issued_age_s: PositiveFloat = 30.0
+    max_polls_per_s: PositiveFloat = 2000.0
+    """Device polls per second this host makes at most. Past it, every device's poll period
+    is stretched by the same factor: at 10,000 devices polled each second, polls alone would
+    take a core from the commands and the control cycle (`rampd bench fanout`)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> SiteLimits:
@@ -342,6 +346,11 @@ class LoadedConfig:
     """The HMAC key read from `dispatch.hmac_key_file` at load; None: dispatches unsigned."""
 
     @property
+    def poll_stretch(self) -> float:
+        """What every device's poll period is multiplied by (`SiteLimits.max_polls_per_s`)."""
+        return poll_stretch(self.devices, self.site.site.max_polls_per_s)
+
+    @property
     def topic_root(self) -> str:
         return f"{self.site.mqtt.prefix}/{self.site.site_id}"
 
@@ -478,6 +487,31 @@ def _expand(
             )
 
 
+def poll_stretch(devices: Sequence[DeviceSpec], max_polls_per_s: float) -> float:
+    """The factor every device's poll period is multiplied by to keep the host's polls
+    within `max_polls_per_s` (1.0 when they fit). Zones are not counted: their telemetry
+    is pushed, and reading it is local."""
+    demand = sum(1.0 / d.poll_s for d in devices if d.protocol != "zone")
+    return max(1.0, demand / max_polls_per_s)
+
+
+def _check_poll_budget(p: Path, limits: SiteLimits, devices: Sequence[DeviceSpec]) -> None:
+    """A stretch must leave readings fresh: a poll may wait up to a period behind a burst,
+    so the longest stretched period must fit twice within telemetry_max_age_s."""
+    stretch = poll_stretch(devices, limits.max_polls_per_s)
+    if stretch == 1.0:
+        return
+    longest = stretch * max(d.poll_s for d in devices if d.protocol != "zone")
+    if 2.0 * longest > limits.telemetry_max_age_s:
+        raise ConfigError(
+            f"{p}: site.max_polls_per_s: {len(devices)} devices within "
+            f"{limits.max_polls_per_s:g} polls/s are polled {stretch:.1f}x slower than their "
+            f"poll_s, the slowest every {longest:.1f} s: over half of "
+            f"site.telemetry_max_age_s ({limits.telemetry_max_age_s:g} s). Raise either "
+            "(a faster host), or split the devices over zones"
+        )
+
+
 def load_config(path: str | Path) -> LoadedConfig:
     """Read, validate and expand a site file; raise ConfigError with file, key and problem."""
     p = Path(path)
@@ -501,6 +535,7 @@ def load_config(path: str | Path) -> LoadedConfig:
         other = endpoints.setdefault((dev.host, dev.port), dev.name)
         if other != dev.name:
             raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")
+    _check_poll_budget(p, site.site, devices)
     dispatch_key = read_hmac_key(p, site.dispatch.hmac_key_file)
     return LoadedConfig(
         path=p, site=site, templates=templates, devices=devices, dispatch_key=dispatch_key

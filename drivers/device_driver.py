@@ -65,6 +65,7 @@ class DriverOptions(TypedDict, total=False):
     """Keyword options of every per-device driver (see `PerDeviceDriver.__init__`)."""
 
     max_concurrency: int
+    poll_stretch: float
     backoff_base_s: float
     backoff_cap_s: float
     rng: random.Random | None
@@ -99,6 +100,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         on_command: CommandObserver | None = None,
         *,
         max_concurrency: int | None = None,
+        poll_stretch: float = 1.0,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         rng: random.Random | None = None,
@@ -118,6 +120,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             self.default_concurrency if max_concurrency is None else max_concurrency
         )
         self._slots = ExchangeSlots(self._max_concurrency)
+        if not poll_stretch >= 1.0:
+            raise ValueError(f"{name}: poll_stretch {poll_stretch!r} is below 1")
+        self.poll_stretch = poll_stretch
+        """Every device polls this many times its poll_s (the host's poll budget)."""
         self._mailbox = CommandMailbox(n)
         self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
         self._queued = 0  # commands taken from the mailbox and not answered yet
@@ -205,16 +211,16 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             self._wake_some(local[np.argsort(awake, kind="stable")].tolist(), 0)
 
     async def _device(self, local: int) -> None:
-        spec = self._specs[local]
+        period = self._specs[local].poll_s * self.poll_stretch
         # Stagger first polls over one period so N devices do not poll in lockstep.
-        next_poll = time.monotonic() + spec.poll_s * local / max(len(self._specs), 1)
+        next_poll = time.monotonic() + period * local / max(len(self._specs), 1)
         while True:
             stop_if_cancelled()  # pymodbus's wait_for may have swallowed it
             now = time.monotonic()
             if now < self._retry_at[local]:
                 await asyncio.sleep(self._retry_at[local] - now)
                 continue
-            overdue = now - next_poll > spec.poll_s  # a command stream must not starve polls
+            overdue = now - next_poll > period  # a command stream must not starve polls
             if not np.isnan(self._outbox[local]) and not overdue:
                 await self._send(local)
                 continue
@@ -222,14 +228,14 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 self._deferred.append(local)  # woken when the burst drains or a command comes
                 self._wake[local].clear()
                 with suppress(TimeoutError):
-                    async with asyncio.timeout(next_poll + spec.poll_s - now):
+                    async with asyncio.timeout(next_poll + period - now):
                         await self._wake[local].wait()
                 continue
             if now >= next_poll or self._poll_soon[local]:
                 self._poll_soon[local] = False
-                self._overdue_at[local] = next_poll + spec.poll_s
+                self._overdue_at[local] = next_poll + period
                 if await self._poll(local):
-                    next_poll = max(next_poll + spec.poll_s, time.monotonic())
+                    next_poll = max(next_poll + period, time.monotonic())
                 continue
             self._wake[local].clear()
             with suppress(TimeoutError):

@@ -94,6 +94,11 @@ def add_fanout_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--concurrency", type=int, help="driver concurrency (default: the driver's)")
     p.add_argument("--poll-s", type=float, help="devices' poll period (default: their templates')")
+    p.add_argument(
+        "--max-polls-per-s",
+        type=float,
+        help="the host's poll budget, as site.max_polls_per_s (default: the daemon's)",
+    )
 
 
 def _run_ramp(args: argparse.Namespace) -> int:

@@ -36,13 +36,14 @@ def test_fanout_bench_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("protocol"))
     assert lines[header].split() == [
         *("protocol", "devices", "rampd", "s", "floor", "s", "ratio", "first", "s", "answered"),
-        *("cpu", "us/dev", "floor"),
+        *("cpu", "us/dev", "floor", "poll", "s"),
     ]
     rows = [line.split() for line in lines[header + 1 : header + 1 + len(PROTOCOLS)]]
     assert [r[0] for r in rows] == list(PROTOCOLS)
     for r in rows:
         assert int(r[1]) == DEVICES and int(r[6]) == DEVICES
         assert all(float(x) > 0 for x in r[2:6] + r[7:9])
+        assert float(r[9]) == 0.5  # the devices' period: within the default poll budget
 
     report = json.loads((out / "results.json").read_text())
     assert report["bench"] == "fanout" and report["loop"] in ("uvloop", "asyncio")
@@ -55,6 +56,7 @@ def test_fanout_bench_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         assert len(r["floor_runs_s"]) == 1 and len(r["driver"]["runs_s"]) == 1
         assert r["driver"]["errors"] == 0
         assert r["cpu_us"] > 0 and r["floor_cpu_us"] > 0
+        assert r["driver"]["poll_s"] == 0.5
     # Every simulator process was stopped: none is left serving the bench's addresses.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert str(out) not in ps.stdout

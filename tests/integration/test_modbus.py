@@ -205,6 +205,32 @@ async def test_polls_fill_the_fleet_arrays(rig: Rig) -> None:
     assert rig.driver.poll_errors == 0 and rig.driver.polls_ok >= 10
 
 
+async def test_a_poll_stretch_polls_every_device_that_much_less_often() -> None:
+    """Two drivers over the same simulated devices, one within its poll budget, one with
+    its periods stretched 4x (a host over site.max_polls_per_s): counted over the same
+    window, the stretched one polls each device about a quarter as often."""
+    net, port = free_loopback_net()
+    specs = make_specs(net, port, 5)
+    ph = SitePhysics(specs, 50e3, seed=1, dt_s=SIM_DT)
+    servers = await SimServers.start(ph, specs, None)
+    rows = np.arange(len(specs))
+    plain = ModbusLoadDriver("modbus", Fleet.from_specs(specs, [0] * 5), rows, specs)
+    stretched = ModbusLoadDriver(
+        "modbus", Fleet.from_specs(specs, [0] * 5), rows, specs, poll_stretch=4.0
+    )
+    tasks = [asyncio.create_task(d.run()) for d in (plain, stretched)]
+    try:
+        await until(lambda: plain.polls_ok >= 40, 10, what="8 rounds of plain polls")
+        assert plain.poll_errors == stretched.poll_errors == 0
+        assert 1 <= stretched.polls_ok <= plain.polls_ok / 2, (stretched.polls_ok, plain.polls_ok)
+    finally:
+        await cancel_and_wait(*tasks)
+        await servers.close()
+
+    with pytest.raises(ValueError, match="below 1"):
+        ModbusLoadDriver("modbus", Fleet.from_specs(specs, [0] * 5), rows, specs, poll_stretch=0.5)
+
+
 async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> None:
     ph = rig.physics
     await rig.first_polls()

@@ -150,3 +150,45 @@ def test_a_plaintext_broker_override_off_this_host_is_refused(tmp_path: Path) ->
     cfg = load_config(write(tmp_path, GOOD))
     with pytest.raises(ConfigError, match=r"--mqtt 10\.0\.0\.9:1883: plaintext MQTT"):
         Daemon(cfg, Overrides(mqtt="10.0.0.9:1883"))
+
+
+def _many(count: int, poll_s: float, max_polls: str = "", age: str = "") -> str:
+    return f"""
+site_id = "big"
+[site]
+max_kw = 100000
+{max_polls}
+{age}
+[meter]
+host = "127.0.9.1"
+port = 1502
+[[devices]]
+name = "rack"
+template = "gpu-rack-redfish"
+count = {count}
+address = "127.1.0.1"
+overrides = {{ poll_s = {poll_s} }}
+"""
+
+
+def test_polls_within_the_budget_are_not_stretched(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, _many(100, 1.0, "max_polls_per_s = 100")))
+    assert cfg.poll_stretch == 1.0
+    assert "device polls 100/s of at most 100/s" in summarize(cfg)
+
+
+def test_polls_over_the_budget_stretch_every_period_alike(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, _many(1000, 0.5, "max_polls_per_s = 500")))
+    assert cfg.poll_stretch == pytest.approx(4.0)  # 2,000 polls/s wanted
+    assert "stretched 4.00x" in summarize(cfg)
+
+
+def test_a_stretch_that_would_leave_readings_stale_fails_at_start(tmp_path: Path) -> None:
+    text = _many(1000, 1.0, "max_polls_per_s = 100", "telemetry_max_age_s = 15")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))  # 10x: every 10 s, over half of 15 s
+    msg = str(err.value)
+    assert "site.toml: site.max_polls_per_s" in msg and "telemetry_max_age_s (15 s)" in msg
+    # The same devices with readings allowed to age 20 s pass.
+    ok = _many(1000, 1.0, "max_polls_per_s = 100", "telemetry_max_age_s = 20")
+    assert load_config(write(tmp_path, ok)).poll_stretch == pytest.approx(10.0)
