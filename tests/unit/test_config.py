@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,19 @@ def test_polls_over_the_budget_stretch_every_period_alike(tmp_path: Path) -> Non
     cfg = load_config(write(tmp_path, _many(1000, 0.5, "max_polls_per_s = 500")))
     assert cfg.poll_stretch == pytest.approx(4.0)  # 2,000 polls/s wanted
     assert "stretched 4.00x" in summarize(cfg)
+
+
+def test_the_daemon_polls_within_the_budget_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from controller.app import Daemon, Overrides
+
+    cfg = load_config(write(tmp_path, _many(1000, 0.5, "max_polls_per_s = 500")))
+    with caplog.at_level(logging.WARNING, logger="rampd"):
+        daemon = Daemon(cfg, Overrides())
+    assert [getattr(d, "poll_stretch", None) for d in daemon.drivers] == [pytest.approx(4.0)]
+    assert "1000 devices would poll over site.max_polls_per_s (500/s)" in caplog.text
+    assert "stretched 4.00x" in caplog.text
 
 
 def test_a_stretch_that_would_leave_readings_stale_fails_at_start(tmp_path: Path) -> None:
