@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controller.bench import add_parser as add_bench_parser
-from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
+from controller.config import ConfigError, LoadedConfig, load_config, poll_demand, split_host_port
 from controller.fdlimit import raise_fd_limit
 from controller.journal import JournalError
 from controller.report import add_parser as add_report_parser
@@ -95,10 +95,8 @@ def summarize(cfg: LoadedConfig) -> str:
 
 
 def _polls_line(cfg: LoadedConfig) -> str:
-    polled = [d.poll_s for d in cfg.devices if d.protocol != "zone"]
-    demand = sum(1.0 / p for p in polled)
     budget = cfg.site.site.max_polls_per_s
-    line = f"device polls {demand:.0f}/s of at most {budget:g}/s"
+    line = f"device polls {poll_demand(cfg.devices):.0f}/s of at most {budget:g}/s"
     if cfg.poll_stretch > 1.0:
         line += f": every poll period stretched {cfg.poll_stretch:.2f}x"
     return line

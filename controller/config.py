@@ -487,12 +487,16 @@ def _expand(
             )
 
 
+def poll_demand(devices: Sequence[DeviceSpec]) -> float:
+    """Polls a second the devices ask for at their own periods. Zones are not counted:
+    their telemetry is pushed, and reading it is local."""
+    return sum(1.0 / d.poll_s for d in devices if d.protocol != "zone")
+
+
 def poll_stretch(devices: Sequence[DeviceSpec], max_polls_per_s: float) -> float:
     """The factor every device's poll period is multiplied by to keep the host's polls
-    within `max_polls_per_s` (1.0 when they fit). Zones are not counted: their telemetry
-    is pushed, and reading it is local."""
-    demand = sum(1.0 / d.poll_s for d in devices if d.protocol != "zone")
-    return max(1.0, demand / max_polls_per_s)
+    within `max_polls_per_s` (1.0 when they fit)."""
+    return max(1.0, poll_demand(devices) / max_polls_per_s)
 
 
 def _check_poll_budget(p: Path, limits: SiteLimits, devices: Sequence[DeviceSpec]) -> None:

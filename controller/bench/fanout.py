@@ -553,7 +553,7 @@ async def measure(protocol: str, n: int, args: argparse.Namespace, out: Path) ->
         # hold, and its bursts end at the devices' initial setpoints, changing nothing.
         concurrency = args.concurrency or _driver_concurrency()[protocol]
         floor_runs = await FLOORS[protocol](sims.specs, args.bursts, concurrency)
-        budget = args.max_polls_per_s or _DEFAULT_MAX_POLLS_PER_S
+        budget = args.max_polls_per_s or _DEFAULT_MAX_POLLS_PER_S  # None: the daemon's
         drv = await measure_driver(protocol, sims.specs, args.bursts, args.concurrency, budget)
     floor_s = round(statistics.median(t.wall_s for t in floor_runs), 4)
     floor_cpu_s = statistics.median(t.cpu_s for t in floor_runs)
@@ -630,6 +630,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
     if args.bursts < 1:
         print("rampd bench fanout: --bursts must be at least 1", file=sys.stderr)
+        return 2
+    if args.max_polls_per_s is not None and not args.max_polls_per_s > 0:
+        print("rampd bench fanout: --max-polls-per-s must be positive", file=sys.stderr)
         return 2
     args.out = args.out or str(default_out("fanout"))
     Path(args.out).mkdir(parents=True, exist_ok=True)
