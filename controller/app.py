@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from controller import heap
 from controller.config import (
     ConfigError,
     DeviceSpec,
@@ -140,8 +141,13 @@ class Overrides:
 
 
 class Daemon:
-    def __init__(self, cfg: LoadedConfig, overrides: Overrides | None = None) -> None:
+    def __init__(
+        self, cfg: LoadedConfig, overrides: Overrides | None = None, *, settle_heap: bool = False
+    ) -> None:
+        """`settle_heap`: the daemon owns its process; freeze what lives long out of garbage
+        collection once ready (`controller.heap`)."""
         self.cfg = cfg
+        self._settle_heap = settle_heap
         site = cfg.site
         ov = overrides or Overrides()
         mqtt_cfg = site.mqtt
@@ -349,6 +355,9 @@ class Daemon:
         if not self.notifier.ready_sent and self.cycle.all_seen and meter_ok:
             self.notifier.ready(self._status_text())
             log.info("ready: every device reported and the meter is fresh")
+            if self._settle_heap:
+                frozen = heap.freeze_long_lived()
+                log.info("%d long-lived objects frozen out of garbage collection", frozen)
         self._publish_status_if_changed()
         if self.last_error.count != self._status_errors:  # a new warning: say so in STATUS=
             self._status_errors = self.last_error.count
@@ -512,7 +521,8 @@ class Daemon:
 
 async def run_daemon(cfg: LoadedConfig, overrides: Overrides | None = None) -> None:
     """Run until SIGTERM/SIGINT; devices keep their last setpoints, status goes offline."""
-    daemon = Daemon(cfg, overrides)
+    heap.tune()
+    daemon = Daemon(cfg, overrides, settle_heap=True)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None

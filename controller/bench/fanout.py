@@ -6,9 +6,10 @@ the real driver against them: it waits until every device has been polled (and, 
 driver says so, adopted), then submits a new setpoint for every device at once and times the
 moment the last command is acknowledged. The first burst after start is reported apart (it
 may cost a miner a logon); the figure is the median of the bursts after it, a poll period
-apart (each meets a site at rest, as a dispatch does). The driver polls as the daemon would:
+apart (each meets a site at rest, as a dispatch does). The driver runs as in the daemon:
 within the host's poll budget (`site.max_polls_per_s`; 10,000 devices at a 1 s template period
-are polled every 5 s), the "poll s" column.
+are polled every 5 s: the "poll s" column), and with the daemon's garbage-collector settings
+(`controller.heap`; the floor too), its long-lived objects frozen once it is warm.
 
 Beside it, the floor of the same run: bare asyncio streams sending the same request frames to
 the same simulators with the same connection policy (LuxOS: a connection per command;
@@ -45,6 +46,7 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
+from controller import heap
 from controller.bench import FANOUT_PROTOCOLS as PROTOCOLS
 from controller.bench import add_fanout_arguments
 from controller.bench.site_run import BenchError, default_out, dump_toml, spawn, stop_process
@@ -279,6 +281,7 @@ async def measure_driver(
         # before it held back (a dispatch follows the last by seconds, not microseconds).
         rest_s = max(s.poll_s for s in specs) * stretch
         warm_s = await _warm_up(driver, fleet, n, 60.0 + rest_s + n / 200)
+        heap.freeze_long_lived()  # as the daemon does once ready
         runs = []
         for k in range(bursts + 1):
             if k:
@@ -288,6 +291,7 @@ async def measure_driver(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        heap.thaw()  # the next row's fleet is another
     steady = [b.seconds for b in runs[1:] if b.seconds is not None]
     return {
         "poll_s": round(max(s.poll_s for s in specs) * stretch, 3),
@@ -599,6 +603,7 @@ def _loop_name() -> str:
 async def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     raise_fd_limit(log)
+    heap.tune()  # the daemon's collector settings, for the floor too
     main = asyncio.current_task()
     if main is not None:  # SIGTERM stops the simulators too, as Ctrl-C does
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
