@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Generic, TypedDict, TypeVar
 
@@ -221,15 +222,12 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 await asyncio.sleep(self._retry_at[local] - now)
                 continue
             overdue = now - next_poll > period  # a command stream must not starve polls
-            if not np.isnan(self._outbox[local]) and not overdue:
+            if not math.isnan(self._outbox[local]) and not overdue:
                 await self._send(local)
                 continue
             if (now >= next_poll or self._poll_soon[local]) and not overdue and self._bursting():
                 self._deferred.append(local)  # woken when the burst drains or a command comes
-                self._wake[local].clear()
-                with suppress(TimeoutError):
-                    async with asyncio.timeout(next_poll + period - now):
-                        await self._wake[local].wait()
+                await self._until_woken(local, next_poll + period - now)
                 continue
             if now >= next_poll or self._poll_soon[local]:
                 self._poll_soon[local] = False
@@ -237,10 +235,19 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 if await self._poll(local):
                     next_poll = max(next_poll + period, time.monotonic())
                 continue
-            self._wake[local].clear()
-            with suppress(TimeoutError):
-                async with asyncio.timeout(next_poll - now):
-                    await self._wake[local].wait()
+            await self._until_woken(local, next_poll - now)
+
+    async def _until_woken(self, local: int, delay_s: float) -> None:
+        """Until the device is woken (a command, a drained burst) or `delay_s` has passed.
+        A timer that sets the event, not `asyncio.timeout`: every device waits here between
+        exchanges, and a timeout costs a timer plus, when it fires, a cancellation."""
+        wake = self._wake[local]
+        wake.clear()
+        timer = asyncio.get_running_loop().call_later(delay_s, wake.set)
+        try:
+            await wake.wait()
+        finally:
+            timer.cancel()
 
     async def _send(self, local: int) -> None:
         value = float(self._outbox[local])
@@ -316,7 +323,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         return measured_w
 
     def _put_back(self, local: int, value_w: float) -> None:
-        if np.isnan(self._outbox[local]):  # retry later unless a newer value came
+        if math.isnan(self._outbox[local]):  # retry later unless a newer value came
             self._outbox[local] = value_w
             self._queued += 1
 
@@ -324,12 +331,12 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         """Whether a readback means anything: something was sent (`sent` is not NaN; set it
         NaN on a resend so each mismatch costs one resend until it lands) and nothing newer
         is queued."""
-        return not np.isnan(sent) and bool(np.isnan(self._outbox[local]))
+        return not math.isnan(sent) and math.isnan(self._outbox[local])
 
     def _resend(self, local: int, value_w: float, why: str, *args: object) -> None:
         """Queue `value_w` again for a device that lost it (reboot, another manager); warn
         with `why % args` once, until a command lands."""
-        self._queued += int(np.isnan(self._outbox[local]))
+        self._queued += int(math.isnan(self._outbox[local]))
         self._outbox[local] = value_w
         self.resends += 1
         if not self._readback_warned[local]:
@@ -352,7 +359,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _poll_yields(self, local: int) -> bool:
         """Whether a poll waiting for the wire should give way (raise PollPreempted): a
         command for the device came meanwhile, and the poll is not a period overdue."""
-        queued = not np.isnan(self._outbox[local])
+        queued = not math.isnan(self._outbox[local])
         return bool(queued) and time.monotonic() < self._overdue_at[local]
 
     # --- bookkeeping ---
