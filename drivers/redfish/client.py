@@ -73,6 +73,10 @@ class _Rack:
     """The discovered resource: GET for power and the cap read back, PATCH to cap."""
     allow_min_w: float = math.nan
     allow_max_w: float = math.nan
+    headers: bytes = _HEADERS
+    """The header lines of an authenticated request (built once per session token)."""
+    headers_token: str | None = None
+    """The session token `headers` carry."""
 
 
 def _ssl_contexts(specs: Sequence[DeviceSpec]) -> dict[Path | None, ssl.SSLContext]:
@@ -92,8 +96,10 @@ def _rack(
     username, password = rf.credentials(access)
     tls = contexts[access.ca_file] if access.https else None
     basic = None
+    headers = _HEADERS
     if username is not None and not access.session_auth:
         basic = rf.basic_authorization(username, password or "")
+        headers += f"Authorization: {basic}\r\n".encode("latin-1")
     return _Rack(
         spec=spec,
         conn=HttpConnection(spec.host, spec.port, tls, max_body_bytes=max_body_bytes),
@@ -102,6 +108,7 @@ def _rack(
         session_auth=access.session_auth,
         basic=basic,
         paths=rf.chassis_paths(access.chassis_id),
+        headers=headers,
     )
 
 
@@ -308,13 +315,16 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         """One HTTP exchange within the rack's timeout; DriverError for transport failures."""
         rack = self._racks[local]
         timeout_s = rack.spec.timeout_s
-        headers = _HEADERS
-        if auth and rack.username is not None:
-            if rack.session_auth:
-                if rack.token is not None:
-                    headers += f"{rf.AUTH_TOKEN_HEADER}: {rack.token}\r\n".encode("latin-1")
-            elif rack.basic is not None:
-                headers += f"Authorization: {rack.basic}\r\n".encode("latin-1")
+        if not auth:
+            headers = _HEADERS
+        elif rack.session_auth and rack.headers_token != rack.token:
+            # A new session (or none): every rack request of the session reuses these bytes.
+            headers = _HEADERS
+            if rack.token is not None:
+                headers += f"{rf.AUTH_TOKEN_HEADER}: {rack.token}\r\n".encode("latin-1")
+            rack.headers, rack.headers_token = headers, rack.token
+        else:
+            headers = rack.headers
         data = None if body is None else json.dumps(body).encode()
         try:
             # The timeout starts once a slot is taken: waiting for one is not the rack's fault.

@@ -96,21 +96,22 @@ class HttpConnection:
         return self._streams
 
     async def _response(self, method: str, head: bytes, reader: asyncio.StreamReader) -> Response:
-        lines = head[:-4].split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
+        # Decoded once, whole: per header line it cost more than the rest of the exchange.
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
         code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit() or len(code) != 3:
+        if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
             raise ProtocolError(f"not an HTTP response: {lines[0][:40]!r}")
         status = int(code)
         if status < 200:
             raise ProtocolError(f"unexpected interim response {status}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
+            name, sep, value = line.partition(":")
             if not sep or not name or name != name.strip():
                 raise ProtocolError(f"malformed header line {line[:40]!r}")
-            headers[name.decode("latin-1").lower()] = value.strip().decode("latin-1")
-        keep = version != b"HTTP/1.0" and "close" not in headers.get("connection", "").lower()
+            headers[name.lower()] = value.strip()
+        keep = version != "HTTP/1.0" and "close" not in headers.get("connection", "").lower()
         if method == "HEAD" or status in _BODYLESS:
             body = b""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
