@@ -16,7 +16,8 @@ import random
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -27,10 +28,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from controller.app import Daemon, Overrides
 from controller.broker import free_port
-from controller.config import DeviceSpec
+from controller.config import DeviceSpec, load_config
 from controller.fleet import Fleet
 from drivers.sim.physics import SitePhysics
+from drivers.sim.site import SimSite
 
 T = TypeVar("T")
 DriverT = TypeVar("DriverT")
@@ -299,6 +302,29 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@asynccontextmanager
+async def daemon_on_sim(
+    site_toml: str, workdir: Path, mosquitto: Mosquitto, *, settle_heap: bool = False
+) -> AsyncIterator[Daemon]:
+    """The site `site_toml` simulated, and a daemon running on it in this process over the
+    test broker; both stopped on the way out."""
+    cfg_path = workdir / "site.toml"
+    cfg_path.write_text(site_toml)
+    cfg = load_config(cfg_path)
+    sim = SimSite(cfg)
+    await sim.start()
+    sim_task = asyncio.create_task(sim.run())
+    daemon = Daemon(
+        cfg, Overrides(mqtt=f"{mosquitto.host}:{mosquitto.port}"), settle_heap=settle_heap
+    )
+    task = asyncio.create_task(daemon.run())
+    try:
+        yield daemon
+    finally:
+        await cancel_and_wait(task, sim_task)
+        await sim.close()
 
 
 class CommandLog(list[tuple[str, float, bool]]):

@@ -63,9 +63,10 @@ class _Rack:
     username: str | None
     password: str | None
     session_auth: bool
-    basic: str | None
-    """The Basic `Authorization` header, when not using sessions."""
     paths: rf.ChassisPaths
+    headers: bytes
+    """The header lines of an authenticated request: Basic credentials, or the session's
+    token once logged in (`_set_session`)."""
     token: str | None = None
     session_uri: str | None = None
     mechanism: Mechanism | None = None
@@ -73,10 +74,6 @@ class _Rack:
     """The discovered resource: GET for power and the cap read back, PATCH to cap."""
     allow_min_w: float = math.nan
     allow_max_w: float = math.nan
-    headers: bytes = _HEADERS
-    """The header lines of an authenticated request (built once per session token)."""
-    headers_token: str | None = None
-    """The session token `headers` carry."""
 
 
 def _ssl_contexts(specs: Sequence[DeviceSpec]) -> dict[Path | None, ssl.SSLContext]:
@@ -95,7 +92,6 @@ def _rack(
     access: DeviceAccess = spec.access
     username, password = rf.credentials(access)
     tls = contexts[access.ca_file] if access.https else None
-    basic = None
     headers = _HEADERS
     if username is not None and not access.session_auth:
         basic = rf.basic_authorization(username, password or "")
@@ -106,10 +102,17 @@ def _rack(
         username=username,
         password=password,
         session_auth=access.session_auth,
-        basic=basic,
         paths=rf.chassis_paths(access.chassis_id),
         headers=headers,
     )
+
+
+def _set_session(rack: _Rack, token: str | None, uri: str | None) -> None:
+    """A session logged in to, or gone (None): its token goes into every request's headers."""
+    rack.token, rack.session_uri = token, uri
+    rack.headers = _HEADERS
+    if token is not None:
+        rack.headers += f"{rf.AUTH_TOKEN_HEADER}: {token}\r\n".encode("latin-1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +283,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
             await self._login(local)
         reply = await self._request(local, method, path, body)
         if reply.status == 401 and use_session:
-            rack.token = rack.session_uri = None  # expired, or the BMC restarted
+            _set_session(rack, None, None)  # expired, or the BMC restarted
             self.relogins += 1
             await self._login(local)
             reply = await self._request(local, method, path, body)
@@ -298,9 +301,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         if reply.status not in (200, 201):
             detail = rf.error_message(reply.body)
             raise ProtocolError(f"login: HTTP {reply.status} {detail}".rstrip())
-        rack.token, rack.session_uri = rf.read_login(
-            reply.headers.get(_TOKEN), reply.headers.get("location")
-        )
+        _set_session(rack, *rf.read_login(reply.headers.get(_TOKEN), reply.headers.get("location")))
         self.logins += 1
 
     async def _request(
@@ -315,16 +316,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         """One HTTP exchange within the rack's timeout; DriverError for transport failures."""
         rack = self._racks[local]
         timeout_s = rack.spec.timeout_s
-        if not auth:
-            headers = _HEADERS
-        elif rack.session_auth and rack.headers_token != rack.token:
-            # A new session (or none): every rack request of the session reuses these bytes.
-            headers = _HEADERS
-            if rack.token is not None:
-                headers += f"{rf.AUTH_TOKEN_HEADER}: {rack.token}\r\n".encode("latin-1")
-            rack.headers, rack.headers_token = headers, rack.token
-        else:
-            headers = rack.headers
+        headers = rack.headers if auth else _HEADERS
         data = None if body is None else json.dumps(body).encode()
         try:
             # The timeout starts once a slot is taken: waiting for one is not the rack's fault.
@@ -347,7 +339,7 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
                 return
             with suppress(DriverError):
                 await self._request(local, "DELETE", rack.session_uri)
-            rack.token = rack.session_uri = None
+            _set_session(rack, None, None)
 
         with suppress(TimeoutError):
             async with asyncio.timeout(_LOGOUT_TIMEOUT_S):

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from controller.app import Daemon, Overrides
-from controller.config import load_config
-from drivers.sim.site import SimSite
-from tests.helpers import Mosquitto, until
+from tests.helpers import Mosquitto, daemon_on_sim, until
 
 SITE = """
 site_id = "poke"
@@ -45,17 +42,9 @@ overrides = { port = 1502 }
 async def test_a_dispatch_runs_the_control_cycle_at_once(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    cfg_path = tmp_path / "site.toml"
-    cfg_path.write_text(SITE)
-    cfg = load_config(cfg_path)
-    sim = SimSite(cfg)
-    await sim.start()
-    sim_task = asyncio.create_task(sim.run())
-    daemon = Daemon(cfg, Overrides(mqtt=f"{mosquitto.host}:{mosquitto.port}"))
     ticks: list[tuple[float, float]] = []
-    daemon.cycle.on_tick(lambda out: ticks.append((time.monotonic(), out.target_w)))
-    task = asyncio.create_task(daemon.run())
-    try:
+    async with daemon_on_sim(SITE, tmp_path, mosquitto) as daemon:
+        daemon.cycle.on_tick(lambda out: ticks.append((time.monotonic(), out.target_w)))
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
             await client.subscribe("rampd/poke/ack", qos=1)
             await until(lambda: daemon.link.connected and len(ticks) >= 2, 20)
@@ -80,8 +69,3 @@ async def test_a_dispatch_runs_the_control_cycle_at_once(
             # The schedule restarts from the poked cycle: the next one a period later.
             later = await until(lambda: [t for t, _ in ticks if t > tick], 10)
             assert later[0] - tick >= 4.0
-    finally:
-        task.cancel()
-        sim_task.cancel()
-        await asyncio.gather(task, sim_task, return_exceptions=True)
-        await sim.close()

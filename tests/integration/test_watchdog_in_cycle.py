@@ -3,7 +3,6 @@ the loop stalls, the kicks stop (a thread would keep kicking through a dead loop
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import struct
@@ -13,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.app import Daemon, Overrides
-from controller.config import load_config
-from drivers.sim.site import SimSite
-from tests.helpers import Mosquitto, until
+from tests.helpers import Mosquitto, daemon_on_sim, until
 
 SITE = """
 site_id = "wd"
@@ -76,33 +72,22 @@ class Listener(threading.Thread):
 async def test_a_stalled_loop_stops_the_watchdog(
     mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg_path = tmp_path / "site.toml"
-    cfg_path.write_text(SITE)
-    cfg = load_config(cfg_path)
     listener = Listener(tmp_path / "notify.sock")
     listener.start()
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a kick every 0.2 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    sim = SimSite(cfg)
-    await sim.start()
-    sim_task = asyncio.create_task(sim.run())
-    daemon = Daemon(cfg, Overrides(mqtt=f"{mosquitto.host}:{mosquitto.port}"))
-    task = asyncio.create_task(daemon.run())
     try:
-        await until(lambda: any("READY=1" in m for _, m in listener.messages), 20)
-        await until(lambda: len(listener.kicks(time.time() - 1.0, time.time())) >= 3, 5)
-        t_block = time.time()
-        time.sleep(1.5)  # noqa: ASYNC251 - the point: the loop, and the cycle on it, stuck here
-        t_unblock = time.time()
-        await until(lambda: listener.kicks(t_unblock, time.time()), 5)
-        # Nothing while stuck (a datagram sent just before may land a hair after t_block).
-        assert listener.kicks(t_block + 0.05, t_unblock - 0.05) == []
+        async with daemon_on_sim(SITE, tmp_path, mosquitto):
+            await until(lambda: any("READY=1" in m for _, m in listener.messages), 20)
+            await until(lambda: len(listener.kicks(time.time() - 1.0, time.time())) >= 3, 5)
+            t_block = time.time()
+            time.sleep(1.5)  # noqa: ASYNC251 - the point: the loop, and the cycle on it, stuck here
+            t_unblock = time.time()
+            await until(lambda: listener.kicks(t_unblock, time.time()), 5)
+            # Nothing while stuck (a datagram sent just before may land a hair after t_block).
+            assert listener.kicks(t_block + 0.05, t_unblock - 0.05) == []
     finally:
-        task.cancel()
-        sim_task.cancel()
-        await asyncio.gather(task, sim_task, return_exceptions=True)
-        await sim.close()
         listener.running = False
         listener.join(2)
         listener.sock.close()
