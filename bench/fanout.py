@@ -1,5 +1,5 @@
 """The fan-out bench as a script: the same code as `rampd bench fanout` (see
-controller/bench/fanout.py).
+controller/tools/bench/fanout.py).
 
 Time from a dispatch's arrival to the last device's command answered, for LuxOS, Modbus and
 Redfish fleets served by `rampd sim` processes, beside a floor of bare asyncio streams sending
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.bench.fanout import main
+from controller.tools.bench.fanout import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

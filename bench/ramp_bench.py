@@ -1,4 +1,5 @@
-"""The ramp bench as a script: the same code as `rampd bench ramp` (see controller/bench/ramp.py).
+"""The ramp bench as a script: the same code as `rampd bench ramp`
+(see controller/tools/bench/ramp.py).
 
 Setpoint steps on a simulated site (broker, `rampd sim`, `rampd run` as processes): settle
 time, overshoot and integral error from the simulator's ground truth, against the fleet's
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.bench.ramp import main
+from controller.tools.bench.ramp import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

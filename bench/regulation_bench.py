@@ -1,5 +1,5 @@
 """The regulation bench as a script: the same code as `rampd bench regulation` (see
-controller/bench/regulation.py).
+controller/tools/bench/regulation.py).
 
 Replays a real PJM RegA signal as regulation dispatches on a simulated site and scores the
 simulator's ground truth with the PJM performance score. Not a test: figures depend on the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.bench.regulation import main
+from controller.tools.bench.regulation import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

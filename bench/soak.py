@@ -1,6 +1,6 @@
 """Soak: the simulated site under random dispatches for a long time; does the daemon stay sound?
 
-Broker, `rampd sim` and `rampd run` as separate processes (controller/bench/site_run.py, as
+Broker, `rampd sim` and `rampd run` as separate processes (controller/tools/bench/site_run.py, as
 for the ramp bench) at the site's 100 ms cycle. A dispatcher sends random dispatches (mostly
 setpoints, some regulation and release, a few invalid ones) every 0.5-2 s while the daemon's
 own /metrics is sampled: resident memory (process_resident_memory_bytes), live asyncio tasks
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.bench.site_run import (
+from controller.tools.bench.site_run import (
     DEFAULT_CONFIG,
     BenchError,
     Sent,

@@ -1,4 +1,8 @@
-"""`rampd run | sim | demo | check-config | report | bench`."""
+"""`rampd run | sim | check-config` and the tools: `demo | report | bench`.
+
+The tools register their arguments here but are imported only when they run, so `rampd run`
+loads none of them (nor matplotlib or amqtt).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,17 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.bench import add_parser as add_bench_parser
 from controller.config import ConfigError, LoadedConfig, load_config, poll_demand, split_host_port
 from controller.fdlimit import raise_fd_limit
 from controller.journal import JournalError
-from controller.report import add_parser as add_report_parser
+from controller.tools import TOOL_MODULES
+from controller.tools.commands import (
+    DEFAULT_SIM_CONFIG,
+    add_bench_parser,
+    add_demo_parser,
+    add_report_parser,
+)
 
-DEFAULT_SIM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sim-site.toml"
 T = TypeVar("T")
 
 
@@ -132,19 +140,6 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from controller.demo import run_demo
-
-    return asyncio.run(
-        run_demo(
-            Path(args.config),
-            mqtt=args.mqtt,
-            regulation_s=args.regulation_s,
-            hold_s=args.hold_s,
-        )
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rampd", description="Grid-dispatch controller for flexible loads"
@@ -167,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(func=_cmd_sim)
 
-    demo = sub.add_parser("demo", help="broker + simulated site + daemon, and a dispatch script")
-    demo.add_argument("-c", "--config", default=str(DEFAULT_SIM_CONFIG), help="site TOML file")
-    demo.add_argument("--mqtt", help="use this broker HOST:PORT instead of finding or starting one")
-    demo.add_argument("--hold-s", type=float, default=15.0, help="seconds per setpoint step")
-    demo.add_argument("--regulation-s", type=float, default=60.0, help="seconds of regulation")
-    demo.set_defaults(func=_cmd_demo)
+    add_demo_parser(sub)
 
     check = sub.add_parser("check-config", help="validate a site file and summarize it")
     check.add_argument("config", help="site TOML file")
@@ -186,7 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        if exc.name not in TOOL_MODULES:
+            raise
+        print(
+            f"rampd {args.command}: needs {exc.name}; "
+            "install the tools: pip install 'rampd[tools]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

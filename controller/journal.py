@@ -5,7 +5,7 @@ outcome, per-second telemetry and operator-relevant events. It answers two quest
 
 * after a restart: which dispatch is still in force (`last_valid_dispatch`) and which seq was
   the last accepted (`last_seq`), so the daemon resumes the target and keeps refusing replays;
-* after a grid event: what happened in a window (`rampd report`, see `controller.report`).
+* after a grid event: what happened in a window (`rampd report`, see `controller.tools.report`).
 
 Writing never blocks the event loop. `record_*` methods are sync, O(1) and never raise: they
 put one row on a bounded queue; a writer thread owns the write connection and commits what it

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import find_mosquitto
+from controller.tools.broker import find_mosquitto
 from tests.helpers import Mosquitto
 
 

@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.app import Daemon, Overrides
-from controller.broker import free_port
 from controller.config import DeviceSpec, load_config
 from controller.fleet import Fleet
+from controller.tools.broker import free_port
 from drivers.sim.physics import SitePhysics
 from drivers.sim.site import SimSite
 

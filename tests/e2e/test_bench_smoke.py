@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.report import load_run
+from controller.tools.report import load_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import free_port
+from controller.tools.broker import free_port
 
 pytestmark = pytest.mark.e2e
 

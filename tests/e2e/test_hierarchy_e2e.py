@@ -25,8 +25,8 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from controller.broker import find_mosquitto, free_port
 from controller.ramp_metrics import RampFigures, TruthTail, ramp_figures, tolerance_kw
+from controller.tools.broker import find_mosquitto, free_port
 from tests.e2e.harness import Site, dispatch, run_site, spawn, stop, truth_until
 from tests.helpers import Mosquitto, until
 

@@ -7,7 +7,7 @@ import asyncio
 import aiomqtt
 import pytest
 
-from controller.broker import LocalBroker
+from controller.tools.broker import LocalBroker
 
 
 @pytest.mark.parametrize("prefer", ["mosquitto", "amqtt"])

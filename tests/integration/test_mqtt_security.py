@@ -28,9 +28,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.app import Daemon
-from controller.broker import find_mosquitto, free_port
 from controller.config import MqttConfig, TlsConfig, load_config
 from controller.dispatch import MqttLink
+from controller.tools.broker import find_mosquitto, free_port
 from tests.e2e.harness import dispatch
 from tests.helpers import CertAuthority, Mosquitto, cancel_and_wait, until
 from tests.integration.test_mqtt_link import Recorder, running

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from controller.pjm_score import (
+from controller.tools.pjm_score import (
     BlockScore,
     load_pjm_csv,
     normalize,

@@ -17,12 +17,12 @@ from controller.config import SiteLimits
 from controller.dispatch import DispatchRejected, parse_dispatch, rfc3339
 from controller.journal import Journal, RampWatch, TelemetrySample
 from controller.ramp_metrics import ramp_figures, read_truth, tolerance_kw
-from controller.report import (
+from controller.tools.commands import add_report_parser
+from controller.tools.report import (
     PlotSeries,
     ReportError,
     RunDispatch,
     RunSpec,
-    add_parser,
     load_run,
     parse_when,
     render_plot,
@@ -331,7 +331,7 @@ def test_parse_when() -> None:
 
 def _cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rampd")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    add_report_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["report", *argv])
 
 
@@ -367,7 +367,7 @@ def test_cli_reports_a_journal_window_and_a_run(
 
 
 def test_lines_break_at_gaps_and_close_markers_share_a_label() -> None:
-    from controller.report import Marker, _break_gaps, _merge_markers
+    from controller.tools.report import Marker, _break_gaps, _merge_markers
 
     t = np.array([0.0, 1.0, 2.0, 3.0, 100.0, 101.0])
     tt, (v,) = _break_gaps(t, [np.arange(6.0)])

@@ -8,8 +8,9 @@ arguments live here so the CLI can list them without importing the benches thems
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from controller.bench.site_run import DEFAULT_CONFIG
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "bench-site.toml"
 
 
 def _common(p: argparse.ArgumentParser, kind: str) -> None:
@@ -102,19 +103,19 @@ def add_fanout_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_ramp(args: argparse.Namespace) -> int:
-    from controller.bench.ramp import run_cli
+    from controller.tools.bench.ramp import run_cli
 
     return run_cli(args)
 
 
 def _run_fanout(args: argparse.Namespace) -> int:
-    from controller.bench.fanout import run_cli
+    from controller.tools.bench.fanout import run_cli
 
     return run_cli(args)
 
 
 def _run_regulation(args: argparse.Namespace) -> int:
-    from controller.bench.regulation import run_cli
+    from controller.tools.bench.regulation import run_cli
 
     return run_cli(args)
 

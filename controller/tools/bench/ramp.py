@@ -34,8 +34,10 @@ from typing import Any, Final
 
 import aiomqtt
 
-from controller.bench import add_ramp_arguments
-from controller.bench.site_run import (
+from controller.dispatch import rfc3339
+from controller.ramp_metrics import ramp_figures, tolerance_kw
+from controller.tools.bench import add_ramp_arguments
+from controller.tools.bench.site_run import (
     BenchError,
     Site,
     config_summary,
@@ -44,9 +46,7 @@ from controller.bench.site_run import (
     write_telemetry_slice,
     write_truth_slice,
 )
-from controller.dispatch import rfc3339
-from controller.ramp_metrics import ramp_figures, tolerance_kw
-from controller.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
+from controller.tools.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
 
 DESCRIPTION: Final = (
     "Ramp bench: setpoint steps on a simulated site, settle time against the physical minimum."

@@ -23,9 +23,9 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from controller.broker import LocalBroker, reachable
 from controller.config import load_config, split_host_port
 from controller.ramp_metrics import RampFigures, TruthTail, format_table, ramp_figures, tolerance_kw
+from controller.tools.broker import LocalBroker, reachable
 
 
 def _now_rfc3339() -> str:

@@ -5,7 +5,7 @@ telemetry there: base = that level, band = 0.9 x min(5 s capability up, down), b
 base +- band stays inside the site's limits and the fleet's range. The signal s(t) is then
 replayed as `regulation` dispatches (target_kw = base, band_kw = band, signal = s) every
 2 s / K, and the simulator's ground truth, averaged per sample, is scored with the PJM
-performance score (controller/pjm_score.py) on samples, blocks and delays K times shorter
+performance score (controller/tools/pjm_score.py) on samples, blocks and delays K times shorter
 than PJM's 10 s / 5 min / 5 min. The response is scored over the replay only (no tail past
 its end), so the last block's longest delays are not tried.
 
@@ -33,8 +33,10 @@ from typing import Any, Final
 import aiomqtt
 import numpy as np
 
-from controller.bench import add_regulation_arguments
-from controller.bench.site_run import (
+from controller.dispatch import rfc3339
+from controller.ramp_metrics import tolerance_kw
+from controller.tools.bench import add_regulation_arguments
+from controller.tools.bench.site_run import (
     REPO,
     BenchError,
     Sent,
@@ -43,10 +45,8 @@ from controller.bench.site_run import (
     default_out,
     start_site,
 )
-from controller.dispatch import rfc3339
-from controller.pjm_score import PjmScore, load_pjm_csv, normalize, pjm_score, resample
-from controller.ramp_metrics import tolerance_kw
-from controller.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
+from controller.tools.pjm_score import PjmScore, load_pjm_csv, normalize, pjm_score, resample
+from controller.tools.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
 
 DESCRIPTION: Final = "Regulation bench: replay a PJM RegA signal, score with the PJM score."
 DEFAULT_SIGNAL: Final = REPO / "bench" / "data" / "pjm_rega_2017-08_2s.csv"

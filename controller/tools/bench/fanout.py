@@ -47,12 +47,12 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 
 from controller import heap
-from controller.bench import FANOUT_PROTOCOLS as PROTOCOLS
-from controller.bench import add_fanout_arguments
-from controller.bench.site_run import BenchError, default_out, dump_toml, spawn, stop_process
 from controller.config import DeviceSpec, SiteLimits, load_config, poll_stretch
 from controller.fdlimit import raise_fd_limit
 from controller.fleet import Fleet
+from controller.tools.bench import FANOUT_PROTOCOLS as PROTOCOLS
+from controller.tools.bench import add_fanout_arguments
+from controller.tools.bench.site_run import BenchError, default_out, dump_toml, spawn, stop_process
 from drivers.base import Driver
 
 log = logging.getLogger("rampd.bench")

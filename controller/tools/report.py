@@ -608,7 +608,7 @@ class RunSpec:
     @classmethod
     def from_json(cls, obj: Any, where: str = "run.json") -> RunSpec:
         if not isinstance(obj, dict) or obj.get("format") != RUN_FORMAT:
-            raise ReportError(f"{where}: not a {RUN_FORMAT} file (see controller/report.py)")
+            raise ReportError(f"{where}: not a {RUN_FORMAT} file (see controller/tools/report.py)")
         try:
             dispatches = tuple(
                 RunDispatch(
@@ -792,34 +792,6 @@ def report_from_run(run_dir: Path, out_png: Path | None = None) -> str:
 
 
 # --- command line --------------------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `rampd report` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "report",
-        help="print and plot a journal window, or plot a bench run directory",
-        description="Journal: every dispatch, ack, ramp and event in [--from, --to], one line "
-        "each, and a PNG of target, measured power and capability. A bench run directory "
-        "(with run.json): the ground truth against the dispatches, with each step's figures.",
-    )
-    # `--from -1h` must read as a value, not an option: argparse takes a leading '-' value
-    # only when it looks like a negative number, so teach it that relative times are numbers.
-    p._negative_number_matcher = re.compile(r"^-(\d+(\.\d+)?[smhdw]?)+$|^-\d*\.\d+$")
-    p.add_argument("source", nargs="?", help="a bench run directory, or a journal file")
-    p.add_argument(
-        "--journal", help=f"journal file (default {default_journal_path()}, $STATE_DIRECTORY)"
-    )
-    p.add_argument(
-        "--from",
-        dest="t_from",
-        default="-1h",
-        help="start: RFC3339, -1h, -30m, -2d ... (default -1h)",
-    )
-    p.add_argument("--to", dest="t_to", default="now", help="end: RFC3339, -10m, now (default)")
-    p.add_argument("-o", "--out", help="PNG path (default RUN_DIR/report.png or ./rampd-*.png)")
-    p.add_argument("--no-plot", action="store_true", help="text only")
-    p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:

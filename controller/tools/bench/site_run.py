@@ -32,15 +32,14 @@ from typing import Any, Final, TextIO
 
 import aiomqtt
 
-from controller.broker import LocalBroker, free_port
 from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
 from controller.dispatch import rfc3339
 from controller.ramp_metrics import TruthTail
+from controller.tools.broker import LocalBroker, free_port
 
 log = logging.getLogger("rampd.bench")
 
-REPO: Final = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG: Final = REPO / "configs" / "bench-site.toml"
+REPO: Final = Path(__file__).resolve().parents[3]
 QUICK_COUNTS: Final[Mapping[str, int]] = {"modbus": 10, "luxos": 100, "redfish": 4}
 """Devices per protocol of the `--quick` site (same templates as the reference site)."""
 
