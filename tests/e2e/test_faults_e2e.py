@@ -7,7 +7,7 @@ working. Site power is judged from the simulator's ground truth.
 
 Covered elsewhere, not repeated here: MqttLink's reconnect and status restore against a
 restarted broker (tests/integration/test_mqtt_link.py), resume after a clean SIGTERM restart
-(tests/integration/test_journal_restart.py), the hold and baseline failsafe trajectories
+(tests/e2e/test_journal_restart.py), the hold and baseline failsafe trajectories
 (tests/unit/test_target.py), mixed-protocol misbehaving devices (test_campus_e2e.py).
 """
 

@@ -18,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from controller import app
 from tests.e2e.harness import Session, Site, dispatch, run_site, spawn
 from tests.helpers import Mosquitto
 
 pytestmark = pytest.mark.e2e
-
-if not hasattr(app, "open_journal"):
-    pytest.skip("the journal is not wired into controller/app.py yet", allow_module_level=True)
 
 N_LOADS = 20
 TARGET_KW = 5200.0
