@@ -43,12 +43,13 @@ from controller.journal import (
     DEFAULT_FILENAME,
     EVENT_DISPATCH_DROPPED,
     Journal,
-    RampWatch,
     TelemetrySample,
 )
 from controller.metrics import Metrics
 from controller.notify import LastError, Notifier
-from controller.ramp_metrics import tolerance_kw
+from controller.ramp_score import tolerance_w
+from controller.ramp_watch import RampWatch
+from controller.readiness import Readiness
 from controller.target import TargetTracker, resume_from_w, resumed
 from drivers.base import CommandFunnel, CommandObserver, Driver
 from drivers.luxos.client import LuxosDriver
@@ -147,7 +148,6 @@ class Daemon:
         """`settle_heap`: the daemon owns its process; freeze what lives long out of garbage
         collection once ready (`controller.heap`)."""
         self.cfg = cfg
-        self._settle_heap = settle_heap
         site = cfg.site
         ov = overrides or Overrides()
         mqtt_cfg = site.mqtt
@@ -206,8 +206,6 @@ class Daemon:
             self.journal.record_event(
                 "start", f"rampd {rampd_version()}: site {site.site_id}, {self.fleet.n} devices"
             )
-        self.ramps = RampWatch()
-        self._ramp_dispatch: Dispatch | None = None
         # Seqs accepted before a restart stay refused even if nothing is resumed.
         self._seq_floor = self.journal.last_seq() if self.journal else None
         now_unix = time.time()
@@ -218,6 +216,16 @@ class Daemon:
             # Devices kept their setpoints through the restart: start where the target was.
             initial_w = resume_from_w(resume[0], *last, now_unix)
         self.tracker = TargetTracker(site.site, site.failsafe, initial_w=initial_w)
+        self.ramps = (
+            None
+            if self.journal is None
+            else RampWatch(
+                self.journal,
+                self.tracker,
+                site_max_w=site.site.max_kw * 1e3,
+                physical_min_s=self._physical_min_s,
+            )
+        )
         self.cycle = ControlCycle(
             fleet=self.fleet,
             controller=self.controller,
@@ -239,6 +247,7 @@ class Daemon:
         )
         self._mode = ""
         self.notifier = Notifier()
+        self.readiness = Readiness(self.notifier, settle_heap=settle_heap)
         self.last_error = LastError()
         self._status_errors = 0
         self.cycle.on_tick(self._after_tick)
@@ -329,7 +338,11 @@ class Daemon:
         if self.journal is not None:
             self.journal.record_dispatch(now_unix, payload, d)
             self.journal.record_ack(now_unix, d.id, d.seq, True, "")
-            self._watch_ramp(now_unix)
+        if self.ramps is not None:
+            last = self.cycle.last
+            self.ramps.check(
+                now_unix, last.meter_w if last is not None and last.meter_fresh else None
+            )
         log.info(
             "dispatch accepted: id=%s seq=%d mode=%s target=%.1f kW ramp=%.1fs",
             d.id,
@@ -352,45 +365,15 @@ class Daemon:
         if out.t - self._dispatched_at >= ADOPT_IDLE_S:
             self._adopt_dynamics()
         meter_ok = out.meter_fresh or isinstance(self.meter, NoMeter)
-        if not self.notifier.ready_sent and self.cycle.all_seen and meter_ok:
-            self.notifier.ready(self._status_text())
-            log.info("ready: every device reported and the meter is fresh")
-            if self._settle_heap:
-                frozen = heap.freeze_long_lived()
-                log.info("%d long-lived objects frozen out of garbage collection", frozen)
+        self.readiness.check(
+            all_seen=self.cycle.all_seen, meter_ok=meter_ok, status=self._status_text
+        )
         self._publish_status_if_changed()
         if self.last_error.count != self._status_errors:  # a new warning: say so in STATUS=
             self._status_errors = self.last_error.count
             self.notifier.status(self._status_text())
-        if self.journal is not None:
-            now_unix = time.time()
-            self._watch_ramp(now_unix)  # a scheduled start, an expiry, a failsafe drop
-            if out.meter_fresh:
-                rec = self.ramps.observe(now_unix, out.meter_w)
-                if rec is not None:
-                    self.journal.record_ramp(rec)
-
-    def _watch_ramp(self, now_unix: float) -> None:
-        """Open a ramp record when a setpoint dispatch comes into force; close the last one."""
-        active = self.tracker.active
-        if active is self._ramp_dispatch or self.journal is None:
-            return
-        self._ramp_dispatch = active
-        if active is None or active.mode != "setpoint":
-            rec = self.ramps.stop(now_unix)
-        else:
-            last = self.cycle.last
-            target_w = self.tracker.ramp_end_w
-            rec = self.ramps.start(
-                now_unix,
-                active.id,
-                from_w=last.meter_w if last is not None and last.meter_fresh else None,
-                target_w=target_w,
-                tol_w=tolerance_kw(target_w / 1e3, self.cfg.site.site.max_kw) * 1e3,
-                physical_min_s=max(active.ramp_s or 0.0, self._physical_min_s(target_w) or 0.0),
-            )
-        if rec is not None:
-            self.journal.record_ramp(rec)
+        if self.ramps is not None:
+            self.ramps.tick(time.time(), out.meter_w if out.meter_fresh else None)
 
     def _status_text(self) -> str:
         counts = self.fleet.counts_by_state()
@@ -472,7 +455,7 @@ class Daemon:
     def _physical_min_s(self, target_w: float) -> float | None:
         """The fleet's physical minimum time to ``target_w`` (within the ramp tolerance);
         None when out of reach."""
-        tol_w = tolerance_kw(target_w / 1e3, self.cfg.site.site.max_kw) * 1e3
+        tol_w = tolerance_w(target_w, self.cfg.site.site.max_kw * 1e3)
         t = self.controller.physical_min_s(target_w, tol_w)
         return round(t, 3) if math.isfinite(t) else None
 
@@ -511,10 +494,9 @@ class Daemon:
         finally:
             self.metrics.close()
             logging.getLogger("rampd").removeHandler(self.last_error)
+            if self.ramps is not None:
+                self.ramps.stop(time.time())
             if self.journal is not None:
-                rec = self.ramps.stop(time.time())
-                if rec is not None:
-                    self.journal.record_ramp(rec)
                 self.journal.record_event("stop", "stopped; devices keep their last setpoints")
                 self.journal.close(timeout_s=5.0)  # at most 5 s, at shutdown only
 

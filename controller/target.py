@@ -109,9 +109,12 @@ class TargetTracker:
         dispatcher must re-dispatch (release counts) before the mode leaves "failsafe"; the
         heartbeat still restarts the silence timer.
 
-    `target_w(now)` advances the state to `now`; `mode`, `active` and `pending` report the
-    state as of the latest call (of any method). Time never runs backwards: an earlier `now`
-    is treated as the latest one seen.
+    `target_w(now)` advances the state to `now`; `mode`, `active`, `in_force` and `pending`
+    report the state as of the latest call (of any method). Time never runs backwards: an
+    earlier `now` is treated as the latest one seen.
+
+    The journal's resume drives a tracker of its own over the journaled dispatches (with
+    `announce=False`), so these rules are the only statement of which dispatch is in force.
     """
 
     def __init__(
@@ -121,8 +124,11 @@ class TargetTracker:
         initial_w: float,
         *,
         now_mono: float | None = None,
+        announce: bool = True,
     ) -> None:
-        """`now_mono` starts the silence timer; without it, the first call of any method does."""
+        """`now_mono` starts the silence timer; without it, the first call of any method does.
+        `announce=False` keeps transitions out of the log (a replay, not the site)."""
+        self._announce = announce
         self._min_w = limits.min_kw * 1e3
         self._max_w = limits.max_kw * 1e3
         self._fs = failsafe
@@ -130,6 +136,7 @@ class TargetTracker:
         w = self._clamp(initial_w)
         self._ramp = _Ramp(0.0, w, 0.0, w)
         self._active: Dispatch | None = None
+        self._in_force: Dispatch | None = None
         self._active_expires: float | None = None
         self._pending: Dispatch | None = None
         self._pending_start = 0.0
@@ -152,6 +159,12 @@ class TargetTracker:
         """The dispatch whose target is in force, None when released, failsafe-imposed or
         before the first dispatch."""
         return self._active
+
+    @property
+    def in_force(self) -> Dispatch | None:
+        """The dispatch that set the trajectory in force: `active`, or the release that
+        released the site; None after an expiry, a failsafe drop, or before the first."""
+        return self._in_force
 
     @property
     def pending(self) -> Dispatch | None:
@@ -192,7 +205,7 @@ class TargetTracker:
         self._last_msg = now
         if self._failsafe and self._fs.policy == "hold":
             self._failsafe = False
-            log.info("failsafe ended by heartbeat (policy hold); mode %s", self.mode)
+            self._log(logging.INFO, "failsafe ended by heartbeat (policy hold); mode %s", self.mode)
 
     def accept(self, d: Dispatch, now_mono: float, now_unix: float) -> None:
         """Put a validated dispatch in force (or schedule it). Its seq must be new."""
@@ -203,7 +216,7 @@ class TargetTracker:
         self._last_msg = now
         if self._failsafe:
             self._failsafe = False
-            log.info("failsafe ended by dispatch %s (seq %d)", d.id, d.seq)
+            self._log(logging.INFO, "failsafe ended by dispatch %s (seq %d)", d.id, d.seq)
 
         def to_mono(unix: float | None) -> float | None:
             return None if unix is None else now + (unix - now_unix)
@@ -214,12 +227,25 @@ class TargetTracker:
             self._pending = d
             self._pending_start = start
             self._pending_expires = expires
-            log.debug("dispatch %s (seq %d) scheduled in %.1f s", d.id, d.seq, start - now)
+            self._log(
+                logging.DEBUG, "dispatch %s (seq %d) scheduled in %.1f s", d.id, d.seq, start - now
+            )
             return
         self._pending = None  # the latest word supersedes anything not yet started
         self._start(d, now, expires)
 
+    def start_failsafe(self, now_mono: float) -> None:
+        """Enter the failsafe at `now_mono` as if the dispatcher had fallen silent then (the
+        journal's resume replays a recorded failsafe this way); no-op if already in it."""
+        now = self._advance(now_mono)
+        if not self._failsafe:
+            self._enter_failsafe(now)
+
     # -- internals ------------------------------------------------------------------------
+
+    def _log(self, level: int, msg: str, *args: object) -> None:
+        if self._announce:
+            log.log(level, msg, *args)
 
     def _clamp(self, w: float) -> float:
         return min(self._max_w, max(self._min_w, w))
@@ -229,6 +255,7 @@ class TargetTracker:
 
     def _start(self, d: Dispatch, t: float, expires: float | None) -> None:
         was = self.mode
+        self._in_force = d
         if d.mode == "release":
             self._active, self._active_expires = None, None
             self._released = True
@@ -238,7 +265,9 @@ class TargetTracker:
             self._released = False
             self._ramp_to(t, _goal_w(d), d.ramp_s)
         if self.mode != was:
-            log.info("mode %s -> %s by dispatch %s (seq %d)", was, self.mode, d.id, d.seq)
+            self._log(
+                logging.INFO, "mode %s -> %s by dispatch %s (seq %d)", was, self.mode, d.id, d.seq
+            )
 
     def _advance(self, now_mono: float) -> float:
         """Apply every timed transition up to now, each at its own instant, in order."""
@@ -276,19 +305,20 @@ class TargetTracker:
 
     def _expire(self, t: float) -> None:
         d = self._active
-        self._active, self._active_expires = None, None
+        self._active, self._active_expires, self._in_force = None, None, None
         self._released = True
         self._ramp_to(t, self._max_w, self._fs.ramp_s)
         name = f"{d.id} (seq {d.seq})" if d is not None else "dispatch"
-        log.info("%s expired; released to site maximum", name)
+        self._log(logging.INFO, "%s expired; released to site maximum", name)
 
     def _enter_failsafe(self, t: float) -> None:
         self._failsafe = True
         policy = self._fs.policy
-        log.warning("failsafe: %s", self.failsafe_reason)
+        self._log(logging.WARNING, "failsafe: %s", self.failsafe_reason)
         if policy == "hold":
             return
         self._active, self._active_expires, self._pending = None, None, None
+        self._in_force = None
         self._released = False
         goal = (self._fs.baseline_kw or 0.0) * 1e3 if policy == "baseline" else self._min_w
         self._ramp_to(t, goal, self._fs.ramp_s)

@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ import aiomqtt
 import numpy as np
 
 from controller.config import load_config, split_host_port
-from controller.ramp_metrics import RampFigures, TruthTail, format_table, ramp_figures, tolerance_kw
+from controller.ramp_score import RampRecord, score_series
 from controller.tools.broker import LocalBroker, reachable
+from controller.tools.truth import TruthTail, tolerance_kw
 
 
 def _now_rfc3339() -> str:
@@ -208,12 +209,11 @@ def _summary(
     d: Dispatcher,
 ) -> int:
     t, kw = tail.arrays()
-    figures: list[tuple[str, RampFigures]] = []
+    figures: list[tuple[str, RampRecord]] = []
     for name, t0, t_end, target in steps:
         tol = tolerance_kw(target, site_max)
-        figures.append(
-            (name, ramp_figures(t, kw, t0=t0, t_end=t_end, target_kw=target, tol_kw=tol))
-        )
+        f = score_series(t, kw * 1e3, t0=t0, t_end=t_end, target_w=target * 1e3, tol_w=tol * 1e3)
+        figures.append((name, f))
     print("\ntime to settle (ground truth enters and stays within +-2% of target):")
     print(format_table(figures))
     if reg and t.size:
@@ -228,3 +228,14 @@ def _summary(
     rejected = [a for a in d.acks if not a.get("accepted")]
     print(f"acks: {len(d.acks)} received, {len(rejected)} rejected")
     return 0 if all(f.settle_s is not None for _, f in figures) and not rejected else 1
+
+
+def format_table(rows: Iterable[tuple[str, RampRecord]]) -> str:
+    out = [f"{'step':<28} {'target kW':>10} {'settle s':>9} {'overshoot kW':>13} {'IAE kWh':>9}"]
+    for name, f in rows:
+        settle = f"{f.settle_s:.2f}" if f.settle_s is not None else "never"
+        out.append(
+            f"{name:<28} {f.target_w / 1e3:>10.1f} {settle:>9} {f.overshoot_w / 1e3:>13.1f} "
+            f"{f.iae_j / 3.6e6:>9.3f}"
+        )
+    return "\n".join(out)

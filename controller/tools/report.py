@@ -53,7 +53,8 @@ from controller.journal import (
     TelemetrySeries,
     default_journal_path,
 )
-from controller.ramp_metrics import ramp_figures, read_truth, tolerance_kw
+from controller.ramp_score import score_series, tolerance_w
+from controller.tools.truth import read_truth
 
 F64 = npt.NDArray[np.float64]
 
@@ -514,9 +515,10 @@ def _journal_series(
     )
 
 
-def _figure_of(r: RampRecord) -> StepFigure:
+def _figure_of(r: RampRecord, name: str | None = None) -> StepFigure:
+    """A scored ramp (W, J) as the report shows it (kW, kWh)."""
     return StepFigure(
-        name=r.dispatch_id or "ramp",
+        name=name or r.dispatch_id or "ramp",
         t0=r.started_at,
         from_kw=None if r.from_w is None else r.from_w / 1e3,
         target_kw=r.target_w / 1e3,
@@ -739,21 +741,17 @@ def report_from_run(run_dir: Path, out_png: Path | None = None) -> str:
         if d.mode != "setpoint":
             continue
         t_end = d.t_end or (ds[i + 1].t if i + 1 < len(ds) else float(t[-1]))
-        tol = tolerance_kw(d.target_kw, spec.site_max_kw)
-        f = ramp_figures(t, kw, t0=d.t, t_end=t_end, target_kw=d.target_kw, tol_kw=tol)
-        figs.append(
-            StepFigure(
-                name=d.label or d.id or f"step {i + 1}",
-                t0=d.t,
-                from_kw=f.start_kw if math.isfinite(f.start_kw) else None,
-                target_kw=d.target_kw,
-                tol_kw=tol,
-                settle_s=f.settle_s,
-                overshoot_kw=f.overshoot_kw,
-                iae_kwh=f.iae_kwh,
-                physical_min_s=d.physical_min_s,
-            )
+        target_w = d.target_kw * 1e3
+        r = score_series(
+            t,
+            kw * 1e3,
+            t0=d.t,
+            t_end=t_end,
+            target_w=target_w,
+            tol_w=tolerance_w(target_w, spec.site_max_kw * 1e3),
+            physical_min_s=d.physical_min_s,
         )
+        figs.append(_figure_of(r, d.label or d.id or f"step {i + 1}"))
     lines = [
         f"run {spec.name} ({run_dir}): {t.size} truth samples, "
         f"{rfc3339(float(t[0]))} .. {rfc3339(float(t[-1]))}",

@@ -22,8 +22,8 @@ from typing import Any
 
 import aiomqtt
 
-from controller.ramp_metrics import TruthTail
 from controller.tools.broker import free_port
+from controller.tools.truth import TruthTail
 from tests.helpers import Mosquitto
 
 

@@ -12,7 +12,8 @@ from datetime import datetime
 
 import pytest
 
-from controller.ramp_metrics import TruthTail, ramp_figures, tolerance_kw
+from controller.ramp_score import score_series
+from controller.tools.truth import TruthTail, tolerance_kw
 from tests.e2e.harness import Session, Site, run_site, truth_until
 from tests.helpers import Mosquitto
 
@@ -76,7 +77,9 @@ async def _step_and_settle(campus: Site, target: float, window: float, bound: fl
         await truth_until(tail, t0 + window, within=window + 30)
         t, kw = tail.arrays()
         tol = tolerance_kw(target, SITE_MAX_KW)
-        fig = ramp_figures(t, kw, t0=t0, t_end=t0 + window, target_kw=target, tol_kw=tol)
+        fig = score_series(
+            t, kw * 1e3, t0=t0, t_end=t0 + window, target_w=target * 1e3, tol_w=tol * 1e3
+        )
         assert fig.settle_s is not None and fig.settle_s <= bound, fig
 
 

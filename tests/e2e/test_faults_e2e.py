@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from controller.ramp_metrics import TruthTail, tolerance_kw
+from controller.tools.truth import TruthTail, tolerance_kw
 from tests.e2e.harness import Dispatcher, Session, Site, run_site, spawn, truth_until
 from tests.helpers import Mosquitto, until
 

@@ -25,8 +25,9 @@ import aiomqtt
 import numpy as np
 import pytest
 
-from controller.ramp_metrics import RampFigures, TruthTail, ramp_figures, tolerance_kw
+from controller.ramp_score import RampRecord, score_series
 from controller.tools.broker import find_mosquitto, free_port
+from controller.tools.truth import TruthTail, tolerance_kw
 from tests.e2e.harness import Site, dispatch, run_site, spawn, stop, truth_until
 from tests.helpers import Mosquitto, until
 
@@ -253,7 +254,7 @@ def _campus_truth(tails: list[TruthTail]) -> tuple[np.ndarray, np.ndarray]:
     return t, total
 
 
-async def _settle(w: Watch, campus: Campus, target_kw: float, window: float) -> RampFigures:
+async def _settle(w: Watch, campus: Campus, target_kw: float, window: float) -> RampRecord:
     """Publish a step to the parent; its figures on the summed ground truth."""
     tails = [TruthTail(site.truth) for site in campus.zones.values()]
     t0 = await _send(w, target_kw)
@@ -261,7 +262,9 @@ async def _settle(w: Watch, campus: Campus, target_kw: float, window: float) -> 
         await truth_until(tail, t0 + window, within=window + 20)
     t, kw = _campus_truth(tails)
     tol = tolerance_kw(target_kw, PARENT_MAX_KW)
-    return ramp_figures(t, kw, t0=t0, t_end=t0 + window, target_kw=target_kw, tol_kw=tol)
+    return score_series(
+        t, kw * 1e3, t0=t0, t_end=t0 + window, target_w=target_kw * 1e3, tol_w=tol * 1e3
+    )
 
 
 def _zone_physical_min(w: Watch, t0: float, zone: str, before_kw: float) -> float:
@@ -321,13 +324,13 @@ async def test_a_site_step_settles_across_three_bridged_zones(campus: Campus) ->
         # this step takes all of hz3 and part of hz2 (the zone that checks signatures).
         target = round(hi - 0.7 * (hi - lo), 1)
         fig = await _settle(w, campus, target, window=9.0)
-        t0, settle = fig.t0, fig.settle_s
+        t0, settle = fig.started_at, fig.settle_s
         pm = max(_zone_physical_min(w, t0, z, before[z]) for z in ZONES)
         parent_pm = next(b for _, b in w.since(t0, "rampd/campus", "telemetry"))
         bound = 1.2 * pm + 2 * CYCLE_S
         print(
             f"\nhierarchy step {hi:.0f} -> {target:.0f} kW: settled in {settle} s "
-            f"(overshoot {fig.overshoot_kw:.1f} kW); slowest zone's physical minimum "
+            f"(overshoot {fig.overshoot_w / 1e3:.1f} kW); slowest zone's physical minimum "
             f"{pm:.2f} s (the parent's own estimate for the campus "
             f"{parent_pm['physical_min_s']} s); "
             f"goal 1.2 x that + 2 cycles = {bound:.2f} s; ratio to the goal "
@@ -371,9 +374,10 @@ async def test_a_killed_zone_is_faulted_and_the_others_carry_the_site(campus: Ca
         assert abs(move) > 200.0, live
         target = round(tel["measured_kw"] + move, 1)
         fig = await _settle(w, campus, target, window=10.0)
+        start_kw = (fig.from_w or 0.0) / 1e3
         print(
-            f"\nwith hz1 dead, step {fig.start_kw:.0f} -> {target:.0f} kW: settled in "
-            f"{fig.settle_s} s (overshoot {fig.overshoot_kw:.1f} kW)"
+            f"\nwith hz1 dead, step {start_kw:.0f} -> {target:.0f} kW: settled in "
+            f"{fig.settle_s} s (overshoot {fig.overshoot_w / 1e3:.1f} kW)"
         )
         assert fig.settle_s is not None and fig.settle_s <= 8.0, fig
         log = campus.parent_log.read_text()[log_before:]

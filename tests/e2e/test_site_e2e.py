@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from controller.ramp_metrics import TruthTail, ramp_figures, tolerance_kw
+from controller.ramp_score import score_series
+from controller.tools.truth import TruthTail, tolerance_kw
 from tests.e2e.harness import Session, Site, dispatch, iso, run_site, truth_until
 from tests.helpers import Mosquitto
 
@@ -73,8 +74,11 @@ async def test_setpoint_settles_on_ground_truth_with_ack_and_telemetry(site: Sit
         await truth_until(tail, t0 + window, within=window + 15)
         t, kw = tail.arrays()
         tol = tolerance_kw(target, SITE_MAX_KW)
-        fig = ramp_figures(t, kw, t0=t0, t_end=t0 + window, target_kw=target, tol_kw=tol)
-        assert fig.start_kw > target + 1000, "the step should start well above the target"
+        fig = score_series(
+            t, kw * 1e3, t0=t0, t_end=t0 + window, target_w=target * 1e3, tol_w=tol * 1e3
+        )
+        start_kw = (fig.from_w or 0.0) / 1e3
+        assert start_kw > target + 1000, "the step should start well above the target"
         assert fig.settle_s is not None and fig.settle_s <= 10.0, fig
 
         tel = await d.fresh_telemetry()

@@ -26,11 +26,9 @@ from controller.journal import (
     JournalError,
     JournalReader,
     RampRecord,
-    RampWatch,
     TelemetrySample,
     default_journal_path,
 )
-from controller.ramp_metrics import ramp_figures
 
 LIMITS = SiteLimits(min_kw=0.0, max_kw=3000.0)
 DAY = 86400.0
@@ -463,52 +461,3 @@ def test_telemetry_sample_from_the_wire_message() -> None:
     assert s.down_w[2] is None and s.saturated is False and s.mode == "normal"
     empty = TelemetrySample.from_wire({"at": "x", "mode": "normal", "devices": {"on": 0}}, 2.0)
     assert empty.measured_w is None and empty.up_w == (None, None, None)
-
-
-# --- ramps ---------------------------------------------------------------------------------
-
-
-def _feed(watch: RampWatch, t: np.ndarray, kw: np.ndarray) -> RampRecord | None:
-    done = None
-    for ti, ki in zip(t, kw, strict=True):
-        rec = watch.observe(float(ti), float(ki) * 1e3)
-        done = done or rec
-    return done
-
-
-def test_ramp_watch_agrees_with_ramp_figures_on_a_series() -> None:
-    t = np.arange(0.0, 30.0, 0.1) + 1e9
-    # 1000 -> 500 kW at 100 kW/s from t=1, undershoot to 480 at 6.5, back at 7.
-    kw = np.interp(t - 1e9, [0, 1, 6, 6.5, 7, 30], [1000, 1000, 500, 480, 500, 500])
-    watch = RampWatch(confirm_s=10.0)
-    assert (
-        watch.start(1e9 + 0.5, "d1", from_w=1e6, target_w=5e5, tol_w=1e4, physical_min_s=5.0)
-        is None
-    )
-    rec = _feed(watch, t[t >= 1e9 + 0.5], kw[t >= 1e9 + 0.5])
-    assert rec is not None and rec.outcome == "settled"
-    ref = ramp_figures(t, kw, t0=1e9 + 0.5, t_end=1e9 + 29.9, target_kw=500.0, tol_kw=10.0)
-    assert ref.settle_s is not None and rec.settle_s is not None
-    assert rec.settle_s == pytest.approx(ref.settle_s, abs=0.11)
-    assert rec.overshoot_w == pytest.approx(ref.overshoot_kw * 1e3)
-    assert rec.ratio == pytest.approx(rec.settle_s / 5.0)
-    assert not watch.active
-
-
-def test_ramp_watch_superseded_timeout_and_interrupted() -> None:
-    watch = RampWatch(confirm_s=5.0, timeout_s=60.0)
-    watch.start(0.0, "a", from_w=1e6, target_w=5e5, tol_w=1e4)
-    watch.observe(1.0, 9e5)
-    prev = watch.start(2.0, "b", from_w=9e5, target_w=2e5, tol_w=1e4)
-    assert prev is not None and prev.outcome == "superseded" and prev.settle_s is None
-    for i in range(61):
-        rec = watch.observe(2.0 + i, 5e5)
-    assert rec is not None and rec.outcome == "timeout" and rec.dispatch_id == "b"
-    watch.start(100.0, "c", from_w=5e5, target_w=6e5, tol_w=1e4)
-    watch.observe(101.0, 6e5)
-    rec = watch.stop(102.0)
-    assert rec is not None and rec.outcome == "settled" and rec.settle_s == 1.0
-    watch.start(200.0, "d", from_w=None, target_w=6e5, tol_w=1e4)
-    rec = watch.stop(201.0)
-    assert rec is not None and rec.outcome == "interrupted" and rec.overshoot_w == 0.0
-    assert watch.stop(202.0) is None

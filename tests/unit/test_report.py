@@ -15,8 +15,8 @@ import pytest
 
 from controller.config import SiteLimits
 from controller.dispatch import DispatchRejected, parse_dispatch, rfc3339
-from controller.journal import Journal, RampWatch, TelemetrySample
-from controller.ramp_metrics import ramp_figures, read_truth, tolerance_kw
+from controller.journal import Journal, TelemetrySample
+from controller.ramp_score import RampScorer, score_series, tolerance_w
 from controller.tools.commands import add_report_parser
 from controller.tools.report import (
     PlotSeries,
@@ -30,6 +30,7 @@ from controller.tools.report import (
     report_from_run,
     write_run,
 )
+from controller.tools.truth import read_truth
 
 SITE_MAX_KW = 2500.0
 LIMITS = SiteLimits(min_kw=0.0, max_kw=SITE_MAX_KW)
@@ -88,7 +89,7 @@ def site_journal(tmp_path: Path) -> JournalRun:
     db = tmp_path / "journal.sqlite"
     t0 = math.floor(time.time()) - 700.0
     site = Site(2400.0)
-    watch = RampWatch(confirm_s=10.0)
+    watch = RampScorer(confirm_s=10.0)
     script: dict[float, dict[str, object]] = {
         60.0: {"target_kw": 1200.0},
         180.0: {"target_kw": 600.0, "ramp_s": 30.0},
@@ -119,7 +120,7 @@ def site_journal(tmp_path: Path) -> JournalRun:
                         d.id,
                         from_w=site.p * 1e3,
                         target_w=d.target_w,
-                        tol_w=tolerance_kw(d.target_w / 1e3, SITE_MAX_KW) * 1e3,
+                        tol_w=tolerance_w(d.target_w, SITE_MAX_KW * 1e3),
                         physical_min_s=max(
                             d.ramp_s, Site.DEAD_S + abs(d.target_w / 1e3 - site.p) / Site.RATE_KW_S
                         ),
@@ -265,7 +266,7 @@ def _write_bench_run(run_dir: Path) -> RunSpec:
     return spec
 
 
-def test_run_report_matches_ramp_figures_and_renders_a_png(tmp_path: Path) -> None:
+def test_run_report_matches_the_ramp_scorer_and_renders_a_png(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     spec = _write_bench_run(run_dir)
     assert load_run(run_dir) == spec
@@ -277,9 +278,9 @@ def test_run_report_matches_ramp_figures_and_renders_a_png(tmp_path: Path) -> No
     ds = spec.dispatches
     for i, d in enumerate(ds):
         t_end = ds[i + 1].t if i + 1 < len(ds) else float(t[-1])
-        f = ramp_figures(
-            t, kw, t0=d.t, t_end=t_end, target_kw=d.target_kw,
-            tol_kw=tolerance_kw(d.target_kw, SITE_MAX_KW),
+        f = score_series(
+            t, kw * 1e3, t0=d.t, t_end=t_end, target_w=d.target_kw * 1e3,
+            tol_w=tolerance_w(d.target_kw * 1e3, SITE_MAX_KW * 1e3),
         )  # fmt: skip
         assert f.settle_s is not None and d.physical_min_s is not None
         row = next(ln for ln in text.splitlines() if ln.startswith(d.label or "?"))

@@ -355,3 +355,37 @@ def test_trajectory_bounded_and_independent_of_sampling(
             )
             dense.accept(d, c.mono, c.unix)
             sparse.accept(d, c.mono, c.unix)
+
+
+def test_in_force_names_the_active_dispatch_or_the_release() -> None:
+    t, c = tracker()
+    assert t.in_force is None
+    a = disp(1, expires_at=U0 + 10)
+    t.accept(a, c.mono, c.unix)
+    assert t.in_force is a and t.active is a
+    at(t, c, 11)  # expired: released, by no dispatch
+    assert t.mode == "released" and t.in_force is None and t.active is None
+    c.advance(12)
+    r = disp(2, mode="release", expires_at=c.unix + 1)
+    t.accept(r, c.mono, c.unix)
+    at(t, c, 50)  # a release has no expiry
+    assert t.mode == "released" and t.in_force is r and t.active is None
+
+
+@pytest.mark.parametrize("policy", ["hold", "min"])
+def test_start_failsafe_applies_the_policy_at_that_instant(policy: str) -> None:
+    t, c = tracker(policy=policy)
+    a = disp(1)
+    p = disp(2, 8000.0, start_at=U0 + 100)
+    t.accept(a, c.mono, c.unix)
+    t.accept(p, c.mono + 1, c.unix + 1)
+    t.start_failsafe(c.mono + 20)
+    assert t.mode == "failsafe"
+    if policy == "hold":
+        assert t.in_force is a and t.pending is p
+        assert at(t, c, 101) == 8e6  # the scheduled start still starts
+    else:
+        assert t.in_force is None and t.pending is None and t.active is None
+        assert at(t, c, 20 + 30) == MIN_W  # over failsafe.ramp_s to the minimum
+    t.start_failsafe(c.mono + 200)  # already in it: nothing changes
+    assert t.mode == "failsafe"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import random
 import re
@@ -35,7 +34,7 @@ from typing import Any, Final
 import aiomqtt
 
 from controller.dispatch import rfc3339
-from controller.ramp_metrics import ramp_figures, tolerance_kw
+from controller.ramp_score import score_series
 from controller.tools.bench import add_ramp_arguments
 from controller.tools.bench.site_run import (
     BenchError,
@@ -47,6 +46,7 @@ from controller.tools.bench.site_run import (
     write_truth_slice,
 )
 from controller.tools.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
+from controller.tools.truth import tolerance_kw
 
 DESCRIPTION: Final = (
     "Ramp bench: setpoint steps on a simulated site, settle time against the physical minimum."
@@ -178,12 +178,12 @@ async def run_step(
     else:
         t_end = await site.settle(sc.target_kw, tol, t0=t0, hold_s=hold_s, cap_s=cap)
     t, kw = site.truth.arrays()
-    f = ramp_figures(t, kw, t0=t0, t_end=t_end, target_kw=sc.target_kw, tol_kw=tol)
+    f = score_series(t, kw * 1e3, t0=t0, t_end=t_end, target_w=sc.target_kw * 1e3, tol_w=tol * 1e3)
     ratio = f.settle_s / phys if f.settle_s is not None and phys else None
     # The simulator answered but found the band out of reach (within an hour).
     reachable = not (sim and phys is None)
     text, ok = verdict(sc.kind, f.settle_s, ratio, reachable)
-    start = f.start_kw if math.isfinite(f.start_kw) else None
+    start = None if f.from_w is None else f.from_w / 1e3
     return StepResult(
         name=sc.name,
         kind=sc.kind,
@@ -198,8 +198,8 @@ async def run_step(
         settle_s=None if f.settle_s is None else round(f.settle_s, 3),
         physical_min_s=phys,
         ratio=None if ratio is None else round(ratio, 3),
-        overshoot_kw=round(f.overshoot_kw, 1),
-        iae_kws=round(f.iae_kwh * 3600.0, 1),
+        overshoot_kw=round(f.overshoot_w / 1e3, 1),
+        iae_kws=round(f.iae_j / 1e3, 1),
         verdict=text if ack is None or ack.get("accepted") else "REJECTED",
         within=ok and bool(ack and ack.get("accepted")),
         dispatch_id=str(sent.body["id"]),

@@ -34,7 +34,6 @@ import aiomqtt
 import numpy as np
 
 from controller.dispatch import rfc3339
-from controller.ramp_metrics import tolerance_kw
 from controller.tools.bench import add_regulation_arguments
 from controller.tools.bench.site_run import (
     REPO,
@@ -47,6 +46,7 @@ from controller.tools.bench.site_run import (
 )
 from controller.tools.pjm_score import PjmScore, load_pjm_csv, normalize, pjm_score, resample
 from controller.tools.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
+from controller.tools.truth import tolerance_kw
 
 DESCRIPTION: Final = "Regulation bench: replay a PJM RegA signal, score with the PJM score."
 DEFAULT_SIGNAL: Final = REPO / "bench" / "data" / "pjm_rega_2017-08_2s.csv"

@@ -34,8 +34,8 @@ import aiomqtt
 
 from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
 from controller.dispatch import rfc3339
-from controller.ramp_metrics import TruthTail
 from controller.tools.broker import LocalBroker, free_port
+from controller.tools.truth import TruthTail
 
 log = logging.getLogger("rampd.bench")
 

@@ -1,0 +1,50 @@
+"""The journal: what the site was asked and what it did, in SQLite (WAL) under the state directory.
+
+Every dispatch as received (raw payload) with the decision, every ack, every ramp with its
+outcome, per-second telemetry and operator-relevant events. It answers two questions:
+
+* after a restart: which dispatch is still in force (`last_valid_dispatch`) and which seq was
+  the last accepted (`last_seq`), so the daemon resumes the target and keeps refusing replays
+  (`resume`);
+* after a grid event: what happened in a window (`rampd report`, see `controller.tools.report`).
+
+`schema` holds the tables, migrations and row types; `writer` the daemon's `Journal` (writing
+never blocks the event loop); `reader` the read-only `JournalReader` the report opens.
+"""
+
+from controller.journal.reader import JournalReader
+from controller.journal.schema import (
+    DEFAULT_FILENAME,
+    DEFAULT_STATE_DIR,
+    EVENT_DISPATCH_DROPPED,
+    SCHEMA_VERSION,
+    AckRow,
+    DispatchRow,
+    Event,
+    JournalError,
+    RampOutcome,
+    RampRecord,
+    TelemetrySample,
+    TelemetrySeries,
+    default_journal_path,
+)
+from controller.journal.writer import Journal, JournalStats
+
+__all__ = [
+    "DEFAULT_FILENAME",
+    "DEFAULT_STATE_DIR",
+    "EVENT_DISPATCH_DROPPED",
+    "SCHEMA_VERSION",
+    "AckRow",
+    "DispatchRow",
+    "Event",
+    "Journal",
+    "JournalError",
+    "JournalReader",
+    "JournalStats",
+    "RampOutcome",
+    "RampRecord",
+    "TelemetrySample",
+    "TelemetrySeries",
+    "default_journal_path",
+]

@@ -1,0 +1,164 @@
+"""Read-only queries on a journal: the restart queries and the windows `rampd report` reads.
+
+Queries block the caller: call them at start-up, from the report, or through
+`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from controller.journal import resume
+from controller.journal.schema import (
+    DISPATCH_COLUMNS,
+    HORIZONS,
+    RAMP_COLUMNS,
+    STATES,
+    TELEMETRY_COLUMNS,
+    AckRow,
+    DispatchRow,
+    Event,
+    JournalError,
+    RampRecord,
+    TelemetrySeries,
+    check_version,
+    open_error,
+)
+
+
+class JournalReader:
+    """Read-only access to a journal (no writer, no migration). Queries block the caller."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise JournalError(f"no journal at {self.path}")
+        try:
+            self._conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._conn.execute("PRAGMA busy_timeout = 5000")
+            check_version(self._conn, self.path)
+        except sqlite3.Error as exc:
+            raise open_error(self.path, exc) from None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> JournalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # -- restart (see `controller.journal.resume`) -----------------------------------------
+
+    def last_seq(self) -> int | None:
+        """The highest seq ever accepted (kept across retention)."""
+        return resume.last_seq(self._query)
+
+    def last_target(self) -> tuple[float, float] | None:
+        """(at, target_w) of the latest telemetry row with a target: where to resume from."""
+        return resume.last_target(self._query)
+
+    def last_valid_dispatch(self, now_unix: float) -> tuple[bytes, ...] | None:
+        """Raw payloads to replay, in order, to restore the target in force at `now_unix`:
+        (in force,), (pending,), (in force, pending) or None. See `resume.in_force`."""
+        return resume.in_force(self._query, now_unix)
+
+    # -- windows ----------------------------------------------------------------------
+
+    def dispatches_between(self, t0: float, t1: float) -> list[DispatchRow]:
+        rows = self._query(
+            f"SELECT {', '.join(DISPATCH_COLUMNS)} FROM dispatches "
+            "WHERE received_at >= ? AND received_at <= ? ORDER BY received_at, rowid",
+            (t0, t1),
+        )
+        return [
+            DispatchRow(
+                received_at=r[0],
+                payload=bytes(r[1]),
+                payload_len=r[2],
+                id=r[3],
+                seq=r[4],
+                mode=r[5],
+                target_w=r[6],
+                band_w=r[7],
+                signal=r[8],
+                ramp_s=r[9],
+                issued_at=r[10],
+                start_at=r[11],
+                expires_at=r[12],
+                decision=r[13],
+                reason=r[14],
+                code=r[15],
+            )
+            for r in rows
+        ]
+
+    def acks_between(self, t0: float, t1: float) -> list[AckRow]:
+        rows = self._query(
+            "SELECT at, id, seq, accepted, reason FROM acks WHERE at >= ? AND at <= ? "
+            "ORDER BY at, rowid",
+            (t0, t1),
+        )
+        return [AckRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+    def ramps_between(self, t0: float, t1: float) -> list[RampRecord]:
+        rows = self._query(
+            f"SELECT {', '.join(RAMP_COLUMNS)} FROM ramps "
+            "WHERE started_at >= ? AND started_at <= ? ORDER BY started_at, rowid",
+            (t0, t1),
+        )
+        return [RampRecord(*r) for r in rows]
+
+    def events_between(self, t0: float, t1: float) -> list[Event]:
+        rows = self._query(
+            "SELECT at, kind, text FROM events WHERE at >= ? AND at <= ? ORDER BY at, rowid",
+            (t0, t1),
+        )
+        return [Event(r[0], r[1], r[2]) for r in rows]
+
+    def telemetry_between(self, t0: float, t1: float) -> TelemetrySeries:
+        rows = self._query(
+            f"SELECT {', '.join(TELEMETRY_COLUMNS)} FROM telemetry "
+            "WHERE at >= ? AND at <= ? ORDER BY at, rowid",
+            (t0, t1),
+        )
+        idx = {c: i for i, c in enumerate(TELEMETRY_COLUMNS)}
+        text = {idx["mode"], idx["measured_source"]}
+        numeric = [i for i in range(len(TELEMETRY_COLUMNS)) if i not in text]
+        arr = (
+            np.array([[r[i] for i in numeric] for r in rows], dtype=np.float64)
+            .reshape(len(rows), len(numeric))
+            .T
+        )  # None -> NaN
+        col = {c: arr[k] for k, c in enumerate(TELEMETRY_COLUMNS[i] for i in numeric)}
+        return TelemetrySeries(
+            at=col["at"],
+            measured_w=col["measured_w"],
+            target_w=col["target_w"],
+            min_w=col["min_w"],
+            max_w=col["max_w"],
+            noncontrollable_w=col["noncontrollable_w"],
+            up_w=np.vstack([col[f"up_{h}_w"] for h in HORIZONS]),
+            down_w=np.vstack([col[f"down_{h}_w"] for h in HORIZONS]),
+            devices=np.vstack([col[f"devices_{s}"] for s in STATES]),
+            mode=tuple(r[idx["mode"]] or "" for r in rows),
+            measured_source=tuple(r[idx["measured_source"]] or "" for r in rows),
+        )

@@ -1,0 +1,308 @@
+"""The journal's on-disk schema: tables, migrations, version checks, and the row types.
+
+Times are unix seconds (wall clock: the journal is read by people and other processes),
+power in W, energy in J. A journal written by any rampd with the same `SCHEMA_VERSION` opens;
+a newer one is refused rather than touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.ramp_score import RampOutcome, RampRecord
+
+log = logging.getLogger("rampd.journal")
+
+F64 = npt.NDArray[np.float64]
+
+SCHEMA_VERSION: Final = 1
+DEFAULT_FILENAME: Final = "journal.sqlite"
+# Without $STATE_DIRECTORY (systemd StateDirectory=rampd) this is where the unit would put it.
+DEFAULT_STATE_DIR: Final = Path("/var/lib/rampd")
+
+# An event of this kind means the target tracker dropped its active and pending dispatches
+# (failsafe under policy baseline or min): nothing from before it is resumed after a restart.
+EVENT_DISPATCH_DROPPED: Final = "dispatch_dropped"
+
+__all__ = [
+    "DEFAULT_FILENAME",
+    "DEFAULT_STATE_DIR",
+    "EVENT_DISPATCH_DROPPED",
+    "SCHEMA_VERSION",
+    "AckRow",
+    "DispatchRow",
+    "Event",
+    "JournalError",
+    "RampOutcome",
+    "RampRecord",
+    "TelemetrySample",
+    "TelemetrySeries",
+    "default_journal_path",
+]
+
+# Each migration brings the schema from version i to i + 1 (index i). Never edit a shipped one.
+MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+    CREATE TABLE dispatches (
+        received_at REAL NOT NULL,
+        payload BLOB NOT NULL,            -- as received, up to MAX_PAYLOAD_BYTES
+        payload_len INTEGER NOT NULL,     -- length as received
+        id TEXT, seq INTEGER, mode TEXT,
+        target_w REAL, band_w REAL, signal REAL, ramp_s REAL,
+        issued_at REAL, start_at REAL, expires_at REAL,
+        decision TEXT NOT NULL CHECK (decision IN ('accepted', 'rejected')),
+        reason TEXT NOT NULL, code TEXT NOT NULL
+    );
+    CREATE INDEX dispatches_received_at ON dispatches (received_at);
+    CREATE TABLE acks (
+        at REAL NOT NULL, id TEXT, seq INTEGER, accepted INTEGER NOT NULL, reason TEXT NOT NULL
+    );
+    CREATE INDEX acks_at ON acks (at);
+    CREATE TABLE ramps (
+        started_at REAL NOT NULL, dispatch_id TEXT, from_w REAL, target_w REAL NOT NULL,
+        tol_w REAL NOT NULL, settled_at REAL, settle_s REAL, overshoot_w REAL NOT NULL,
+        iae_j REAL NOT NULL, physical_min_s REAL, outcome TEXT NOT NULL, ended_at REAL NOT NULL
+    );
+    CREATE INDEX ramps_started_at ON ramps (started_at);
+    CREATE TABLE telemetry (
+        at REAL NOT NULL,
+        measured_w REAL, measured_source TEXT, target_w REAL, min_w REAL, max_w REAL,
+        noncontrollable_w REAL,
+        up_1s_w REAL, up_5s_w REAL, up_60s_w REAL,
+        down_1s_w REAL, down_5s_w REAL, down_60s_w REAL,
+        mode TEXT, saturated INTEGER,
+        devices_on INTEGER, devices_sleeping INTEGER, devices_waking INTEGER,
+        devices_fault INTEGER, devices_unknown INTEGER
+    );
+    CREATE INDEX telemetry_at ON telemetry (at);
+    CREATE TABLE events (at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL);
+    CREATE INDEX events_at ON events (at);
+    """,
+)
+
+HORIZONS: Final = ("1s", "5s", "60s")
+STATES: Final = ("on", "sleeping", "waking", "fault", "unknown")
+
+TELEMETRY_COLUMNS: Final = (
+    "at", "measured_w", "measured_source", "target_w", "min_w", "max_w", "noncontrollable_w",
+    "up_1s_w", "up_5s_w", "up_60s_w", "down_1s_w", "down_5s_w", "down_60s_w",
+    "mode", "saturated",
+    "devices_on", "devices_sleeping", "devices_waking", "devices_fault", "devices_unknown",
+)  # fmt: skip
+RAMP_COLUMNS: Final = (
+    "started_at", "dispatch_id", "from_w", "target_w", "tol_w", "settled_at", "settle_s",
+    "overshoot_w", "iae_j", "physical_min_s", "outcome", "ended_at",
+)  # fmt: skip
+DISPATCH_COLUMNS: Final = (
+    "received_at", "payload", "payload_len", "id", "seq", "mode", "target_w", "band_w", "signal",
+    "ramp_s", "issued_at", "start_at", "expires_at", "decision", "reason", "code",
+)  # fmt: skip
+
+
+def insert_sql(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+class JournalError(Exception):
+    """The journal cannot be opened (raised at open only; never by `record_*`)."""
+
+
+# --- rows --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySample:
+    """One per-second telemetry row, SI units; None where unknown."""
+
+    at: float
+    measured_w: float | None = None
+    measured_source: str | None = None
+    target_w: float | None = None
+    min_w: float | None = None
+    max_w: float | None = None
+    noncontrollable_w: float | None = None
+    up_w: tuple[float | None, float | None, float | None] = (None, None, None)
+    """Reachable increase within 1 s, 5 s and 60 s."""
+    down_w: tuple[float | None, float | None, float | None] = (None, None, None)
+    mode: str | None = None
+    saturated: bool | None = None
+    devices: Mapping[str, int] | None = None
+    """Device counts by state (on, sleeping, waking, fault, unknown)."""
+
+    @classmethod
+    def from_wire(cls, tel: Mapping[str, Any], at: float) -> TelemetrySample:
+        """From the telemetry message as published on `<root>/telemetry` (kW), at unix `at`.
+
+        Tolerant: a missing or malformed field becomes None (this runs inside the daemon).
+        """
+        cap = tel.get("capability")
+        cap = cap if isinstance(cap, Mapping) else {}
+        up = cap.get("up_kw")
+        down = cap.get("down_kw")
+        up = up if isinstance(up, Mapping) else {}
+        down = down if isinstance(down, Mapping) else {}
+        devices = tel.get("devices")
+        source = tel.get("measured_source")
+        mode = tel.get("mode")
+        saturated = tel.get("saturated")
+        return cls(
+            at=at,
+            measured_w=_w(tel.get("measured_kw")),
+            measured_source=source if isinstance(source, str) else None,
+            target_w=_w(tel.get("target_kw")),
+            min_w=_w(tel.get("min_kw")),
+            max_w=_w(tel.get("max_kw")),
+            noncontrollable_w=_w(tel.get("noncontrollable_kw")),
+            up_w=(_w(up.get("1s")), _w(up.get("5s")), _w(up.get("60s"))),
+            down_w=(_w(down.get("1s")), _w(down.get("5s")), _w(down.get("60s"))),
+            mode=mode if isinstance(mode, str) else None,
+            saturated=saturated if isinstance(saturated, bool) else None,
+            devices=devices if isinstance(devices, Mapping) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRow:
+    received_at: float
+    payload: bytes
+    payload_len: int
+    id: str | None
+    seq: int | None
+    mode: str | None
+    target_w: float | None
+    band_w: float | None
+    signal: float | None
+    ramp_s: float | None
+    issued_at: float | None
+    start_at: float | None
+    expires_at: float | None
+    decision: Literal["accepted", "rejected"]
+    reason: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckRow:
+    at: float
+    id: str | None
+    seq: int | None
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    at: float
+    kind: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySeries:
+    """Telemetry rows of a window as arrays (NaN where unknown), ordered by time."""
+
+    at: F64
+    measured_w: F64
+    target_w: F64
+    min_w: F64
+    max_w: F64
+    noncontrollable_w: F64
+    up_w: F64
+    """Shape (3, n): reachable increase within 1 s, 5 s, 60 s."""
+    down_w: F64
+    devices: F64
+    """Shape (5, n): devices on, sleeping, waking, fault, unknown."""
+    mode: tuple[str, ...]
+    measured_source: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.at.size)
+
+
+def _w(kw: object) -> float | None:
+    if isinstance(kw, bool) or not isinstance(kw, int | float):
+        return None
+    return float(kw) * 1e3
+
+
+# --- paths and versions ------------------------------------------------------------------
+
+
+def default_journal_path() -> Path:
+    """`$STATE_DIRECTORY/journal.sqlite` (systemd StateDirectory=), else /var/lib/rampd/."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return (Path(state) if state else DEFAULT_STATE_DIR) / DEFAULT_FILENAME
+
+
+def check_directory(path: Path) -> None:
+    parent = path.parent
+    if not parent.exists():
+        raise JournalError(
+            f"journal directory {parent} does not exist "
+            "(systemd creates it with StateDirectory=rampd; otherwise create it)"
+        )
+    if not parent.is_dir():
+        raise JournalError(f"journal directory {parent} is not a directory")
+    # SQLite creates -wal and -shm files beside the journal: the directory must take new files.
+    probe = parent / f".rampd-journal-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise JournalError(
+            f"journal directory {parent} is not writable by uid {os.geteuid()}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise JournalError(f"journal {path} is not readable and writable by uid {os.geteuid()}")
+
+
+def open_error(path: Path, exc: BaseException) -> JournalError:
+    return JournalError(f"cannot open journal {path}: {exc}")
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise JournalError(
+            f"journal {path} has schema version {version}, newer than this rampd "
+            f"understands ({SCHEMA_VERSION}); refusing to touch it"
+        )
+    if version == 0:
+        n = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if n:
+            raise JournalError(f"{path} is an SQLite database but not a rampd journal")
+    for v in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[v].split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {v + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("journal %s: schema version %d", path, v + 1)
+
+
+def check_version(conn: sqlite3.Connection, path: Path) -> None:
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version == 0:
+        raise JournalError(f"{path} is not a rampd journal (schema version 0)")
+    if version > SCHEMA_VERSION:
+        raise JournalError(
+            f"journal {path} has schema version {version}, newer than this rampd "
+            f"understands ({SCHEMA_VERSION})"
+        )

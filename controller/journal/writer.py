@@ -1,0 +1,496 @@
+"""The journal's writer: non-blocking `record_*` and the thread that commits them.
+
+`record_*` methods are sync, O(1) and never raise: they put one row on a bounded queue; a
+writer thread owns the write connection and commits what it finds in batches (one transaction
+each). A full queue or a failing disk drops rows, counts them (`stats`) and logs once per change
+of state (failing -> recovered), never per row. Retention runs in the writer thread every
+`retention_interval_s`, in bounded chunks. `close()` flushes what is queued (with a timeout) and
+checkpoints the WAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from controller.dispatch import MAX_PAYLOAD_BYTES, MAX_SEQ, Dispatch, DispatchRejected
+from controller.journal.reader import JournalReader
+from controller.journal.schema import (
+    DISPATCH_COLUMNS,
+    RAMP_COLUMNS,
+    STATES,
+    TELEMETRY_COLUMNS,
+    JournalError,
+    RampRecord,
+    TelemetrySample,
+    check_directory,
+    insert_sql,
+    migrate,
+    open_error,
+)
+
+log = logging.getLogger("rampd.journal")
+
+_DAY_S: Final = 86400.0
+_PRUNE_CHUNK: Final = 10_000
+
+_SQL_DISPATCH: Final = insert_sql("dispatches", DISPATCH_COLUMNS)
+_SQL_ACK: Final = insert_sql("acks", ("at", "id", "seq", "accepted", "reason"))
+_SQL_RAMP: Final = insert_sql("ramps", RAMP_COLUMNS)
+_SQL_TELEMETRY: Final = insert_sql("telemetry", TELEMETRY_COLUMNS)
+_SQL_EVENT: Final = insert_sql("events", ("at", "kind", "text"))
+_SQL_LAST_SEQ: Final = (
+    "INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
+)
+
+# Errors of one row, not of the database: the other rows of the batch are still written.
+_ROW_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    OverflowError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    written: int
+    """Rows committed since open."""
+    dropped: int
+    """Rows lost: queue full, write failed, or recorded after close."""
+    write_errors: int
+    """Failed write transactions."""
+    pruned: int
+    """Rows deleted by retention."""
+    queued: int
+    healthy: bool
+    """False while writes are failing."""
+
+
+def _f(x: object) -> float | None:
+    """A float for a REAL column; None for None, NaN (SQLite would store NULL anyway)."""
+    if x is None:
+        return None
+    f = float(x)  # type: ignore[arg-type]  # TypeError/ValueError are caught by the caller
+    return None if math.isnan(f) else f
+
+
+def _req(x: object) -> float:
+    """A finite float for a NOT NULL column (ValueError otherwise, caught by the caller)."""
+    f = float(x)  # type: ignore[arg-type]
+    if not math.isfinite(f):
+        raise ValueError(f"not a finite number: {f}")
+    return f
+
+
+def _str(x: object) -> str | None:
+    return x if isinstance(x, str) else None
+
+
+def _seq(x: object) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEQ else None
+
+
+_Stmt = tuple[str, tuple[Any, ...]]
+
+
+class _Barrier:
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = True
+
+
+class _Stop:
+    pass
+
+
+_Item = tuple[_Stmt, ...] | _Barrier | _Stop
+
+
+class Journal(JournalReader):
+    """The daemon's journal: non-blocking `record_*`, a writer thread, and the reader queries.
+
+    Opening is synchronous and raises `JournalError` with a clear message (missing or
+    read-only directory, not a journal, a newer schema, no WAL support). After that nothing
+    raises into the caller: `record_*` drop and count on trouble, see `stats`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_days: float = 90,
+        telemetry_retention_days: float = 14,
+        retention_interval_s: float = 3600.0,
+        queue_max: int = 10_000,
+        max_batch: int = 2_000,
+        busy_timeout_s: float = 5.0,
+    ) -> None:
+        path = Path(path)
+        if retention_days <= 0 or telemetry_retention_days <= 0:
+            raise ValueError("retention must be positive")
+        check_directory(path)
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+            )
+        except sqlite3.Error as exc:
+            raise open_error(path, exc) from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            if mode.lower() != "wal":
+                raise JournalError(
+                    f"journal {path}: SQLite refused WAL mode (got {mode!r}); "
+                    "is the state directory on a network filesystem?"
+                )
+            conn.execute("PRAGMA synchronous = NORMAL")
+            # Keep the -wal file small after checkpoints (it is reused, not truncated).
+            conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
+            migrate(conn, path)
+        except (sqlite3.Error, JournalError) as exc:
+            conn.close()
+            if isinstance(exc, JournalError):
+                raise
+            raise open_error(path, exc) from None
+        try:
+            super().__init__(path)
+        except JournalError:
+            conn.close()
+            raise
+        self._wconn = conn
+        self._retention: tuple[tuple[str, str, float], ...] = (
+            ("dispatches", "received_at", retention_days),
+            ("acks", "at", retention_days),
+            ("ramps", "started_at", retention_days),
+            ("events", "at", retention_days),
+            ("telemetry", "at", telemetry_retention_days),
+        )
+        self._retention_interval_s = retention_interval_s
+        self._max_batch = max_batch
+        self._q: queue.Queue[_Item] = queue.Queue(maxsize=queue_max)
+        self._stopping = threading.Event()
+        self._closed = False
+        # Counters: each is written by one thread only (no lost updates).
+        self._written = 0  # writer
+        self._lost = 0  # writer: rows of failed transactions
+        self._write_errors = 0  # writer
+        self._pruned = 0  # writer
+        self._dropped_full = 0  # callers
+        self._dropped_closed = 0  # callers
+        self._dropped_bad = 0  # callers: a row that could not be built
+        self._refused = 0  # writer: rows the database refused
+        self._healthy = True
+        self._overflowing = False
+        self._thread = threading.Thread(target=self._run, name="rampd-journal", daemon=True)
+        self._thread.start()
+        log.info(
+            "journal %s open (retention %g d, telemetry %g d)",
+            path,
+            retention_days,
+            telemetry_retention_days,
+        )
+
+    # -- recording (sync, O(1), never raises) -------------------------------------------
+
+    def record_dispatch(
+        self, received_at: float, payload: bytes, result: Dispatch | DispatchRejected
+    ) -> None:
+        """A dispatch as received, with the decision (the parsed Dispatch, or the rejection)."""
+        try:
+            raw = bytes(payload[:MAX_PAYLOAD_BYTES])
+            if isinstance(result, Dispatch):
+                d = result
+                row: tuple[Any, ...] = (
+                    _req(received_at), raw, len(payload), _str(d.id), _seq(d.seq), str(d.mode),
+                    _f(d.target_w), _f(d.band_w), _f(d.signal), _f(d.ramp_s),
+                    _f(d.issued_at), _f(d.start_at), _f(d.expires_at), "accepted", "", "",
+                )  # fmt: skip
+                self._put(((_SQL_DISPATCH, row), (_SQL_LAST_SEQ, (_seq(d.seq),))))
+            else:
+                row = (
+                    _req(received_at), raw, len(payload), _str(result.id), _seq(result.seq), None,
+                    None, None, None, None, None, None, None, "rejected",
+                    str(result.reason), str(result.code),
+                )  # fmt: skip
+                self._put(((_SQL_DISPATCH, row),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("dispatch", exc)
+
+    def record_ack(
+        self, at: float, id: str | None, seq: int | None, accepted: bool, reason: str
+    ) -> None:
+        try:
+            row = (_req(at), _str(id), _seq(seq), int(bool(accepted)))
+            self._put(((_SQL_ACK, (*row, str(reason))),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("ack", exc)
+
+    def record_ramp(self, ramp: RampRecord) -> None:
+        try:
+            r = ramp
+            row = (
+                _req(r.started_at), _str(r.dispatch_id), _f(r.from_w), _req(r.target_w),
+                _req(r.tol_w), _f(r.settled_at), _f(r.settle_s), _req(r.overshoot_w),
+                _req(r.iae_j), _f(r.physical_min_s), str(r.outcome), _req(r.ended_at),
+            )  # fmt: skip
+            self._put(((_SQL_RAMP, row),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("ramp", exc)
+
+    def record_telemetry(self, s: TelemetrySample) -> None:
+        try:
+            dev = s.devices or {}
+            counts = tuple(
+                int(v) if isinstance(v := dev.get(k), int) and 0 <= v < 2**62 else None
+                for k in STATES
+            )
+            row = (
+                _req(s.at), _f(s.measured_w), _str(s.measured_source), _f(s.target_w), _f(s.min_w),
+                _f(s.max_w), _f(s.noncontrollable_w), *(_f(x) for x in s.up_w[:3]),
+                *(_f(x) for x in s.down_w[:3]), _str(s.mode),
+                None if s.saturated is None else int(s.saturated), *counts,
+            )  # fmt: skip
+            if len(row) != len(TELEMETRY_COLUMNS):
+                raise ValueError("up_w and down_w need 3 values (1 s, 5 s, 60 s)")
+            self._put(((_SQL_TELEMETRY, row),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("telemetry", exc)
+
+    def record_event(self, kind: str, text: str, at: float | None = None) -> None:
+        """An operator-relevant event: start, stop, mode change, failsafe, replay, ..."""
+        try:
+            when = time.time() if at is None else _req(at)
+            self._put(((_SQL_EVENT, (when, str(kind), str(text))),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("event", exc)
+
+    def _put(self, item: tuple[_Stmt, ...]) -> None:
+        if self._closed:
+            if not self._dropped_closed:
+                log.warning("journal closed: further records are dropped")
+            self._dropped_closed += 1
+            return
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            if not self._overflowing:
+                self._overflowing = True
+                log.error("journal queue full (writer behind): records are being dropped")
+            self._dropped_full += 1
+            return
+        if self._overflowing:
+            self._overflowing = False
+            log.warning("journal queue accepts records again (%d dropped)", self._dropped_full)
+
+    def _bad_row(self, what: str, exc: BaseException) -> None:
+        if not self._dropped_bad:
+            log.error("journal: cannot record a %s (%s); dropped", what, exc)
+        self._dropped_bad += 1
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> JournalStats:
+        return JournalStats(
+            written=self._written,
+            dropped=self._dropped_full + self._dropped_closed + self._dropped_bad + self._lost,
+            write_errors=self._write_errors,
+            pruned=self._pruned,
+            queued=self._q.qsize(),
+            healthy=self._healthy,
+        )
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything recorded so far is committed (or failed). True if done."""
+        if self._closed:
+            return not self._thread.is_alive()
+        barrier = _Barrier()
+        try:
+            self._q.put(barrier, timeout=timeout_s)
+        except queue.Full:
+            return False
+        return barrier.done.wait(timeout_s) and barrier.ok
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush the queue (up to `timeout_s`), checkpoint, close. Idempotent; never raises."""
+        if not self._closed:
+            self._closed = True
+            # The reader first: the writer's connection, closing last, removes -wal and -shm.
+            with contextlib.suppress(sqlite3.Error):
+                super().close()
+            self._stopping.set()
+            with contextlib.suppress(queue.Full):
+                self._q.put_nowait(_Stop())
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error(
+                    "journal: writer did not finish within %.1f s; %d queued records lost",
+                    timeout_s,
+                    self._q.qsize(),
+                )
+            else:
+                s = self.stats
+                log.info(
+                    "journal closed: %d rows written, %d dropped, %d pruned",
+                    s.written,
+                    s.dropped,
+                    s.pruned,
+                )
+
+    def __enter__(self) -> Journal:
+        return self
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_prune = 0.0  # at once: a restart after a long stop catches up
+        backoff = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_prune:
+                    if self._healthy:
+                        more = self._prune()
+                        next_prune = now + (0.0 if more else self._retention_interval_s)
+                    else:  # writes are failing: prune once they recover
+                        next_prune = now + 5.0
+                wait = min(1.0, max(0.0, next_prune - time.monotonic()))
+                try:
+                    first = self._q.get(timeout=wait)
+                except queue.Empty:
+                    if self._stopping.is_set():
+                        return
+                    continue
+                batch = [first]
+                with contextlib.suppress(queue.Empty):
+                    while len(batch) < self._max_batch:
+                        batch.append(self._q.get_nowait())
+                stop = self._write(batch)
+                if stop and self._q.empty():
+                    return
+                if self._healthy:
+                    backoff = 0.0
+                else:
+                    backoff = min(30.0, max(0.5, 2 * backoff))
+                    self._stopping.wait(backoff)
+        except BaseException:  # a bug here must not pass silently: the journal stops
+            log.exception("journal writer crashed; records are dropped from now on")
+            self._healthy = False
+            raise
+        finally:
+            self._finish()
+
+    def _write(self, batch: list[_Item]) -> bool:
+        stmts = [x for x in batch if isinstance(x, tuple)]
+        ok = True
+        if stmts:
+            conn = self._wconn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for item in stmts:
+                    for sql, params in item:
+                        conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except _ROW_ERRORS as exc:
+                # A row the database refuses (a bug upstream): keep the others.
+                self._rollback()
+                ok = self._salvage(stmts, exc)
+            except sqlite3.Error as exc:
+                ok = False
+                self._failed(exc, len(stmts))
+            else:
+                self._written += len(stmts)
+                if not self._healthy:
+                    self._healthy = True
+                    log.warning("journal writes recovered (%d rows lost while failing)", self._lost)
+        stop = False
+        for x in batch:
+            if isinstance(x, _Barrier):
+                x.ok = ok
+                x.done.set()
+            elif isinstance(x, _Stop):
+                stop = True
+        return stop
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            if self._wconn.in_transaction:
+                self._wconn.execute("ROLLBACK")
+
+    def _salvage(self, stmts: list[tuple[_Stmt, ...]], first: BaseException) -> bool:
+        """Write the records one transaction each; drop (and count) the refused ones."""
+        conn = self._wconn
+        bad = 0
+        for item in stmts:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for sql, params in item:
+                    conn.execute(sql, params)
+                conn.execute("COMMIT")
+            except _ROW_ERRORS:
+                self._rollback()
+                bad += 1
+            except sqlite3.Error as exc:
+                self._failed(exc, 1)
+                return False
+            else:
+                self._written += 1
+        if bad:
+            if not self._refused:
+                log.error("journal refused a record (%s); dropped", first)
+            self._refused += bad
+            self._lost += bad
+        return True
+
+    def _failed(self, exc: sqlite3.Error, rows: int) -> None:
+        self._rollback()
+        self._write_errors += 1
+        self._lost += rows
+        if self._healthy:
+            self._healthy = False
+            log.error("journal write failed: %s; records are dropped until it recovers", exc)
+
+    def _prune(self) -> bool:
+        """Delete one chunk of expired rows per table; True if more remain."""
+        more = False
+        now = time.time()
+        conn = self._wconn
+        for table, column, days in self._retention:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                cur = conn.execute(
+                    f"DELETE FROM {table} WHERE rowid IN "
+                    f"(SELECT rowid FROM {table} WHERE {column} < ? LIMIT {_PRUNE_CHUNK})",
+                    (now - days * _DAY_S,),
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._failed(exc, 0)
+                return False
+            self._pruned += max(cur.rowcount, 0)
+            more = more or cur.rowcount >= _PRUNE_CHUNK
+        return more
+
+    def _finish(self) -> None:
+        conn = self._wconn
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA optimize")
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
