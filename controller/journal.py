@@ -40,7 +40,8 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from controller.dispatch import MAX_PAYLOAD_BYTES, MAX_SEQ, Dispatch, DispatchRejected
+from controller.wire.codec import MAX_PAYLOAD_BYTES
+from controller.wire.dispatch import MAX_SEQ, Dispatch, DispatchRejected
 
 log = logging.getLogger("rampd.journal")
 

@@ -31,9 +31,9 @@ import pytest
 
 from controller.app import Daemon
 from controller.config import load_config
-from controller.dispatch import rfc3339
 from controller.fleet import DeviceState
 from controller.tools.broker import free_port
+from controller.wire.timestamps import rfc3339
 
 REPO = Path(__file__).resolve().parent.parent
 ALERT_RULES = REPO / "configs" / "prometheus" / "rampd-alerts.yml"

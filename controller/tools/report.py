@@ -41,7 +41,6 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from controller.dispatch import rfc3339
 from controller.journal import (
     AckRow,
     DispatchRow,
@@ -54,6 +53,7 @@ from controller.journal import (
     default_journal_path,
 )
 from controller.ramp_metrics import ramp_figures, read_truth, tolerance_kw
+from controller.wire.timestamps import rfc3339
 
 F64 = npt.NDArray[np.float64]
 
