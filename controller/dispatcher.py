@@ -219,7 +219,8 @@ class DispatcherClient:
         return Dispatch(
             id=id or f"{self.id_prefix}-{seq}",
             seq=seq,
-            issued_at=time.time() if issued_at is None else issued_at,
+            # Milliseconds, as the wire carries it: the kept model is what the daemon reads.
+            issued_at=round(time.time(), 3) if issued_at is None else issued_at,
             mode=mode,
             target_w=target_w,
             ramp_s=ramp_s,

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from controller.dispatch import rfc3339, sign_dispatch
 from controller.journal import JournalReader
+from controller.wire import rfc3339
+from controller.wire.signing import sign
 from tests.e2e.harness import Dispatcher, Session, Site, run_site
 from tests.helpers import Mosquitto, until
 
@@ -80,7 +81,7 @@ class Planned:
 
 
 def _signed(body: dict[str, Any], key: bytes = KEY) -> bytes:
-    return json.dumps({**body, "sig": sign_dispatch(body, key)}).encode()
+    return json.dumps({**body, "sig": sign(body, key)}).encode()
 
 
 def plan_burst(n: int, seed: int, first_seq: int) -> list[Planned]:

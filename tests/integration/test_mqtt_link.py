@@ -15,7 +15,7 @@ import aiomqtt
 import pytest
 
 from controller.config import ConfigError, MqttConfig
-from controller.dispatch import MqttLink
+from controller.mqtt_link import MqttLink
 from tests.helpers import Mosquitto, until
 
 ROOT = "rampd/test"
@@ -189,7 +189,7 @@ async def test_status_retained_online_follows_mode_and_goes_offline_on_clean_sto
 CHILD = """
 import asyncio, sys
 from controller.config import MqttConfig
-from controller.dispatch import MqttLink
+from controller.mqtt_link import MqttLink
 
 async def main() -> None:
     cfg = MqttConfig(host=sys.argv[1], port=int(sys.argv[2]), keepalive_s=5)

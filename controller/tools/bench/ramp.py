@@ -286,7 +286,8 @@ async def run_bench(args: argparse.Namespace) -> int:
         )
         print(
             f"  at rest {level:.0f} kW; flexible range {lo:.0f}..{hi:.0f} kW (telemetry "
-            f"min_kw {(tel.min_w or 0.0) / 1e3:.0f}, max_kw {(tel.max_w or 0.0) / 1e3:.0f}); reserve "
+            f"min_kw {(tel.min_w or 0.0) / 1e3:.0f}, max_kw {(tel.max_w or 0.0) / 1e3:.0f}); "
+            "reserve "
             f"steps +-0.8 x {r_up:.0f}/{r_down:.0f} kW; {len(scenarios)} scenarios"
         )
         fleet: dict[str, Any] = {"rest_kw": round(level, 1), "min_kw": lo, "max_kw": hi}
