@@ -420,7 +420,7 @@ class Daemon:
             physical_min_s=None if out is None else self._physical_min_s(out.target_w),
         )
 
-    def _update_metrics(self, tel: Telemetry) -> None:
+    def update_telemetry_metrics(self, tel: Telemetry) -> None:
         """The gauges that mirror what telemetry reports, at the same pace."""
         self.metrics.set_device_counts(tel.devices.to_wire())
         self.metrics.mqtt_connected.set(1 if self.link.connected else 0)
@@ -440,7 +440,7 @@ class Daemon:
         while True:
             await asyncio.sleep(1.0)
             tel = self.telemetry()
-            self._update_metrics(tel)
+            self.update_telemetry_metrics(tel)
             self.link.publish("telemetry", tel.encode(), qos=0)
             if self.journal is not None:
                 self.journal.record_telemetry(TelemetrySample.from_wire(tel.to_wire(), tel.at))

@@ -365,7 +365,7 @@ def realistic_daemon() -> Daemon:
     )
     for _ in range(5):
         d.cycle.tick()
-    d.telemetry()  # device counts, capability, broker state
+    d.update_telemetry_metrics(d.telemetry())  # device counts, capability, broker state
     for driver in d.drivers:
         d.metrics.observe_command(driver.name, 0.012, True)
         d.metrics.observe_command(driver.name, 1.0, False)
