@@ -291,7 +291,7 @@ async def run_bench(args: argparse.Namespace) -> int:
             f"steps +-0.8 x {r_up:.0f}/{r_down:.0f} kW; {len(scenarios)} scenarios"
         )
         fleet: dict[str, Any] = {"rest_kw": round(level, 1), "min_kw": lo, "max_kw": hi}
-        fleet |= {"up_kw_5s": up5, "down_kw_5s": down5, "telemetry_at_rest": tel}
+        fleet |= {"up_kw_5s": up5, "down_kw_5s": down5, "telemetry_at_rest": tel.to_wire()}
         for sc in scenarios:
             r = await run_step(
                 site, sc, hold_s=hold, fallback_cap_s=fallback_cap, cap_s=args.step_cap_s
