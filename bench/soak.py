@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.dispatcher import Sent
+from controller.tools.bench import DEFAULT_CONFIG
 from controller.tools.bench.site_run import (
-    DEFAULT_CONFIG,
     BenchError,
-    Sent,
     Site,
+    ack_of,
     default_out,
     http_json,
     start_site,
@@ -137,7 +138,7 @@ async def dispatcher(site: Site, rnd: random.Random, tally: Tally) -> None:
             sent = await site.d.send("setpoint", 2 * max_kw)
             tally.invalid += 1
         tally.sent += 1
-        tally.ids.append(str(sent.body["id"]))
+        tally.ids.append(sent.dispatch.id)
         tally.last = sent
         await asyncio.sleep(rnd.uniform(0.5, 2.0))
 
@@ -232,8 +233,9 @@ async def run_soak(
             await asyncio.gather(*tasks, return_exceptions=True)
         # Acks come in order: once the last one is in, every earlier one had its chance.
         if tally.last is not None:
-            await site.d.ack(tally.last)
-        acked = sum(1 for i in tally.ids if i in site.d.acks)
+            await ack_of(site.d, tally.last)
+        seen = {a.id for a in site.d.acks}
+        acked = sum(1 for i in tally.ids if i in seen)
         v = await scrape(url)
         samples.append(Sample(time.monotonic() - t0, *(v[SERIES[k]] for k in SERIES)))
     fig = figures(samples, warmup_s, tally, acked)

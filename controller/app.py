@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -12,10 +11,9 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -28,16 +26,8 @@ from controller.config import (
     plaintext_problem,
     split_host_port,
 )
-from controller.control import Capability, Controller, FleetParams
-from controller.control.step import RESERVE_HORIZON_S
+from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
-from controller.dispatch import (
-    Dispatch,
-    DispatchRejected,
-    MqttLink,
-    ack_payload,
-    parse_dispatch,
-)
 from controller.fleet import Fleet
 from controller.journal import (
     DEFAULT_FILENAME,
@@ -46,11 +36,14 @@ from controller.journal import (
     TelemetrySample,
 )
 from controller.metrics import Metrics
+from controller.mqtt_link import MqttLink
 from controller.notify import LastError, Notifier
 from controller.ramp_score import tolerance_w
 from controller.ramp_watch import RampWatch
 from controller.readiness import Readiness
 from controller.target import TargetTracker, resume_from_w, resumed
+from controller.telemetry import build_telemetry
+from controller.wire import Ack, Dispatch, DispatchRejected, Telemetry
 from drivers.base import CommandFunnel, CommandObserver, Driver
 from drivers.luxos.client import LuxosDriver
 from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
@@ -102,14 +95,6 @@ def rampd_version() -> str:
         return version("rampd")
     except PackageNotFoundError:  # running from a source tree
         return "0+unknown"
-
-
-def _rfc3339(unix_s: float) -> str:
-    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds")
-
-
-def _kw(w: float) -> float | None:
-    return None if w != w else round(w / 1e3, 3)  # NaN -> null: JSON has no NaN
 
 
 def open_journal(cfg: JournalConfig) -> Journal | None:
@@ -284,7 +269,7 @@ class Daemon:
         out: list[Dispatch] = []
         for raw in self.journal.last_valid_dispatch(now_unix) or ():
             try:
-                d = parse_dispatch(
+                d = Dispatch.decode(
                     raw,
                     now_unix=now_unix,
                     last_seq=out[-1].seq if out else None,
@@ -314,7 +299,7 @@ class Daemon:
     def on_dispatch(self, payload: bytes) -> None:
         now_unix, now = time.time(), time.monotonic()
         try:
-            d = parse_dispatch(
+            d = Dispatch.decode(
                 payload,
                 now_unix=now_unix,
                 last_seq=_max_seq(self.tracker.last_seq, self._seq_floor),
@@ -324,9 +309,7 @@ class Daemon:
         except DispatchRejected as exc:
             log.warning("dispatch rejected: id=%s seq=%s: %s", exc.id, exc.seq, exc.reason)
             self.metrics.count_dispatch(False, exc.code)
-            self.link.publish(
-                "ack", ack_payload(exc.id, exc.seq, False, exc.reason, now_unix=now_unix)
-            )
+            self.link.publish("ack", Ack(exc.id, exc.seq, False, exc.reason, now_unix).encode())
             if self.journal is not None:
                 self.journal.record_dispatch(now_unix, payload, exc)
                 self.journal.record_ack(now_unix, exc.id, exc.seq, False, exc.reason)
@@ -352,7 +335,7 @@ class Daemon:
             d.ramp_s,
         )
         self.metrics.count_dispatch(True, "")
-        self.link.publish("ack", ack_payload(d.id, d.seq, True, "", now_unix=now_unix))
+        self.link.publish("ack", Ack(d.id, d.seq, True, "", now_unix).encode())
         self._publish_status_if_changed()
 
     def on_heartbeat(self, payload: bytes) -> None:
@@ -406,51 +389,28 @@ class Daemon:
             parts.append("site meter stale: controlling on device telemetry")
         return "; ".join(p for p in parts if p)
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self) -> Telemetry:
+        """The telemetry message for now (no side effects)."""
         out = self.cycle.last
-        counts = self.fleet.counts_by_state()
-        self.metrics.set_device_counts(counts)
-        self.metrics.mqtt_connected.set(1 if self.link.connected else 0)
-        if out is None:
-            return {"at": _rfc3339(time.time()), "mode": self.tracker.mode, "devices": counts}
-        cap = out.capability
-        for h, up, down in zip(cap.horizons_s, cap.up_w, cap.down_w, strict=True):
-            self.metrics.capability.labels(direction="up", horizon=f"{h:g}s").set(up)
-            self.metrics.capability.labels(direction="down", horizon=f"{h:g}s").set(down)
-        measured = out.meter_w if out.meter_fresh else out.result.predicted_site_w
-        return {
-            "at": _rfc3339(time.time()),
-            "measured_kw": _kw(measured),
-            "measured_source": "meter" if out.meter_fresh else "estimate",
-            "target_kw": _kw(out.target_w),
-            "min_kw": _kw(cap.min_w),
-            "max_kw": _kw(cap.max_w),
-            "noncontrollable_kw": _kw(out.result.noncontrollable_w),
-            "capability": {
-                "up_kw": {f"{h:g}s": _kw(v) for h, v in zip(cap.horizons_s, cap.up_w, strict=True)},
-                "down_kw": {
-                    f"{h:g}s": _kw(v) for h, v in zip(cap.horizons_s, cap.down_w, strict=True)
-                },
-            },
-            "devices": counts,
-            "mode": self.tracker.mode,
-            "saturated": out.result.saturated,
-            "reserve": self._reserve(cap),
-            "physical_min_s": self._physical_min_s(out.target_w),
-            "sleep": {"parked": out.result.parked, "waking": out.result.waking},
-            "cycle": {"count": self.cycle.cycles, "overruns": self.cycle.overruns},
-        }
+        return build_telemetry(
+            out,
+            at=time.time(),
+            mode=self.tracker.mode,
+            devices=self.fleet.counts_by_state(),
+            cycles=self.cycle.cycles,
+            overruns=self.cycle.overruns,
+            reserve=self.cfg.site.reserve,
+            physical_min_s=None if out is None else self._physical_min_s(out.target_w),
+        )
 
-    def _reserve(self, cap: Capability) -> dict[str, float | None]:
-        """The fast reserve asked for and held (what the fleet can move within 5 s now)."""
-        res = self.cfg.site.reserve
-        i = cap.horizons_s.index(RESERVE_HORIZON_S)
-        return {
-            "up_kw_5s": res.up_kw_5s,
-            "down_kw_5s": res.down_kw_5s,
-            "up_held_kw": _kw(cap.up_w[i]),
-            "down_held_kw": _kw(cap.down_w[i]),
-        }
+    def update_telemetry_metrics(self, tel: Telemetry) -> None:
+        """The gauges that mirror what telemetry reports, at the same pace."""
+        self.metrics.set_device_counts(tel.devices.to_wire())
+        self.metrics.mqtt_connected.set(1 if self.link.connected else 0)
+        out = self.cycle.last
+        if out is not None:
+            cap = out.capability
+            self.metrics.set_capability(cap.horizons_s, cap.up_w, cap.down_w)
 
     def _physical_min_s(self, target_w: float) -> float | None:
         """The fleet's physical minimum time to ``target_w`` (within the ramp tolerance);
@@ -463,9 +423,10 @@ class Daemon:
         while True:
             await asyncio.sleep(1.0)
             tel = self.telemetry()
-            self.link.publish("telemetry", json.dumps(tel).encode(), qos=0)
+            self.update_telemetry_metrics(tel)
+            self.link.publish("telemetry", tel.encode(), qos=0)
             if self.journal is not None:
-                self.journal.record_telemetry(TelemetrySample.from_wire(tel, time.time()))
+                self.journal.record_telemetry(TelemetrySample.from_wire(tel.to_wire(), tel.at))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:

@@ -18,7 +18,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol, get_args, runtime_checkable
 from wsgiref.simple_server import WSGIServer
 
@@ -301,6 +301,13 @@ class Metrics:
     def set_device_counts(self, counts: dict[str, int]) -> None:
         for name in STATE_NAMES:
             self.devices.labels(state=name).set(counts.get(name, 0))
+
+    def set_capability(
+        self, horizons_s: Sequence[float], up_w: Sequence[float], down_w: Sequence[float]
+    ) -> None:
+        for h, up, down in zip(horizons_s, up_w, down_w, strict=True):
+            self.capability.labels(direction="up", horizon=f"{h:g}s").set(up)
+            self.capability.labels(direction="down", horizon=f"{h:g}s").set(down)
 
     def set_mode(self, mode: str) -> None:
         for m in MODES:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from controller.dispatch import Dispatch
 from controller.journal import Journal, RampRecord
 from controller.ramp_score import RampScorer, tolerance_w
 from controller.target import TargetTracker
+from controller.wire import Dispatch
 
 
 class RampWatch:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from controller.config import FailsafeConfig, SiteLimits
-from controller.dispatch import Dispatch
+from controller.wire.dispatch import Dispatch
 
 log = logging.getLogger("rampd.target")
 

@@ -31,9 +31,9 @@ import pytest
 
 from controller.app import Daemon
 from controller.config import load_config
-from controller.dispatch import rfc3339
 from controller.fleet import DeviceState
 from controller.tools.broker import free_port
+from controller.wire.timestamps import rfc3339
 
 REPO = Path(__file__).resolve().parent.parent
 ALERT_RULES = REPO / "configs" / "prometheus" / "rampd-alerts.yml"
@@ -365,7 +365,7 @@ def realistic_daemon() -> Daemon:
     )
     for _ in range(5):
         d.cycle.tick()
-    d.telemetry()  # device counts, capability, broker state
+    d.update_telemetry_metrics(d.telemetry())  # device counts, capability, broker state
     for driver in d.drivers:
         d.metrics.observe_command(driver.name, 0.012, True)
         d.metrics.observe_command(driver.name, 1.0, False)

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from controller.config import FailsafeConfig, SiteLimits
-from controller.dispatch import Dispatch, DispatchMode
 from controller.journal.schema import EVENT_DISPATCH_DROPPED
 from controller.target import TargetTracker
+from controller.wire.dispatch import Dispatch, DispatchMode
 
 Query = Callable[[str, Sequence[Any]], list[Any]]
 """Runs one read query on the journal and returns its rows."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from controller.dispatch import MAX_PAYLOAD_BYTES, MAX_SEQ, Dispatch, DispatchRejected
 from controller.journal.reader import JournalReader
 from controller.journal.schema import (
     DISPATCH_COLUMNS,
@@ -36,6 +35,8 @@ from controller.journal.schema import (
     migrate,
     open_error,
 )
+from controller.wire.codec import MAX_PAYLOAD_BYTES
+from controller.wire.dispatch import MAX_SEQ, Dispatch, DispatchRejected
 
 log = logging.getLogger("rampd.journal")
 

@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
-import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
-import aiomqtt
 import numpy as np
 
 from controller.config import load_config, split_host_port
+from controller.dispatcher import DispatcherClient
 from controller.ramp_score import RampRecord, score_series
 from controller.tools.broker import LocalBroker, reachable
 from controller.tools.truth import TruthTail, tolerance_kw
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+from controller.wire import Ack, Telemetry
 
 
 async def _spawn(args: list[str], log_path: Path) -> asyncio.subprocess.Process:
@@ -67,31 +60,6 @@ async def _broker(cfg_host: str, cfg_port: int, mqtt: str | None) -> AsyncIterat
                 f"no broker at {cfg_host}:{cfg_port}; started {broker.kind} on port {broker.port}"
             )
             yield broker.host, broker.port
-
-
-class Dispatcher:
-    """Publishes dispatches like a grid dispatcher and keeps the daemon's latest telemetry."""
-
-    def __init__(self, client: aiomqtt.Client, root: str) -> None:
-        self.client = client
-        self.root = root
-        self.seq = int(time.time() * 1000)
-        self.telemetry: dict[str, Any] = {}
-        self.acks: list[dict[str, Any]] = []
-
-    async def listen(self) -> None:
-        async for msg in self.client.messages:
-            payload = json.loads(bytes(msg.payload))
-            if msg.topic.matches(f"{self.root}/telemetry"):
-                self.telemetry = payload
-            elif msg.topic.matches(f"{self.root}/ack"):
-                self.acks.append(payload)
-
-    async def send(self, **fields: Any) -> float:
-        self.seq += 1
-        body = {"id": f"demo-{self.seq}", "seq": self.seq, "issued_at": _now_rfc3339(), **fields}
-        await self.client.publish(f"{self.root}/dispatch", json.dumps(body), qos=1)
-        return time.time()
 
 
 def _agc_signal(t: float) -> float:
@@ -156,49 +124,44 @@ async def _script(
     hold_s: float,
     regulation_s: float,
 ) -> int:
-    async with aiomqtt.Client(host, port, identifier=f"rampd-demo-{os.getpid()}") as client:
-        await client.subscribe(f"{root}/telemetry", qos=0)
-        await client.subscribe(f"{root}/ack", qos=1)
-        d = Dispatcher(client, root)
-        listener = asyncio.create_task(d.listen())
+    async with DispatcherClient(host, port, root, id_prefix="demo") as d:
+        print("waiting for the daemon to see every device ...")
         try:
-            deadline = time.time() + 60
-            print("waiting for the daemon to see every device ...")
-            while d.telemetry.get("devices", {}).get("on", 0) < n_devices:
-                if time.time() > deadline:
-                    print(f"the daemon did not see all devices in 60 s: {d.telemetry}")
-                    return 1
-                await asyncio.sleep(0.2)
-            # The fleet's reachable range, inside what the site may be dispatched to.
-            lo = max(float(d.telemetry["min_kw"]), limits[0])
-            hi = min(float(d.telemetry["max_kw"]), limits[1])
-            print(f"site range {lo:.0f}..{hi:.0f} kW; measured {d.telemetry['measured_kw']} kW")
-            tail = TruthTail(truth)
-            t_start = time.time()
-            steps: list[tuple[str, float, float, float]] = []
-            for frac in (0.2, 0.8, 0.5):
-                target = round(lo + frac * (hi - lo), 1)
-                print(f"\ndispatch: setpoint {target:.1f} kW ({frac:.0%} of the flexible range)")
-                t0 = await d.send(mode="setpoint", target_kw=target, ramp_s=0)
-                await _show(tail, target, t_start, hold_s)
-                steps.append((f"setpoint {frac:.0%}", t0, time.time(), target))
-            base, band = round(lo + 0.5 * (hi - lo), 1), round(0.3 * (hi - lo), 1)
-            print(
-                f"\nregulation: base {base:.1f} kW, band +-{band:.1f} kW for {regulation_s:.0f} s"
-            )
-            reg: list[tuple[float, float]] = []
-            t_reg = time.time()
-            while time.time() - t_reg < regulation_s:
-                s = round(_agc_signal(time.time() - t_reg), 4)
-                await d.send(mode="regulation", target_kw=base, band_kw=band, signal=s)
-                reg.append((time.time(), base + s * band))
-                await _show(tail, base + s * band, t_start, 2.0)
-            tail.poll()
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-    return _summary(tail, steps, reg, limits[1], d)
+            await d.until(lambda: _all_on(d.latest(), n_devices), within=60.0)
+        except TimeoutError:
+            print(f"the daemon did not see all devices in 60 s: {d.latest()}")
+            return 1
+        tel = d.latest()
+        assert tel is not None and tel.min_w is not None and tel.max_w is not None  # _all_on
+        # The fleet's reachable range, inside what the site may be dispatched to.
+        lo = max(tel.min_w / 1e3, limits[0])
+        hi = min(tel.max_w / 1e3, limits[1])
+        measured = "?" if tel.measured_w is None else f"{tel.measured_w / 1e3:.1f}"
+        print(f"site range {lo:.0f}..{hi:.0f} kW; measured {measured} kW")
+        tail = TruthTail(truth)
+        t_start = time.time()
+        steps: list[tuple[str, float, float, float]] = []
+        for frac in (0.2, 0.8, 0.5):
+            target = round(lo + frac * (hi - lo), 1)
+            print(f"\ndispatch: setpoint {target:.1f} kW ({frac:.0%} of the flexible range)")
+            t0 = (await d.send("setpoint", target, ramp_s=0.0)).t
+            await _show(tail, target, t_start, hold_s)
+            steps.append((f"setpoint {frac:.0%}", t0, time.time(), target))
+        base, band = round(lo + 0.5 * (hi - lo), 1), round(0.3 * (hi - lo), 1)
+        print(f"\nregulation: base {base:.1f} kW, band +-{band:.1f} kW for {regulation_s:.0f} s")
+        reg: list[tuple[float, float]] = []
+        t_reg = time.time()
+        while time.time() - t_reg < regulation_s:
+            s = round(_agc_signal(time.time() - t_reg), 4)
+            await d.send("regulation", base, band_kw=band, signal=s)
+            reg.append((time.time(), base + s * band))
+            await _show(tail, base + s * band, t_start, 2.0)
+        tail.poll()
+    return _summary(tail, steps, reg, limits[1], d.acks)
+
+
+def _all_on(tel: Telemetry | None, n_devices: int) -> bool:
+    return tel is not None and tel.devices.on >= n_devices and None not in (tel.min_w, tel.max_w)
 
 
 def _summary(
@@ -206,7 +169,7 @@ def _summary(
     steps: list[tuple[str, float, float, float]],
     reg: list[tuple[float, float]],
     site_max: float,
-    d: Dispatcher,
+    acks: Sequence[Ack],
 ) -> int:
     t, kw = tail.arrays()
     figures: list[tuple[str, RampRecord]] = []
@@ -225,8 +188,8 @@ def _summary(
         mae = float(np.mean(np.abs(kw[sel] - req)))
         band = float(np.ptp(want)) / 2 or 1.0
         print(f"regulation: mean |error| {mae:.1f} kW ({100 * mae / band:.1f}% of the band)")
-    rejected = [a for a in d.acks if not a.get("accepted")]
-    print(f"acks: {len(d.acks)} received, {len(rejected)} rejected")
+    rejected = [a for a in acks if not a.accepted]
+    print(f"acks: {len(acks)} received, {len(rejected)} rejected")
     return 0 if all(f.settle_s is not None for _, f in figures) and not rejected else 1
 
 

@@ -41,7 +41,6 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from controller.dispatch import rfc3339
 from controller.journal import (
     AckRow,
     DispatchRow,
@@ -55,6 +54,7 @@ from controller.journal import (
 )
 from controller.ramp_score import score_series, tolerance_w
 from controller.tools.truth import read_truth
+from controller.wire.timestamps import rfc3339
 
 F64 = npt.NDArray[np.float64]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -32,18 +31,12 @@ import numpy.typing as npt
 
 from controller.cancellation import stop_if_cancelled
 from controller.config import DeviceSpec, MqttConfig, read_hmac_key
-from controller.dispatch import read_password, tls_params
 from controller.fleet import DeviceState, Fleet
+from controller.mqtt_link import read_password, tls_params
+from controller.wire import Ack, Dispatch, Heartbeat, Status, Telemetry
 from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
-from drivers.zone.wire import (
-    ZoneTelemetry,
-    derive_dynamics,
-    dispatch_payload,
-    parse_ack,
-    parse_status,
-    parse_telemetry,
-)
+from drivers.zone.dynamics import derive_dynamics, zone_telemetry
 
 log = logging.getLogger("rampd.zone")
 
@@ -90,7 +83,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
         self._hi = np.array([s.p_max_w for s in specs])
         self._online: list[bool | None] = [None] * n
         self._detail = [""] * n
-        self._tel: list[ZoneTelemetry | None] = [None] * n
+        self._tel: list[Telemetry | None] = [None] * n
         self._tel_at = np.full(n, math.nan)
         self._first_tel = [asyncio.Event() for _ in range(n)]
         self._acks: dict[tuple[int, str], asyncio.Future[tuple[bool, str]]] = {}
@@ -156,10 +149,10 @@ class ZoneDriver(PerDeviceDriver[Reading]):
             await asyncio.sleep(delay)
 
     async def _heartbeats(self) -> None:
-        body = json.dumps({"from": self.name}).encode()
         while True:
             client = self._client
             if client is not None:
+                body = Heartbeat(self.name, time.time()).encode()
                 for root in self._roots:
                     with contextlib.suppress(aiomqtt.MqttError):
                         await client.publish(f"{root}/heartbeat", body, qos=0)
@@ -185,18 +178,19 @@ class ZoneDriver(PerDeviceDriver[Reading]):
             return
         try:
             if kind == "telemetry":
-                self._tel[local] = parse_telemetry(data)
+                self._tel[local] = zone_telemetry(data)
                 self._tel_at[local] = time.monotonic()
                 self._first_tel[local].set()
                 self._poll_now(local)  # into the fleet while it is news
             elif kind == "status":
-                self._online[local], self._detail[local] = parse_status(data)
+                status = Status.decode(data)
+                self._online[local], self._detail[local] = status.online, status.detail
                 self._poll_now(local)  # an offline zone is a fault now, not at the next poll
             else:
-                ack_id, accepted, reason = parse_ack(data)
-                fut = self._acks.get((local, ack_id))
+                ack = Ack.decode(data)
+                fut = self._acks.get((local, ack.id or ""))
                 if fut is not None and not fut.done():
-                    fut.set_result((accepted, reason))
+                    fut.set_result((ack.accepted, ack.reason))
         except ValueError as exc:
             # A bad message changes nothing; said once per zone until a good one arrives.
             self.bad_messages += 1
@@ -229,6 +223,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
         if age > stale_s:
             raise DeviceTimeout(f"telemetry stale ({age:.1f} s old)")
         self._learn(local, tel)
+        assert tel.measured_w is not None  # zone_telemetry admits only telemetry with power
         return Reading(self._check_power(local, tel.measured_w), DeviceState.ON)
 
     def _record(self, local: int, reading: Reading) -> None:
@@ -244,7 +239,9 @@ class ZoneDriver(PerDeviceDriver[Reading]):
             raise DriverError("broker not connected")
         self._seq = seq = max(time.time_ns() // 1000, self._seq + 1)  # survives a restart
         dispatch_id = f"{self.name}-{seq}"
-        payload = dispatch_payload(dispatch_id, seq, value_w, time.time(), self._keys[local])
+        # At once: the zone ramps as fast as its own fleet allows.
+        dispatch = Dispatch(dispatch_id, seq, time.time(), "setpoint", value_w, ramp_s=0.0)
+        payload = dispatch.encode(self._keys[local])
         fut: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         key = (local, dispatch_id)
         self._acks[key] = fut
@@ -268,7 +265,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
 
     # --- dynamics ---
 
-    def _learn(self, local: int, tel: ZoneTelemetry) -> None:
+    def _learn(self, local: int, tel: Telemetry) -> None:
         """Take the zone's capability as the row's bounds and ramp rates, past hysteresis."""
         dyn = derive_dynamics(tel, float(self._lo[local]), float(self._hi[local]))
         if dyn is None:

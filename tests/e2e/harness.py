@@ -15,15 +15,15 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
+from controller.dispatcher import DispatcherClient
 from controller.tools.broker import free_port
 from controller.tools.truth import TruthTail
+from controller.wire import Telemetry, rfc3339
 from tests.helpers import Mosquitto
 
 
@@ -118,14 +118,20 @@ def http_get(url: str, body: dict[str, Any] | None = None) -> str:
 
 
 def iso(dt: datetime) -> str:
-    return dt.isoformat().replace("+00:00", "Z")
+    return rfc3339(dt.timestamp())
+
+
+def wire_kw(w: float | None) -> float | None:
+    """A model's W as the wire's kW (the same float the daemon published)."""
+    return None if w is None else round(w / 1e3, 3)
 
 
 def dispatch(seq: int, **fields: Any) -> dict[str, Any]:
+    """A dispatch as a plain JSON object, for tests that send what no encoder would."""
     body: dict[str, Any] = {
         "id": f"e2e-{seq}",
         "seq": seq,
-        "issued_at": iso(datetime.now(UTC)),
+        "issued_at": rfc3339(time.time()),
         "mode": "setpoint",
         "ramp_s": 0,
     }
@@ -133,78 +139,21 @@ def dispatch(seq: int, **fields: Any) -> dict[str, Any]:
     return body
 
 
-@dataclass
-class Dispatcher:
-    """What a grid dispatcher sees: acks, telemetry and status, as they arrive."""
+class SiteDispatcher(DispatcherClient):
+    """`async with SiteDispatcher(site) as d:` the one dispatcher client, on a test site."""
 
-    client: aiomqtt.Client
-    site: Site
-    acks: list[dict[str, Any]] = field(default_factory=list)
-    telemetry: list[dict[str, Any]] = field(default_factory=list)
-    status: list[dict[str, Any]] = field(default_factory=list)
+    def __init__(self, site: Site, *, key: bytes | None = None) -> None:
+        super().__init__(*site.broker, site.root, key=key, id_prefix="e2e")
+        self.site = site
 
-    async def listen(self) -> None:
-        async for msg in self.client.messages:
-            body = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
-            suffix = str(msg.topic).rsplit("/", 1)[-1]
-            {"ack": self.acks, "telemetry": self.telemetry, "status": self.status}[suffix].append(
-                body
-            )
-
-    async def publish(self, payload: bytes | str) -> None:
-        await self.client.publish(f"{self.site.root}/dispatch", payload, qos=1)
-
-    async def send(self, **fields: Any) -> tuple[dict[str, Any], float]:
-        """Publish a setpoint (or other mode) dispatch; return its ack and the publish time."""
-        seq = time.time_ns() // 1000
-        t0 = time.time()
-        await self.publish(json.dumps(dispatch(seq, **fields)))
-        return await self.ack_for(f"e2e-{seq}"), t0
-
-    async def ack_for(self, dispatch_id: str, within: float = 5.0) -> dict[str, Any]:
-        async with asyncio.timeout(within):
-            while True:
-                for a in self.acks:
-                    if a.get("id") == dispatch_id:
-                        return a
-                await asyncio.sleep(0.02)
-
-    async def fresh_telemetry(self, within: float = 5.0) -> dict[str, Any]:
-        n = len(self.telemetry)
-        async with asyncio.timeout(within):
-            while len(self.telemetry) <= n:
-                await asyncio.sleep(0.05)
-        return self.telemetry[-1]
-
-    async def all_devices_on(self, within: float = 60.0) -> dict[str, Any]:
+    async def all_devices_on(self, within: float = 60.0) -> Telemetry:
         async with asyncio.timeout(within):
             while True:
                 assert self.site.daemon.poll() is None, self.site.daemon_log[-3000:]
-                tel = self.telemetry[-1] if self.telemetry else {}
-                if tel.get("devices", {}).get("on") == self.site.n_devices:
+                tel = self.latest()
+                if tel is not None and tel.devices.on == self.site.n_devices:
                     return tel
                 await asyncio.sleep(0.1)
-
-
-class Session:
-    """`async with Session(site) as d:` a connected, subscribed dispatcher."""
-
-    def __init__(self, site: Site) -> None:
-        self.site = site
-        self.client = aiomqtt.Client(*site.broker, identifier=f"e2e-{time.monotonic_ns()}")
-
-    async def __aenter__(self) -> Dispatcher:
-        await self.client.__aenter__()
-        for t in ("ack", "telemetry", "status"):
-            await self.client.subscribe(f"{self.site.root}/{t}", qos=1)
-        self.d = Dispatcher(self.client, self.site)
-        self.task = asyncio.create_task(self.d.listen())
-        return self.d
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.client.__aexit__(None, None, None)
 
 
 async def truth_until(tail: TruthTail, t_end: float, within: float) -> None:

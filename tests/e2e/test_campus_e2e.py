@@ -8,13 +8,12 @@ import asyncio
 import re
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime
 
 import pytest
 
 from controller.ramp_score import score_series
 from controller.tools.truth import TruthTail, tolerance_kw
-from tests.e2e.harness import Session, Site, run_site, truth_until
+from tests.e2e.harness import Site, SiteDispatcher, run_site, truth_until, wire_kw
 from tests.helpers import Mosquitto
 
 pytestmark = pytest.mark.e2e
@@ -70,10 +69,10 @@ def campus(module_mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory
 
 
 async def _step_and_settle(campus: Site, target: float, window: float, bound: float) -> None:
-    async with Session(campus) as d:
+    async with SiteDispatcher(campus) as d:
         tail = TruthTail(campus.truth)
-        ack, t0 = await d.send(target_kw=target)
-        assert ack["accepted"] is True
+        ack, t0 = await d.send_acked(target_kw=target)
+        assert ack.accepted is True
         await truth_until(tail, t0 + window, within=window + 30)
         t, kw = tail.arrays()
         tol = tolerance_kw(target, SITE_MAX_KW)
@@ -86,10 +85,10 @@ async def _step_and_settle(campus: Site, target: float, window: float, bound: fl
 async def test_the_daemon_sees_and_drives_every_device_of_all_three_protocols(
     campus: Site,
 ) -> None:
-    async with Session(campus) as d:
+    async with SiteDispatcher(campus) as d:
         tel = await d.all_devices_on(within=90)
-        lo, hi = tel["min_kw"], tel["max_kw"]
-        assert tel["devices"]["on"] == 2070 and hi > 20000
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
+        assert tel.devices.on == 2070 and hi > 20000
     # Down by 4 MW: the containers and racks carry it at once, miners follow by profiles.
     await _step_and_settle(campus, round(hi - 4000.0, 1), window=40.0, bound=30.0)
     rows = await campus.sim_control("/devices")
@@ -120,20 +119,20 @@ async def test_ten_percent_misbehaving_is_isolated_and_the_rest_reach_the_target
     # Faults drawn independently may overlap; roughly 10% of each protocol in the end.
     assert 0.08 * sum(N.values()) <= len(bad) <= 0.1 * sum(N.values()) + 4
 
-    async with Session(campus) as d:
+    async with SiteDispatcher(campus) as d:
         tel0 = await d.fresh_telemetry()
         async with asyncio.timeout(60):
-            while (await d.fresh_telemetry())["devices"]["fault"] < len(bad):
+            while (await d.fresh_telemetry()).devices.fault < len(bad):
                 pass
         tel = await d.fresh_telemetry()
-        assert tel["devices"]["fault"] == len(bad)
-        assert tel["devices"]["on"] == sum(N.values()) - len(bad)
+        assert tel.devices.fault == len(bad)
+        assert tel.devices.on == sum(N.values()) - len(bad)
         # The cycle kept running while drivers waited on dead devices: at least half its
         # nominal 10 Hz over the fault period (lateness is measured by the ramp bench).
-        elapsed = _seconds(tel0["at"], tel["at"])
-        cycles = tel["cycle"]["count"] - tel0["cycle"]["count"]
+        elapsed = tel.at - tel0.at
+        cycles = tel.cycle.count - tel0.cycle.count
         assert cycles >= 0.5 * 10 * elapsed, (cycles, elapsed)
-        target = round(tel["measured_kw"] - 3000.0, 1)
+        target = round(wire_kw(tel.measured_w) - 3000.0, 1)
     await _step_and_settle(campus, target, window=40.0, bound=30.0)
 
     body = await campus.metrics()
@@ -143,7 +142,3 @@ async def test_ten_percent_misbehaving_is_isolated_and_the_rest_reach_the_target
     named = Counter(re.findall(r" (\S+): FAULT after", campus.daemon_log))
     assert len(lines) == len(bad) and set(named) == set(bad)
     assert max(named.values()) == 1
-
-
-def _seconds(a: str, b: str) -> float:
-    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()

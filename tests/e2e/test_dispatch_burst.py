@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from controller.dispatch import rfc3339, sign_dispatch
 from controller.journal import JournalReader
-from tests.e2e.harness import Dispatcher, Session, Site, run_site
+from controller.wire import Ack, rfc3339
+from controller.wire.signing import sign
+from tests.e2e.harness import Site, SiteDispatcher, run_site, wire_kw
 from tests.helpers import Mosquitto, until
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +81,7 @@ class Planned:
 
 
 def _signed(body: dict[str, Any], key: bytes = KEY) -> bytes:
-    return json.dumps({**body, "sig": sign_dispatch(body, key)}).encode()
+    return json.dumps({**body, "sig": sign(body, key)}).encode()
 
 
 def plan_burst(n: int, seed: int, first_seq: int) -> list[Planned]:
@@ -143,22 +144,22 @@ def site(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Site]:
         yield s
 
 
-async def _subscribed(d: Dispatcher, first_seq: int) -> int:
+async def _subscribed(d: SiteDispatcher, first_seq: int) -> int:
     """Send signed probes until one is acked (the daemon has subscribed); return the next seq."""
     seq = first_seq
     deadline = time.monotonic() + 30.0
-    while not any(str(a.get("id")).startswith(PROBE) for a in d.acks):
+    while not any(str(a.id).startswith(PROBE) for a in d.acks):
         assert d.site.daemon.poll() is None, d.site.daemon_log[-3000:]
         assert time.monotonic() < deadline, "the daemon never acked a probe dispatch"
         body = {"id": f"{PROBE}{seq}", "seq": seq, "issued_at": rfc3339(time.time())}
-        await d.publish(_signed({**body, "mode": "setpoint", "target_kw": 50.0}))
+        await d.publish_raw(_signed({**body, "mode": "setpoint", "target_kw": 50.0}))
         seq += 1
         await asyncio.sleep(0.5)
     return seq
 
 
 async def test_a_burst_of_10000_dispatches_loses_nothing(site: Site, tmp_path: Path) -> None:
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         first_seq = await _subscribed(d, time.time_ns() // 1000)
         plan = plan_burst(N, seed=6, first_seq=first_seq)
         last_valid = next(p for p in reversed(plan) if p.accepted)
@@ -177,15 +178,15 @@ async def test_a_burst_of_10000_dispatches_loses_nothing(site: Site, tmp_path: P
         await asyncio.gather(*sends)
         published_s = time.monotonic() - t0
 
-        def burst_acks() -> list[dict[str, Any]]:
-            return [a for a in d.acks if not str(a.get("id")).startswith(PROBE)]
+        def burst_acks() -> list[Ack]:
+            return [a for a in d.acks if not str(a.id).startswith(PROBE)]
 
         await until(lambda: len(burst_acks()) >= N, 30.0, interval=0.1, what="every ack")
         acked_s = time.monotonic() - t0
         print(f"\n{N} dispatches published in {published_s:.1f} s, all acked in {acked_s:.1f} s")
 
         tel = await until(
-            lambda: d.telemetry and d.telemetry[-1].get("target_kw") == last_valid.target_kw,
+            lambda: d.telemetry and wire_kw(d.telemetry[-1].target_w) == last_valid.target_kw,
             10.0,
             what=f"telemetry target {last_valid.target_kw} kW",
         )
@@ -193,8 +194,8 @@ async def test_a_burst_of_10000_dispatches_loses_nothing(site: Site, tmp_path: P
 
         acks = burst_acks()
         # Exactly one ack each, in publication order, with the expected decision.
-        assert [(a["id"], a["accepted"]) for a in acks] == [(p.id, p.accepted) for p in plan]
-        assert all(a["reason"] for a in acks if not a["accepted"])
+        assert [(a.id, a.accepted) for a in acks] == [(p.id, p.accepted) for p in plan]
+        assert all(a.reason for a in acks if not a.accepted)
 
     site.daemon.send_signal(signal.SIGTERM)  # the journal flushes on a clean stop
     assert await asyncio.to_thread(site.daemon.wait, 15) == 0

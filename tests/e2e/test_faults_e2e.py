@@ -19,7 +19,6 @@ import signal
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,8 @@ import numpy as np
 import pytest
 
 from controller.tools.truth import TruthTail, tolerance_kw
-from tests.e2e.harness import Dispatcher, Session, Site, run_site, spawn, truth_until
+from controller.wire import Status, Telemetry
+from tests.e2e.harness import Site, SiteDispatcher, run_site, spawn, truth_until, wire_kw
 from tests.helpers import Mosquitto, until
 
 pytestmark = pytest.mark.e2e
@@ -99,16 +99,17 @@ async def settled(tail: TruthTail, target: float, t_from: float, t_to: float) ->
     assert kw.size >= 5 and np.all(np.abs(kw - target) <= tol), (target, tol, kw)
 
 
-Check = Callable[[dict[str, Any]], bool]
-
-
-async def status_where(d: Dispatcher, ok: Check, within: float = 10.0) -> dict[str, Any]:
+async def status_where(
+    d: SiteDispatcher, ok: Callable[[Status], bool], within: float = 10.0
+) -> Status:
     """The latest status, once it passes `ok`."""
     await until(lambda: bool(d.status) and ok(d.status[-1]), within, interval=0.02, what="status")
     return d.status[-1]
 
 
-async def telemetry_where(d: Dispatcher, ok: Check, within: float = 15.0) -> dict[str, Any]:
+async def telemetry_where(
+    d: SiteDispatcher, ok: Callable[[Telemetry], bool], within: float = 15.0
+) -> Telemetry:
     """The first fresh telemetry that passes `ok`."""
     async with asyncio.timeout(within):
         while not ok(tel := await d.fresh_telemetry()):
@@ -124,15 +125,15 @@ async def test_broker_killed_mid_ramp_control_goes_on_and_the_link_comes_back(
 ) -> None:
     broker = module_mosquitto
     ramp_s = 3.0
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        lo, hi = tel["min_kw"], tel["max_kw"]
-        start = tel["measured_kw"]
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
+        start = wire_kw(tel.measured_w)
         target = round(lo + 0.3 * (hi - lo), 1)
         assert start - target > 1000, (start, target)
         tail = TruthTail(site.truth)
-        ack, t0 = await d.send(target_kw=target, ramp_s=ramp_s)
-        assert ack["accepted"] is True
+        ack, t0 = await d.send_acked(target_kw=target, ramp_s=ramp_s)
+        assert ack.accepted is True
     await truth_until(tail, t0 + 1.0, within=10)
 
     # SIGKILL: no goodbye from the broker, the retained status is gone with it (no
@@ -175,15 +176,16 @@ async def test_broker_killed_mid_ramp_control_goes_on_and_the_link_comes_back(
 
     # Status and telemetry resume; a newcomer then finds the status retained (the daemon
     # republished it: the restarted broker kept nothing).
-    async with Session(site) as d:
-        status = await status_where(d, lambda s: s["state"] == "online")
-        assert status["mode"] == "normal" and status["detail"] == "", status
-        tel = await d.fresh_telemetry(within=10)
-        assert tel["target_kw"] == pytest.approx(target)
-        assert tel["measured_source"] == "meter"
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
+        status = await status_where(d, lambda s: s.state == "online")
+        assert status.mode == "normal" and status.detail == "", status
+        # Telemetry queued while the broker was away arrives first, dated when it was made.
+        tel = await telemetry_where(d, lambda t: t.at >= t_back, within=10)
+        assert wire_kw(tel.target_w) == pytest.approx(target), tel
+        assert tel.measured_source == "meter"
+    async with SiteDispatcher(site) as d:
         status = await status_where(d, lambda s: True, within=2.0)
-        assert status["state"] == "online", status
+        assert status.state == "online", status
     print(
         f"reconnect gaps {np.round(gaps, 3)} s, mean of the capped {statistics.fmean(capped):.3f} s"
     )
@@ -195,35 +197,31 @@ async def test_broker_killed_mid_ramp_control_goes_on_and_the_link_comes_back(
 async def test_meter_silent_control_goes_on_on_device_telemetry_and_status_says_so(
     site: Site,
 ) -> None:
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        assert "meter" not in (await status_where(d, lambda s: True))["detail"]
-        lo, hi = tel["min_kw"], tel["max_kw"]
+        assert "meter" not in (await status_where(d, lambda s: True)).detail
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
         await site.sim_control("/meter", {"fault": "silent"})
         try:
-            status = await status_where(d, lambda s: "meter stale" in s["detail"])
-            assert status["state"] == "online" and status["mode"] == "normal", status
-            await telemetry_where(d, lambda t: t["measured_source"] == "estimate")
+            status = await status_where(d, lambda s: "meter stale" in s.detail)
+            assert status.state == "online" and status.mode == "normal", status
+            await telemetry_where(d, lambda t: t.measured_source == "estimate")
             # A new target, reached on device telemetry alone.
             target = round(lo + 0.7 * (hi - lo), 1)
             tail = TruthTail(site.truth)
-            ack, t0 = await d.send(target_kw=target)
-            assert ack["accepted"] is True
+            ack, t0 = await d.send_acked(target_kw=target)
+            assert ack.accepted is True
             await settled(tail, target, t0 + 3.0, t0 + 4.0)
             tel = await d.fresh_telemetry()
-            assert tel["measured_source"] == "estimate" and tel["target_kw"] == target
+            assert tel.measured_source == "estimate" and wire_kw(tel.target_w) == target
         finally:
             await site.sim_control("/meter", {"fault": "none"})
-        await status_where(d, lambda s: "meter" not in s["detail"])
-        await telemetry_where(d, lambda t: t["measured_source"] == "meter")
+        await status_where(d, lambda s: "meter" not in s.detail)
+        await telemetry_where(d, lambda t: t.measured_source == "meter")
     assert "site meter stale: controlling on device telemetry" in site.daemon_log
 
 
 # --- kill -9 of the daemon mid-ramp -----------------------------------------------------
-
-
-def unix(rfc3339: str) -> float:
-    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 def restart_daemon(site: Site, config: Path, log_name: str) -> Path:
@@ -238,44 +236,44 @@ async def test_sigkill_mid_ramp_and_restart_resumes_the_dispatch_from_the_journa
     site: Site,
 ) -> None:
     ramp_s = 6.0  # long enough that the new daemon usually comes up mid-ramp
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        lo, hi = tel["min_kw"], tel["max_kw"]
-        start = tel["measured_kw"]
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
+        start = wire_kw(tel.measured_w)
         target = round(lo + (0.2 if start > (lo + hi) / 2 else 0.8) * (hi - lo), 1)
         tail = TruthTail(site.truth)
-        ack, t0 = await d.send(target_kw=target, ramp_s=ramp_s)
-        assert ack["accepted"] is True
+        ack, t0 = await d.send_acked(target_kw=target, ramp_s=ramp_s)
+        assert ack.accepted is True
         await truth_until(tail, t0 + 1.5, within=10)
 
         site.daemon.send_signal(signal.SIGKILL)  # no goodbye, no journal close
         assert await asyncio.to_thread(site.daemon.wait, 10) == -signal.SIGKILL
         t_kill = time.time()
-        status = await status_where(d, lambda s: s["state"] == "offline")  # the will
-        assert status["detail"] == "connection lost"
+        status = await status_where(d, lambda s: s.state == "offline")  # the will
+        assert status.detail == "connection lost"
         log = restart_daemon(site, site.logs / "site.toml", "rampd-2.log")
-        await status_where(d, lambda s: s["state"] == "online", within=20)
+        await status_where(d, lambda s: s.state == "online", within=20)
         # No new dispatch: the target comes back from the journal, its ramp ending when it
         # would have without the kill, not ramp_s after the restart (the new daemon may come
         # up before or after that end).
         tel = await telemetry_where(
-            d, lambda t: t["devices"]["on"] == N_LOADS and t["target_kw"] == target, within=20
+            d, lambda t: t.devices.on == N_LOADS and wire_kw(t.target_w) == target, within=20
         )
         t_up = time.time()
-        assert tel["mode"] == "normal", tel
-        after_kill = [t for t in d.telemetry if unix(t["at"]) > t_kill]
+        assert tel.mode == "normal", tel
+        after_kill = [t for t in d.telemetry if t.at > t_kill]
         first = after_kill[0]
-        reached = next(t for t in after_kill if t["target_kw"] == target)
+        reached = next(t for t in after_kill if wire_kw(t.target_w) == target)
         ramp_end = t0 + ramp_s
-        if unix(first["at"]) >= ramp_end + 0.5:  # telemetry carries the last cycle's target
+        if first.at >= ramp_end + 0.5:  # telemetry carries the last cycle's target
             assert first is reached, (first, reached)
         else:  # mid-ramp: on the way to the target, not back at the start, and on time
             lo_kw, hi_kw = sorted((start, target))
-            assert lo_kw <= first["target_kw"] <= hi_kw, (start, first, target)
+            assert lo_kw <= wire_kw(first.target_w) <= hi_kw, (start, first, target)
             # Within a telemetry period (1 s) of the ramp's end; a ramp begun over at the
             # restart would end ramp_s after it, 1.5 s or more later.
-            assert unix(reached["at"]) < ramp_end + 1.3, (ramp_end, reached)
-    assert f"resumed {ack['id']} seq {ack['seq']}" in log.read_text()
+            assert reached.at < ramp_end + 1.3, (ramp_end, reached)
+    assert f"resumed {ack.id} seq {ack.seq}" in log.read_text()
 
     # Mid-ramp at the kill; devices held their setpoints while no daemon ran; the new one
     # carried on to the target without first bumping back towards where the ramp began.
@@ -293,11 +291,11 @@ async def test_sigkill_mid_ramp_and_restart_resumes_the_dispatch_from_the_journa
 # --- devices silent ---------------------------------------------------------------------
 
 
-async def silence(site: Site, d: Dispatcher, names: list[str]) -> dict[str, Any]:
+async def silence(site: Site, d: SiteDispatcher, names: list[str]) -> Telemetry:
     """Silence `names` (cumulative); return telemetry from after all of them went to fault."""
     picked = await site.sim_control("/faults", {"fault": "silent", "devices": names})
     assert picked["applied"] == names
-    await telemetry_where(d, lambda t: t["devices"]["fault"] == len(names), within=30)
+    await telemetry_where(d, lambda t: t.devices.fault == len(names), within=30)
     # Counts are read at publication, capability at the cycle before: one more for both.
     return await d.fresh_telemetry()
 
@@ -308,42 +306,43 @@ async def test_silent_devices_the_rest_carry_the_target_and_capability_drops(
     rows = await site.sim_control("/devices")
     names = [r["name"] for r in rows]
     per_device_kw = 225.0  # modbus-load: 25..250 kW
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        span0 = tel["max_kw"] - tel["min_kw"]
+        span0 = wire_kw(tel.max_w) - wire_kw(tel.min_w)
         try:
             # 10% silent: 2 of 20. Their span leaves the capability; a target inside what
             # the rest can do is still met.
             tel = await silence(site, d, names[:2])
-            span = tel["max_kw"] - tel["min_kw"]
+            span = wire_kw(tel.max_w) - wire_kw(tel.min_w)
             assert span == pytest.approx(span0 - 2 * per_device_kw, abs=60), (span0, span)
-            assert tel["devices"]["on"] == N_LOADS - 2
-            target = round(tel["min_kw"] + 0.4 * span, 1)
+            assert tel.devices.on == N_LOADS - 2
+            target = round(wire_kw(tel.min_w) + 0.4 * span, 1)
             tail = TruthTail(site.truth)
-            ack, t0 = await d.send(target_kw=target)
-            assert ack["accepted"] is True
+            ack, t0 = await d.send_acked(target_kw=target)
+            assert ack.accepted is True
             await settled(tail, target, t0 + 2.5, t0 + 3.5)
 
             # 50% silent: 10 of 20. Asked for less than the rest can shed, every one that
             # still answers goes to its minimum and the site sits at the reduced floor.
             tel = await silence(site, d, names[:10])
-            span = tel["max_kw"] - tel["min_kw"]
+            span = wire_kw(tel.max_w) - wire_kw(tel.min_w)
             assert span == pytest.approx(span0 - 10 * per_device_kw, abs=150), (span0, span)
-            target = round(max(tel["min_kw"] - 500.0, SITE_MIN_KW), 1)
-            assert tel["min_kw"] - target >= 300, tel
+            target = round(max(wire_kw(tel.min_w) - 500.0, SITE_MIN_KW), 1)
+            assert wire_kw(tel.min_w) - target >= 300, tel
             tail = TruthTail(site.truth)
-            ack, t0 = await d.send(target_kw=target)
-            assert ack["accepted"] is True
+            ack, t0 = await d.send_acked(target_kw=target)
+            assert ack.accepted is True
             await truth_until(tail, t0 + 3.0, within=10)
             rows = await site.sim_control("/devices")
             rest = [r["power_w"] for r in rows if r["name"] not in names[:10]]
             assert max(rest) <= 25e3 + 1e3, rest  # modbus-load minimum: 25 kW
             tel = await d.fresh_telemetry()
-            assert tel["saturated"] == -1 and tel["target_kw"] == target, tel  # at the floor
+            assert tel.saturated == -1 and wire_kw(tel.target_w) == target, tel  # at the floor
             # The floor reported (silent rows' power now counted as fixed load) is the true one.
             await truth_until(tail, time.time(), within=5)
             now_kw = float(tail.arrays()[1][-1])
-            assert tel["min_kw"] == pytest.approx(now_kw, abs=tolerance_kw(now_kw, SITE_MAX_KW))
+            tol = tolerance_kw(now_kw, SITE_MAX_KW)
+            assert wire_kw(tel.min_w) == pytest.approx(now_kw, abs=tol)
         finally:
             await site.sim_control("/faults", {"fault": "none", "fraction": 1.0})
 
@@ -352,12 +351,12 @@ async def test_silent_devices_the_rest_carry_the_target_and_capability_drops(
 
 
 @contextlib.asynccontextmanager
-async def heartbeats(d: Dispatcher, period_s: float = 0.5) -> AsyncIterator[None]:
+async def heartbeats(d: SiteDispatcher, period_s: float = 0.5) -> AsyncIterator[None]:
     """The dispatcher's heartbeat while the block runs: it keeps the failsafe away."""
 
     async def beat() -> None:
         while True:
-            await d.client.publish(f"{d.site.root}/heartbeat", b"{}", qos=1)
+            await d.heartbeat()
             await asyncio.sleep(period_s)
 
     task = asyncio.create_task(beat())
@@ -375,38 +374,38 @@ async def test_dispatcher_silent_failsafe_min_applies_within_a_second_until_a_ne
     config = site.logs / "failsafe.toml"
     text = site_config(site.logs / "journal.sqlite", MIN_AFTER_SILENCE)
     config.write_text(text.format(broker_port=site.broker[1], metrics_port=site.metrics_port))
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         await d.all_devices_on()  # up and handling SIGTERM (when this test runs alone)
     site.daemon.terminate()
     assert await asyncio.to_thread(site.daemon.wait, 15) == 0
     restart_daemon(site, config, "rampd-3.log")
 
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        lo, hi = tel["min_kw"], tel["max_kw"]
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
         high, mid = round(lo + 0.8 * (hi - lo), 1), round(lo + 0.5 * (hi - lo), 1)
         async with heartbeats(d):
-            ack, t0 = await d.send(target_kw=high)
-            assert ack["accepted"] is True
+            ack, t0 = await d.send_acked(target_kw=high)
+            assert ack.accepted is True
             tail = TruthTail(site.truth)
             await settled(tail, high, t0 + 3.5, t0 + 4.0)
         # Silence from a last dispatch (the same target again): the failsafe starts
         # dispatch_timeout_s after it was accepted (between t0 and t_ack) and the status
         # says so within a second.
-        ack, t0 = await d.send(target_kw=high)
+        ack, t0 = await d.send_acked(target_kw=high)
         t_ack = time.time()
-        assert ack["accepted"] is True
-        status = await status_where(d, lambda s: s["mode"] == "failsafe", within=10)
+        assert ack.accepted is True
+        status = await status_where(d, lambda s: s.mode == "failsafe", within=10)
         t_fs = time.time()
         early, late = t_fs - t_ack - FAILSAFE_TIMEOUT_S, t_fs - t0 - FAILSAFE_TIMEOUT_S
         print(f"failsafe status {early:.3f}..{late:.3f} s after the timeout")
         assert late >= 0 and early <= 1.0, (early, late)
-        assert status["state"] == "online"
-        assert status["detail"] == (
+        assert status.state == "online"
+        assert status.detail == (
             f"no dispatch or heartbeat for {FAILSAFE_TIMEOUT_S:g} s; policy min"
         )
-        tel = await telemetry_where(d, lambda t: t["mode"] == "failsafe")
-        assert tel["target_kw"] == SITE_MIN_KW
+        tel = await telemetry_where(d, lambda t: t.mode == "failsafe")
+        assert wire_kw(tel.target_w) == SITE_MIN_KW
         # The site leaves `high` at once (dead time and ramp rates allowing) and settles on
         # the policy's target.
         await truth_until(tail, t_fs + 1.0, within=10)
@@ -416,10 +415,10 @@ async def test_dispatcher_silent_failsafe_min_applies_within_a_second_until_a_ne
 
         # A new valid dispatch ends it.
         async with heartbeats(d):
-            ack, t1 = await d.send(target_kw=mid)
-            assert ack["accepted"] is True
-            status = await status_where(d, lambda s: s["mode"] == "normal")
-            assert status["detail"] == ""
+            ack, t1 = await d.send_acked(target_kw=mid)
+            assert ack.accepted is True
+            status = await status_where(d, lambda s: s.mode == "normal")
+            assert status.detail == ""
             await settled(tail, mid, t1 + 5.0, t1 + 6.0)
             tel = await d.fresh_telemetry()
-            assert tel["mode"] == "normal" and tel["target_kw"] == mid
+            assert tel.mode == "normal" and wire_kw(tel.target_w) == mid

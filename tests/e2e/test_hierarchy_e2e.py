@@ -28,7 +28,8 @@ import pytest
 from controller.ramp_score import RampRecord, score_series
 from controller.tools.broker import find_mosquitto, free_port
 from controller.tools.truth import TruthTail, tolerance_kw
-from tests.e2e.harness import Site, dispatch, run_site, spawn, stop, truth_until
+from controller.wire import Dispatch
+from tests.e2e.harness import Site, run_site, spawn, stop, truth_until
 from tests.helpers import Mosquitto, until
 
 pytestmark = pytest.mark.e2e
@@ -232,7 +233,8 @@ async def _send(w: Watch, target_kw: float) -> float:
     """A setpoint dispatch to the parent; its publication time once it is accepted."""
     seq = time.time_ns() // 1000
     t0 = time.time()
-    await w.client.publish("rampd/campus/dispatch", json.dumps(dispatch(seq, target_kw=target_kw)))
+    body = Dispatch(f"e2e-{seq}", seq, time.time(), "setpoint", target_kw * 1e3)
+    await w.client.publish("rampd/campus/dispatch", body.encode())
     ack = await until(
         lambda: next((b for _, _, s, b in w.seen if s == "ack" and b.get("seq") == seq), {}),
         5.0,

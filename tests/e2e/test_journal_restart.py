@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Session, Site, dispatch, run_site, spawn
+from tests.e2e.harness import Site, SiteDispatcher, dispatch, run_site, spawn, wire_kw
 from tests.helpers import Mosquitto
 
 pytestmark = pytest.mark.e2e
@@ -65,27 +65,27 @@ async def test_restart_resumes_the_last_dispatch_and_refuses_its_replay(
     site: Site, tmp_path: Path
 ) -> None:
     seq = time.time_ns() // 1000
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         await d.all_devices_on()
-        await d.publish(json.dumps(dispatch(seq, target_kw=TARGET_KW)))
+        await d.publish_raw(json.dumps(dispatch(seq, target_kw=TARGET_KW)))
         ack = await d.ack_for(f"e2e-{seq}")
-        assert ack["accepted"], ack
+        assert ack.accepted, ack
         tel = await d.fresh_telemetry()
-        assert tel["target_kw"] == TARGET_KW
+        assert wire_kw(tel.target_w) == TARGET_KW
 
     site.daemon.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(site.daemon.wait, 15) == 0
     site.daemon = spawn(["run", "-c", str(tmp_path / "site.toml")], tmp_path / "rampd-2.log")
 
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         # No new dispatch: the target comes from the journal.
         tel = await d.all_devices_on()
         tel = await d.fresh_telemetry()
-        assert tel["target_kw"] == TARGET_KW and tel["mode"] == "normal", tel
+        assert wire_kw(tel.target_w) == TARGET_KW and tel.mode == "normal", tel
         # The same seq again, freshly issued: still a replay.
-        await d.publish(json.dumps(dispatch(seq, target_kw=1000.0)))
+        await d.publish_raw(json.dumps(dispatch(seq, target_kw=1000.0)))
         ack = await d.ack_for(f"e2e-{seq}")
-        assert not ack["accepted"] and "replay" in ack["reason"], ack
+        assert not ack.accepted and "replay" in ack.reason, ack
 
     log2 = (tmp_path / "rampd-2.log").read_text()
     assert f"resumed e2e-{seq} seq {seq}" in log2

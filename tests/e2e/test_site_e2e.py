@@ -16,7 +16,8 @@ import pytest
 
 from controller.ramp_score import score_series
 from controller.tools.truth import TruthTail, tolerance_kw
-from tests.e2e.harness import Session, Site, dispatch, iso, run_site, truth_until
+from controller.wire.telemetry import SleepReport
+from tests.e2e.harness import Site, SiteDispatcher, dispatch, iso, run_site, truth_until, wire_kw
 from tests.helpers import Mosquitto
 
 pytestmark = pytest.mark.e2e
@@ -61,14 +62,14 @@ def site(module_mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) 
 
 
 async def test_setpoint_settles_on_ground_truth_with_ack_and_telemetry(site: Site) -> None:
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        lo, hi = tel["min_kw"], tel["max_kw"]
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
         assert 0 < lo < hi <= SITE_MAX_KW
         target = round(lo + 0.3 * (hi - lo), 1)
         tail = TruthTail(site.truth)
-        ack, t0 = await d.send(target_kw=target)
-        assert ack["accepted"] is True and ack["reason"] == ""
+        ack, t0 = await d.send_acked(target_kw=target)
+        assert ack.accepted is True and ack.reason == ""
 
         window = 14.0
         await truth_until(tail, t0 + window, within=window + 15)
@@ -82,18 +83,18 @@ async def test_setpoint_settles_on_ground_truth_with_ack_and_telemetry(site: Sit
         assert fig.settle_s is not None and fig.settle_s <= 10.0, fig
 
         tel = await d.fresh_telemetry()
-        assert tel["target_kw"] == pytest.approx(target)
-        assert tel["measured_kw"] == pytest.approx(target, abs=tol)
-        assert set(tel["capability"]["up_kw"]) == {"1s", "5s", "60s"}
-        assert tel["capability"]["up_kw"]["5s"] > 0
+        assert wire_kw(tel.target_w) == pytest.approx(target)
+        assert wire_kw(tel.measured_w) == pytest.approx(target, abs=tol)
+        assert tel.capability is not None and tel.capability.horizons_s == (1.0, 5.0, 60.0)
+        assert (tel.capability.within(5.0)[0] or 0.0) > 0
         # The fast reserve asked for is held (and reported); the site sits in its band, so
         # the physical minimum to the target is nothing; no device sleeps.
-        assert tel["reserve"]["up_kw_5s"] == 500.0
-        assert tel["reserve"]["up_held_kw"] >= 500.0
-        assert tel["physical_min_s"] is not None and tel["physical_min_s"] <= 1.0
-        assert tel["sleep"] == {"parked": 0, "waking": 0}
-        assert tel["mode"] == "normal"
-        assert d.status and d.status[-1]["state"] == "online"
+        assert tel.reserve is not None and tel.reserve.up_kw_5s == 500.0
+        assert (wire_kw(tel.reserve.up_held_w) or 0.0) >= 500.0
+        assert tel.physical_min_s is not None and tel.physical_min_s <= 1.0
+        assert tel.sleep == SleepReport(parked=0, waking=0)
+        assert tel.mode == "normal"
+        assert d.status and d.status[-1].online
 
         body = await site.metrics()
         for name in (
@@ -136,37 +137,37 @@ BAD_DISPATCHES: list[tuple[str, Any]] = [
 
 
 async def test_bad_dispatches_are_rejected_with_a_reason_and_change_nothing(site: Site) -> None:
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         tel = await d.all_devices_on()
-        lo, hi = tel["min_kw"], tel["max_kw"]
+        lo, hi = wire_kw(tel.min_w), wire_kw(tel.max_w)
         good = round(lo + 0.6 * (hi - lo), 1)
-        ack, _ = await d.send(target_kw=good)
-        assert ack["accepted"] is True
-        seq = int(ack["seq"])
+        ack, _ = await d.send_acked(target_kw=good)
+        assert ack.accepted is True
+        seq = int(ack.seq)
 
         for i, (name, build) in enumerate(BAD_DISPATCHES, start=1):
             n_acks = len(d.acks)
-            await d.publish(build(seq + i))
+            await d.publish_raw(build(seq + i))
             async with asyncio.timeout(5):
                 while len(d.acks) == n_acks:
                     await asyncio.sleep(0.02)
             ack = d.acks[-1]
-            assert ack["accepted"] is False, (name, ack)
-            assert isinstance(ack["reason"], str) and len(ack["reason"]) > 3, (name, ack)
+            assert ack.accepted is False, (name, ack)
+            assert isinstance(ack.reason, str) and len(ack.reason) > 3, (name, ack)
         assert len(d.acks) == len(BAD_DISPATCHES) + 1  # exactly one ack each
 
         assert site.daemon.poll() is None
         tel = await d.fresh_telemetry()
-        assert tel["target_kw"] == pytest.approx(good)
+        assert wire_kw(tel.target_w) == pytest.approx(good)
         body = await site.metrics()
         assert 'rampd_dispatches_total{reason="replay",result="rejected"} 1.0' in body
 
 
 async def test_sigterm_publishes_offline_and_exits_cleanly(site: Site) -> None:
-    async with Session(site) as d:
+    async with SiteDispatcher(site) as d:
         await d.all_devices_on()
         site.daemon.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
-            while not (d.status and d.status[-1]["state"] == "offline"):
+            while not (d.status and not d.status[-1].online):
                 await asyncio.sleep(0.05)
         assert site.daemon.wait(10) == 0

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,9 +16,10 @@ import aiomqtt
 import pytest
 
 from controller.config import ConfigError, MqttConfig
-from controller.dispatch import MqttLink
+from controller.mqtt_link import MqttLink
 from tests.helpers import Mosquitto, until
 
+ONE_FORMAT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 ROOT = "rampd/test"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +43,13 @@ class Recorder:
     def on_heartbeat(self, payload: bytes) -> None:
         self.heartbeats.append(payload)
 
+
+def _without_at(payload: bytes) -> dict[str, Any]:
+    """A status as JSON, its time checked for the one format and then left out: the tests
+    compare what it says."""
+    parsed: dict[str, Any] = json.loads(payload)
+    assert ONE_FORMAT.fullmatch(parsed.pop("at")), payload
+    return parsed
 
 class Dispatcher:
     """The grid side: subscribes to everything under ROOT and records what arrives."""
@@ -73,14 +82,14 @@ class Dispatcher:
         return [p for t, p, _ in self.got if t == f"{ROOT}/{suffix}"]
 
     def statuses(self) -> list[dict[str, Any]]:
-        return [json.loads(p) for p in self.payloads("status")]
+        return [_without_at(p) for p in self.payloads("status")]
 
     def retained_status(self) -> dict[str, Any] | None:
         for t, p, retained in self.got:
             if t == f"{ROOT}/status" and retained:
-                parsed: dict[str, Any] = json.loads(p)
-                return parsed
+                return _without_at(p)
         return None
+
 
     async def publish(self, suffix: str, payload: bytes) -> None:
         await self.client.publish(f"{ROOT}/{suffix}", payload, qos=1)
@@ -189,7 +198,7 @@ async def test_status_retained_online_follows_mode_and_goes_offline_on_clean_sto
 CHILD = """
 import asyncio, sys
 from controller.config import MqttConfig
-from controller.dispatch import MqttLink
+from controller.mqtt_link import MqttLink
 
 async def main() -> None:
     cfg = MqttConfig(host=sys.argv[1], port=int(sys.argv[2]), keepalive_s=5)

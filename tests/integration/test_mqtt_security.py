@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.app import Daemon
 from controller.config import MqttConfig, TlsConfig, load_config
-from controller.dispatch import MqttLink
+from controller.mqtt_link import MqttLink
 from controller.tools.broker import find_mosquitto, free_port
 from tests.e2e.harness import dispatch
 from tests.helpers import CertAuthority, Mosquitto, cancel_and_wait, until

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceAccess, MqttConfig, SiteLimits
-from controller.dispatch import DispatchRejected, ack_payload, parse_dispatch, status_payload
 from controller.fleet import DeviceState, Fleet
+from controller.wire import Ack, Dispatch, DispatchRejected, Status, rfc3339
 from drivers.zone.client import ZoneDriver
 from tests.helpers import CommandLog, Mosquitto, cancel_and_wait, device_spec, until
 
@@ -44,7 +44,7 @@ class FakeZone:
                 self.heartbeats += 1
                 continue
             try:
-                d = parse_dispatch(
+                d = Dispatch.decode(
                     payload,
                     now_unix=time.time(),
                     last_seq=self.last_seq,
@@ -52,17 +52,20 @@ class FakeZone:
                     hmac_key=KEY,
                 )
             except DispatchRejected as exc:
-                ack = ack_payload(exc.id, exc.seq, False, exc.reason)
+                ack = Ack(exc.id, exc.seq, False, exc.reason, time.time()).encode()
             else:
                 if self.accept:
                     self.last_seq = d.seq
                     self.targets_kw.append(d.target_w / 1e3)
                 reason = "" if self.accept else "target_kw above site maximum"
-                ack = ack_payload(d.id, d.seq, self.accept, reason)
+                ack = Ack(d.id, d.seq, self.accept, reason, time.time()).encode()
             await self.client.publish(f"{self.root}/ack", ack, qos=1)
 
     async def telemetry(self, measured_kw: float, **over: Any) -> None:
         body = {
+            "at": rfc3339(time.time()),
+            "mode": "normal",
+            "devices": {"on": 1},
             "measured_kw": measured_kw,
             "target_kw": measured_kw,
             "min_kw": 100.0,
@@ -74,7 +77,7 @@ class FakeZone:
         await self.client.publish(f"{self.root}/telemetry", json.dumps(body), qos=1)
 
     async def status(self, online: bool) -> None:
-        payload = status_payload("online" if online else "offline", "normal", "")
+        payload = Status("online" if online else "offline", "normal", "", time.time()).encode()
         await self.client.publish(f"{self.root}/status", payload, qos=1, retain=True)
 
 

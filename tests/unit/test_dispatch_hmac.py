@@ -15,15 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.config import ConfigError, SiteLimits, load_config
-from controller.dispatch import (
-    REJECT_CODES,
-    Dispatch,
-    DispatchRejected,
-    canonical_bytes,
-    parse_dispatch,
-    rfc3339,
-    sign_dispatch,
-)
+from controller.wire import Dispatch, DispatchRejected, rfc3339
+from controller.wire.dispatch import REJECT_CODES
+from controller.wire.signing import canonical_bytes, sign
 
 LIMITS = SiteLimits(min_kw=1000.0, max_kw=14000.0, max_issued_age_s=30.0)
 NOW = 1_714_564_800.0  # 2024-05-01T12:00:00Z
@@ -59,7 +53,7 @@ def parse(
     now: float = NOW,
 ) -> Dispatch:
     payload = json.dumps(obj, ensure_ascii=False).encode()
-    return parse_dispatch(
+    return Dispatch.decode(
         payload, now_unix=now, last_seq=last_seq, limits=LIMITS, replay=replay, hmac_key=key
     )
 
@@ -77,9 +71,9 @@ def test_code_is_a_metrics_label() -> None:
     assert "bad_signature" in REJECT_CODES
 
 
-def test_readme_recipe_matches_sign_dispatch() -> None:
+def test_readme_recipe_matches_sign() -> None:
     obj = msg()
-    assert signed(obj)["sig"] == sign_dispatch(obj, KEY)
+    assert signed(obj)["sig"] == sign(obj, KEY)
     assert canonical_bytes(signed(obj)) == canonical_bytes(obj)
 
 
@@ -163,7 +157,7 @@ def test_journal_replay_verifies_again() -> None:
 def test_lone_surrogate_is_rejected_not_raised() -> None:
     payload = json.dumps({**msg(id="\ud800"), "sig": "ab" * 32}).encode()  # ASCII escapes
     with pytest.raises(DispatchRejected) as info:
-        parse_dispatch(payload, now_unix=NOW, last_seq=None, limits=LIMITS, hmac_key=KEY)
+        Dispatch.decode(payload, now_unix=NOW, last_seq=None, limits=LIMITS, hmac_key=KEY)
     assert info.value.code == "bad_signature"
 
 
@@ -211,7 +205,7 @@ def test_signed_valid_dispatch_accepted_and_tampered_rejected(target_kw: float, 
 @given(data=st.binary(max_size=300))
 def test_arbitrary_payload_never_raises_other(data: bytes) -> None:
     try:
-        parse_dispatch(data, now_unix=NOW, last_seq=None, limits=LIMITS, hmac_key=KEY)
+        Dispatch.decode(data, now_unix=NOW, last_seq=None, limits=LIMITS, hmac_key=KEY)
     except DispatchRejected as exc:
         assert exc.code in REJECT_CODES
 

@@ -12,15 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.config import SiteLimits
-from controller.dispatch import (
-    MAX_PAYLOAD_BYTES,
-    REJECT_CODES,
-    Dispatch,
-    DispatchRejected,
-    ack_payload,
-    parse_dispatch,
-    rfc3339,
-)
+from controller.wire import MAX_PAYLOAD_BYTES, Ack, Dispatch, DispatchRejected, rfc3339
+from controller.wire.dispatch import REJECT_CODES
 
 LIMITS = SiteLimits(min_kw=1000.0, max_kw=14000.0, max_issued_age_s=30.0)
 NOW = 1_714_564_800.0  # 2024-05-01T12:00:00Z
@@ -47,7 +40,7 @@ _DROP = object()
 
 def parse(obj: Any, *, last_seq: int | None = None, raw: bytes | None = None) -> Dispatch:
     payload = raw if raw is not None else json.dumps(obj).encode()
-    return parse_dispatch(payload, now_unix=NOW, last_seq=last_seq, limits=LIMITS)
+    return Dispatch.decode(payload, now_unix=NOW, last_seq=last_seq, limits=LIMITS)
 
 
 def rejected(obj: Any, *, last_seq: int | None = None, raw: bytes | None = None) -> str:
@@ -230,7 +223,7 @@ def test_rejection_names_the_dispatch_when_it_can() -> None:
 
 
 def test_ack_payload() -> None:
-    body = json.loads(ack_payload("d-1", 10, False, "target_kw above site maximum", now_unix=NOW))
+    body = json.loads(Ack("d-1", 10, False, "target_kw above site maximum", NOW).encode())
     assert body == {
         "id": "d-1",
         "seq": 10,
@@ -238,7 +231,7 @@ def test_ack_payload() -> None:
         "reason": "target_kw above site maximum",
         "at": "2024-05-01T12:00:00.000Z",
     }
-    assert json.loads(ack_payload(None, None, False, "payload not JSON"))["id"] is None
+    assert json.loads(Ack(None, None, False, "payload not JSON", NOW).encode())["id"] is None
 
 
 # --- properties ----------------------------------------------------------------------------
@@ -293,7 +286,7 @@ dispatch_like = st.builds(
 
 def _check(payload: bytes, last_seq: int | None = None) -> Dispatch | None:
     try:
-        d = parse_dispatch(payload, now_unix=NOW, last_seq=last_seq, limits=LIMITS)
+        d = Dispatch.decode(payload, now_unix=NOW, last_seq=last_seq, limits=LIMITS)
     except DispatchRejected as exc:
         assert exc.reason and exc.code in REJECT_CODES
         return None

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 from controller.config import SiteLimits
-from controller.dispatch import Dispatch, DispatchRejected, parse_dispatch, rfc3339
 from controller.journal import (
     EVENT_DISPATCH_DROPPED,
     SCHEMA_VERSION,
@@ -29,6 +28,7 @@ from controller.journal import (
     TelemetrySample,
     default_journal_path,
 )
+from controller.wire import Dispatch, DispatchRejected, rfc3339
 
 LIMITS = SiteLimits(min_kw=0.0, max_kw=3000.0)
 DAY = 86400.0
@@ -65,14 +65,14 @@ def payload(seq: int, at: float, **fields: Any) -> bytes:
 def accept(j: Journal, seq: int, at: float, **fields: Any) -> bytes:
     """Parse a real payload at `at` (the daemon's path) and journal the accepted dispatch."""
     raw = payload(seq, at, **fields)
-    d = parse_dispatch(raw, now_unix=at, last_seq=None, limits=LIMITS)
+    d = Dispatch.decode(raw, now_unix=at, last_seq=None, limits=LIMITS)
     j.record_dispatch(at, raw, d)
     return raw
 
 
 def reject(j: Journal, raw: bytes, at: float, last_seq: int | None = None) -> DispatchRejected:
     with pytest.raises(DispatchRejected) as info:
-        parse_dispatch(raw, now_unix=at, last_seq=last_seq, limits=LIMITS)
+        Dispatch.decode(raw, now_unix=at, last_seq=last_seq, limits=LIMITS)
     j.record_dispatch(at, raw, info.value)
     return info.value
 
@@ -372,7 +372,7 @@ def test_resume_the_latest_accepted_dispatch(journal: Journal) -> None:
     assert journal.last_valid_dispatch(t + 30) == (b,)
     assert journal.last_seq() == 2  # rejected seqs do not count
     # The payload is the raw bytes as received: the daemon parses it again.
-    d = parse_dispatch(b, now_unix=t + 10, last_seq=None, limits=LIMITS)
+    d = Dispatch.decode(b, now_unix=t + 10, last_seq=None, limits=LIMITS)
     assert isinstance(d, Dispatch) and d.seq == 2
 
 

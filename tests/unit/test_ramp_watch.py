@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from controller.config import FailsafeConfig, SiteLimits
-from controller.dispatch import Dispatch
 from controller.journal import Journal, RampRecord
 from controller.ramp_score import RampScorer, tolerance_w
 from controller.ramp_watch import RampWatch
 from controller.target import TargetTracker
+from controller.wire import Dispatch
 
 LIMITS = SiteLimits(min_kw=0.0, max_kw=3000.0)
 MAX_W = 3e6

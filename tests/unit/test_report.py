@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from controller.config import SiteLimits
-from controller.dispatch import DispatchRejected, parse_dispatch, rfc3339
 from controller.journal import Journal, TelemetrySample
 from controller.ramp_score import RampScorer, score_series, tolerance_w
 from controller.tools.commands import add_report_parser
@@ -31,6 +30,7 @@ from controller.tools.report import (
     write_run,
 )
 from controller.tools.truth import read_truth
+from controller.wire import Dispatch, DispatchRejected, rfc3339
 
 SITE_MAX_KW = 2500.0
 LIMITS = SiteLimits(min_kw=0.0, max_kw=SITE_MAX_KW)
@@ -107,7 +107,7 @@ def site_journal(tmp_path: Path) -> JournalRun:
             if rel in script:
                 raw = dispatch_payload(len(script) + k, t, **script[rel])
                 try:
-                    d = parse_dispatch(raw, now_unix=t, last_seq=last_seq, limits=LIMITS)
+                    d = Dispatch.decode(raw, now_unix=t, last_seq=last_seq, limits=LIMITS)
                 except DispatchRejected as exc:
                     j.record_dispatch(t, raw, exc)
                     j.record_ack(t, exc.id, exc.seq, False, exc.reason)

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from controller.config import FailsafeConfig, FailsafePolicy, SiteLimits
-from controller.dispatch import Dispatch, DispatchRejected, parse_dispatch, rfc3339
 from controller.journal import EVENT_DISPATCH_DROPPED, Journal
 from controller.target import TargetTracker, resumed
+from controller.wire import Dispatch, DispatchRejected, rfc3339
 
 LIMITS = SiteLimits(min_kw=0.0, max_kw=3000.0)
 MONO0 = 1000.0  # the live tracker's monotonic axis differs from the unix one
@@ -194,7 +194,7 @@ def _live(case: Case, journal: Journal, base: float) -> TargetTracker:
         else:
             assert d.at < case.stop
             raw = _payload(d, base)
-            parsed = parse_dispatch(
+            parsed = Dispatch.decode(
                 raw, now_unix=base + d.at, last_seq=tracker.last_seq, limits=LIMITS
             )
             tracker.accept(parsed, MONO0 + d.at, base + d.at)
@@ -229,7 +229,7 @@ def test_resume_agrees_with_the_live_tracker(case: Case, tmp_path: Path) -> None
     fresh = TargetTracker(LIMITS, FailsafeConfig(), LIMITS.max_kw * 1e3, now_mono=5.0)
     for raw in chain:
         try:
-            d = parse_dispatch(
+            d = Dispatch.decode(
                 raw, now_unix=now_unix, last_seq=fresh.last_seq, limits=LIMITS, replay=True
             )
         except DispatchRejected:

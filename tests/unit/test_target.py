@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.config import FailsafeConfig, SiteLimits
-from controller.dispatch import Dispatch
 from controller.target import TargetTracker
+from controller.wire import Dispatch
 
 LIMITS = SiteLimits(min_kw=1000.0, max_kw=14000.0)
 MAX_W, MIN_W = 14e6, 1e6

@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 
 from controller.config import SiteLimits
-from controller.dispatch import canonical_bytes, parse_dispatch
 from controller.fleet import Fleet
-from drivers.zone.wire import (
-    derive_dynamics,
-    dispatch_payload,
-    parse_ack,
-    parse_status,
-    parse_telemetry,
-)
+from controller.wire import Ack, Dispatch, Status
+from controller.wire.signing import canonical_bytes
+from drivers.zone.dynamics import derive_dynamics, zone_telemetry
 from tests.helpers import device_spec
 
 
 def _tel(**over: Any) -> bytes:
     body: dict[str, Any] = {
+        "at": "2024-05-01T12:00:00.000Z",
+        "mode": "normal",
+        "devices": {"on": 1},
         "measured_kw": 500.0,
         "target_kw": 500.0,
         "min_kw": 100.0,
@@ -41,9 +39,11 @@ def _tel(**over: Any) -> bytes:
 
 
 def test_telemetry_in_si_units() -> None:
-    tel = parse_telemetry(_tel())
+    tel = zone_telemetry(_tel())
     assert tel.measured_w == 500e3 and tel.min_w == 100e3 and tel.max_w == 800e3
-    assert tel.up_w == (120e3, 300e3) and tel.down_w == (240e3, 400e3)
+    assert tel.capability is not None
+    assert tel.capability.within(1.0) == (120e3, 240e3)
+    assert tel.capability.within(5.0) == (300e3, 400e3)
     assert tel.physical_min_s == 0.0
 
 
@@ -65,34 +65,29 @@ def test_telemetry_in_si_units() -> None:
 )
 def test_bad_telemetry_is_a_value_error(payload: bytes) -> None:
     with pytest.raises(ValueError):
-        parse_telemetry(payload)
+        zone_telemetry(payload)
 
 
 def test_status_and_ack() -> None:
-    assert parse_status(b'{"state": "offline", "mode": null, "detail": "connection lost"}') == (
-        False,
-        "connection lost",
-    )
-    assert parse_ack(b'{"id": "z-1", "seq": 1, "accepted": false, "reason": "stale"}') == (
-        "z-1",
-        False,
-        "stale",
-    )
+    status = Status.decode(b'{"state": "offline", "mode": null, "detail": "connection lost"}')
+    assert (status.online, status.detail) == (False, "connection lost")
+    ack = Ack.decode(b'{"id": "z-1", "seq": 1, "accepted": false, "reason": "stale"}')
+    assert (ack.id, ack.accepted, ack.reason) == ("z-1", False, "stale")
     for bad in (b'{"state": "up"}', b"{}"):
         with pytest.raises(ValueError):
-            parse_status(bad)
+            Status.decode(bad)
     with pytest.raises(ValueError):
-        parse_ack(b'{"id": 1, "accepted": true}')
+        Ack.decode(b'{"id": 1, "accepted": true}')
 
 
 def test_a_signed_dispatch_is_what_the_zone_accepts() -> None:
     key = b"k" * 32
-    payload = dispatch_payload("p-7", 7, 412_345.0, 1_800_000_000.0, key)
+    payload = Dispatch("p-7", 7, 1_800_000_000.0, "setpoint", 412_345.0).encode(key)
     obj = json.loads(payload)
     assert obj["target_kw"] == 412.345 and obj["mode"] == "setpoint" and obj["ramp_s"] == 0
     expected = hmac.new(key, canonical_bytes(obj), hashlib.sha256).hexdigest()
     assert obj["sig"] == expected
-    d = parse_dispatch(
+    d = Dispatch.decode(
         payload,
         now_unix=1_800_000_000.5,
         last_seq=6,
@@ -103,7 +98,7 @@ def test_a_signed_dispatch_is_what_the_zone_accepts() -> None:
 
 
 def test_dynamics_from_capability_at_rest() -> None:
-    dyn = derive_dynamics(parse_telemetry(_tel()), 0.0, 1e6)
+    dyn = derive_dynamics(zone_telemetry(_tel()), 0.0, 1e6)
     assert dyn is not None
     assert (dyn.p_min_w, dyn.p_max_w) == (100e3, 800e3)
     # Up: the 5 s reach (300) is the whole headroom (300): cut short, so the 1 s figure.
@@ -112,21 +107,21 @@ def test_dynamics_from_capability_at_rest() -> None:
     assert dyn.ramp_down_w_s == pytest.approx(240e3)
     # A 5 s reach well inside the headroom counts the slow devices: its average.
     slow = derive_dynamics(
-        parse_telemetry(_tel(capability={"up_kw": {"1s": 100.0, "5s": 150.0}})), 0.0, 1e6
+        zone_telemetry(_tel(capability={"up_kw": {"1s": 100.0, "5s": 150.0}})), 0.0, 1e6
     )
     assert slow is not None and slow.ramp_up_w_s == pytest.approx(30e3)
 
 
 def test_dynamics_are_clipped_and_withheld_when_they_say_nothing() -> None:
-    clipped = derive_dynamics(parse_telemetry(_tel()), 200e3, 700e3)
+    clipped = derive_dynamics(zone_telemetry(_tel()), 200e3, 700e3)
     assert clipped is not None and (clipped.p_min_w, clipped.p_max_w) == (200e3, 700e3)
-    moving = derive_dynamics(parse_telemetry(_tel(physical_min_s=1.5)), 0.0, 1e6)
+    moving = derive_dynamics(zone_telemetry(_tel(physical_min_s=1.5)), 0.0, 1e6)
     assert moving is not None and moving.ramp_up_w_s is None and moving.ramp_down_w_s is None
-    near_top = derive_dynamics(parse_telemetry(_tel(measured_kw=780.0)), 0.0, 1e6)
+    near_top = derive_dynamics(zone_telemetry(_tel(measured_kw=780.0)), 0.0, 1e6)
     assert near_top is not None and near_top.ramp_up_w_s is None
     assert near_top.ramp_down_w_s is not None
     # A zone starting up (its range does not hold its own power) teaches nothing.
-    assert derive_dynamics(parse_telemetry(_tel(max_kw=0.2, min_kw=0.0)), 0.0, 1e6) is None
+    assert derive_dynamics(zone_telemetry(_tel(max_kw=0.2, min_kw=0.0)), 0.0, 1e6) is None
 
 
 def test_fleet_dynamics_change_in_place_or_not_at_all() -> None:

@@ -33,20 +33,22 @@ from typing import Any, Final
 
 import aiomqtt
 
-from controller.dispatch import rfc3339
 from controller.ramp_score import score_series
 from controller.tools.bench import add_ramp_arguments
 from controller.tools.bench.site_run import (
     BenchError,
     Site,
+    ack_of,
     config_summary,
     default_out,
+    fresh_telemetry,
     start_site,
     write_telemetry_slice,
     write_truth_slice,
 )
 from controller.tools.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
 from controller.tools.truth import tolerance_kw
+from controller.wire.timestamps import rfc3339
 
 DESCRIPTION: Final = (
     "Ramp bench: setpoint steps on a simulated site, settle time against the physical minimum."
@@ -169,9 +171,9 @@ async def run_step(
     phys, sim = await site.physical_min(sc.target_kw, tol)
     cap = cap_s if cap_s is not None else window_cap_s(phys, fallback_cap_s)
     sent = await site.d.send("setpoint", sc.target_kw)
-    ack = await site.d.ack(sent)
+    ack = await ack_of(site.d, sent)
     t0 = sent.t
-    if ack is not None and not ack.get("accepted"):
+    if ack is not None and not ack.accepted:
         await asyncio.sleep(hold_s)  # rejected: nothing moves, nothing to wait for
         site.truth.poll()
         t_end = time.time()
@@ -193,16 +195,16 @@ async def run_step(
         t_end=t_end,
         from_kw=None if start is None else round(start, 1),
         step_kw=None if start is None else round(sc.target_kw - start, 1),
-        accepted=None if ack is None else bool(ack.get("accepted")),
-        reason=None if ack is None else str(ack.get("reason") or ""),
+        accepted=None if ack is None else ack.accepted,
+        reason=None if ack is None else ack.reason,
         settle_s=None if f.settle_s is None else round(f.settle_s, 3),
         physical_min_s=phys,
         ratio=None if ratio is None else round(ratio, 3),
         overshoot_kw=round(f.overshoot_w / 1e3, 1),
         iae_kws=round(f.iae_j / 1e3, 1),
-        verdict=text if ack is None or ack.get("accepted") else "REJECTED",
-        within=ok and bool(ack and ack.get("accepted")),
-        dispatch_id=str(sent.body["id"]),
+        verdict=text if ack is None or ack.accepted else "REJECTED",
+        within=ok and ack is not None and ack.accepted,
+        dispatch_id=sent.dispatch.id,
         sim=sim,
     )
 
@@ -260,16 +262,15 @@ async def run_bench(args: argparse.Namespace) -> int:
         print(f"  {site.n_devices} devices ON; waiting for the site to rest ...")
         tol0 = tolerance_kw(site.site_max_kw, site.site_max_kw)
         level = await site.steady(tol0, hold_s=hold, within=60.0)
-        tel = await site.d.fresh_telemetry()
+        tel = await fresh_telemetry(site.d)
         limits = site.cfg.site.site
         # At rest the daemon holds its initial target (the site maximum): every device is
         # at its own maximum, so the level at rest is the most the site can draw. The
         # telemetry's max_kw also counts GPU racks' caps above what their jobs draw.
-        lo = max(limits.min_kw, float(tel["min_kw"]))
-        hi = min(limits.max_kw, float(tel["max_kw"]), round(level, 1))
-        cap5 = tel.get("capability", {})
-        up5 = float(cap5.get("up_kw", {}).get("5s") or 0.0)
-        down5 = float(cap5.get("down_kw", {}).get("5s") or 0.0)
+        lo = max(limits.min_kw, (tel.min_w or 0.0) / 1e3)
+        hi = min(limits.max_kw, (tel.max_w or 0.0) / 1e3, round(level, 1))
+        up5_w, down5_w = tel.capability.within(5.0) if tel.capability else (None, None)
+        up5, down5 = (up5_w or 0.0) / 1e3, (down5_w or 0.0) / 1e3
         reserve = site.cfg.site.reserve
         r_up = reserve.up_kw_5s or up5
         r_down = reserve.down_kw_5s or down5
@@ -285,11 +286,12 @@ async def run_bench(args: argparse.Namespace) -> int:
         )
         print(
             f"  at rest {level:.0f} kW; flexible range {lo:.0f}..{hi:.0f} kW (telemetry "
-            f"min_kw {float(tel['min_kw']):.0f}, max_kw {float(tel['max_kw']):.0f}); reserve "
+            f"min_kw {(tel.min_w or 0.0) / 1e3:.0f}, max_kw {(tel.max_w or 0.0) / 1e3:.0f}); "
+            "reserve "
             f"steps +-0.8 x {r_up:.0f}/{r_down:.0f} kW; {len(scenarios)} scenarios"
         )
         fleet: dict[str, Any] = {"rest_kw": round(level, 1), "min_kw": lo, "max_kw": hi}
-        fleet |= {"up_kw_5s": up5, "down_kw_5s": down5, "telemetry_at_rest": tel}
+        fleet |= {"up_kw_5s": up5, "down_kw_5s": down5, "telemetry_at_rest": tel.to_wire()}
         for sc in scenarios:
             r = await run_step(
                 site, sc, hold_s=hold, fallback_cap_s=fallback_cap, cap_s=args.step_cap_s

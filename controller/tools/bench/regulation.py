@@ -26,6 +26,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -33,20 +34,23 @@ from typing import Any, Final
 import aiomqtt
 import numpy as np
 
-from controller.dispatch import rfc3339
+from controller.dispatcher import Sent
 from controller.tools.bench import add_regulation_arguments
 from controller.tools.bench.site_run import (
     REPO,
     BenchError,
-    Sent,
     Site,
+    ack_of,
     config_summary,
     default_out,
+    fresh_telemetry,
     start_site,
 )
 from controller.tools.pjm_score import PjmScore, load_pjm_csv, normalize, pjm_score, resample
 from controller.tools.report import ReportError, RunDispatch, RunSpec, report_from_run, write_run
 from controller.tools.truth import tolerance_kw
+from controller.wire import Telemetry
+from controller.wire.timestamps import rfc3339
 
 DESCRIPTION: Final = "Regulation bench: replay a PJM RegA signal, score with the PJM score."
 DEFAULT_SIGNAL: Final = REPO / "bench" / "data" / "pjm_rega_2017-08_2s.csv"
@@ -87,17 +91,20 @@ def _first_time_of_day(path: Path) -> float:
 
 async def _capability_at_rest(site: Site, n: int = 3) -> dict[str, float]:
     """Median of the next n telemetry messages' range and 5 s capability."""
-    msgs = [await site.d.fresh_telemetry(within=5.0) for _ in range(n)]
+    msgs = [await fresh_telemetry(site.d, within=5.0) for _ in range(n)]
 
-    def med(get: Any) -> float:
-        return float(statistics.median(float(get(m) or 0.0) for m in msgs))
+    def med(get: Callable[[Telemetry], float | None]) -> float:
+        return float(statistics.median((get(m) or 0.0) / 1e3 for m in msgs))
+
+    def reach5(m: Telemetry) -> tuple[float | None, float | None]:
+        return m.capability.within(5.0) if m.capability else (None, None)
 
     return {
-        "measured_kw": med(lambda m: m.get("measured_kw")),
-        "min_kw": med(lambda m: m.get("min_kw")),
-        "max_kw": med(lambda m: m.get("max_kw")),
-        "up_kw_5s": med(lambda m: m.get("capability", {}).get("up_kw", {}).get("5s")),
-        "down_kw_5s": med(lambda m: m.get("capability", {}).get("down_kw", {}).get("5s")),
+        "measured_kw": med(lambda m: m.measured_w),
+        "min_kw": med(lambda m: m.min_w),
+        "max_kw": med(lambda m: m.max_w),
+        "up_kw_5s": med(lambda m: reach5(m)[0]),
+        "down_kw_5s": med(lambda m: reach5(m)[1]),
     }
 
 
@@ -130,17 +137,17 @@ def command_line(args: argparse.Namespace) -> str:
 
 async def _put_mid(site: Site, hold_s: float) -> tuple[float, float, float]:
     """Dispatch the middle of the flexible range and wait until the site rests there."""
-    tel = await site.d.fresh_telemetry()
+    tel = await fresh_telemetry(site.d)
     limits = site.cfg.site.site
-    lo = max(limits.min_kw, float(tel["min_kw"]))
-    hi = min(limits.max_kw, float(tel["max_kw"]))
+    lo = max(limits.min_kw, (tel.min_w or 0.0) / 1e3)
+    hi = min(limits.max_kw, (tel.max_w or 0.0) / 1e3)
     mid = round((lo + hi) / 2, 1)
     tol = tolerance_kw(mid, site.site_max_kw)
     phys, _ = await site.physical_min(mid, tol)
     cap = max(60.0, 1.5 * phys + 30.0) if phys is not None else 180.0
     sent = await site.d.send("setpoint", mid)
-    ack = await site.d.ack(sent)
-    if ack is None or not ack.get("accepted"):
+    ack = await ack_of(site.d, sent)
+    if ack is None or not ack.accepted:
         raise BenchError(f"the mid-range setpoint {mid} kW was not accepted: {ack}")
     t_end = await site.settle(mid, tol, t0=sent.t, hold_s=hold_s, cap_s=cap)
     settled = t_end - sent.t < cap
@@ -211,14 +218,14 @@ async def run_bench(args: argparse.Namespace) -> int:
             await site.poll_truth()
         await asyncio.sleep(1.0)  # the last acks
         summary = config_summary(site, source, args.quick)
-        acks = [site.d.acks.get(str(x.body["id"])) for x in sent]
-    rejected = [a for a in acks if a is not None and not a.get("accepted")]
+        acks = [site.d.ack_seen(x.dispatch.id) for x in sent]
+    rejected = [a for a in acks if a is not None and not a.accepted]
     missing = sum(a is None for a in acks)
 
     t, kw = site.truth.arrays()
     n = round(wall_s / sample_s)
     pub_t = np.asarray([x.t for x in sent])
-    pub_s = np.asarray([float(x.body["signal"]) for x in sent])
+    pub_s = np.asarray([(x.dispatch.signal or 0.0) for x in sent])
     signal = resample(pub_t, pub_s, t0, sample_s, n, mode="hold")
     response = normalize(resample(t, kw, t0, sample_s, n, mode="mean"), base, band)
     score = pjm_score(signal, response, sample_s=sample_s, block_s=block_s, max_delay_s=max_delay_s)
@@ -234,9 +241,9 @@ async def run_bench(args: argparse.Namespace) -> int:
         dispatches=tuple(
             RunDispatch(
                 t=x.t,
-                target_kw=round(base + float(x.body["signal"]) * band, 1),
+                target_kw=round(base + (x.dispatch.signal or 0.0) * band, 1),
                 mode="regulation",
-                id=str(x.body["id"]),
+                id=x.dispatch.id,
             )
             for x in sent
         ),
@@ -279,7 +286,7 @@ async def run_bench(args: argparse.Namespace) -> int:
         "dispatches": len(sent),
         "rejected": len(rejected),
         "unacked": missing,
-        "reject_reasons": sorted({str(a.get("reason")) for a in rejected}),
+        "reject_reasons": sorted({a.reason for a in rejected}),
         "mean_abs_error_kw": round(err_kw, 1),
         "blocks": [asdict(b) for b in score.blocks],
         "overall": {

@@ -25,17 +25,18 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 import aiomqtt
 
 from controller.config import ConfigError, LoadedConfig, load_config, split_host_port
-from controller.dispatch import rfc3339
+from controller.dispatcher import DispatcherClient, Sent
 from controller.tools.broker import LocalBroker, free_port
 from controller.tools.truth import TruthTail
+from controller.wire import Ack, Telemetry
 
 log = logging.getLogger("rampd.bench")
 
@@ -246,93 +247,19 @@ async def _broker(mqtt: str | None) -> AsyncIterator[tuple[str, int]]:
 # --- the dispatcher ------------------------------------------------------------------------
 
 
-def _unix(at: Any) -> float | None:
+async def ack_of(d: DispatcherClient, sent: Sent, within: float = ACK_TIMEOUT_S) -> Ack | None:
+    """The daemon's ack of `sent`, or None if none came within `within` seconds."""
     try:
-        return datetime.fromisoformat(str(at)).timestamp()
-    except ValueError:
+        return await d.ack_for(sent.dispatch.id, within)
+    except TimeoutError:
         return None
 
 
-@dataclass(slots=True)
-class Sent:
-    """One published dispatch: its wire body and the unix time just before publishing."""
-
-    body: dict[str, Any]
-    t: float
-
-
-@dataclass(slots=True)
-class Dispatcher:
-    """Publishes dispatches like a grid dispatcher; keeps acks and telemetry as they arrive."""
-
-    client: aiomqtt.Client
-    root: str
-    telemetry_log: TextIO
-    """The daemon's telemetry as published, one message a line (telemetry.jsonl)."""
-    seq: int = field(default_factory=lambda: time.time_ns() // 1000)
-    acks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    telemetry: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)
-
-    async def listen(self) -> None:
-        async for msg in self.client.messages:
-            try:
-                body = json.loads(bytes(msg.payload))
-            except (ValueError, TypeError):
-                continue
-            if not isinstance(body, dict):
-                continue
-            if msg.topic.matches(f"{self.root}/telemetry"):
-                self.telemetry.append((_unix(body.get("at")) or time.time(), body))
-                self.telemetry_log.write(json.dumps(body) + "\n")
-            elif msg.topic.matches(f"{self.root}/ack"):
-                self.acks[str(body.get("id"))] = body
-            elif msg.topic.matches(f"{self.root}/status"):
-                self.status = body
-
-    async def heartbeat(self) -> None:
-        while True:
-            await self.client.publish(f"{self.root}/heartbeat", b"bench", qos=0)
-            await asyncio.sleep(HEARTBEAT_S)
-
-    async def send(self, mode: str, target_kw: float, **fields: Any) -> Sent:
-        """Publish one dispatch (`ramp_s` 0 unless given); its time is taken just before."""
-        self.seq += 1
-        body: dict[str, Any] = {
-            "id": f"bench-{self.seq}",
-            "seq": self.seq,
-            "issued_at": rfc3339(time.time()),
-            "mode": mode,
-            "target_kw": round(float(target_kw), 1),
-            **fields,
-        }
-        if mode == "setpoint":
-            body.setdefault("ramp_s", 0)
-        t = time.time()
-        await self.client.publish(f"{self.root}/dispatch", json.dumps(body), qos=1)
-        return Sent(body, t)
-
-    async def ack(self, sent: Sent, within: float = ACK_TIMEOUT_S) -> dict[str, Any] | None:
-        """The daemon's ack of `sent`, or None if none came within `within` seconds."""
-        deadline = time.monotonic() + within
-        key = str(sent.body["id"])
-        while key not in self.acks:
-            if time.monotonic() > deadline:
-                return None
-            await asyncio.sleep(0.02)
-        return self.acks[key]
-
-    def latest(self) -> dict[str, Any]:
-        return self.telemetry[-1][1] if self.telemetry else {}
-
-    async def fresh_telemetry(self, within: float = 5.0) -> dict[str, Any]:
-        n = len(self.telemetry)
-        deadline = time.monotonic() + within
-        while len(self.telemetry) <= n:
-            if time.monotonic() > deadline:
-                raise BenchError(f"no telemetry from the daemon within {within:.0f} s")
-            await asyncio.sleep(0.05)
-        return self.telemetry[-1][1]
+async def fresh_telemetry(d: DispatcherClient, within: float = 5.0) -> Telemetry:
+    try:
+        return await d.fresh_telemetry(within)
+    except TimeoutError:
+        raise BenchError(f"no telemetry from the daemon within {within:.0f} s") from None
 
 
 # --- the running site ----------------------------------------------------------------------
@@ -348,7 +275,7 @@ class Site:
     control_port: int
     sim: asyncio.subprocess.Process
     daemon: asyncio.subprocess.Process
-    d: Dispatcher
+    d: DispatcherClient
     truth: TruthTail
     _physical_min_warned: bool = False
 
@@ -371,17 +298,18 @@ class Site:
                     f"{_tail(self.out / log_name)}"
                 )
 
-    async def all_devices_on(self, within: float) -> dict[str, Any]:
+    async def all_devices_on(self, within: float) -> Telemetry:
         """Wait until the daemon's telemetry counts every device ON; return that telemetry."""
         deadline = time.monotonic() + within
         while True:
             self.check_alive()
             tel = self.d.latest()
-            if tel.get("devices", {}).get("on") == self.n_devices:
+            on = 0 if tel is None else tel.devices.on
+            if tel is not None and on == self.n_devices:
                 return tel
             if time.monotonic() > deadline:
                 raise BenchError(
-                    f"the daemon saw {tel.get('devices', {}).get('on', 0)} of "
+                    f"the daemon saw {on} of "
                     f"{self.n_devices} devices ON after {within:.0f} s (see {self.out}/*.log)"
                 )
             await asyncio.sleep(0.2)
@@ -523,34 +451,32 @@ async def start_site(
 
 
 @contextlib.asynccontextmanager
-async def _dispatcher(broker: tuple[str, int], root: str, out: Path) -> AsyncIterator[Dispatcher]:
-    deadline = time.monotonic() + 15.0
-    client: aiomqtt.Client | None = None
-    while client is None:  # the broker may still be starting (`--mqtt` of a fresh one)
-        candidate = aiomqtt.Client(*broker, identifier=f"rampd-bench-{os.getpid()}", timeout=5)
-        try:
-            await candidate.__aenter__()
-            client = candidate
-        except aiomqtt.MqttError:
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"cannot connect to the broker at {broker[0]}:{broker[1]}"
-                ) from None
-            await asyncio.sleep(0.5)
+async def _dispatcher(
+    broker: tuple[str, int], root: str, out: Path
+) -> AsyncIterator[DispatcherClient]:
     with (out / "telemetry.jsonl").open("a", buffering=1, encoding="utf-8") as tel_log:
-        d = Dispatcher(client, root, tel_log)
-        tasks: list[asyncio.Task[None]] = []
+
+        def log_telemetry(_: Telemetry, raw: bytes) -> None:
+            tel_log.write(raw.decode("utf-8", "replace") + "\n")
+
+        client = DispatcherClient(
+            *broker,
+            root,
+            id_prefix="bench",
+            identifier=f"rampd-bench-{os.getpid()}",
+            heartbeat_s=HEARTBEAT_S,
+            # The broker may still be starting (`--mqtt` of a fresh one).
+            connect_within=15.0,
+            on_telemetry=log_telemetry,
+        )
         try:
-            for topic in ("ack", "telemetry", "status"):
-                await client.subscribe(f"{root}/{topic}", qos=1)
-            tasks = [asyncio.create_task(d.listen()), asyncio.create_task(d.heartbeat())]
-            yield d
+            await client.__aenter__()
+        except aiomqtt.MqttError:
+            raise BenchError(f"cannot connect to the broker at {broker[0]}:{broker[1]}") from None
+        try:
+            yield client
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await asyncio.wait_for(client.__aexit__(None, None, None), 5.0)
+            await client.__aexit__(None, None, None)
 
 
 # --- run directories -----------------------------------------------------------------------
@@ -567,9 +493,9 @@ def write_truth_slice(site: Site, path: Path, t_lo: float, t_hi: float) -> None:
 
 def write_telemetry_slice(site: Site, path: Path, t_lo: float, t_hi: float) -> None:
     with path.open("w", encoding="utf-8") as fh:
-        for at, body in site.d.telemetry:
-            if t_lo <= at <= t_hi:
-                fh.write(json.dumps(body) + "\n")
+        for tel in site.d.telemetry:
+            if t_lo <= tel.at <= t_hi:
+                fh.write(tel.encode().decode() + "\n")
 
 
 def config_summary(site: Site, source: Path, quick: bool) -> dict[str, Any]:

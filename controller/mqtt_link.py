@@ -1,388 +1,32 @@
-"""Dispatch over MQTT: validate what the dispatcher sends, and own the broker connection.
+"""The daemon's MQTT link: one aiomqtt connection kept alive for the life of the daemon.
 
-Two halves, kept apart so the first stays pure and testable:
-
-* `parse_dispatch()` turns a raw payload into a `Dispatch` (SI units) or raises
-  `DispatchRejected` with a short reason that goes into the ack. It never raises anything else.
-* `MqttLink` keeps one aiomqtt connection alive for the life of the daemon: subscribes to
-  `<root>/dispatch` and `<root>/heartbeat`, hands payloads to sync callbacks, publishes from a
-  bounded non-blocking out-queue, keeps the retained `<root>/status` (also the MQTT will), and
-  reconnects with capped exponential backoff and jitter.
+It subscribes to `<root>/dispatch` and `<root>/heartbeat` and hands payloads to sync
+callbacks, publishes from a bounded non-blocking out-queue, keeps the retained `<root>/status`
+(also the MQTT will), and reconnects with capped exponential backoff and jitter. What the
+messages mean is `controller.wire`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
-import math
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Final, Literal, cast
+from typing import Final, Literal
 
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
 from controller.cancellation import stop_if_cancelled
-from controller.config import ConfigError, MqttConfig, SiteLimits
+from controller.config import ConfigError, MqttConfig
+from controller.wire.status import Status
 
+# The name operators already filter on; it predates this module.
 log = logging.getLogger("rampd.dispatch")
-
-DispatchMode = Literal["setpoint", "regulation", "release"]
-MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release"})
-
-REJECT_CODES: Final[frozenset[str]] = frozenset(
-    {
-        "too_large", "not_utf8", "not_json", "not_object",  # the payload as a whole
-        "missing", "bad_type", "not_finite", "out_of_range",  # a field
-        "bad_id", "bad_mode", "bad_time",
-        "stale", "future", "replay", "expired", "bad_schedule",  # timing and ordering
-        "bad_signature",  # HMAC missing or wrong (only with dispatch.hmac_key_file)
-    }
-)  # fmt: skip
-
-MAX_PAYLOAD_BYTES: Final = 64 * 1024
-MAX_ID_LEN: Final = 128
-MAX_RAMP_S: Final = 3600.0
-# Tolerated dispatcher clock lead: issued_at this far in the future is still accepted.
-MAX_CLOCK_SKEW_S: Final = 5.0
-# A start_at further ahead than this is a dispatcher bug, not a schedule we should keep.
-MAX_START_AHEAD_S: Final = 2 * 86400.0
-# Fits a signed 64-bit column (journal) and every JSON library's integers.
-MAX_SEQ: Final = 2**63 - 1
-
-SIG_FIELD: Final = "sig"
-_SIG_HEX = re.compile(r"[0-9a-fA-F]{64}")
-
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """One validated dispatch, SI units (W, s), times as unix seconds.
-
-    For `regulation`, `target_w` is the base and the requested power is
-    `target_w + signal * band_w`. For `release`, `target_w` is the site maximum.
-    """
-
-    id: str
-    seq: int
-    issued_at: float
-    mode: DispatchMode
-    target_w: float
-    ramp_s: float
-    start_at: float | None
-    expires_at: float | None
-    signal: float | None
-    band_w: float | None
-
-
-class DispatchRejected(Exception):
-    """A payload we will not act on. `reason` (human text) goes into the ack verbatim.
-
-    `code` is a short label from a fixed set (`REJECT_CODES`), fit for a metrics label.
-    `id` and `seq` are filled when they could be read, so the ack can name the dispatch even
-    when something else in it is wrong.
-    """
-
-    def __init__(
-        self, reason: str, *, code: str, id: str | None = None, seq: int | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.id = id
-        self.seq = seq
-
-
-def rfc3339(unix: float) -> str:
-    """Unix seconds -> '2024-05-01T12:00:00.123Z' (UTC, milliseconds)."""
-    text = datetime.fromtimestamp(unix, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
-
-def ack_payload(
-    id: str | None,
-    seq: int | None,
-    accepted: bool,
-    reason: str,
-    *,
-    now_unix: float | None = None,
-) -> bytes:
-    """The ack for one dispatch: {"id","seq","accepted","reason","at"} as UTF-8 JSON."""
-    at = time.time() if now_unix is None else now_unix
-    body = {"id": id, "seq": seq, "accepted": accepted, "reason": reason, "at": rfc3339(at)}
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def status_payload(state: Literal["online", "offline"], mode: str | None, detail: str) -> bytes:
-    return json.dumps({"state": state, "mode": mode, "detail": detail}).encode()
-
-
-# --- parsing -------------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> float:
-    # json.loads accepts NaN/Infinity by default; they are not JSON and never a valid value.
-    raise ValueError(f"non-finite number {name}")
-
-
-def _decode(payload: bytes) -> dict[str, Any]:
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise DispatchRejected(
-            f"payload too large ({len(payload)} > {MAX_PAYLOAD_BYTES} bytes)", code="too_large"
-        )
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DispatchRejected("payload not UTF-8", code="not_utf8") from None
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise DispatchRejected("payload not JSON: nested too deeply", code="not_json") from None
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
-        first = str(exc).splitlines()[0][:80]
-        raise DispatchRejected(f"payload not JSON: {first}", code="not_json") from None
-    if not isinstance(obj, dict):
-        raise DispatchRejected("payload not a JSON object", code="not_object")
-    return obj
-
-
-def _present(obj: dict[str, Any], key: str) -> bool:
-    # JSON null counts as absent for optional fields.
-    return obj.get(key) is not None
-
-
-def _number(obj: dict[str, Any], key: str, ctx: _Ctx) -> float:
-    if not _present(obj, key):
-        raise ctx.reject(f"{key} missing", code="missing")
-    value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ctx.reject(f"{key} must be a number", code="bad_type")
-    try:
-        f = float(value)
-    except OverflowError:
-        raise ctx.reject(f"{key} out of range", code="out_of_range") from None
-    if not math.isfinite(f):
-        raise ctx.reject(f"{key} must be finite", code="not_finite")
-    return f
-
-
-def _time(obj: dict[str, Any], key: str, ctx: _Ctx) -> float:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        if value is None:
-            raise ctx.reject(f"{key} missing", code="missing")
-        raise ctx.reject(f"{key} must be an RFC3339 string", code="bad_type")
-    if not _RFC3339.fullmatch(value):
-        raise ctx.reject(f"{key} not RFC3339 (e.g. 2024-05-01T12:00:00Z)", code="bad_time")
-    try:
-        parsed = datetime.fromisoformat(value.upper())
-    except ValueError:
-        raise ctx.reject(f"{key} not a valid date and time", code="bad_time") from None
-    return parsed.timestamp()
-
-
-def canonical_bytes(obj: dict[str, Any]) -> bytes:
-    """What a dispatch signature covers: the object without `sig`, as canonical JSON.
-
-    Raises ValueError (or a subclass) when the object cannot be encoded, e.g. a lone surrogate.
-    """
-    body = {k: v for k, v in obj.items() if k != SIG_FIELD}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return text.encode()
-
-
-def sign_dispatch(obj: dict[str, Any], key: bytes) -> str:
-    """The hex HMAC-SHA256 a dispatcher puts in `sig` (tests and tools; see README)."""
-    return hmac.new(key, canonical_bytes(obj), hashlib.sha256).hexdigest()
-
-
-def _verify(obj: dict[str, Any], key: bytes, ctx: _Ctx) -> None:
-    sig = obj.get(SIG_FIELD)
-    if sig is None:
-        raise ctx.reject("sig missing (dispatch must be signed)", code="bad_signature")
-    if not isinstance(sig, str) or not _SIG_HEX.fullmatch(sig):
-        raise ctx.reject("sig must be 64 hex characters (HMAC-SHA256)", code="bad_signature")
-    try:
-        expected = hmac.new(key, canonical_bytes(obj), hashlib.sha256).digest()
-    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        raise ctx.reject("payload cannot be canonicalised for sig", code="bad_signature") from None
-    if not hmac.compare_digest(expected, bytes.fromhex(sig)):
-        raise ctx.reject("sig does not match (wrong key or altered payload)", code="bad_signature")
-
-
-@dataclass(slots=True)
-class _Ctx:
-    """What is known so far about the payload, so every rejection can carry id and seq."""
-
-    id: str | None = None
-    seq: int | None = None
-
-    def reject(self, reason: str, *, code: str) -> DispatchRejected:
-        return DispatchRejected(reason, code=code, id=self.id, seq=self.seq)
-
-
-def parse_dispatch(
-    payload: bytes,
-    *,
-    now_unix: float,
-    last_seq: int | None,
-    limits: SiteLimits,
-    replay: bool = False,
-    hmac_key: bytes | None = None,
-) -> Dispatch:
-    """Validate one wire dispatch (kW, RFC3339) into a `Dispatch` (W, unix seconds).
-
-    Pure: the clock and the last accepted seq are passed in. Raises only `DispatchRejected`.
-    Unknown fields are ignored (forward compatibility); `null` counts as absent.
-    `replay=True` (resuming from the journal at start) skips the `issued_at` freshness checks:
-    the payload was fresh when it was accepted. Everything else is checked again against the
-    current config and clock (an expired or now out-of-range dispatch is still rejected).
-    With `hmac_key`, the `sig` field must be the HMAC-SHA256 of `canonical_bytes(obj)`; it is
-    checked right after decoding, before any other field (code `bad_signature`). Without a
-    key, `sig` is ignored.
-    """
-    obj = _decode(payload)
-    ctx = _Ctx()
-
-    # id and seq first: every later rejection can then name the dispatch in its ack.
-    raw_id = obj.get("id")
-    if isinstance(raw_id, str) and raw_id.strip() and len(raw_id) <= MAX_ID_LEN:
-        ctx.id = raw_id
-    raw_seq = obj.get("seq")
-    if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) and 0 <= raw_seq <= MAX_SEQ:
-        ctx.seq = raw_seq
-
-    # Authenticity before anything else: an unsigned payload is not judged on its content.
-    # (id and seq above are only read, to name the dispatch in the ack.)
-    if hmac_key is not None:
-        _verify(obj, hmac_key, ctx)
-
-    if raw_id is None:
-        raise ctx.reject("id missing", code="missing")
-    if not isinstance(raw_id, str):
-        raise ctx.reject("id must be a string", code="bad_type")
-    if not raw_id.strip():
-        raise ctx.reject("id empty", code="bad_id")
-    if len(raw_id) > MAX_ID_LEN:
-        raise ctx.reject(f"id longer than {MAX_ID_LEN} characters", code="bad_id")
-    if raw_seq is None:
-        raise ctx.reject("seq missing", code="missing")
-    if isinstance(raw_seq, bool) or not isinstance(raw_seq, int):
-        raise ctx.reject("seq must be an integer", code="bad_type")
-    if raw_seq < 0:
-        raise ctx.reject("seq must not be negative", code="out_of_range")
-    if raw_seq > MAX_SEQ:
-        raise ctx.reject("seq out of range", code="out_of_range")
-    seq = raw_seq
-
-    mode = obj.get("mode")
-    if mode is None:
-        raise ctx.reject("mode missing", code="missing")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ctx.reject("mode unknown (setpoint, regulation or release)", code="bad_mode")
-
-    issued_at = _time(obj, "issued_at", ctx)
-    age = 0.0 if replay else now_unix - issued_at
-    if age > limits.max_issued_age_s:
-        raise ctx.reject(
-            f"issued_at stale ({age:.1f} s old > {limits.max_issued_age_s} s)", code="stale"
-        )
-    if age < -MAX_CLOCK_SKEW_S:
-        raise ctx.reject(f"issued_at {-age:.1f} s in the future (clock skew?)", code="future")
-
-    # Checked after freshness: a replay of an old message is reported as stale or as a replay,
-    # whichever the operator can act on; both reject.
-    if last_seq is not None and seq <= last_seq:
-        raise ctx.reject(
-            f"seq {seq} not above last accepted {last_seq} (replayed or older)", code="replay"
-        )
-
-    ramp_s = 0.0
-    if _present(obj, "ramp_s"):
-        ramp_s = _number(obj, "ramp_s", ctx)
-        if ramp_s < 0:
-            raise ctx.reject("ramp_s must not be negative", code="out_of_range")
-        if ramp_s > MAX_RAMP_S:
-            raise ctx.reject(f"ramp_s above {MAX_RAMP_S:.0f}", code="out_of_range")
-
-    start_at: float | None = None
-    if _present(obj, "start_at"):
-        start_at = _time(obj, "start_at", ctx)
-        if start_at - now_unix > MAX_START_AHEAD_S:
-            raise ctx.reject(
-                f"start_at more than {MAX_START_AHEAD_S:.0f} s ahead", code="bad_schedule"
-            )
-    expires_at: float | None = None
-    if _present(obj, "expires_at"):
-        expires_at = _time(obj, "expires_at", ctx)
-        if expires_at <= now_unix:
-            raise ctx.reject("expires_at already past", code="expired")
-        if start_at is not None and expires_at <= start_at:
-            raise ctx.reject("expires_at not after start_at", code="bad_schedule")
-
-    min_kw, max_kw = limits.min_kw, limits.max_kw
-    signal: float | None = None
-    band_w: float | None = None
-    if mode == "release":
-        # No constraint: the site goes back to its own maximum. A target_kw, if sent, is
-        # ignored but must still be a number (garbage is garbage).
-        if _present(obj, "target_kw"):
-            _number(obj, "target_kw", ctx)
-        target_kw = max_kw
-    else:
-        target_kw = _number(obj, "target_kw", ctx)
-        if target_kw < 0:
-            raise ctx.reject("target_kw must not be negative", code="out_of_range")
-        if target_kw > max_kw:
-            raise ctx.reject(f"target_kw above site maximum {max_kw}", code="out_of_range")
-        if target_kw < min_kw:
-            raise ctx.reject(f"target_kw below site minimum {min_kw}", code="out_of_range")
-        if mode == "regulation":
-            band_kw = _number(obj, "band_kw", ctx)
-            if band_kw <= 0:
-                raise ctx.reject("band_kw must be above 0", code="out_of_range")
-            signal = _number(obj, "signal", ctx) if _present(obj, "signal") else 0.0
-            if not -1.0 <= signal <= 1.0:
-                raise ctx.reject("signal outside -1..+1", code="out_of_range")
-            # The whole band must be reachable, not only today's signal: the next regulation
-            # message may ask for either edge.
-            if target_kw + band_kw > max_kw:
-                raise ctx.reject(
-                    f"target_kw + band_kw above site maximum {max_kw}", code="out_of_range"
-                )
-            if target_kw - band_kw < min_kw:
-                raise ctx.reject(
-                    f"target_kw - band_kw below site minimum {min_kw}", code="out_of_range"
-                )
-            band_w = band_kw * 1e3
-
-    return Dispatch(
-        id=raw_id,
-        seq=seq,
-        issued_at=issued_at,
-        mode=cast(DispatchMode, mode),  # checked against MODES above
-        target_w=target_kw * 1e3,
-        ramp_s=ramp_s,
-        start_at=start_at,
-        expires_at=expires_at,
-        signal=signal,
-        band_w=band_w,
-    )
-
-
-# --- the MQTT link -------------------------------------------------------------------------
 
 PayloadHandler = Callable[[bytes], None]
 
@@ -560,7 +204,7 @@ class MqttLink:
             identifier=self._cfg.client_id,
             will=aiomqtt.Will(
                 self.topic("status"),
-                status_payload("offline", None, "connection lost"),
+                Status("offline", None, "connection lost", at=time.time()).encode(),
                 qos=1,
                 retain=True,
             ),
@@ -677,7 +321,8 @@ class MqttLink:
             )
 
     def _status(self, state: Literal["online", "offline"], detail: str | None = None) -> bytes:
-        return status_payload(state, self._mode, self._detail if detail is None else detail)
+        detail = self._detail if detail is None else detail
+        return Status(state, self._mode, detail, at=time.time()).encode()
 
     async def _goodbye(self, client: aiomqtt.Client) -> None:
         """Clean stop: retained offline first; a clean DISCONNECT suppresses the will."""

@@ -1,0 +1,56 @@
+"""The ack: one per dispatch, accepted or rejected with a reason. Pure, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from controller.wire.codec import (
+    WireError,
+    decode_object,
+    encode_object,
+    optional_int,
+    optional_str,
+    optional_time,
+)
+from controller.wire.timestamps import rfc3339
+
+MAX_REASON: Final = 200
+"""A peer's reason goes into our logs: no more of it than this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """`id` and `seq` are None when the dispatch was too broken to name itself."""
+
+    id: str | None
+    seq: int | None
+    accepted: bool
+    reason: str
+    at: float | None
+    """Unix seconds when the daemon decided (None: not said, from an older sender)."""
+
+    def encode(self) -> bytes:
+        body = {
+            "id": self.id,
+            "seq": self.seq,
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "at": None if self.at is None else rfc3339(self.at),
+        }
+        return encode_object(body, compact=True)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ack:
+        """WireError (a ValueError) when it is not an ack."""
+        obj = decode_object(payload)
+        accepted = obj.get("accepted")
+        if not isinstance(accepted, bool):
+            raise WireError("ack needs a boolean accepted", code="bad_type")
+        return cls(
+            id=optional_str(obj, "id"),
+            seq=optional_int(obj, "seq"),
+            accepted=accepted,
+            reason=optional_str(obj, "reason", max_len=MAX_REASON) or "",
+            at=optional_time(obj, "at"),
+        )

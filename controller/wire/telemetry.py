@@ -1,0 +1,256 @@
+"""The telemetry message (every second): power, target, range, capability, reserve, sleep,
+devices, cycle. SI units in the model, kW on the wire. Pure, no I/O.
+
+Before the daemon's first control cycle it has nothing to say about power: the message is then
+only `at`, `mode` and `devices` (`capability` is None in the model). From the first cycle on,
+every field is present, null where unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from controller.wire.codec import (
+    WireError,
+    decode_object,
+    kw,
+    optional_int,
+    optional_number,
+    optional_str,
+    optional_time,
+    optional_w,
+    required,
+    section,
+)
+from controller.wire.timestamps import rfc3339
+
+_HORIZON: Final = re.compile(r"(\d+(?:\.\d+)?)s")
+
+
+def _horizon_key(h: float) -> str:
+    return f"{h:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCounts:
+    on: int = 0
+    sleeping: int = 0
+    waking: int = 0
+    fault: int = 0
+    unknown: int = 0
+
+    @classmethod
+    def from_mapping(cls, counts: Mapping[str, int]) -> DeviceCounts:
+        """From `Fleet.counts_by_state()`; states it does not name count 0."""
+        return cls(**{k: int(counts.get(k, 0)) for k in cls.__dataclass_fields__})
+
+    def to_wire(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @property
+    def total(self) -> int:
+        return self.on + self.sleeping + self.waking + self.fault + self.unknown
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityReport:
+    """Power the site can add (`up_w`) or shed (`down_w`) within each horizon (None: not
+    known)."""
+
+    horizons_s: tuple[float, ...]
+    up_w: tuple[float | None, ...]
+    down_w: tuple[float | None, ...]
+
+    def within(self, horizon_s: float) -> tuple[float | None, float | None]:
+        """(up, down) within `horizon_s`; (None, None) when not reported."""
+        try:
+            i = self.horizons_s.index(horizon_s)
+        except ValueError:
+            return None, None
+        return self.up_w[i], self.down_w[i]
+
+    def to_wire(self) -> dict[str, dict[str, float | None]]:
+        keys = [_horizon_key(h) for h in self.horizons_s]
+        return {
+            "up_kw": {k: kw(v) for k, v in zip(keys, self.up_w, strict=True)},
+            "down_kw": {k: kw(v) for k, v in zip(keys, self.down_w, strict=True)},
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> CapabilityReport:
+        up, down = section(obj, "up_kw") or {}, section(obj, "down_kw") or {}
+        horizons: list[float] = []
+        for key in [*up, *down]:
+            m = _HORIZON.fullmatch(key)
+            if m is None:
+                raise WireError(f"capability horizon {key!r} not like '5s'", code="bad_type")
+            h = float(m.group(1))
+            if h not in horizons:
+                horizons.append(h)
+        horizons.sort()
+        keys = [_horizon_key(h) for h in horizons]
+        up_w = tuple(optional_w(up, k) for k in keys)
+        down_w = tuple(optional_w(down, k) for k in keys)
+        if any(v is not None and v < 0 for v in (*up_w, *down_w)):
+            raise WireError("capability negative", code="out_of_range")
+        return cls(tuple(horizons), up_w, down_w)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveReport:
+    """The fast reserve asked for (config) and held (reachable within 5 s now)."""
+
+    up_kw_5s: float
+    down_kw_5s: float
+    up_held_w: float | None
+    down_held_w: float | None
+
+    def to_wire(self) -> dict[str, float | None]:
+        return {
+            "up_kw_5s": self.up_kw_5s,
+            "down_kw_5s": self.down_kw_5s,
+            "up_held_kw": kw(self.up_held_w),
+            "down_held_kw": kw(self.down_held_w),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> ReserveReport:
+        return cls(
+            up_kw_5s=required(optional_number(obj, "up_kw_5s"), "reserve up_kw_5s"),
+            down_kw_5s=required(optional_number(obj, "down_kw_5s"), "reserve down_kw_5s"),
+            up_held_w=optional_w(obj, "up_held_kw"),
+            down_held_w=optional_w(obj, "down_held_kw"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SleepReport:
+    parked: int
+    """Devices told to sleep (asleep or on their way)."""
+    waking: int
+    """Devices told to wake, not running yet."""
+
+    def to_wire(self) -> dict[str, int]:
+        return {"parked": self.parked, "waking": self.waking}
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> SleepReport:
+        return cls(
+            parked=required(optional_int(obj, "parked"), "sleep parked"),
+            waking=required(optional_int(obj, "waking"), "sleep waking"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CycleReport:
+    count: int
+    overruns: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"count": self.count, "overruns": self.overruns}
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> CycleReport:
+        return cls(
+            count=required(optional_int(obj, "count"), "cycle count"),
+            overruns=required(optional_int(obj, "overruns"), "cycle overruns"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    at: float
+    """Unix seconds."""
+    mode: str
+    devices: DeviceCounts = field(default_factory=DeviceCounts)
+    measured_w: float | None = None
+    """The meter's reading, or the device model's estimate when the meter is stale."""
+    measured_source: str | None = None
+    """"meter" or "estimate"."""
+    target_w: float | None = None
+    min_w: float | None = None
+    max_w: float | None = None
+    noncontrollable_w: float | None = None
+    capability: CapabilityReport | None = None
+    saturated: int | None = None
+    """-1 target below what is reachable this cycle, +1 above, 0 reachable."""
+    reserve: ReserveReport | None = None
+    physical_min_s: float | None = None
+    """Least time to the current target (0: there; None: out of reach)."""
+    sleep: SleepReport | None = None
+    cycle: CycleReport | None = None
+
+    @property
+    def started(self) -> bool:
+        """The daemon has run a control cycle: the power fields mean something."""
+        return self.capability is not None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object as published."""
+        if self.capability is None:
+            return {"at": rfc3339(self.at), "mode": self.mode, "devices": self.devices.to_wire()}
+        return {
+            "at": rfc3339(self.at),
+            "measured_kw": kw(self.measured_w),
+            "measured_source": self.measured_source,
+            "target_kw": kw(self.target_w),
+            "min_kw": kw(self.min_w),
+            "max_kw": kw(self.max_w),
+            "noncontrollable_kw": kw(self.noncontrollable_w),
+            "capability": self.capability.to_wire(),
+            "devices": self.devices.to_wire(),
+            "mode": self.mode,
+            "saturated": self.saturated,
+            "reserve": None if self.reserve is None else self.reserve.to_wire(),
+            "physical_min_s": self.physical_min_s,
+            "sleep": None if self.sleep is None else self.sleep.to_wire(),
+            "cycle": None if self.cycle is None else self.cycle.to_wire(),
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_wire()).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Telemetry:
+        """WireError (a ValueError) when a field is not what the protocol says; unknown
+        fields are ignored."""
+        obj = decode_object(payload)
+        at = required(optional_time(obj, "at"), "at")
+        mode = required(optional_str(obj, "mode"), "mode")
+        devices = section(obj, "devices")
+        counts = DeviceCounts()
+        if devices is not None:
+            bad = [k for k, v in devices.items() if isinstance(v, bool) or not isinstance(v, int)]
+            if bad:
+                raise WireError(f"devices {bad[0]} must be an integer", code="bad_type")
+            counts = DeviceCounts.from_mapping(devices)
+        lo, hi = optional_w(obj, "min_kw"), optional_w(obj, "max_kw")
+        if lo is not None and hi is not None and lo > hi:
+            raise WireError("min_kw above max_kw", code="out_of_range")
+        pm = optional_number(obj, "physical_min_s")
+        if pm is not None and pm < 0:
+            raise WireError("physical_min_s must be >= 0 or null", code="out_of_range")
+        cap, reserve = section(obj, "capability"), section(obj, "reserve")
+        sleep, cycle = section(obj, "sleep"), section(obj, "cycle")
+        saturated = optional_int(obj, "saturated")
+        return cls(
+            at=at,
+            mode=mode,
+            devices=counts,
+            measured_w=optional_w(obj, "measured_kw"),
+            measured_source=optional_str(obj, "measured_source"),
+            target_w=optional_w(obj, "target_kw"),
+            min_w=lo,
+            max_w=hi,
+            noncontrollable_w=optional_w(obj, "noncontrollable_kw"),
+            capability=None if cap is None else CapabilityReport.from_wire(cap),
+            saturated=saturated,
+            reserve=None if reserve is None else ReserveReport.from_wire(reserve),
+            physical_min_s=pm,
+            sleep=None if sleep is None else SleepReport.from_wire(sleep),
+            cycle=None if cycle is None else CycleReport.from_wire(cycle),
+        )
