@@ -19,9 +19,10 @@ import pytest
 
 from controller.config import DeviceAccess, MqttConfig, SiteLimits
 from controller.dispatch import DispatchRejected, ack_payload, parse_dispatch, status_payload
-from controller.fleet import DeviceState, Fleet
-from drivers.zone.client import ZoneDriver
-from tests.helpers import CommandLog, Mosquitto, cancel_and_wait, device_spec, until
+from controller.zone.client import ZoneDriver
+from drivers.core.image import ProcessImage
+from drivers.core.state import DeviceState
+from tests.helpers import CommandLog, Mosquitto, cancel_and_wait, cmd, device_spec, until
 
 KEY = b"zone-key-for-tests-0123456789"
 
@@ -81,7 +82,7 @@ class FakeZone:
 @dataclass
 class Rig:
     zone: FakeZone
-    fleet: Fleet
+    image: ProcessImage
     driver: ZoneDriver
     commands: CommandLog
 
@@ -101,10 +102,10 @@ async def rig(mosquitto: Mosquitto, tmp_path: Any) -> AsyncIterator[Rig]:
         ramp_down_w_s=10e3,
         access=DeviceAccess(hmac_key_file=key_file),
     )
-    fleet = Fleet.from_specs([spec], [0])
+    fleet = ProcessImage([spec])
     commands = CommandLog()
     cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, keepalive_s=5)
-    driver = ZoneDriver("zone", fleet, [0], [spec], commands, mqtt=cfg)
+    driver = ZoneDriver(fleet.port("zone"), commands, mqtt=cfg)
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
         await client.subscribe([("rampd/zf/dispatch", 1), ("rampd/zf/heartbeat", 0)])
         zone = FakeZone(client, "rampd/zf")
@@ -122,15 +123,15 @@ async def test_telemetry_in_dispatches_out_signed_and_acked(
 ) -> None:
     async with rig(mosquitto, tmp_path) as r:
         await r.zone.telemetry(412.5)
-        await until(lambda: r.fleet.state[0] == DeviceState.ON, 5.0, what="zone on")
-        assert r.fleet.measured_w[0] == 412.5e3
+        await until(lambda: r.image.state[0] == DeviceState.ON, 5.0, what="zone on")
+        assert r.image.measured_w[0] == 412.5e3
         # The capability became the row's bounds and ramp rates (up: 300 kW within 5 s).
-        assert (r.fleet.p_min_w[0], r.fleet.p_max_w[0]) == (100e3, 800e3)
-        assert r.fleet.ramp_up_w_s[0] == pytest.approx(60e3)
-        r.driver.submit(np.array([0]), np.array([300e3]))
+        assert (r.image.p_min_w[0], r.image.p_max_w[0]) == (100e3, 800e3)
+        assert r.image.ramp_up_w_s[0] == pytest.approx(60e3)
+        r.driver.submit(cmd(np.array([0]), np.array([300e3])))
         await until(lambda: r.zone.targets_kw == [300.0], 5.0, what="signed dispatch accepted")
-        await until(lambda: r.fleet.delivered_w[0] == 300e3, 5.0, what="acked")
-        r.driver.submit(np.array([0]), np.array([350e3]))
+        await until(lambda: r.image.delivered_w[0] == 300e3, 5.0, what="acked")
+        r.driver.submit(cmd(np.array([0]), np.array([350e3])))
         await until(lambda: r.zone.targets_kw == [300.0, 350.0], 5.0, what="seq increases")
         await until(lambda: r.zone.heartbeats >= 1, 3.0, what="heartbeat")
         assert all(ok for _, _, ok in r.commands)
@@ -142,15 +143,15 @@ async def test_rejections_and_offline_fault_the_zone_once(
     async with rig(mosquitto, tmp_path) as r:
         caplog.set_level(logging.INFO, logger="rampd.zone")
         await r.zone.telemetry(400.0)
-        await until(lambda: r.fleet.state[0] == DeviceState.ON, 5.0, what="zone on")
+        await until(lambda: r.image.state[0] == DeviceState.ON, 5.0, what="zone on")
         # Garbage from the zone changes nothing and is said once.
         for bad in (b"not json", b'{"measured_kw": "lots"}'):
             await r.zone.client.publish("rampd/zf/telemetry", bad, qos=1)
         await until(lambda: r.driver.bad_messages == 2, 5.0, what="bad telemetry seen")
-        assert r.fleet.measured_w[0] == 400e3
+        assert r.image.measured_w[0] == 400e3
         r.zone.accept = False
-        r.driver.submit(np.array([0]), np.array([900e3]))
-        await until(lambda: r.fleet.state[0] == DeviceState.FAULT, 10.0, what="fault")
+        r.driver.submit(cmd(np.array([0]), np.array([900e3])))
+        await until(lambda: r.image.state[0] == DeviceState.FAULT, 10.0, what="fault")
         text = [m.getMessage() for m in caplog.records]
         assert sum(m.startswith("zone zf: dispatch rejected") for m in text) == 1, text
         assert sum("ignoring bad telemetry" in m for m in text) == 1, text
@@ -158,6 +159,6 @@ async def test_rejections_and_offline_fault_the_zone_once(
         # Recovery is declared by telemetry; then the zone goes offline (its will).
         r.zone.accept = True
         await r.zone.telemetry(400.0)
-        await until(lambda: r.fleet.state[0] == DeviceState.ON, 5.0, what="recovered")
+        await until(lambda: r.image.state[0] == DeviceState.ON, 5.0, what="recovered")
         await r.zone.status(False)
-        await until(lambda: r.fleet.state[0] == DeviceState.FAULT, 5.0, what="offline fault")
+        await until(lambda: r.image.state[0] == DeviceState.FAULT, 5.0, what="offline fault")
