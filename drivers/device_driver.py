@@ -120,8 +120,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self.poll_stretch = poll_stretch
         """Every device polls this many times its poll_s (the host's poll budget)."""
         # One pending command per device (NaN power: none), latest wins; the device's task
-        # sends from it. No separate mailbox: `submit` writes here and wakes the tasks in
-        # batches itself, so there is no second copy to drain.
+        # sends from it, and `submit` wakes the tasks in batches (`_wake_some`).
         self._pending_w = np.full(n, np.nan)
         self._pending_intent = np.full(n, Intent.RUN, dtype=np.int8)
         self._queued = 0  # commands pending or on their way, not answered yet

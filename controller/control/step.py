@@ -322,7 +322,7 @@ class Controller:
         setpoints = out.copy()
         if snap.delivered_w is not None:
             # The model follows what devices acknowledged; a decision still in a driver's
-            # mailbox has not happened yet (rows never acknowledged follow the decision).
+            # pending slot has not happened yet (rows never acknowledged follow the decision).
             np.copyto(out, snap.delivered_w, where=np.isfinite(snap.delivered_w))
         self._cmd, alloc.share = alloc.share, self._cmd  # swap buffers, no copy
         model.commit()

@@ -189,7 +189,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         self._waking = np.zeros(n, dtype=np.bool_)  # woken by us, not hashing yet
         self._last_state = np.full(n, DeviceState.UNKNOWN, dtype=np.int8)  # as last polled
         self._busy_warned = np.zeros(n, dtype=np.bool_)
-        # Telemetry beyond the fleet arrays, by local index (position in `rows`).
+        # Telemetry beyond the process image, by local index.
         self.hashrate_ths = np.full(n, np.nan)
         self.hashrate_at = np.full(n, np.nan)
         # Counters beyond the base's, public for metrics.

@@ -165,7 +165,7 @@ def rampd_lines() -> Iterator[Lines]:
 @dataclass
 class Running:
     driver: PerDeviceDriver[Any]
-    fleet: ProcessImage
+    image: ProcessImage
     commands: CommandLog
     lines: Lines
     task: asyncio.Task[None]
@@ -175,7 +175,7 @@ class Running:
 
     @property
     def state(self) -> DeviceState:
-        return DeviceState(int(self.fleet.state[0]))
+        return DeviceState(int(self.image.state[0]))
 
     def no_unexpected_errors(self) -> None:
         assert self.lines.at(logging.ERROR) == [], "a driver error escaped as a bug"

@@ -349,6 +349,10 @@ async def test_latest_value_wins(tmp_path: Path) -> None:
         floor = r.specs[0].p_min_w
         await until(lambda: r.physics.cmd_setpoint_w[0] == floor, 5.0, what="clamped")
         assert r.driver.command_errors == 0
+        # A rack has no sleep: a SLEEP command caps it at the power given; it runs on.
+        r.driver.submit(cmd(np.array([1]), np.array([43_000.0]), sleep=True))
+        await until(lambda: r.physics.cmd_setpoint_w[1] == 43_000.0, 5.0, what="sleep as cap")
+        assert r.state(1) == DeviceState.ON
         # Stopping right after a submit stops promptly (no cancellation lost in the mailbox).
         r.driver.submit(cmd(np.array([0, 1]), np.array([41_000.0, 42_000.0])))
         r.driver_task.cancel()

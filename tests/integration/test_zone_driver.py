@@ -20,6 +20,7 @@ import pytest
 from controller.config import DeviceAccess, MqttConfig, SiteLimits
 from controller.dispatch import DispatchRejected, ack_payload, parse_dispatch, status_payload
 from controller.zone.client import ZoneDriver
+from drivers.core.command import Intent
 from drivers.core.image import ProcessImage
 from drivers.core.state import DeviceState
 from tests.helpers import CommandLog, Mosquitto, cancel_and_wait, cmd, device_spec, until
@@ -130,9 +131,13 @@ async def test_telemetry_in_dispatches_out_signed_and_acked(
         assert r.image.ramp_up_w_s[0] == pytest.approx(60e3)
         r.driver.submit(cmd(np.array([0]), np.array([300e3])))
         await until(lambda: r.zone.targets_kw == [300.0], 5.0, what="signed dispatch accepted")
-        await until(lambda: r.image.delivered_w[0] == 300e3, 5.0, what="acked")
+        await until(lambda: r.image.acked_w[0] == 300e3, 5.0, what="acked")
         r.driver.submit(cmd(np.array([0]), np.array([350e3])))
         await until(lambda: r.zone.targets_kw == [300.0, 350.0], 5.0, what="seq increases")
+        # A SLEEP command asks the zone for its power asleep; its own planner does the rest.
+        r.driver.submit(cmd(np.array([0]), np.array([20e3]), sleep=True))
+        await until(lambda: r.zone.targets_kw[-1:] == [20.0], 5.0, what="sleep dispatched")
+        await until(lambda: r.driver.port.acked(0) == (20e3, Intent.SLEEP), 5.0, what="acked")
         await until(lambda: r.zone.heartbeats >= 1, 3.0, what="heartbeat")
         assert all(ok for _, _, ok in r.commands)
 
