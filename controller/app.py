@@ -13,14 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
-
+import controller.protocols  # noqa: F401  (registers the built-in drivers)
 from controller import heap
 from controller.config import (
     ConfigError,
-    DeviceSpec,
     JournalConfig,
     LoadedConfig,
     plaintext_problem,
@@ -28,7 +25,6 @@ from controller.config import (
 )
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
-from controller.fleet import Fleet
 from controller.journal import (
     DEFAULT_FILENAME,
     EVENT_DISPATCH_DROPPED,
@@ -44,35 +40,13 @@ from controller.readiness import Readiness
 from controller.target import TargetTracker, resume_from_w, resumed
 from controller.telemetry import build_telemetry
 from controller.wire import Ack, Dispatch, DispatchRejected, Telemetry
-from drivers.base import CommandFunnel, CommandObserver, Driver
-from drivers.luxos.client import LuxosDriver
-from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
-from drivers.redfish.client import RedfishDriver
-from drivers.zone.client import ZoneDriver
+from drivers.base import Driver
+from drivers.core import registry
+from drivers.core.command import CommandShaper
+from drivers.core.image import ProcessImage
+from drivers.modbus.client import ModbusMeter
 
 log = logging.getLogger("rampd")
-
-
-class _DriverFactory(Protocol):
-    def __call__(
-        self,
-        name: str,
-        fleet: Fleet,
-        rows: Sequence[int],
-        specs: Sequence[DeviceSpec],
-        on_command: CommandObserver | None = None,
-        *,
-        poll_stretch: float = 1.0,
-    ) -> Driver: ...
-
-
-# One driver per protocol owns every device of that protocol (config validation admits only
-# these names, and "zone": child rampd instances, reached over this daemon's own broker).
-DRIVERS: dict[str, _DriverFactory] = {
-    "modbus": ModbusLoadDriver,
-    "luxos": LuxosDriver,
-    "redfish": RedfishDriver,
-}
 
 
 ADOPT_IDLE_S = 10.0
@@ -145,24 +119,22 @@ class Daemon:
             mqtt_cfg = mqtt_cfg.model_copy(update={"host": host, "port": port})
         self.metrics_listen = ov.metrics_listen or site.metrics.listen
 
-        protocols = list(dict.fromkeys(s.protocol for s in cfg.devices))
-        driver_ids = [protocols.index(s.protocol) for s in cfg.devices]
-        self.fleet = Fleet.from_specs(cfg.devices, driver_ids)
+        self.image = ProcessImage(cfg.devices)
         self.metrics = Metrics(rampd_version())
+        ctx = registry.DriverContext(
+            on_command=self.metrics.observe_command,
+            poll_stretch=cfg.poll_stretch,
+            settings={"mqtt": mqtt_cfg},
+        )
+        # One driver per protocol, built on the port over that protocol's rows: every row
+        # has exactly one owner, and no driver can write another's rows.
         self.drivers: list[Driver] = []
-        for pid, protocol in enumerate(protocols):
-            rows = [r for r, d in enumerate(driver_ids) if d == pid]
-            specs = [cfg.devices[r] for r in rows]
-            observe = self.metrics.observe_command
-            if protocol == "zone":
-                driver: Driver = ZoneDriver(
-                    protocol, self.fleet, rows, specs, observe, mqtt=mqtt_cfg
-                )
-            else:
-                driver = DRIVERS[protocol](
-                    protocol, self.fleet, rows, specs, observe, poll_stretch=cfg.poll_stretch
-                )
-            self.drivers.append(driver)
+        for protocol in self.image.protocols:
+            try:
+                factory = registry.lookup(protocol)
+            except registry.UnknownProtocol as exc:
+                raise ConfigError(f"{cfg.path}: {exc}") from None
+            self.drivers.append(factory(self.image.port(protocol), ctx))
         if cfg.poll_stretch > 1.0:
             log.warning(
                 "%d devices would poll over site.max_polls_per_s (%g/s): every poll period "
@@ -174,22 +146,15 @@ class Daemon:
         self.meter = ModbusMeter(site.meter) if site.meter.protocol == "modbus" else NoMeter()
         self.metrics.watch_drivers([*self.drivers, self.meter])
         if site.metrics.per_device:
-            self.metrics.enable_device_metrics(self.fleet)
+            self.metrics.enable_device_metrics(self.image, lambda: self.cycle.planned_w)
         self.controller = self._new_controller()
-        self._dynamics_version = self.fleet.dynamics_version
+        self._limits_version = self.image.limits_version
         self._dispatched_at = -math.inf  # monotonic time of the last accepted dispatch
-        params = self.controller.fleet_params
-        self.funnel = CommandFunnel(
-            self.fleet.p_min_w,
-            self.fleet.p_max_w,
-            self.fleet.step_w,
-            self.fleet.deadband_w,
-            sleep_w=np.where(params.sleepable, self.fleet.p_idle_w, np.nan),
-        )
+        self.shaper = CommandShaper(self.image.p_idle_w, self.image.deadband_w)
         self.journal = open_journal(site.journal)
         if self.journal is not None:
             self.journal.record_event(
-                "start", f"rampd {rampd_version()}: site {site.site_id}, {self.fleet.n} devices"
+                "start", f"rampd {rampd_version()}: site {site.site_id}, {self.image.n} devices"
             )
         # Seqs accepted before a restart stay refused even if nothing is resumed.
         self._seq_floor = self.journal.last_seq() if self.journal else None
@@ -212,9 +177,9 @@ class Daemon:
             )
         )
         self.cycle = ControlCycle(
-            fleet=self.fleet,
+            image=self.image,
             controller=self.controller,
-            funnel=self.funnel,
+            shaper=self.shaper,
             drivers=self.drivers,
             meter=self.meter,
             tracker=self.tracker,
@@ -241,7 +206,7 @@ class Daemon:
     def _new_controller(self) -> Controller:
         site = self.cfg.site
         return Controller(
-            FleetParams.from_fleet(self.fleet),
+            FleetParams.from_image(self.image),
             deadband_w=site.site.deadband_kw * 1e3,
             observer_tau_s=site.control.observer_tau_s,
             cycle_s=site.cycle_s,
@@ -255,9 +220,9 @@ class Daemon:
         the control math at a new dispatch (the site starts a move from where it is, so a
         model restarted from the measurements loses nothing), or once the site has been left
         alone for ADOPT_IDLE_S (at start, and in a long hold)."""
-        if self.fleet.dynamics_version == self._dynamics_version:
+        if self.image.limits_version == self._limits_version:
             return
-        self._dynamics_version = self.fleet.dynamics_version
+        self._limits_version = self.image.limits_version
         self.controller = self.cycle.controller = self._new_controller()
         log.info("control model rebuilt with the devices' latest limits and ramp rates")
 
@@ -359,9 +324,9 @@ class Daemon:
             self.ramps.tick(time.time(), out.meter_w if out.meter_fresh else None)
 
     def _status_text(self) -> str:
-        counts = self.fleet.counts_by_state()
+        counts = self.cycle.counts_by_state()
         meter = "meter ok" if self.cycle.last and self.cycle.last.meter_fresh else "meter stale"
-        text = f"mode {self.tracker.mode}; {counts['on']}/{self.fleet.n} devices on; {meter}"
+        text = f"mode {self.tracker.mode}; {counts['on']}/{self.image.n} devices on; {meter}"
         return f"{text}; last error: {self.last_error.text}" if self.last_error.text else text
 
     def _publish_status_if_changed(self) -> None:
@@ -396,7 +361,7 @@ class Daemon:
             out,
             at=time.time(),
             mode=self.tracker.mode,
-            devices=self.fleet.counts_by_state(),
+            devices=self.cycle.counts_by_state(),
             cycles=self.cycle.cycles,
             overruns=self.cycle.overruns,
             reserve=self.cfg.site.reserve,
@@ -437,7 +402,7 @@ class Daemon:
             "rampd %s: site %s, %d devices, cycle %.0f ms, metrics on %s:%d, broker %s:%d",
             rampd_version(),
             self.cfg.site.site_id,
-            self.fleet.n,
+            self.image.n,
             self.cfg.site.cycle_s * 1e3,
             host,
             bound,

@@ -136,7 +136,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     truth = Path(args.truth) if args.truth else None
     raise_fd_limit(logging.getLogger("rampd.sim"))  # a listening socket per device
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(run_sim(cfg, truth, seed=args.seed, control=control))
+        run_loop(run_sim(cfg.sim_site, truth, seed=args.seed, control=control))
     return 0
 
 

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -24,30 +22,28 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-DeviceProtocol = Literal["modbus", "luxos", "redfish", "zone"]
-# "none": no meter of its own (a parent of zones: its power is what its zones report).
-MeterProtocol = Literal["modbus", "none"]
+from drivers.core import registry
+from drivers.core.spec import DeviceAccess as DeviceAccess
+from drivers.core.spec import DeviceSpec as DeviceSpec
+from drivers.core.spec import MeterConfig as MeterConfig
+from drivers.core.spec import Port, PositiveFloat, SiteSpec, Strict
+from drivers.core.spec import SimParams as SimParams
+
 FailsafePolicy = Literal["hold", "baseline", "min"]
-PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class ConfigError(Exception):
     """A configuration problem, phrased for the operator: file, key, what is wrong."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsConfig(_Strict):
+class TlsConfig(Strict):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
 
 
-class MqttConfig(_Strict):
+class MqttConfig(Strict):
     host: str = "127.0.0.1"
     port: Port = 1883
     prefix: str = "rampd"
@@ -94,7 +90,7 @@ def plaintext_problem(host: str, tls: bool, allowed: bool) -> None:
         )
 
 
-class SiteLimits(_Strict):
+class SiteLimits(Strict):
     """What the dispatcher may ask for, and how close counts as arrived."""
 
     min_kw: NonNegFloat = 0.0
@@ -114,7 +110,7 @@ class SiteLimits(_Strict):
         return self
 
 
-class FailsafeConfig(_Strict):
+class FailsafeConfig(Strict):
     dispatch_timeout_s: PositiveFloat = 60.0
     policy: FailsafePolicy = "hold"
     baseline_kw: NonNegFloat | None = None
@@ -127,7 +123,7 @@ class FailsafeConfig(_Strict):
         return self
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(Strict):
     listen: str = "127.0.0.1:9470"
     per_device: bool = False
     """Export power and setpoint per device (a label per device: small sites only)."""
@@ -139,7 +135,7 @@ class MetricsConfig(_Strict):
         return v
 
 
-class ControlConfig(_Strict):
+class ControlConfig(Strict):
     """Gains of the meter feedback; the defaults suit a 100 ms cycle."""
 
     observer_tau_s: PositiveFloat = 1.0
@@ -148,7 +144,7 @@ class ControlConfig(_Strict):
     """The meter's own latency (sampling/averaging); a 10 Hz meter holds each value ~50 ms."""
 
 
-class ReserveConfig(_Strict):
+class ReserveConfig(Strict):
     """Fast reserve: power the site keeps reachable within 5 s while it follows its target.
 
     A site that sells fast up-ramps must not put its flexibility where it cannot come back
@@ -159,60 +155,12 @@ class ReserveConfig(_Strict):
     down_kw_5s: NonNegFloat = 0.0
 
 
-class MeterConfig(_Strict):
-    protocol: MeterProtocol = "modbus"
-    host: str = "127.0.0.1"
-    port: Port = 502
-    unit: Annotated[int, Field(ge=0, le=255)] = 1
-    poll_s: PositiveFloat = 0.1
-    timeout_s: PositiveFloat = 1.0
-
-
-class DeviceAccess(_Strict):
-    """How to log in to a device: credentials, TLS, protocol-specific addressing."""
-
-    username: str | None = None
-    password: str | None = None
-    password_file: Path | None = None
-    https: bool = False
-    ca_file: Path | None = None
-    """CA bundle for HTTPS; None uses the system store."""
-    session_auth: bool = True
-    """Redfish: log in with a session (X-Auth-Token); False uses HTTP basic auth."""
-    chassis_id: str = "1"
-    """Redfish: the Chassis member whose power is read and capped."""
-    model: str | None = None
-    """Hardware model, e.g. "S21"; reported by the simulator and shown in logs."""
-    topic_root: str | None = None
-    """Zone: the child rampd's topic root (default `<mqtt.prefix>/<device name>`)."""
-    hmac_key_file: Path | None = None
-    """Zone: the key that signs dispatches to it (the child's `dispatch.hmac_key_file`)."""
-
-
-class SimParams(_Strict):
-    """Simulator only: the workload a device runs, as a fraction of its p_max.
-
-    A GPU rack draws min(power cap, what its jobs demand); jobs are piecewise constant with a
-    level drawn uniformly in [demand_min_frac, demand_max_frac] and a duration drawn around
-    job_s. The default (1.0, 1.0) is a device that always draws its setpoint (a miner).
-    """
-
-    demand_min_frac: Annotated[float, Field(ge=0, le=1)] = 1.0
-    demand_max_frac: Annotated[float, Field(ge=0, le=1)] = 1.0
-    job_s: PositiveFloat = 120.0
-
-    @model_validator(mode="after")
-    def _ordered(self) -> SimParams:
-        if self.demand_min_frac > self.demand_max_frac:
-            raise ValueError("demand_min_frac must not exceed demand_max_frac")
-        return self
-
-
-class DeviceTemplate(_Strict):
+class DeviceTemplate(Strict):
     """One device class: its protocol, limits and dynamics. Numbers in a template are sourced."""
 
     kind: str
-    protocol: DeviceProtocol
+    protocol: str
+    """A registered driver's protocol (`drivers.core.registry`), checked at load."""
     p_min_kw: NonNegFloat
     p_max_kw: PositiveFloat
     p_idle_kw: NonNegFloat = 0.0
@@ -248,7 +196,7 @@ class DeviceTemplate(_Strict):
         return self
 
 
-class DeviceGroup(_Strict):
+class DeviceGroup(Strict):
     """Devices listed one by one (count 1) or generated from a template over an address range."""
 
     name: str
@@ -266,7 +214,7 @@ class DeviceGroup(_Strict):
         return v
 
 
-class JournalConfig(_Strict):
+class JournalConfig(Strict):
     path: Path | None = None
     """SQLite file. Default: $STATE_DIRECTORY/journal.sqlite (systemd); else no journal."""
     retention_days: PositiveFloat = 90.0
@@ -276,13 +224,13 @@ class JournalConfig(_Strict):
 MIN_HMAC_KEY_BYTES = 16
 
 
-class DispatchConfig(_Strict):
+class DispatchConfig(Strict):
     hmac_key_file: Path | None = None
     """Shared HMAC-SHA256 key (at least 16 bytes; one trailing newline is ignored). When set,
     every dispatch must carry a valid `sig`; when unset, a `sig` field is ignored."""
 
 
-class SiteConfig(_Strict):
+class SiteConfig(Strict):
     site_id: str
     cycle_s: Annotated[float, Field(ge=0.01, le=5.0)] = 0.1
     mqtt: MqttConfig = MqttConfig()
@@ -307,36 +255,6 @@ class SiteConfig(_Strict):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceSpec:
-    """One expanded device row, SI units."""
-
-    name: str
-    kind: str
-    protocol: str
-    host: str
-    port: int
-    unit: int
-    p_min_w: float
-    p_max_w: float
-    p_idle_w: float
-    ramp_up_w_s: float
-    ramp_down_w_s: float
-    dead_time_s: float
-    wake_s: float
-    sleep_s: float
-    step_w: float
-    deadband_w: float
-    noise_w: float
-    priority: int
-    poll_s: float
-    timeout_s: float
-    access: DeviceAccess = field(default_factory=DeviceAccess)
-    sim: SimParams = field(default_factory=SimParams)
-    setpoint_is_cap: bool = False
-    ramps_itself: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class LoadedConfig:
     path: Path
     site: SiteConfig
@@ -349,6 +267,11 @@ class LoadedConfig:
     def poll_stretch(self) -> float:
         """What every device's poll period is multiplied by (`SiteLimits.max_polls_per_s`)."""
         return poll_stretch(self.devices, self.site.site.max_polls_per_s)
+
+    @property
+    def sim_site(self) -> SiteSpec:
+        """What a simulator of this site serves."""
+        return SiteSpec(self.devices, self.site.meter, self.site.noncontrollable_kw * 1e3)
 
     @property
     def topic_root(self) -> str:
@@ -438,6 +361,14 @@ def _load_template(name: str, config_path: Path) -> tuple[Path, DeviceTemplate]:
     raise ConfigError(f"{config_path}: devices: template {name!r} not found in {searched}")
 
 
+def known_protocols() -> tuple[str, ...]:
+    """Protocols with a registered driver, the built-in ones loaded first."""
+    # Imported here, not at the top: the zone driver imports this module.
+    import controller.protocols  # noqa: F401
+
+    return registry.known()
+
+
 def _expand(
     groups: list[DeviceGroup], templates: dict[str, DeviceTemplate], path: Path
 ) -> Iterator[DeviceSpec]:
@@ -449,6 +380,11 @@ def _expand(
             tpl = DeviceTemplate.model_validate({**base.model_dump(), **group.overrides})
         except ValidationError as exc:
             raise ConfigError(_format_validation(path, exc, prefix=f"{key}.overrides.")) from None
+        if tpl.protocol not in known_protocols():
+            raise ConfigError(
+                f"{path}: {key}.template {group.template!r}: unknown device protocol "
+                f"{tpl.protocol!r}; known: {', '.join(known_protocols())}"
+            )
         if group.address is None and tpl.protocol != "zone":
             raise ConfigError(f"{path}: {key}.address: required for {tpl.protocol} devices")
         last = int(group.address or 0) + group.count - 1

@@ -1,7 +1,9 @@
-"""The phased control cycle: snapshot -> step -> hand setpoints to drivers -> metrics/watchdog.
+"""The phased control cycle: snapshot -> step -> hand commands to drivers -> metrics/watchdog.
 
-The cycle never awaits device I/O. Drivers write telemetry into the fleet arrays on their
-own tasks and drain their mailboxes on their own tasks, so a slow device cannot stall it.
+The cycle never awaits device I/O and never writes the process image: drivers write
+telemetry into it through their ports on their own tasks and send their pending commands on
+their own tasks, so a slow device cannot stall it. Staleness is the cycle's verdict, made
+in its snapshot.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Protocol
 import numpy as np
 
 from controller.control import Capability, Controller, Snapshot, StepResult
-from controller.fleet import DeviceState, Fleet
 from controller.metrics import Metrics
 from controller.target import TargetTracker
-from drivers.base import CommandFunnel, Driver
+from drivers.base import Driver
+from drivers.core.command import CommandShaper, Intent
+from drivers.core.image import ProcessImage
+from drivers.core.state import F64, DeviceState, counts_by_state
 
 log = logging.getLogger("rampd.cycle")
 
@@ -44,15 +48,20 @@ class CycleOutput:
     meter_fresh: bool
     result: StepResult
     capability: Capability
+    snapshot: Snapshot
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Devices by state as this cycle saw them (staleness included)."""
+        return counts_by_state(self.snapshot.state)
 
 
 class ControlCycle:
     def __init__(
         self,
         *,
-        fleet: Fleet,
+        image: ProcessImage,
         controller: Controller,
-        funnel: CommandFunnel,
+        shaper: CommandShaper,
         drivers: Sequence[Driver],
         meter: MeterSource,
         tracker: TargetTracker,
@@ -63,9 +72,12 @@ class ControlCycle:
         clock: Callable[[], float] = time.monotonic,
         has_meter: bool = True,
     ) -> None:
-        self.fleet = fleet
+        """``drivers[i]`` owns the rows of ``image.protocols[i]`` (its port's)."""
+        if [d.port.protocol for d in drivers] != list(image.protocols):
+            raise ValueError("drivers must be given in the order of image.protocols")
+        self.image = image
         self.controller = controller
-        self.funnel = funnel
+        self.shaper = shaper
         self.drivers = tuple(drivers)
         self.meter = meter
         self.tracker = tracker
@@ -79,7 +91,7 @@ class ControlCycle:
         self.cycles = 0
         self.overruns = 0
         self.last: CycleOutput | None = None
-        self._seen_at = np.full(fleet.n, -np.inf)
+        self._seen_at = np.full(image.n, -np.inf)
         self._last_t: float | None = None
         self._on_tick: list[Callable[[CycleOutput], None]] = []
         self._meter_was_fresh: bool | None = None
@@ -99,9 +111,18 @@ class ControlCycle:
     def _all_seen(self) -> bool:
         if self._seen_all:
             return True
-        unseen = np.isnan(self.fleet.measured_at) & (self.fleet.state != DeviceState.FAULT)
+        unseen = np.isnan(self.image.measured_at) & (self.image.state != DeviceState.FAULT)
         self._seen_all = not unseen.any()
         return self._seen_all
+
+    @property
+    def planned_w(self) -> F64:
+        """The latest cycle's setpoints (p_max before the first)."""
+        return self.image.p_max_w if self.last is None else self.last.result.setpoints_w
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Devices by state as the latest cycle saw them (the drivers' view before one)."""
+        return counts_by_state(self.image.state if self.last is None else self.last.snapshot.state)
 
     def poke(self) -> None:
         """Run the next cycle now (a new dispatch): saves up to a period of latency."""
@@ -115,12 +136,14 @@ class ControlCycle:
             # cycle is short, and a short dt would re-derive those counts for one cycle.
             dt = self.period_s
         self._last_t = now
-        fleet = self.fleet
+        image = self.image
 
-        # 1. Freeze a snapshot of telemetry and the target.
-        fleet.mark_stale(now, self.telemetry_max_age_s)
-        new_reading = fleet.measured_at > self._seen_at  # NaN -> False
-        self._seen_at[new_reading] = fleet.measured_at[new_reading]
+        # 1. Freeze a snapshot of telemetry and the target; telemetry older than
+        # telemetry_max_age_s (or none) makes a device UNKNOWN in the snapshot only.
+        state = image.state.copy()
+        state[image.stale(now, self.telemetry_max_age_s)] = DeviceState.UNKNOWN
+        new_reading = image.measured_at > self._seen_at  # NaN -> False
+        self._seen_at[new_reading] = image.measured_at[new_reading]
         meter_fresh = bool(now - self.meter.at <= self.meter_max_age_s)
         meter_w = float(self.meter.value_w) if meter_fresh else float("nan")
         # Until every live device has reported once, the meter residual would count their
@@ -136,33 +159,30 @@ class ControlCycle:
         snap = Snapshot(
             t=now,
             meter_w=observed_w,
-            measured_w=fleet.measured_w.copy(),
+            measured_w=image.measured_w.copy(),
             new_reading=new_reading,
-            state=fleet.state.copy(),
+            state=state,
             meter_age_s=max(0.0, now - self.meter.at) if meter_fresh else 0.0,
-            delivered_w=fleet.delivered_w.copy(),
+            delivered_w=image.acked_w.copy(),
+            acked_sleep=image.acked_intent == Intent.SLEEP,
         )
         target_w = self.tracker.target_w(now)
 
         # 2. Pure control step.
         result = self.controller.step(snap, target_w, dt)
-        fleet.setpoint_w[:] = result.setpoints_w
         counts = (result.parked, result.waking)
         # A decision (more or fewer asleep, new wakes), not wakes completing one by one.
         if counts[0] != self._sleep_counts[0] or counts[1] > self._sleep_counts[1]:
             log.info("sleep plan: %d devices told to sleep, %d waking", *counts)
         self._sleep_counts = counts
 
-        # 3. Hand changed setpoints of controllable rows to their drivers.
+        # 3. Hand changed commands of the rows the controller decides to their drivers.
         ctl = np.flatnonzero(result.controllable if result.commanded is None else result.commanded)
         if ctl.size:
-            changed, values = self.funnel.changed_rows(ctl, result.setpoints_w[ctl])
-            if changed.size:
-                owners = fleet.driver_id[changed]
-                for driver_id, driver in enumerate(self.drivers):
-                    mine = owners == driver_id
-                    if mine.any():
-                        driver.submit(changed[mine], values[mine])
+            sleep = None if result.sleep is None else result.sleep[ctl]
+            changed = self.shaper.changed(ctl, result.setpoints_w[ctl], sleep)
+            for owner, commands in image.route(changed):
+                self.drivers[owner].submit(commands)
 
         # 4. Metrics, then the tick callbacks (watchdog).
         capability = self.controller.capability()
@@ -173,6 +193,7 @@ class ControlCycle:
             meter_fresh=meter_fresh,
             result=result,
             capability=capability,
+            snapshot=snap,
         )
         self.last = out
         m = self.metrics

@@ -18,7 +18,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, get_args, runtime_checkable
 from wsgiref.simple_server import WSGIServer
 
@@ -37,8 +37,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from controller.fleet import STATE_NAMES, Fleet
 from controller.target import TrackerMode
+from drivers.core.image import ProcessImage
+from drivers.core.state import F64, STATE_NAMES
 
 # Cycle work is sub-millisecond to tens of ms; command round trips 1 ms to the 1 s timeout.
 _CYCLE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -116,14 +117,16 @@ class DriverCollector:
 class DeviceCollector:
     """Opt-in per-device series for small sites: rampd_device_power_watts{device,kind} (last
     measured power; devices never read are left out) and rampd_device_setpoint_watts{device,
-    kind} (the cycle's latest decision), straight from the fleet arrays at scrape time.
+    kind} (the cycle's latest decision), straight from the process image and the cycle's last
+    plan at scrape time.
 
     One series per device per metric: do not enable on sites with thousands of devices."""
 
-    def __init__(self, fleet: Fleet) -> None:
-        self._fleet = fleet
+    def __init__(self, image: ProcessImage, planned_w: Callable[[], F64]) -> None:
+        self._image = image
+        self._planned_w = planned_w
         self._labels = [
-            [name, fleet.kinds[int(k)]] for name, k in zip(fleet.names, fleet.kind_id, strict=True)
+            [name, image.kinds[int(k)]] for name, k in zip(image.names, image.kind_id, strict=True)
         ]
 
     @staticmethod
@@ -146,11 +149,11 @@ class DeviceCollector:
 
     def collect(self) -> Iterable[Metric]:
         power, setpoint = self._families()
-        fleet = self._fleet
+        image = self._image
         # Copies: the event loop writes these arrays while this runs on the server thread.
-        measured = fleet.measured_w.copy()
-        seen = np.isfinite(fleet.measured_at)
-        sp = fleet.setpoint_w.copy()
+        measured = image.measured_w.copy()
+        seen = np.isfinite(image.measured_at)
+        sp = self._planned_w().copy()
         for i, labels in enumerate(self._labels):
             if seen[i]:
                 power.add_metric(labels, float(measured[i]))
@@ -341,12 +344,12 @@ class Metrics:
         self._driver_collector = DriverCollector(drivers)
         self.registry.register(self._driver_collector)
 
-    def enable_device_metrics(self, fleet: Fleet) -> None:
+    def enable_device_metrics(self, image: ProcessImage, planned_w: Callable[[], F64]) -> None:
         """Opt-in: one series per device (see `DeviceCollector`); for small sites only.
-        A second call replaces the first."""
+        ``planned_w``: the cycle's latest setpoints. A second call replaces the first."""
         if self._device_collector is not None:
             self.registry.unregister(self._device_collector)
-        self._device_collector = DeviceCollector(fleet)
+        self._device_collector = DeviceCollector(image, planned_w)
         self.registry.register(self._device_collector)
 
     # -- exposition -------------------------------------------------------------------------

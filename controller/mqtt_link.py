@@ -21,9 +21,9 @@ from typing import Final, Literal
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from controller.cancellation import stop_if_cancelled
 from controller.config import ConfigError, MqttConfig
 from controller.wire.status import Status
+from drivers.core.cancellation import stop_if_cancelled
 
 # The name operators already filter on; it predates this module.
 log = logging.getLogger("rampd.dispatch")

@@ -1,16 +1,19 @@
 """One task per device: the machinery every protocol driver shares, whatever its wire.
 
-`PerDeviceDriver` owns the mapping of global fleet rows to local indices, the command mailbox
-and each device's outbox slot, one task per device (staggered polls, latest setpoint sent, a
-command stream never starving polls), the connection slots shared by all devices (commands
-before polls: `drivers.slots`), backoff with jitter, FAULT after FAULT_AFTER consecutive
-failures (one log line per state change, one on recovery), counters for metrics and
+`PerDeviceDriver` owns each device's pending-command slot, one task per device (staggered polls,
+latest command sent, a command stream never starving polls), the connection slots shared by all
+devices (commands before polls: `drivers.slots`), backoff with jitter, FAULT after FAULT_AFTER
+consecutive failures (one log line per state change, one on recovery), counters for metrics and
 command-latency reporting. A dead device only ever costs its own task time.
 
+It reads and writes the process image only through its port (`drivers.core.image`), by local
+index: a reading, a fault, an acknowledged command.
+
 A protocol subclass says only what is protocol-specific: how to read one device (`_read`), how
-to send it one setpoint (`_command`), what to check in a good reading (`_polled`: readback,
-using `_readback_due` and `_resend`), which command failures are not the device's fault
-(`_command_failed`), and the connections or sessions held while running (`_running`).
+to send it one typed command (`_command`: power and RUN/SLEEP intent), what to check in a good
+reading (`_polled`: readback, using `_readback_due` and `_resend`), which command failures are
+not the device's fault (`_command_failed`), and the connections or sessions held while running
+(`_running`).
 """
 
 from __future__ import annotations
@@ -21,27 +24,24 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Generic, TypedDict, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
-from controller.cancellation import stop_if_cancelled
-from controller.config import DeviceSpec
-from controller.fleet import DeviceState, Fleet
 from drivers.base import (
-    F64,
     Backoff,
-    CommandMailbox,
     CommandObserver,
     DriverError,
     PollPreempted,
     ProtocolError,
-    Rows,
 )
+from drivers.core.cancellation import stop_if_cancelled
+from drivers.core.command import Commands, Intent
+from drivers.core.image import DevicePort
+from drivers.core.state import DeviceState
 from drivers.slots import COMMAND, POLL, ExchangeSlots, exchange_priority
 
 FAULT_AFTER = 2
@@ -50,7 +50,7 @@ FAULT_AFTER = 2
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """What one good poll learned; the base writes it into the fleet arrays.
+    """What one good poll learned; the base writes it through the port.
 
     Protocols subclass it to carry what their `_polled` checks (the setpoint read back).
     """
@@ -65,7 +65,7 @@ ReadingT = TypeVar("ReadingT", bound=Reading)
 class DriverOptions(TypedDict, total=False):
     """Keyword options of every per-device driver (see `PerDeviceDriver.__init__`)."""
 
-    max_concurrency: int
+    max_concurrency: int | None
     poll_stretch: float
     backoff_base_s: float
     backoff_cap_s: float
@@ -73,7 +73,7 @@ class DriverOptions(TypedDict, total=False):
 
 
 class PerDeviceDriver(ABC, Generic[ReadingT]):
-    """Drives the devices owned by this driver (global fleet `rows`, parallel `specs`)."""
+    """Drives the devices of its port (local index 0..n-1, `port.specs` parallel)."""
 
     protocol: ClassVar[str]
     """First word of every log line ("modbus row-3: ...")."""
@@ -94,29 +94,23 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
 
     def __init__(
         self,
-        name: str,
-        fleet: Fleet,
-        rows: npt.ArrayLike,
-        specs: Sequence[DeviceSpec],
+        port: DevicePort,
         on_command: CommandObserver | None = None,
         *,
+        name: str | None = None,
         max_concurrency: int | None = None,
         poll_stretch: float = 1.0,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
-        self.name = name
-        self.rows: Rows = np.asarray(rows, dtype=np.intp)
-        if len(self.rows) != len(specs):
-            raise ValueError(f"{name}: {len(self.rows)} rows but {len(specs)} specs")
-        n = len(specs)
-        self._fleet = fleet
-        self._specs = tuple(specs)
+        self.name = name = port.protocol if name is None else name
+        self.port = port
+        n = port.n
+        self._specs = port.specs
+        self._p_max_w = np.array([s.p_max_w for s in port.specs])  # rated, for plausibility
         self._on_command = on_command
         self._rng = rng or random.Random()
-        self._local_of = np.full(fleet.n, -1, dtype=np.intp)
-        self._local_of[self.rows] = np.arange(n)
         self._max_concurrency = (
             self.default_concurrency if max_concurrency is None else max_concurrency
         )
@@ -125,9 +119,11 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             raise ValueError(f"{name}: poll_stretch {poll_stretch!r} is below 1")
         self.poll_stretch = poll_stretch
         """Every device polls this many times its poll_s (the host's poll budget)."""
-        self._mailbox = CommandMailbox(n)
-        self._outbox = np.full(n, np.nan)  # per-device slot the device task sends from
-        self._queued = 0  # commands taken from the mailbox and not answered yet
+        # One pending command per device (NaN power: none), latest wins; the device's task
+        # sends from it, and `submit` wakes the tasks in batches (`_wake_some`).
+        self._pending_w = np.full(n, np.nan)
+        self._pending_intent = np.full(n, Intent.RUN, dtype=np.int8)
+        self._queued = 0  # commands pending or on their way, not answered yet
         self._sending = 0  # commands on their way: sent, or waiting for a slot
         self._deferred: list[int] = []  # devices whose poll waits for a burst to drain
         self._burst = False
@@ -139,7 +135,9 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self._faulted = np.zeros(n, dtype=np.bool_)
         self._bug_logged = np.zeros(n, dtype=np.bool_)
         self._readback_warned = np.zeros(n, dtype=np.bool_)
-        self._last_value_w = np.full(n, np.nan)  # last setpoint the device accepted, as asked
+        # A readback is compared with the acknowledged command until one mismatch has been
+        # resent (then again after the next acknowledgement).
+        self._readback_armed = np.zeros(n, dtype=np.bool_)
         # Counters, public for metrics.
         self.polls_ok = 0
         self.poll_errors = 0
@@ -155,8 +153,9 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         """Poll one device; raise DriverError when it fails or answers implausibly."""
 
     @abstractmethod
-    async def _command(self, local: int, value_w: float) -> None:
-        """Bring one device to `value_w`; raise DriverError when it is not done."""
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
+        """Bring one device to `power_w`, or to sleep (`intent` SLEEP); raise DriverError when
+        it is not done."""
 
     def _polled(self, local: int, reading: ReadingT) -> None:
         """After a good poll was recorded: compare what was read back with what was sent.
@@ -175,14 +174,23 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
 
     # --- the control cycle's side: never blocks ---
 
-    def submit(self, rows: Rows, setpoints_w: F64) -> None:
-        local = self._local_of[np.asarray(rows, dtype=np.intp)]
-        mine = local >= 0  # rows of other drivers are ignored, never an error here
-        self._mailbox.put(local[mine], np.asarray(setpoints_w, dtype=np.float64)[mine])
+    def submit(self, commands: Commands) -> None:
+        """Queue `commands` (by local index) and wake their devices' tasks."""
+        local = commands.rows
+        if not len(local):
+            return
+        self._queued += int(np.count_nonzero(np.isnan(self._pending_w[local])))
+        self._pending_w[local] = commands.power_w
+        self._pending_intent[local] = commands.intent
+        # Sleeps first: one acts seconds after its acknowledgement, a profile or cap change
+        # within a fraction of one, so in a burst larger than the concurrency limit the
+        # sleeps must not wait behind the rest.
+        awake = commands.intent != Intent.SLEEP
+        self._wake_some(local[np.argsort(awake, kind="stable")].tolist(), 0)
 
     @property
     def pending(self) -> int:
-        return self._mailbox.pending + int((~np.isnan(self._outbox)).sum())
+        return int(np.count_nonzero(~np.isnan(self._pending_w)))
 
     @property
     def faulted(self) -> int:
@@ -193,23 +201,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     async def run(self) -> None:
         """Poll and send until cancelled; device failures are isolated and never raise."""
         async with self._running(), asyncio.TaskGroup() as tg:
-            tg.create_task(self._dispatch(), name=f"{self.name}:dispatch")
             for local, spec in enumerate(self._specs):
                 tg.create_task(self._device(local), name=f"{self.name}:{spec.name}")
-
-    async def _dispatch(self) -> None:
-        """Fan the mailbox out to per-device slots: latest value wins in both."""
-        while True:
-            if not await self._mailbox.wait(1.0):
-                continue
-            local, values = self._mailbox.take()
-            self._queued += int(np.count_nonzero(np.isnan(self._outbox[local])))
-            self._outbox[local] = values
-            # Sleeps (below p_min) first: one acts seconds after its acknowledgement, a
-            # profile or cap change within a fraction of one, so in a burst larger than the
-            # concurrency limit the sleeps must not wait behind the rest.
-            awake = values >= self._fleet.p_min_w[self.rows[local]]
-            self._wake_some(local[np.argsort(awake, kind="stable")].tolist(), 0)
 
     async def _device(self, local: int) -> None:
         period = self._specs[local].poll_s * self.poll_stretch
@@ -222,7 +215,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 await asyncio.sleep(self._retry_at[local] - now)
                 continue
             overdue = now - next_poll > period  # a command stream must not starve polls
-            if not math.isnan(self._outbox[local]) and not overdue:
+            if not math.isnan(self._pending_w[local]) and not overdue:
                 await self._send(local)
                 continue
             if (now >= next_poll or self._poll_soon[local]) and not overdue and self._bursting():
@@ -250,18 +243,19 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             timer.cancel()
 
     async def _send(self, local: int) -> None:
-        value = float(self._outbox[local])
-        self._outbox[local] = np.nan
+        value = float(self._pending_w[local])
+        intent = Intent(int(self._pending_intent[local]))
+        self._pending_w[local] = np.nan
         t0 = time.monotonic()
         token = exchange_priority.set(COMMAND)
         self._sending += 1
         try:
-            await self._command(local, value)
+            await self._command(local, value, intent)
         except Exception as caught:
             exc = self._as_driver_error(local, caught)
             self._report(time.monotonic() - t0, ok=False)
             self.command_errors += 1
-            self._put_back(local, value)
+            self._put_back(local, value, intent)
             if self._command_failed(local, exc):
                 self._failed(local, exc)
             return
@@ -270,9 +264,9 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             self._answered()
         self._report(time.monotonic() - t0, ok=True)
         self.commands_ok += 1
-        self._last_value_w[local] = value
         # The control model follows what devices acknowledged, not what is still queued.
-        self._fleet.delivered_w[self.rows[local]] = value
+        self.port.acknowledged(local, value, intent)
+        self._readback_armed[local] = True
         self._readback_warned[local] = False
         self._backoff.succeeded(local)
         if self._faulted[local]:
@@ -291,13 +285,13 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             self._failed(local, self._as_driver_error(local, caught))
         return True
 
+    def _reading_at(self, local: int) -> float | None:
+        """When the reading being recorded was taken (None: now)."""
+        return None
+
     def _record(self, local: int, reading: Reading) -> None:
-        """A good poll: into the fleet arrays; it alone declares recovery from FAULT."""
-        row = int(self.rows[local])
-        fleet = self._fleet
-        fleet.measured_w[row] = reading.measured_w
-        fleet.measured_at[row] = time.monotonic()
-        fleet.state[row] = reading.state
+        """A good poll, through the port; it alone declares recovery from FAULT."""
+        self.port.reading(local, reading.measured_w, reading.state, self._reading_at(local))
         self.polls_ok += 1
         self._backoff.succeeded(local)
         if self._faulted[local]:
@@ -317,27 +311,34 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
 
     def _check_power(self, local: int, measured_w: float) -> float:
         """`measured_w`, unless no such device could draw it (garbage, a wrong unit)."""
-        p_max = float(self._fleet.p_max_w[self.rows[local]])
+        p_max = float(self._p_max_w[local])
         if not -0.1 * p_max <= measured_w <= 2.0 * p_max:  # NaN fails too
             raise ProtocolError(f"implausible power reading {measured_w!r} W")
         return measured_w
 
-    def _put_back(self, local: int, value_w: float) -> None:
-        if math.isnan(self._outbox[local]):  # retry later unless a newer value came
-            self._outbox[local] = value_w
+    def _put_back(self, local: int, value_w: float, intent: Intent) -> None:
+        if math.isnan(self._pending_w[local]):  # retry later unless a newer command came
+            self._pending_w[local] = value_w
+            self._pending_intent[local] = intent
             self._queued += 1
 
-    def _readback_due(self, local: int, sent: float) -> bool:
-        """Whether a readback means anything: something was sent (`sent` is not NaN; set it
-        NaN on a resend so each mismatch costs one resend until it lands) and nothing newer
-        is queued."""
-        return not math.isnan(sent) and math.isnan(self._outbox[local])
+    def _acked(self, local: int) -> tuple[float, Intent]:
+        """The command the device last acknowledged (what a readback is compared with)."""
+        return self.port.acked(local)
 
-    def _resend(self, local: int, value_w: float, why: str, *args: object) -> None:
-        """Queue `value_w` again for a device that lost it (reboot, another manager); warn
-        with `why % args` once, until a command lands."""
-        self._queued += int(math.isnan(self._outbox[local]))
-        self._outbox[local] = value_w
+    def _readback_due(self, local: int) -> bool:
+        """Whether a readback means anything: a command was acknowledged, its mismatch not
+        resent yet (each mismatch costs one resend until it lands), nothing newer queued."""
+        return bool(self._readback_armed[local]) and math.isnan(self._pending_w[local])
+
+    def _resend(self, local: int, why: str, *args: object) -> None:
+        """Queue the acknowledged command again for a device that lost it (reboot, another
+        manager); warn with `why % args` once, until a command lands."""
+        value, intent = self._acked(local)
+        self._readback_armed[local] = False
+        self._queued += int(math.isnan(self._pending_w[local]))
+        self._pending_w[local] = value
+        self._pending_intent[local] = intent
         self.resends += 1
         if not self._readback_warned[local]:
             self._readback_warned[local] = True
@@ -359,7 +360,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _poll_yields(self, local: int) -> bool:
         """Whether a poll waiting for the wire should give way (raise PollPreempted): a
         command for the device came meanwhile, and the poll is not a period overdue."""
-        queued = not math.isnan(self._outbox[local])
+        queued = not math.isnan(self._pending_w[local])
         return bool(queued) and time.monotonic() < self._overdue_at[local]
 
     # --- bookkeeping ---
@@ -373,7 +374,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         if not self.polls_yield_to_bursts:
             return False
         if not self._burst:
-            self._burst = self._queued + self._mailbox.pending > self._max_concurrency
+            self._burst = self._queued > self._max_concurrency
         return self._burst
 
     def _answered(self) -> None:
@@ -381,12 +382,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         for it go."""
         self._queued -= 1
         self._sending -= 1
-        if (
-            self._burst
-            and not self._sending
-            and not self._mailbox.pending
-            and self._queued <= self._held_back()
-        ):
+        if self._burst and not self._sending and self._queued <= self._held_back():
             self._burst = False
             deferred, self._deferred = self._deferred, []
             self._wake_some(deferred, 0)
@@ -394,7 +390,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _held_back(self) -> int:
         """Commands queued for devices waiting out a retry backoff (O(n): called only when
         no command is on its way)."""
-        held = ~np.isnan(self._outbox) & (self._retry_at > time.monotonic())
+        held = ~np.isnan(self._pending_w) & (self._retry_at > time.monotonic())
         return int(np.count_nonzero(held))
 
     def _wake_some(self, devices: list[int], start: int) -> None:
@@ -403,7 +399,11 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         for i in devices[start:stop]:
             self._wake[i].set()
         if stop < len(devices):
-            asyncio.get_running_loop().call_soon(self._wake_some, devices, stop)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not running: no task waits yet; each finds its command
+                return
+            loop.call_soon(self._wake_some, devices, stop)
 
     def _report(self, seconds: float, ok: bool) -> None:
         if self._on_command is not None:
@@ -428,7 +428,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         failures = self._backoff.failures(local)
         if failures < FAULT_AFTER:
             return
-        self._fleet.state[self.rows[local]] = DeviceState.FAULT
+        self.port.fault(local)
         if not self._faulted[local]:
             self._faulted[local] = True
             self._log.warning(

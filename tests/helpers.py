@@ -30,8 +30,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.app import Daemon, Overrides
 from controller.config import DeviceSpec, load_config
-from controller.fleet import Fleet
 from controller.tools.broker import free_port
+from drivers.core.command import Commands, Intent
+from drivers.core.image import ProcessImage
 from drivers.sim.physics import SitePhysics
 from drivers.sim.site import SimSite
 
@@ -313,7 +314,7 @@ async def daemon_on_sim(
     cfg_path = workdir / "site.toml"
     cfg_path.write_text(site_toml)
     cfg = load_config(cfg_path)
-    sim = SimSite(cfg)
+    sim = SimSite(cfg.sim_site)
     await sim.start()
     sim_task = asyncio.create_task(sim.run())
     daemon = Daemon(
@@ -325,6 +326,17 @@ async def daemon_on_sim(
     finally:
         await cancel_and_wait(task, sim_task)
         await sim.close()
+
+
+def cmd(
+    local: Sequence[int] | np.ndarray, power_w: Sequence[float] | np.ndarray, *, sleep: bool = False
+) -> Commands:
+    """Commands for a driver, by local index: RUN at `power_w`, or SLEEP at it."""
+    rows = np.asarray(local, dtype=np.intp)
+    intent = Intent.SLEEP if sleep else Intent.RUN
+    return Commands(
+        rows, np.asarray(power_w, dtype=np.float64), np.full(len(rows), intent, dtype=np.int8)
+    )
 
 
 class CommandLog(list[tuple[str, float, bool]]):
@@ -340,13 +352,13 @@ class DriverRig(Generic[DriverT]):
 
     specs: list[DeviceSpec]
     physics: SitePhysics
-    fleet: Fleet
+    image: ProcessImage
     driver: DriverT
     commands: CommandLog
 
     def polled(self, rows: Sequence[int] | None = None) -> bool:
         """Whether each of `rows` (default: all) has been polled at least once."""
-        at = self.fleet.measured_at if rows is None else self.fleet.measured_at[list(rows)]
+        at = self.image.measured_at if rows is None else self.image.measured_at[list(rows)]
         return bool(np.isfinite(at).all())
 
     async def first_polls(self, timeout: float = 5.0) -> None:

@@ -31,9 +31,9 @@ import pytest
 
 from controller.app import Daemon
 from controller.config import load_config
-from controller.fleet import DeviceState
 from controller.tools.broker import free_port
 from controller.wire.timestamps import rfc3339
+from drivers.core.state import DeviceState
 
 REPO = Path(__file__).resolve().parent.parent
 ALERT_RULES = REPO / "configs" / "prometheus" / "rampd-alerts.yml"
@@ -336,17 +336,19 @@ def realistic_daemon() -> Daemon:
     through the daemon's own code paths, so its registry holds what a live site serves."""
     d = Daemon(load_config(SIM_SITE))
     d.metrics.watch_drivers([*d.drivers, d.meter])
-    d.metrics.enable_device_metrics(d.fleet)
-    fleet = d.fleet
+    d.metrics.enable_device_metrics(d.image, lambda: d.cycle.planned_w)
+    image = d.image
     now = time.monotonic()
-    # What the drivers' polls and the meter's reads write.
-    fleet.measured_w[:] = 0.8 * fleet.p_max_w
-    fleet.measured_at[:] = now
-    fleet.state[:] = DeviceState.ON
-    fleet.state[:3] = DeviceState.FAULT
-    fleet.state[3:8] = DeviceState.SLEEPING
-    fleet.measured_w[3:8] = fleet.p_idle_w[3:8]
-    d.meter.value_w = float(fleet.measured_w.sum()) + 800e3
+    # What the drivers' polls (through their ports) and the meter's reads write.
+    for driver in d.drivers:
+        port = driver.port
+        for local, row in enumerate(port.rows.tolist()):
+            asleep = 3 <= row < 8
+            power = image.p_idle_w[row] if asleep else 0.8 * image.p_max_w[row]
+            port.reading(local, power, DeviceState.SLEEPING if asleep else DeviceState.ON, now)
+            if row < 3:
+                port.fault(local)
+    d.meter.value_w = float(image.measured_w.sum()) + 800e3
     d.meter.at = now
     for _ in range(5):
         d.cycle.tick()

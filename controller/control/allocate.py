@@ -22,10 +22,10 @@ back before the slow devices got there. The fast tier's gap depends only on pred
 devices it cannot influence, so this feed-forward cannot wind up. With one dead time there
 is one tier and this is exactly (a)-(d).
 
-Quantized devices (``step_w > 0``) get their share floored to a multiple of ``step_w`` (the
-command funnel's rule, so the funnel changes nothing). The remainder goes to continuous
-devices within their ramp window, then whatever is left bumps quantized devices one step in
-index order while it fits, so the total lands less than one step below the target.
+Quantized devices (``step_w > 0``) get their share floored to a multiple of ``step_w``: this is
+the only place setpoints are quantized (commands go out as planned). The remainder goes to
+continuous devices within their ramp window, then whatever is left bumps quantized devices one
+step in index order while it fits, so the total lands less than one step below the target.
 
 Speed. Every per-device array is full length (N); rows that are not controllable have zero
 bounds, zero ramp steps and zero internal setpoint, so they drop out of sums without masking.
@@ -44,7 +44,7 @@ from controller.control.types import F64, I32, Bool, FleetParams
 
 I64A = npt.NDArray[np.int64]
 
-_QEPS = 1e-9  # same tolerance as drivers.base.CommandFunnel.shape: a value on the grid stays
+_QEPS = 1e-9  # a value on the grid stays on it through float rounding
 _MICRO_W = 2.0**-20  # "step" of continuous rows, ~1e-6 W
 _DEFICIT_W = 1e-3  # quantization remainder below this is rounding, not worth a pass
 

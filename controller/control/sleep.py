@@ -24,11 +24,10 @@ import math
 import numpy as np
 
 from controller.control.types import F64, I8, Bool, FleetParams, Rows
+from drivers.core.state import DeviceState
 
-SLEEPING = 1
-"""`controller.fleet.DeviceState.SLEEPING`."""
-WAKING = 2
-"""`controller.fleet.DeviceState.WAKING`."""
+SLEEPING = int(DeviceState.SLEEPING)
+WAKING = int(DeviceState.WAKING)
 
 
 class SleepPlanner:
@@ -69,7 +68,7 @@ class SleepPlanner:
             self.parked_at[asleep] = -math.inf
             self.parked_from_w[asleep] = self.params.p_idle_w[asleep]
 
-    def note_delivery(self, delivered_w: F64 | None, t: float, dt: float = 0.0) -> None:
+    def note_delivery(self, acked_sleep: Bool | None, t: float, dt: float = 0.0) -> None:
         """Parked rows whose driver acknowledged the sleep start their countdown: on a big
         site the commands take a while to go out, and a drop predicted from the decision
         would come early (the fast devices would fill a hole not there yet). An ack seen
@@ -80,10 +79,10 @@ class SleepPlanner:
         waiting = self.parked & np.isinf(self.parked_at) & (self.parked_at > 0)
         if not waiting.any():
             return
-        if delivered_w is None:  # no acknowledgements: count from the decision
+        if acked_sleep is None:  # no acknowledgements: count from the decision
             self.parked_at[waiting] = t
             return
-        acked = waiting & (delivered_w < self.params.p_min_w)
+        acked = waiting & acked_sleep
         self.parked_at[acked] = t - 0.5 * dt
 
     def unacknowledged(self) -> bool:

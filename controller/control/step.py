@@ -17,7 +17,6 @@ import numpy as np
 from controller.control.allocate import Allocator
 from controller.control.capability import capability as _capability
 from controller.control.feedback import ResidualObserver, SumHistory, TargetDeadband
-from controller.control.physical_min import physical_min_s as _physical_min_s
 from controller.control.predict import DelayModel
 from controller.control.sleep import SleepPlanner
 from controller.control.types import (
@@ -32,6 +31,7 @@ from controller.control.types import (
     Snapshot,
     StepResult,
 )
+from drivers.core.physical_min import physical_min_s as _physical_min_s
 
 RESERVE_HORIZON_S = 5.0
 TIMING_UNCERTAINTY_S = 0.1
@@ -133,7 +133,7 @@ class Controller:
         n = params.n
         self.fleet_params = params
         # What the control math sees: a quantized device tops out at its highest grid point
-        # (the command funnel floors), so that is its p_max here.
+        # (the allocator floors every setpoint to the grid), so that is its p_max here.
         params = effective_params(params)
         self.params = params
         self._model = DelayModel(params, max_dead_time_s=max_dead_time_s, cycle_s=cycle_s)
@@ -238,7 +238,7 @@ class Controller:
             planner.observe(snap.state, ctrl)
             if self._started and self._observer.initialised:
                 self._plan(snap, target_w)
-            planner.note_delivery(snap.delivered_w, snap.t, dt)
+            planner.note_delivery(snap.acked_sleep, snap.t, dt)
             ctrl = ctrl & ~planner.parked
 
         # 1. Device model: where is each device now?
@@ -322,7 +322,7 @@ class Controller:
         setpoints = out.copy()
         if snap.delivered_w is not None:
             # The model follows what devices acknowledged; a decision still in a driver's
-            # mailbox has not happened yet (rows never acknowledged follow the decision).
+            # pending slot has not happened yet (rows never acknowledged follow the decision).
             np.copyto(out, snap.delivered_w, where=np.isfinite(snap.delivered_w))
         self._cmd, alloc.share = alloc.share, self._cmd  # swap buffers, no copy
         model.commit()
@@ -339,6 +339,7 @@ class Controller:
             commanded=commanded,
             parked=int(np.count_nonzero(planner.parked)) if planner.any else 0,
             waking=int(np.count_nonzero(planner.woken)) if planner.any else 0,
+            sleep=planner.parked.copy() if planner.any else None,
         )
 
     # -- internals ------------------------------------------------------------------------
@@ -379,14 +380,14 @@ class Controller:
             if need_w > hyst:
                 low_ss -= p.p_idle_w
                 rows = planner.park(need_w, alloc.ctrl, snap.t, pred, low_ss)
-                self._last_out[rows] = p.p_idle_w[rows]  # below p_min: the driver sleeps it
+                self._last_out[rows] = p.p_idle_w[rows]  # planned power asleep (StepResult.sleep)
         elif planner.parked.any():
             # Above what the awake devices hold while keeping the fast reserve: wake now (a
             # wake takes minutes), so the reserve is back as early as the fleet allows.
             excess = flex_ss - alloc.sum_d_max - planner.pending_up_w(snap.state)
             if excess > hyst:
                 woken = planner.unpark(excess, snap.state)
-                self._last_out[woken] = p.p_max_w[woken]  # a running setpoint wakes it
+                self._last_out[woken] = p.p_max_w[woken]  # a RUN command wakes it
 
     def _low_at_sleep(self, pred: F64, floor: F64) -> F64:
         """Each controllable device's lowest power when a sleep decided now would land,

@@ -8,9 +8,9 @@ number of slots, so thousands of miners never open thousands of sockets at once;
 goes to a waiting command before a waiting adoption or poll, so a fleet-wide command is not
 queued behind the fleet's polls. Every call is bounded by the miner's timeout_s.
 
-A setpoint maps to the miner's profile ladder (fetched once per miner with `profiles`): at or
-above the lowest profile's power (the row's p_min_w) the miner runs the highest profile at or
-below the setpoint, waking it first if it sleeps; below it the miner is curtailed to sleep.
+A RUN command's power maps to the miner's profile ladder (fetched once per miner with
+`profiles`): the miner runs the highest profile at or below it, woken first if it sleeps; a
+SLEEP command curtails it to sleep.
 Privileged commands need the miner's only session. A miner is adopted at its first good poll,
 in the background (at most ADOPT_AT_ONCE at a time, a miner left out is adopted at a later
 poll): its profile ladder is fetched, we log on, and ATM (automatic thermal management, which
@@ -29,16 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Unpack, cast
 
 import numpy as np
-import numpy.typing as npt
 
-from controller.config import DeviceSpec
-from controller.fleet import DeviceState, Fleet
 from drivers.base import (
     Backoff,
     CommandObserver,
@@ -46,6 +43,10 @@ from drivers.base import (
     DriverError,
     ProtocolError,
 )
+from drivers.core.command import Intent
+from drivers.core.image import DevicePort
+from drivers.core.registry import DriverContext, register
+from drivers.core.state import DeviceState
 from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.luxos import messages as m
 from drivers.slots import ADOPTION, COMMAND, exchange_priority
@@ -144,7 +145,7 @@ class _MinerReading(Reading):
 
 
 class LuxosDriver(PerDeviceDriver[_MinerReading]):
-    """Drives the LuxOS miners owned by this driver (global fleet `rows`, parallel `specs`)."""
+    """Drives the LuxOS miners of its port."""
 
     protocol = "luxos"
     attempt_noun = "exchanges"
@@ -160,10 +161,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
 
     def __init__(
         self,
-        name: str,
-        fleet: Fleet,
-        rows: npt.ArrayLike,
-        specs: Sequence[DeviceSpec],
+        port: DevicePort,
         on_command: CommandObserver | None = None,
         *,
         summary_every: int = 6,
@@ -171,7 +169,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         session_ttl_s: float = 60.0,
         **options: Unpack[DriverOptions],
     ) -> None:
-        super().__init__(name, fleet, rows, specs, on_command, **options)
+        super().__init__(port, on_command, **options)
         n = len(self._specs)
         self._summary_every = max(1, summary_every)
         self._config_every = max(1, config_every)
@@ -191,7 +189,7 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         self._waking = np.zeros(n, dtype=np.bool_)  # woken by us, not hashing yet
         self._last_state = np.full(n, DeviceState.UNKNOWN, dtype=np.int8)  # as last polled
         self._busy_warned = np.zeros(n, dtype=np.bool_)
-        # Telemetry beyond the fleet arrays, by local index (position in `rows`).
+        # Telemetry beyond the process image, by local index.
         self.hashrate_ths = np.full(n, np.nan)
         self.hashrate_at = np.full(n, np.nan)
         # Counters beyond the base's, public for metrics.
@@ -357,8 +355,8 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
 
     # --- sending ---
 
-    async def _command(self, local: int, value_w: float) -> None:
-        await self._apply(local, value_w)  # at COMMAND priority (the base's `_send`)
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
+        await self._apply(local, power_w, intent)  # at COMMAND priority (the base's `_send`)
         self._busy_backoff.succeeded(local)
 
     def _command_failed(self, local: int, exc: DriverError) -> bool:
@@ -373,12 +371,11 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
             self._profiles[local] = None  # the ladder may have changed: fetch it again
         return True
 
-    async def _apply(self, local: int, value: float) -> None:
+    async def _apply(self, local: int, value: float, intent: Intent) -> None:
         """Bring the miner to `value`: sleep, or wake and set the profile for it."""
         if self._curtailed[local] is None:
             await self._read_config(local)
-        row = int(self.rows[local])
-        if value < self._fleet.p_min_w[row]:
+        if intent == Intent.SLEEP:
             if not self._curtailed[local]:
                 await self._privileged(local, "curtail", m.SLEEP)
                 self._curtailed[local] = True
@@ -472,11 +469,10 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
 
     def _check_readback(self, local: int, cfg: m.ConfigInfo) -> None:
         """A miner that lost our command (reboot, another tool) gets it again."""
-        value = self._last_value_w[local]
-        if not self._readback_due(local, value):
+        if not self._readback_due(local):
             return
-        want_sleep = value < self._fleet.p_min_w[int(self.rows[local])]
-        if want_sleep:
+        value, intent = self._acked(local)
+        if intent == Intent.SLEEP:
             ok = cfg.curtailed
         else:
             ladder = self._profiles[local]
@@ -484,15 +480,20 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
             ok = not cfg.curtailed and cfg.profile == target
         if ok:
             return
-        self._last_value_w[local] = np.nan  # one resend per mismatch, until it lands
         self._resend(
             local,
-            value,
             "miner runs profile %r%s, we set %.0f W",
             cfg.profile,
             " (curtailed)" if cfg.curtailed else "",
             value,
         )
+
+
+@register("luxos")
+def _luxos(port: DevicePort, ctx: DriverContext) -> LuxosDriver:
+    return LuxosDriver(
+        port, ctx.on_command, poll_stretch=ctx.poll_stretch, max_concurrency=ctx.max_concurrency
+    )
 
 
 __all__ = ["FAULT_AFTER", "LuxosDriver", "exchange"]

@@ -38,9 +38,9 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import DeviceSpec
-from controller.fleet import DeviceState
 from drivers.base import ProtocolError
+from drivers.core.spec import DeviceSpec
+from drivers.core.state import DeviceState
 from drivers.luxos import messages as m
 from drivers.sim.physics import SLOW_S, Fault, SitePhysics
 

@@ -16,21 +16,23 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Unpack
 
 import numpy as np
-import numpy.typing as npt
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from controller.cancellation import stop_if_cancelled
-from controller.config import DeviceSpec, MeterConfig
-from controller.fleet import DeviceState, Fleet
 from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.core.cancellation import stop_if_cancelled
+from drivers.core.command import Intent
+from drivers.core.image import DevicePort
+from drivers.core.registry import DriverContext, register
+from drivers.core.spec import MeterConfig
+from drivers.core.state import DeviceState
 from drivers.device_driver import FAULT_AFTER as FAULT_AFTER
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
 from drivers.modbus.registers import (
@@ -172,7 +174,7 @@ class _LoadReading(Reading):
 
 
 class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
-    """Drives the LOAD_MAP devices owned by this driver (global fleet `rows`, parallel `specs`)."""
+    """Drives the LOAD_MAP devices of its port."""
 
     protocol = "modbus"
     default_concurrency = 32
@@ -180,14 +182,11 @@ class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
 
     def __init__(
         self,
-        name: str,
-        fleet: Fleet,
-        rows: npt.ArrayLike,
-        specs: Sequence[DeviceSpec],
+        port: DevicePort,
         on_command: CommandObserver | None = None,
         **options: Unpack[DriverOptions],
     ) -> None:
-        super().__init__(name, fleet, rows, specs, on_command, **options)
+        super().__init__(port, on_command, **options)
         n = len(self._specs)
         self._links = [ModbusLink(s.name, s.host, s.port, s.unit, s.timeout_s) for s in self._specs]
         self._last_register_w = np.full(n, np.nan)  # last setpoint, as its float32 register
@@ -208,9 +207,9 @@ class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
         finally:
             self._slots.release()
 
-    async def _command(self, local: int, value_w: float) -> None:
-        run = RUN if value_w >= self._fleet.p_min_w[self.rows[local]] else SLEEP
-        setpoint = max(value_w, 0.0)
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
+        run = SLEEP if intent == Intent.SLEEP else RUN
+        setpoint = max(power_w, 0.0)
         address, regs = LOAD_MAP.encode({"setpoint_w": setpoint, "run": run})
         unit = self._specs[local].unit
         reply = await self._transact(
@@ -247,20 +246,23 @@ class ModbusLoadDriver(PerDeviceDriver[_LoadReading]):
     def _polled(self, local: int, reading: _LoadReading) -> None:
         """A device that lost our command (reboot, local override) gets it again."""
         expected, run = self._last_register_w[local], self._last_run[local]
-        if not self._readback_due(local, expected) or (
-            reading.setpoint_w == expected and reading.run == run
-        ):
+        if not self._readback_due(local) or (reading.setpoint_w == expected and reading.run == run):
             return
-        self._last_register_w[local] = np.nan  # one resend per mismatch, until it lands
         self._resend(
             local,
-            self._last_value_w[local],
             "readback %.0f W run=%d differs from sent %.0f W run=%d",
             reading.setpoint_w,
             reading.run,
             expected,
             run,
         )
+
+
+@register("modbus")
+def _modbus(port: DevicePort, ctx: DriverContext) -> ModbusLoadDriver:
+    return ModbusLoadDriver(
+        port, ctx.on_command, poll_stretch=ctx.poll_stretch, max_concurrency=ctx.max_concurrency
+    )
 
 
 class ModbusMeter:

@@ -20,7 +20,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from controller.config import DeviceSpec
+from drivers.core.spec import DeviceSpec
 from drivers.modbus.client import quiet_pymodbus
 from drivers.modbus.registers import (
     COMMON_ID,

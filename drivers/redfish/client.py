@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any, Unpack
 
 import numpy as np
-import numpy.typing as npt
 
-from controller.config import DeviceAccess, DeviceSpec
-from controller.fleet import DeviceState, Fleet
 from drivers.base import CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.core.command import Intent
+from drivers.core.image import DevicePort
+from drivers.core.registry import DriverContext, register
+from drivers.core.spec import DeviceAccess, DeviceSpec
+from drivers.core.state import DeviceState
 from drivers.device_driver import FAULT_AFTER, DriverOptions, PerDeviceDriver, Reading
 from drivers.redfish import resources as rf
 from drivers.redfish.http import HttpConnection, Response
@@ -123,7 +125,7 @@ class _RackReading(Reading):
 
 
 class RedfishDriver(PerDeviceDriver[_RackReading]):
-    """Caps the GPU racks owned by this driver (global fleet `rows`, parallel `specs`)."""
+    """Caps the GPU racks of its port."""
 
     protocol = "redfish"
     default_concurrency = 64
@@ -131,16 +133,13 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
 
     def __init__(
         self,
-        name: str,
-        fleet: Fleet,
-        rows: npt.ArrayLike,
-        specs: Sequence[DeviceSpec],
+        port: DevicePort,
         on_command: CommandObserver | None = None,
         *,
         max_body_bytes: int = rf.MAX_BODY_BYTES,
         **options: Unpack[DriverOptions],
     ) -> None:
-        super().__init__(name, fleet, rows, specs, on_command, **options)
+        super().__init__(port, on_command, **options)
         contexts = _ssl_contexts(self._specs)
         # Reads password files: now, so a missing one fails at start.
         self._racks = [_rack(s, contexts, max_body_bytes) for s in self._specs]
@@ -170,11 +169,10 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
         body = rf.parse_json((await self._call(local, "GET", rack.uri)).body, self._max_body)
         return self._decode(local, body)
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
+        # A rack has no sleep state (its template cannot sleep): the cap is all there is.
         rack = await self._ready(local)
-        row = self.rows[local]
-        w = min(max(value_w, self._fleet.p_min_w[row]), self._fleet.p_max_w[row])
-        w = self._clamp(rack, float(w))
+        w = self._clamp(rack, power_w)
         if rack.mechanism is Mechanism.ENVIRONMENT_METRICS:
             body = rf.environment_limit_patch(w)
         else:
@@ -212,14 +210,12 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
     def _polled(self, local: int, reading: _RackReading) -> None:
         """A BMC that lost our cap (reboot, another manager) gets it again."""
         expected, setpoint_w = self._last_sent_w[local], reading.setpoint_w
-        if not self._readback_due(local, expected) or (
+        if not self._readback_due(local) or (
             setpoint_w is not None and abs(setpoint_w - expected) <= _READBACK_TOLERANCE_W
         ):
             return
-        self._last_sent_w[local] = np.nan  # one resend per mismatch, until it lands
         self._resend(
             local,
-            self._last_value_w[local],
             "cap read back as %s, sent %.0f W",
             "none" if setpoint_w is None else f"{setpoint_w:.0f} W",
             expected,
@@ -347,3 +343,10 @@ class RedfishDriver(PerDeviceDriver[_RackReading]):
 
 
 __all__ = ["FAULT_AFTER", "RedfishDriver"]
+
+
+@register("redfish")
+def _redfish(port: DevicePort, ctx: DriverContext) -> RedfishDriver:
+    return RedfishDriver(
+        port, ctx.on_command, poll_stretch=ctx.poll_stretch, max_concurrency=ctx.max_concurrency
+    )

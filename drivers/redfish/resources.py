@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from controller.config import DeviceAccess
 from drivers.base import ProtocolError
+from drivers.core.spec import DeviceAccess
 
 JsonObject = dict[str, Any]
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from controller.config import DeviceSpec
 from drivers.base import ProtocolError
+from drivers.core.spec import DeviceSpec
 from drivers.redfish import resources as rf
 from drivers.sim.physics import SLOW_S, Fault, SitePhysics
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from controller.config import DeviceSpec
-from controller.control.physical_min import physical_min_s, reachable_w
+from drivers.core.physical_min import physical_min_s, reachable_w
+from drivers.core.spec import DeviceSpec
 from drivers.sim.physics import Fault, SitePhysics
 
 log = logging.getLogger("rampd.sim")

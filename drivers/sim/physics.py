@@ -19,9 +19,9 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
-from controller.config import DeviceSpec
-from controller.control.types import FleetParams
-from controller.fleet import DeviceState
+from drivers.core.params import FleetParams
+from drivers.core.spec import DeviceSpec
+from drivers.core.state import DeviceState
 
 F64 = npt.NDArray[np.float64]
 I8 = npt.NDArray[np.int8]

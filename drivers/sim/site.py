@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
-from controller.config import LoadedConfig
+from drivers.core.spec import SiteSpec
 from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
 from drivers.modbus.sim_server import SimServers
 from drivers.redfish.sim_server import RedfishServers, start_redfish_servers
@@ -33,17 +33,17 @@ class SimSite:
 
     def __init__(
         self,
-        cfg: LoadedConfig,
+        site: SiteSpec,
         *,
         seed: int = 0,
         rate_hz: float = 50.0,
         initial_fraction: float = 1.0,
     ) -> None:
-        self.cfg = cfg
+        self.site = site
         self.dt_s = 1.0 / rate_hz
         self.physics = SitePhysics(
-            cfg.devices,
-            cfg.site.noncontrollable_kw * 1e3,
+            site.devices,
+            site.noncontrollable_w,
             seed=seed,
             dt_s=self.dt_s,
             initial_fraction=initial_fraction,
@@ -57,10 +57,10 @@ class SimSite:
     async def start(self, control: tuple[str, int] | None = None) -> None:
         """Serve every device and the meter; with `control`, the fault-injection endpoint."""
         if control is not None:
-            self.control = SimControl(self.physics, self.cfg.devices)
+            self.control = SimControl(self.physics, self.site.devices)
             self.control_port = await self.control.start(*control)
-        m = self.cfg.site.meter
-        devices = self.cfg.devices
+        m = self.site.meter
+        devices = self.site.devices
         self.servers = await SimServers.start(self.physics, devices, (m.host, m.port, m.unit))
         miners = [i for i, s in enumerate(devices) if s.protocol == "luxos"]
         if miners:
@@ -132,7 +132,7 @@ class SimSite:
 
 
 async def run_sim(
-    cfg: LoadedConfig,
+    spec: SiteSpec,
     truth_path: Path | None,
     stop: asyncio.Event | None = None,
     seed: int = 0,
@@ -142,7 +142,7 @@ async def run_sim(
     control: tuple[str, int] | None = None,
 ) -> None:
     """Serve the simulated site until `stop` is set or the task is cancelled."""
-    site = SimSite(cfg, seed=seed, rate_hz=rate_hz, initial_fraction=initial_fraction)
+    site = SimSite(spec, seed=seed, rate_hz=rate_hz, initial_fraction=initial_fraction)
     truth: TextIO | None = None
     try:
         if truth_path is not None:

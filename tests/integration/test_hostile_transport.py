@@ -29,8 +29,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.config import DeviceSpec, MeterConfig
-from controller.fleet import DeviceState, Fleet
 from drivers.base import DeviceTimeout, DriverError, ProtocolError
+from drivers.core.image import ProcessImage
+from drivers.core.state import DeviceState
 from drivers.device_driver import PerDeviceDriver
 from drivers.luxos import messages as lux
 from drivers.luxos.client import exchange
@@ -38,7 +39,7 @@ from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
 from drivers.modbus.registers import LOAD_MAP
 from drivers.redfish import resources as rf
 from drivers.redfish.client import RedfishDriver
-from tests.helpers import CommandLog, cancel_and_wait, device_spec, until
+from tests.helpers import CommandLog, cancel_and_wait, cmd, device_spec, until
 from tests.unit.test_dispatch_parse import json_values
 
 TIMEOUT_S = 0.3
@@ -164,7 +165,7 @@ def rampd_lines() -> Iterator[Lines]:
 @dataclass
 class Running:
     driver: PerDeviceDriver[Any]
-    fleet: Fleet
+    image: ProcessImage
     commands: CommandLog
     lines: Lines
     task: asyncio.Task[None]
@@ -174,7 +175,7 @@ class Running:
 
     @property
     def state(self) -> DeviceState:
-        return DeviceState(int(self.fleet.state[0]))
+        return DeviceState(int(self.image.state[0]))
 
     def no_unexpected_errors(self) -> None:
         assert self.lines.at(logging.ERROR) == [], "a driver error escaped as a bug"
@@ -186,11 +187,16 @@ async def running(
     cls: type[PerDeviceDriver[Any]], spec: DeviceSpec, **kw: Any
 ) -> AsyncIterator[Running]:
     """One device of `spec` under a running driver of `cls`, with fast backoff."""
-    fleet = Fleet.from_specs([spec], [0])
+    fleet = ProcessImage([spec])
     commands = CommandLog()
     with rampd_lines() as lines:
         driver = cls(
-            "hostile", fleet, [0], [spec], commands, backoff_base_s=0.05, backoff_cap_s=0.2, **kw
+            fleet.port(spec.protocol),
+            commands,
+            name="hostile",
+            backoff_base_s=0.05,
+            backoff_cap_s=0.2,
+            **kw,
         )
         task = asyncio.create_task(driver.run())
         try:
@@ -208,14 +214,14 @@ async def one_poll(cls: type[PerDeviceDriver[Any]], spec: DeviceSpec, **kw: Any)
         r.no_unexpected_errors()
         assert time.monotonic() - t0 < 2 * (TIMEOUT_S + GRACE_S) + SLACK_S
         if r.driver.polls_ok:
-            assert math.isfinite(float(r.fleet.measured_w[0]))
+            assert math.isfinite(float(r.image.measured_w[0]))
             assert r.state in DeviceState
 
 
 async def faults_once_within_timeout(r: Running, *reasons: str) -> None:
     """FAULT with one line naming one of `reasons` (whichever failed first: a poll or a
     command); each failed command bounded by the timeout."""
-    r.driver.submit(np.array([0]), np.array([5000.0]))
+    r.driver.submit(cmd(np.array([0]), np.array([5000.0])))
     await until(lambda: r.state == DeviceState.FAULT, 10.0, what="FAULT")
     await until(lambda: r.commands, 10.0, what="a command tried")
     n = r.attempts()

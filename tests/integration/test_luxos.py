@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceAccess, DeviceSpec
-from controller.fleet import DeviceState, Fleet
 from drivers.base import Driver
+from drivers.core.image import ProcessImage
+from drivers.core.state import DeviceState
 from drivers.luxos import messages as m
 from drivers.luxos.client import LuxosDriver, exchange
 from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
@@ -31,6 +32,7 @@ from tests.helpers import (
     CommandLog,
     DriverRig,
     cancel_and_wait,
+    cmd,
     free_loopback_net,
     step_forever,
     until,
@@ -214,13 +216,10 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     site = await start_site(
         20, session_ttl_s=opts.get("session_ttl_s", 60.0), **opts.get("spec", {})
     )
-    fleet = Fleet.from_specs(site.specs, [0] * len(site.specs))
+    fleet = ProcessImage(site.specs)
     commands = CommandLog()
     driver = LuxosDriver(
-        "luxos",
-        fleet,
-        np.arange(len(site.specs)),
-        site.specs,
+        fleet.port("luxos"),
         on_command=commands,
         summary_every=3,
         config_every=2,
@@ -240,11 +239,12 @@ def profile_w(setpoint_w: float) -> float:
 
 async def test_driver_satisfies_the_protocol_and_polls_fill_the_fleet(rig: Rig) -> None:
     assert isinstance(rig.driver, Driver)
-    other = LuxosDriver("other", rig.fleet, [0], rig.site.specs[:1])
-    other.submit(np.arange(len(rig.site.specs)), np.full(len(rig.site.specs), 3000.0))
-    assert other.pending == 1  # rows of other drivers are ignored
+    other = LuxosDriver(ProcessImage(rig.site.specs[:1]).port("luxos"))
+    with pytest.raises(IndexError):  # its port has one row: local 1.. name nothing of its own
+        other.submit(cmd(np.arange(len(rig.site.specs)), np.full(len(rig.site.specs), 3000.0)))
+    assert other.pending == 0
     await rig.first_polls()
-    ph, fleet = rig.physics, rig.fleet
+    ph, fleet = rig.physics, rig.image
     await until(lambda: bool((fleet.state == DeviceState.ON).all()), 5, what="all ON")
     np.testing.assert_allclose(fleet.measured_w, ph.reported_w, atol=1.0)
     await until(lambda: bool(np.isfinite(rig.driver.hashrate_ths).all()), 5, what="hashrates")
@@ -261,11 +261,11 @@ async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
     setpoints = np.random.default_rng(7).uniform(P_MIN, P_MAX, n)
     setpoints[0] = P_MAX
     setpoints[1] = P_MIN
-    rig.driver.submit(rows, setpoints)
+    rig.driver.submit(cmd(rows, setpoints))
     expected = np.array([profile_w(s) for s in setpoints])
     await until(lambda: bool((ph.cmd_setpoint_w == expected).all()), 5, what="profiles set")
     await until(
-        lambda: bool(np.allclose(rig.fleet.measured_w, expected, atol=1.0)), 5, what="measured"
+        lambda: bool(np.allclose(rig.image.measured_w, expected, atol=1.0)), 5, what="measured"
     )
     sim = rig.site.servers.sim
     assert all(sim.current_profile(k).watts == expected[k] for k in range(n))
@@ -278,7 +278,7 @@ async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
     assert not sim.atm_enabled.any()
     assert all(sim.counts[k, "logon"] == 1 for k in range(n))
     assert sim.counts[0, "profileset"] == 0
-    rig.driver.submit(rows, expected + 10.0)  # same profiles: nothing to send
+    rig.driver.submit(cmd(rows, expected + 10.0))  # same profiles: nothing to send
     await until(lambda: rig.driver.pending == 0, 2, what="drained")
     await until(lambda: rig.driver.commands_ok == 2 * n, 2, what="no-op commands done")
     assert sum(sim.counts[k, "profileset"] for k in range(n)) <= n
@@ -286,9 +286,9 @@ async def test_submit_selects_the_profile_at_or_below(rig: Rig) -> None:
 
 async def test_sleep_below_the_lowest_profile_and_wake_on_demand(rig: Rig) -> None:
     await rig.first_polls()
-    ph, fleet = rig.physics, rig.fleet
+    ph, fleet = rig.physics, rig.image
     sleepers = np.array([2, 5, 11])
-    rig.driver.submit(sleepers, np.array([0.0, P_IDLE, P_MIN - 1.0]))  # all ask for sleep
+    rig.driver.submit(cmd(sleepers, np.full(3, P_IDLE), sleep=True))
     await until(
         lambda: bool((fleet.state[sleepers] == DeviceState.SLEEPING).all()), 5, what="asleep"
     )
@@ -303,7 +303,7 @@ async def test_sleep_below_the_lowest_profile_and_wake_on_demand(rig: Rig) -> No
         seen_waking[:] |= fleet.state[sleepers] == DeviceState.WAKING
         return bool((fleet.state[sleepers] == DeviceState.ON).all())
 
-    rig.driver.submit(sleepers, np.array([2600.0, P_MAX, P_MIN]))
+    rig.driver.submit(cmd(sleepers, np.array([2600.0, P_MAX, P_MIN])))
     await until(woke, 5, interval=0.005, what="awake and hashing")
     assert seen_waking.all(), "WAKING between wakeup and the first hashes"
     await until(
@@ -322,12 +322,12 @@ async def test_session_is_held_renewed_and_replaced_when_lost(rig: Rig) -> None:
     assert sim.active_session(0) == first and drv.session_id(0) == first
 
     rows = np.array([0])
-    drv.submit(rows, np.array([3000.0]))  # the held session: the command is one exchange
+    drv.submit(cmd(rows, np.array([3000.0])))  # the held session: the command is one exchange
     await until(lambda: ph.cmd_setpoint_w[0] == 3000.0, 3, what="first command")
     assert sim.counts[0, "logon"] == 1 and drv.session_id(0) == first
 
     sim.session[0] = ""  # the miner forgot it (its API restarted): refused, logged on again
-    drv.submit(rows, np.array([2500.0]))
+    drv.submit(cmd(rows, np.array([2500.0])))
     await until(lambda: ph.cmd_setpoint_w[0] == 2500.0, 3, what="command after the loss")
     await until(lambda: drv.session_id(0) not in ("", first), 3, what="a new session")
     assert sim.counts[0, "logon"] == 2 and sim.active_session(0) == drv.session_id(0)
@@ -341,9 +341,9 @@ async def test_another_actors_session_delays_but_does_not_fault(rig: Rig) -> Non
     # Someone else (an operator's script) took the miner's only session: ours is gone.
     sim.session[9] = ""
     m.parse_session(await exchange(spec.host, spec.port, m.encode_request("logon"), 1.0))
-    rig.driver.submit(np.array([9]), np.array([2000.0]))
+    rig.driver.submit(cmd(np.array([9]), np.array([2000.0])))
     await until(lambda: rig.driver.command_errors >= 1, 3, what="refused: session busy")
-    assert rig.fleet.state[9] == DeviceState.ON and rig.driver.faulted == 0
+    assert rig.image.state[9] == DeviceState.ON and rig.driver.faulted == 0
     await until(lambda: ph.cmd_setpoint_w[9] == 2000.0, 20, what="applied once it expired")
 
 
@@ -352,7 +352,7 @@ async def test_latest_value_wins(rig: Rig) -> None:
     ph, sim = rig.physics, rig.site.servers.sim
     rows = np.array([4])
     for value in (2000.0, 2600.0, 3000.0, 2250.0):  # without yielding: one slot, last wins
-        rig.driver.submit(rows, np.array([value]))
+        rig.driver.submit(cmd(rows, np.array([value])))
     await until(lambda: ph.cmd_setpoint_w[4] == 2250.0, 3, what="last value applied")
     await until(lambda: rig.driver.pending == 0, 2, what="drained")
     assert sim.counts[4, "profileset"] == 1
@@ -363,7 +363,7 @@ async def test_logoff_on_shutdown(rig: Rig) -> None:
     """Best effort, one attempt per miner: a generous timeout keeps a loaded CI host out of it."""
     await rig.first_polls()
     sim = rig.site.servers.sim
-    rig.driver.submit(np.array([0, 1]), np.array([3000.0, 3000.0]))
+    rig.driver.submit(cmd(np.array([0, 1]), np.array([3000.0, 3000.0])))
     await until(lambda: bool(sim.active_session(0) and sim.active_session(1)), 3, what="sessions")
     task = rig.site.tasks.pop()  # the driver
     task.cancel()
@@ -378,7 +378,7 @@ async def test_logoff_on_shutdown(rig: Rig) -> None:
 @pytest.mark.parametrize("fault", [Fault.SILENT, Fault.ERROR, Fault.GARBAGE, Fault.SLOW])
 async def test_fault_is_isolated_and_recovers(rig: Rig, fault: Fault) -> None:
     await rig.first_polls()
-    ph, fleet, k = rig.physics, rig.fleet, 3
+    ph, fleet, k = rig.physics, rig.image, 3
     others = np.setdiff1d(np.arange(len(rig.site.specs)), [k])
     await until(lambda: bool((fleet.state == DeviceState.ON).all()), 5, what="all ON")
     ph.set_fault(k, fault)
@@ -390,7 +390,7 @@ async def test_fault_is_isolated_and_recovers(rig: Rig, fault: Fault) -> None:
     )
     assert (fleet.state[others] == DeviceState.ON).all()
     # A command to the faulted miner fails without touching the others.
-    rig.driver.submit(np.array([k, 7]), np.array([2500.0, 2500.0]))
+    rig.driver.submit(cmd(np.array([k, 7]), np.array([2500.0, 2500.0])))
     await until(lambda: ph.cmd_setpoint_w[7] == 2500.0, 3, what="healthy miner commanded")
     assert ph.cmd_setpoint_w[k] == P_MAX
 
@@ -403,7 +403,7 @@ async def test_fault_is_isolated_and_recovers(rig: Rig, fault: Fault) -> None:
 async def test_reboot_loses_the_profile_and_session_and_the_driver_resends(rig: Rig) -> None:
     await rig.first_polls()
     ph, drv, sim, k = rig.physics, rig.driver, rig.site.servers.sim, 6
-    drv.submit(np.array([k]), np.array([2500.0]))
+    drv.submit(cmd(np.array([k]), np.array([2500.0])))
     await until(lambda: ph.cmd_setpoint_w[k] == 2500.0, 3, what="profile set")
     logons = drv.logons
     ph.reboot(k)  # back to the default profile, session gone
@@ -413,13 +413,13 @@ async def test_reboot_loses_the_profile_and_session_and_the_driver_resends(rig: 
     )
     assert drv.logons == logons + 1  # the old session was refused; a new one was made
     await until(lambda: ph.power_w[k] == 2500.0, 3, what="back at its profile")
-    assert rig.fleet.state[k] == DeviceState.ON
+    assert rig.image.state[k] == DeviceState.ON
 
 
 async def test_reboot_of_a_sleeping_miner_puts_it_back_to_sleep(rig: Rig) -> None:
     await rig.first_polls()
-    ph, fleet, k = rig.physics, rig.fleet, 8
-    rig.driver.submit(np.array([k]), np.array([0.0]))
+    ph, fleet, k = rig.physics, rig.image, 8
+    rig.driver.submit(cmd(np.array([k]), np.array([P_IDLE]), sleep=True))
     await until(lambda: fleet.state[k] == DeviceState.SLEEPING, 5, what="asleep")
     ph.reboot(k)  # the physics restarts it running
     await until(lambda: ph.cmd_run[k] == 1, 2, what="restarted running")
@@ -441,13 +441,13 @@ async def test_adoption_at_first_poll_so_a_fleet_command_costs_one_exchange(rig:
     await until(lambda: not sim.atm_enabled[6], 5, what="ATM off again")
     before = sim.counts.copy()
 
-    drv.submit(np.arange(n), np.full(n, 3000.0))  # the fleet-wide burst
+    drv.submit(cmd(np.arange(n), np.full(n, 3000.0)))  # the fleet-wide burst
     await until(lambda: drv.commands_ok == n, 3, what="all acknowledged")
     assert (rig.physics.cmd_setpoint_w == 3000.0).all()
     # The command was one exchange per miner: no logon, ladder or ATM exchange on its way.
     assert all(sim.counts[k, "profileset"] - before[k, "profileset"] == 1 for k in range(n))
-    for cmd in ("logon", "profiles", "atm"):
-        assert all(sim.counts[k, cmd] == before[k, cmd] for k in range(n)), cmd
+    for command in ("logon", "profiles", "atm"):
+        assert all(sim.counts[k, command] == before[k, command] for k in range(n)), command
 
 
 async def test_firmware_without_multi_commands_is_polled_one_by_one() -> None:
@@ -471,8 +471,8 @@ async def test_firmware_without_multi_commands_is_polled_one_by_one() -> None:
         writer.close()
 
     server = await asyncio.start_server(old_firmware, old.host, old.port)
-    fleet = Fleet.from_specs([old], [0])
-    driver = LuxosDriver("luxos", fleet, [0], [old])
+    fleet = ProcessImage([old])
+    driver = LuxosDriver(fleet.port("luxos"))
     task = asyncio.create_task(driver.run())
     try:
         await until(lambda: driver.polls_ok >= 4, 5, what="polls one by one")

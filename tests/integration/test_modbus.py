@@ -19,8 +19,9 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from controller.config import DeviceSpec, MeterConfig, load_config
-from controller.fleet import DeviceState, Fleet
 from drivers.base import Driver
+from drivers.core.image import ProcessImage
+from drivers.core.state import DeviceState
 from drivers.modbus.client import ModbusLoadDriver, ModbusMeter
 from drivers.modbus.registers import (
     LOAD_MAP,
@@ -38,6 +39,7 @@ from tests.helpers import (
     CommandLog,
     DriverRig,
     cancel_and_wait,
+    cmd,
     free_loopback_net,
     step_forever,
     until,
@@ -79,11 +81,9 @@ async def rig() -> AsyncIterator[Rig]:
     specs = make_specs(net, port, 5)
     ph = SitePhysics(specs, 50e3, seed=1, dt_s=SIM_DT)
     servers = await SimServers.start(ph, specs, None)
-    fleet = Fleet.from_specs(specs, [0] * len(specs))
+    fleet = ProcessImage(specs)
     commands = CommandLog()
-    driver = ModbusLoadDriver(
-        "modbus", fleet, np.arange(len(specs)), specs, on_command=commands, backoff_cap_s=2.0
-    )
+    driver = ModbusLoadDriver(fleet.port("modbus"), on_command=commands, backoff_cap_s=2.0)
     tasks = [asyncio.create_task(step_forever(ph)), asyncio.create_task(driver.run())]
     try:
         yield Rig(specs, ph, fleet, driver, commands)
@@ -116,7 +116,7 @@ async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path
     cfg = load_config(write_site(tmp_path, net, port))
     truth_path = tmp_path / "truth.jsonl"
     stop = asyncio.Event()
-    sim = asyncio.create_task(run_sim(cfg, truth_path, stop, seed=3))
+    sim = asyncio.create_task(run_sim(cfg.sim_site, truth_path, stop, seed=3))
     client = AsyncModbusTcpClient(f"{net}.100", port=port, timeout=1, retries=0)
     meter = ModbusMeter(MeterConfig(host=f"{net}.100", port=port, poll_s=0.1, timeout_s=0.5))
     meter_task: asyncio.Task[None] | None = None
@@ -196,11 +196,11 @@ async def test_polls_fill_the_fleet_arrays(rig: Rig) -> None:
     driver: Driver = rig.driver  # the protocol the control cycle relies on
     assert isinstance(driver, Driver)
     await rig.first_polls()
-    await until(lambda: bool((rig.fleet.state == DeviceState.ON).all()), 5, what="states")
-    assert np.allclose(rig.fleet.measured_w, 250e3, atol=5e3)
-    first = rig.fleet.measured_at.copy()
+    await until(lambda: bool((rig.image.state == DeviceState.ON).all()), 5, what="states")
+    assert np.allclose(rig.image.measured_w, 250e3, atol=5e3)
+    first = rig.image.measured_at.copy()
     await until(
-        lambda: bool((rig.fleet.measured_at > first).all()), 3, what="second round of polls"
+        lambda: bool((rig.image.measured_at > first).all()), 3, what="second round of polls"
     )
     assert rig.driver.poll_errors == 0 and rig.driver.polls_ok >= 10
 
@@ -213,11 +213,8 @@ async def test_a_poll_stretch_polls_every_device_that_much_less_often() -> None:
     specs = make_specs(net, port, 5)
     ph = SitePhysics(specs, 50e3, seed=1, dt_s=SIM_DT)
     servers = await SimServers.start(ph, specs, None)
-    rows = np.arange(len(specs))
-    plain = ModbusLoadDriver("modbus", Fleet.from_specs(specs, [0] * 5), rows, specs)
-    stretched = ModbusLoadDriver(
-        "modbus", Fleet.from_specs(specs, [0] * 5), rows, specs, poll_stretch=4.0
-    )
+    plain = ModbusLoadDriver(ProcessImage(specs).port("modbus"))
+    stretched = ModbusLoadDriver(ProcessImage(specs).port("modbus"), poll_stretch=4.0)
     tasks = [asyncio.create_task(d.run()) for d in (plain, stretched)]
     try:
         await until(lambda: plain.polls_ok >= 40, 10, what="8 rounds of plain polls")
@@ -228,13 +225,13 @@ async def test_a_poll_stretch_polls_every_device_that_much_less_often() -> None:
         await servers.close()
 
     with pytest.raises(ValueError, match="below 1"):
-        ModbusLoadDriver("modbus", Fleet.from_specs(specs, [0] * 5), rows, specs, poll_stretch=0.5)
+        ModbusLoadDriver(ProcessImage(specs).port("modbus"), poll_stretch=0.5)
 
 
 async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> None:
     ph = rig.physics
     await rig.first_polls()
-    rig.driver.submit(np.array([1, 3]), np.array([100e3, 50e3]))
+    rig.driver.submit(cmd(np.array([1, 3]), np.array([100e3, 50e3])))
     await until(lambda: ph.cmd_setpoint_w[1] == 100e3, 3, what="setpoint register")
     landed = time.monotonic()
     assert ph.cmd_setpoint_w[3] == pytest.approx(50e3)
@@ -245,7 +242,7 @@ async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> No
     # 150 kW at 100 kW/s is 1.5 s, after a 0.2 s dead time; never faster than the ramp limit.
     assert 1.4 <= took <= 3.5
     await until(
-        lambda: abs(rig.fleet.measured_w[1] - 100e3) < 3e3, 3, what="poll sees the new power"
+        lambda: abs(rig.image.measured_w[1] - 100e3) < 3e3, 3, what="poll sees the new power"
     )
     ok = [c for c in rig.commands if c[2]]
     assert len(ok) >= 2 and all(name == "modbus" and 0 <= s < 1.0 for name, s, _ in ok)
@@ -257,20 +254,20 @@ async def test_latest_value_wins(rig: Rig) -> None:
     await rig.first_polls()
     before = rig.driver.commands_ok
     for v in np.linspace(30e3, 240e3, 200):
-        rig.driver.submit(np.array([2]), np.array([v]))
-    rig.driver.submit(np.array([2]), np.array([123_456.7]))
+        rig.driver.submit(cmd(np.array([2]), np.array([v])))
+    rig.driver.submit(cmd(np.array([2]), np.array([123_456.7])))
     await until(lambda: ph.cmd_setpoint_w[2] == as_f32(123_456.7), 3, what="last value")
     await until(lambda: ph.power_w[2] <= 123_457.0, 5, what="device at the last value")
     assert rig.driver.commands_ok - before <= 3  # 201 submits, one or two writes
 
 
 async def test_sleep_and_wake_through_the_setpoint(rig: Rig) -> None:
-    ph, fleet = rig.physics, rig.fleet
+    ph, fleet = rig.physics, rig.image
     await rig.first_polls()
-    rig.driver.submit(np.array([4]), np.array([0.0]))  # below p_min: sleep
+    rig.driver.submit(cmd(np.array([4]), np.array([0.0]), sleep=True))
     await until(lambda: fleet.state[4] == DeviceState.SLEEPING, 5, what="asleep")
     assert ph.cmd_run[4] == 0 and ph.power_w[4] == 5e3
-    rig.driver.submit(np.array([4]), np.array([200e3]))
+    rig.driver.submit(cmd(np.array([4]), np.array([200e3])))
     await until(lambda: fleet.state[4] == DeviceState.WAKING, 3, what="waking")
     await until(lambda: fleet.state[4] == DeviceState.ON, 5, what="awake")
     await until(lambda: ph.power_w[4] >= 200e3 - 1, 8, what="ramped up")
@@ -281,7 +278,7 @@ async def test_rebooted_device_gets_its_setpoint_again(
 ) -> None:
     ph = rig.physics
     await rig.first_polls()
-    rig.driver.submit(np.array([3]), np.array([60e3]))
+    rig.driver.submit(cmd(np.array([3]), np.array([60e3])))
     await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, what="setpoint")
     with caplog.at_level(logging.WARNING, logger="rampd.drivers.modbus"):
         ph.reboot(3)
@@ -301,7 +298,7 @@ async def test_rebooted_device_gets_its_setpoint_again(
 async def test_faulty_device_is_isolated_and_recovers(
     rig: Rig, fault: Fault, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ph, fleet = rig.physics, rig.fleet
+    ph, fleet = rig.physics, rig.image
     others = np.array([0, 1, 3, 4])
     await rig.first_polls()
     await until(lambda: fleet.state[2] == DeviceState.ON, 3, what="device 2 on")
@@ -310,7 +307,7 @@ async def test_faulty_device_is_isolated_and_recovers(
     ph.set_fault(2, fault)
     await until(lambda: fleet.state[2] == DeviceState.FAULT, 10, what="FAULT")
     # A command for the faulty device waits; the others' go through at once.
-    rig.driver.submit(np.array([2, 0]), np.array([80e3, 90e3]))
+    rig.driver.submit(cmd(np.array([2, 0]), np.array([80e3, 90e3])))
     await until(lambda: ph.cmd_setpoint_w[0] == 90e3, 2, what="healthy device commanded")
     # While it stays broken, the others keep their polling cadence and their state.
     end = time.monotonic() + 2.5

@@ -83,6 +83,6 @@ def test_rules_and_dashboard_queries_run_on_scraped_daemon_metrics(tmp_path: Pat
                 prom.query(expr)  # raises PrometheusError on a query error
             # The device-state query of the dashboard sees the daemon's fleet.
             states = prom.query("sum by (state) (rampd_devices)")
-            assert {s.labels["state"]: s.value for s in states} == daemon.fleet.counts_by_state()
+            assert {s.labels["state"]: s.value for s in states} == daemon.cycle.counts_by_state()
     finally:
         daemon.metrics.close()

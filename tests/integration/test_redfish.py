@@ -25,8 +25,9 @@ import pytest
 import redfish  # type: ignore[import-untyped]
 
 from controller.config import DeviceSpec, load_config
-from controller.fleet import DeviceState, Fleet
 from drivers.base import Driver
+from drivers.core.image import ProcessImage
+from drivers.core.state import DeviceState
 from drivers.redfish import resources as rf
 from drivers.redfish.client import RedfishDriver
 from drivers.redfish.resources import Mechanism
@@ -37,6 +38,7 @@ from tests.helpers import (
     CommandLog,
     DriverRig,
     cancel_and_wait,
+    cmd,
     free_loopback_net,
     step_forever,
     tls_material,
@@ -75,7 +77,7 @@ class Rig(DriverRig[RedfishDriver]):
         return next(s.bmcs[i] for s in self.servers if i in s.bmcs)
 
     def state(self, i: int) -> DeviceState:
-        return DeviceState(int(self.fleet.state[i]))
+        return DeviceState(int(self.image.state[i]))
 
 
 @asynccontextmanager
@@ -106,13 +108,10 @@ async def rig(
                         ph, idx, sub, ssl_context=ssl_context, legacy_only=legacy_only
                     )
                 )
-        fleet = Fleet.from_specs(specs, [0] * n)
+        fleet = ProcessImage(driver_specs or specs)
         commands = CommandLog()
         driver = RedfishDriver(
-            "redfish",
-            fleet,
-            np.arange(n),
-            driver_specs or specs,
+            fleet.port("redfish"),
             on_command=commands,
             backoff_cap_s=1.0,
             **driver_kw,
@@ -307,18 +306,18 @@ async def test_driver_discovers_polls_and_caps_ten_racks(tmp_path: Path) -> None
             expected = Mechanism.LEGACY_POWER if i in legacy else Mechanism.ENVIRONMENT_METRICS
             assert r.driver.mechanism(i) is expected, i
             assert r.state(i) == DeviceState.ON
-            assert r.fleet.measured_w[i] == pytest.approx(r.physics.power_w[i], abs=2_000.0)
+            assert r.image.measured_w[i] == pytest.approx(r.physics.power_w[i], abs=2_000.0)
             bmc = r.bmc(i)
             assert len(bmc.sessions) == (0 if i in basic else 1), i
             assert bmc.logins == (0 if i in basic else 1), i
 
         caps = np.linspace(40_000.0, 49_000.0, 10)  # all below the racks' demand (65 kW)
-        r.driver.submit(np.arange(10), caps)
+        r.driver.submit(cmd(np.arange(10), caps))
         await until(
             lambda: bool((r.physics.cmd_setpoint_w == np.round(caps)).all()), 5.0, what="caps"
         )
         await until(
-            lambda: bool(np.allclose(r.fleet.measured_w, caps, atol=1_500.0)), 5.0, what="telemetry"
+            lambda: bool(np.allclose(r.image.measured_w, caps, atol=1_500.0)), 5.0, what="telemetry"
         )
         assert len(r.commands) >= 10 and all(ok for _, _, ok in r.commands)
         assert r.driver.commands_ok == 10 and r.driver.command_errors == 0
@@ -340,18 +339,22 @@ async def test_latest_value_wins(tmp_path: Path) -> None:
         await until(lambda: r.polled([0, 1]), 5.0, what="first polls")
         patches = r.bmc(0).patches
         for k in range(50):  # a burst faster than any BMC round trip
-            r.driver.submit(np.array([0]), np.array([40_000.0 + 100.0 * k]))
-        r.driver.submit(np.array([1]), np.array([50_000.0]))
+            r.driver.submit(cmd(np.array([0]), np.array([40_000.0 + 100.0 * k])))
+        r.driver.submit(cmd(np.array([1]), np.array([50_000.0])))
         await until(lambda: r.physics.cmd_setpoint_w[0] == 44_900.0, 5.0, what="last value")
         await until(lambda: r.physics.cmd_setpoint_w[1] == 50_000.0, 5.0, what="rack 1")
         assert r.bmc(0).patches - patches <= 2
         # Below the BMC's allowable minimum: clamped to it rather than refused.
-        r.driver.submit(np.array([0]), np.array([1_000.0]))
+        r.driver.submit(cmd(np.array([0]), np.array([1_000.0])))
         floor = r.specs[0].p_min_w
         await until(lambda: r.physics.cmd_setpoint_w[0] == floor, 5.0, what="clamped")
         assert r.driver.command_errors == 0
+        # A rack has no sleep: a SLEEP command caps it at the power given; it runs on.
+        r.driver.submit(cmd(np.array([1]), np.array([43_000.0]), sleep=True))
+        await until(lambda: r.physics.cmd_setpoint_w[1] == 43_000.0, 5.0, what="sleep as cap")
+        assert r.state(1) == DeviceState.ON
         # Stopping right after a submit stops promptly (no cancellation lost in the mailbox).
-        r.driver.submit(np.array([0, 1]), np.array([41_000.0, 42_000.0]))
+        r.driver.submit(cmd(np.array([0, 1]), np.array([41_000.0, 42_000.0])))
         r.driver_task.cancel()
         async with asyncio.timeout(3.0):
             await asyncio.gather(r.driver_task, return_exceptions=True)
@@ -369,7 +372,7 @@ async def test_https_with_a_test_ca(tmp_path: Path) -> None:
     specs[1] = with_access(specs[1], session_auth=False)
     async with rig(specs, ssl_context=server_ctx) as r:
         await until(lambda: r.polled([0, 1]), 5.0, what="polls over TLS")
-        r.driver.submit(np.array([0, 1]), np.array([45_000.0, 46_000.0]))
+        r.driver.submit(cmd(np.array([0, 1]), np.array([45_000.0, 46_000.0])))
         await until(
             lambda: list(r.physics.cmd_setpoint_w[:2]) == [45_000.0, 46_000.0], 5.0, what="caps"
         )
@@ -422,7 +425,7 @@ async def test_faults_are_isolated_and_recover(tmp_path: Path) -> None:
 
         def all_faulted() -> bool:
             nonlocal worst_age
-            age = time.monotonic() - r.fleet.measured_at[healthy]
+            age = time.monotonic() - r.image.measured_at[healthy]
             worst_age = max(worst_age, float(age.max()))
             return all(r.state(i) == DeviceState.FAULT for i in faults)
 
@@ -436,7 +439,7 @@ async def test_faults_are_isolated_and_recover(tmp_path: Path) -> None:
         polls = [r.bmc(i).requests["GET"] - g for i, g in zip(healthy, gets, strict=True)]
         assert min(polls) >= 0.5 * elapsed / 0.2, (polls, elapsed)
         # Commands to healthy racks still land while the others are dead.
-        r.driver.submit(np.arange(8), np.full(8, 50_000.0))
+        r.driver.submit(cmd(np.arange(8), np.full(8, 50_000.0)))
         await until(
             lambda: bool((r.physics.cmd_setpoint_w[healthy] == 50_000.0).all()), 5.0, what="caps"
         )
@@ -457,7 +460,7 @@ async def test_reboot_drops_sessions_and_the_cap_is_resent(tmp_path: Path) -> No
     specs = gpu_specs(tmp_path, 3)
     async with rig(specs, legacy=[2]) as r:
         await r.first_polls()
-        r.driver.submit(np.arange(3), np.array([45_000.0, 46_000.0, 47_000.0]))
+        r.driver.submit(cmd(np.arange(3), np.array([45_000.0, 46_000.0, 47_000.0])))
         caps = [45_000.0, 46_000.0, 47_000.0]
         await until(lambda: list(r.physics.cmd_setpoint_w) == caps, 5.0, what="caps")
         relogins = r.driver.relogins
@@ -484,7 +487,7 @@ async def test_many_racks_in_one_process(tmp_path: Path) -> None:
     specs = [with_access(s, model="8x DGX H100") for s in specs]
     async with rig(specs, legacy=list(range(0, 24, 4))) as r:
         await r.first_polls(10.0)
-        r.driver.submit(np.arange(24), np.full(24, 40_000.0))
+        r.driver.submit(cmd(np.arange(24), np.full(24, 40_000.0)))
         await until(
             lambda: bool((r.physics.cmd_setpoint_w == 40_000.0).all()), 10.0, what="24 caps"
         )

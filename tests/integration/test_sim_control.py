@@ -38,7 +38,7 @@ overrides = { port = 1502 }
 async def sim(tmp_path: Path) -> AsyncIterator[tuple[SimSite, str]]:
     cfg_path = tmp_path / "site.toml"
     cfg_path.write_text(SITE)
-    site = SimSite(load_config(cfg_path))
+    site = SimSite(load_config(cfg_path).sim_site)
     await site.start(control=("127.0.0.1", 0))
     try:
         yield site, f"http://127.0.0.1:{site.control_port}"

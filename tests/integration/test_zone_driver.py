@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceAccess, MqttConfig, SiteLimits
-from controller.fleet import DeviceState, Fleet
 from controller.wire import Ack, Dispatch, DispatchRejected, Status, rfc3339
-from drivers.zone.client import ZoneDriver
-from tests.helpers import CommandLog, Mosquitto, cancel_and_wait, device_spec, until
+from controller.zone.client import ZoneDriver
+from drivers.core.command import Intent
+from drivers.core.image import ProcessImage
+from drivers.core.state import DeviceState
+from tests.helpers import CommandLog, Mosquitto, cancel_and_wait, cmd, device_spec, until
 
 KEY = b"zone-key-for-tests-0123456789"
 
@@ -84,7 +86,7 @@ class FakeZone:
 @dataclass
 class Rig:
     zone: FakeZone
-    fleet: Fleet
+    image: ProcessImage
     driver: ZoneDriver
     commands: CommandLog
 
@@ -104,10 +106,10 @@ async def rig(mosquitto: Mosquitto, tmp_path: Any) -> AsyncIterator[Rig]:
         ramp_down_w_s=10e3,
         access=DeviceAccess(hmac_key_file=key_file),
     )
-    fleet = Fleet.from_specs([spec], [0])
+    fleet = ProcessImage([spec])
     commands = CommandLog()
     cfg = MqttConfig(host=mosquitto.host, port=mosquitto.port, keepalive_s=5)
-    driver = ZoneDriver("zone", fleet, [0], [spec], commands, mqtt=cfg)
+    driver = ZoneDriver(fleet.port("zone"), commands, mqtt=cfg)
     async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
         await client.subscribe([("rampd/zf/dispatch", 1), ("rampd/zf/heartbeat", 0)])
         zone = FakeZone(client, "rampd/zf")
@@ -125,16 +127,20 @@ async def test_telemetry_in_dispatches_out_signed_and_acked(
 ) -> None:
     async with rig(mosquitto, tmp_path) as r:
         await r.zone.telemetry(412.5)
-        await until(lambda: r.fleet.state[0] == DeviceState.ON, 5.0, what="zone on")
-        assert r.fleet.measured_w[0] == 412.5e3
+        await until(lambda: r.image.state[0] == DeviceState.ON, 5.0, what="zone on")
+        assert r.image.measured_w[0] == 412.5e3
         # The capability became the row's bounds and ramp rates (up: 300 kW within 5 s).
-        assert (r.fleet.p_min_w[0], r.fleet.p_max_w[0]) == (100e3, 800e3)
-        assert r.fleet.ramp_up_w_s[0] == pytest.approx(60e3)
-        r.driver.submit(np.array([0]), np.array([300e3]))
+        assert (r.image.p_min_w[0], r.image.p_max_w[0]) == (100e3, 800e3)
+        assert r.image.ramp_up_w_s[0] == pytest.approx(60e3)
+        r.driver.submit(cmd(np.array([0]), np.array([300e3])))
         await until(lambda: r.zone.targets_kw == [300.0], 5.0, what="signed dispatch accepted")
-        await until(lambda: r.fleet.delivered_w[0] == 300e3, 5.0, what="acked")
-        r.driver.submit(np.array([0]), np.array([350e3]))
+        await until(lambda: r.image.acked_w[0] == 300e3, 5.0, what="acked")
+        r.driver.submit(cmd(np.array([0]), np.array([350e3])))
         await until(lambda: r.zone.targets_kw == [300.0, 350.0], 5.0, what="seq increases")
+        # A SLEEP command asks the zone for its power asleep; its own planner does the rest.
+        r.driver.submit(cmd(np.array([0]), np.array([20e3]), sleep=True))
+        await until(lambda: r.zone.targets_kw[-1:] == [20.0], 5.0, what="sleep dispatched")
+        await until(lambda: r.driver.port.acked(0) == (20e3, Intent.SLEEP), 5.0, what="acked")
         await until(lambda: r.zone.heartbeats >= 1, 3.0, what="heartbeat")
         assert all(ok for _, _, ok in r.commands)
 
@@ -145,15 +151,15 @@ async def test_rejections_and_offline_fault_the_zone_once(
     async with rig(mosquitto, tmp_path) as r:
         caplog.set_level(logging.INFO, logger="rampd.zone")
         await r.zone.telemetry(400.0)
-        await until(lambda: r.fleet.state[0] == DeviceState.ON, 5.0, what="zone on")
+        await until(lambda: r.image.state[0] == DeviceState.ON, 5.0, what="zone on")
         # Garbage from the zone changes nothing and is said once.
         for bad in (b"not json", b'{"measured_kw": "lots"}'):
             await r.zone.client.publish("rampd/zf/telemetry", bad, qos=1)
         await until(lambda: r.driver.bad_messages == 2, 5.0, what="bad telemetry seen")
-        assert r.fleet.measured_w[0] == 400e3
+        assert r.image.measured_w[0] == 400e3
         r.zone.accept = False
-        r.driver.submit(np.array([0]), np.array([900e3]))
-        await until(lambda: r.fleet.state[0] == DeviceState.FAULT, 10.0, what="fault")
+        r.driver.submit(cmd(np.array([0]), np.array([900e3])))
+        await until(lambda: r.image.state[0] == DeviceState.FAULT, 10.0, what="fault")
         text = [m.getMessage() for m in caplog.records]
         assert sum(m.startswith("zone zf: dispatch rejected") for m in text) == 1, text
         assert sum("ignoring bad telemetry" in m for m in text) == 1, text
@@ -161,6 +167,6 @@ async def test_rejections_and_offline_fault_the_zone_once(
         # Recovery is declared by telemetry; then the zone goes offline (its will).
         r.zone.accept = True
         await r.zone.telemetry(400.0)
-        await until(lambda: r.fleet.state[0] == DeviceState.ON, 5.0, what="recovered")
+        await until(lambda: r.image.state[0] == DeviceState.ON, 5.0, what="recovered")
         await r.zone.status(False)
-        await until(lambda: r.fleet.state[0] == DeviceState.FAULT, 5.0, what="offline fault")
+        await until(lambda: r.image.state[0] == DeviceState.FAULT, 5.0, what="offline fault")

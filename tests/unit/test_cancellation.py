@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from controller.cancellation import stop_if_cancelled
+from drivers.core.cancellation import stop_if_cancelled
 
 
 async def test_a_loop_stops_when_a_library_swallowed_its_cancellation() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.control import Allocator, Controller, FleetParams, Snapshot
-from controller.fleet import DeviceState
+from drivers.core.state import DeviceState
 
 ON, FAULT, UNKNOWN, SLEEPING = (
     DeviceState.ON,

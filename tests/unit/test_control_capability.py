@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from controller.control import Controller, FleetParams, Snapshot
-from controller.fleet import DeviceState
+from drivers.core.state import DeviceState
 
 
 def three_devices() -> tuple[Controller, Snapshot]:

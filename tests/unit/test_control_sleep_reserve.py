@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceSpec
-from controller.control import Controller, Snapshot
-from controller.fleet import DeviceState
-from drivers.base import CommandFunnel
+from controller.control import Controller, Snapshot, StepResult
+from drivers.core.command import Commands, CommandShaper, Intent
+from drivers.core.state import DeviceState
 from drivers.sim.physics import SitePhysics
 from tests.helpers import device_spec
 
@@ -55,7 +55,7 @@ def load(i: int) -> DeviceSpec:
 
 
 class Loop:
-    """Controller + funnel + a LuxOS-like driver + the simulator's physics."""
+    """Controller + command shaper + a LuxOS-like driver + the simulator's physics."""
 
     def __init__(
         self,
@@ -72,13 +72,13 @@ class Loop:
         self.ctl = Controller(
             self.p, deadband_w=2e3, reserve_up_w=reserve_up_w, reserve_down_w=reserve_down_w
         )
-        sleep_w = np.where(self.p.sleepable, self.p.p_idle_w, np.nan)
-        self.funnel = CommandFunnel(
-            self.p.p_min_w, self.p.p_max_w, self.p.step_w, np.zeros(self.p.n), sleep_w=sleep_w
-        )
+        self.shaper = CommandShaper(self.p.p_idle_w, np.zeros(self.p.n))
         self.per_cycle = per_cycle
-        self.mailbox: dict[int, float] = {}
+        self.mailbox: dict[int, tuple[float, int]] = {}
         self.delivered = np.full(self.p.n, np.nan)
+        self.delivered_sleep = np.zeros(self.p.n, dtype=np.bool_)
+        self.results: list[StepResult] = []
+        self.sent: list[Commands] = []
         self.t = 0.0
         self.measured = self.ph.reported_w.copy()
         self.state = self.ph.state.copy()
@@ -100,15 +100,19 @@ class Loop:
                 new_reading=polled,
                 state=self.state.copy(),
                 delivered_w=None if self.per_cycle is None else self.delivered.copy(),
+                acked_sleep=None if self.per_cycle is None else self.delivered_sleep.copy(),
             )
             r = self.ctl.step(snap, target_w, DT)
+            self.results.append(r)
             assert r.commanded is not None
-            rows, values = self.funnel.changed_rows(
-                np.flatnonzero(r.commanded), r.setpoints_w[r.commanded]
-            )
+            rows = np.flatnonzero(r.commanded)
+            sleep = None if r.sleep is None else r.sleep[rows]
+            cmds = self.shaper.changed(rows, r.setpoints_w[rows], sleep)
             if self.per_cycle is not None:
-                rows, values = self._deliver(rows, values, self.per_cycle)
-            asleep = values < self.p.p_min_w[rows]
+                cmds = self._deliver(cmds, self.per_cycle)
+            self.sent.append(cmds)
+            asleep = cmds.intent == Intent.SLEEP
+            rows, values = cmds.rows, cmds.power_w
             self.ph.command(rows[asleep], run=0)
             self.ph.command(rows[~asleep], setpoint_w=values[~asleep], run=1)
             for _ in range(SUB):
@@ -116,16 +120,18 @@ class Loop:
             self.t = round(self.t + DT, 9)
             self.truth.append(self.ph.truth())
 
-    def _deliver(
-        self, rows: np.ndarray, values: np.ndarray, k: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _deliver(self, cmds: Commands, k: int) -> Commands:
         """Queue the new commands (latest wins); deliver the first k, sleeps first."""
-        self.mailbox.update(zip(rows.tolist(), values.tolist(), strict=True))
-        queued = sorted(self.mailbox, key=lambda r: self.mailbox[r] >= self.p.p_min_w[r])
+        new = zip(cmds.power_w.tolist(), cmds.intent.tolist(), strict=True)
+        self.mailbox.update(zip(cmds.rows.tolist(), new, strict=True))
+        queued = sorted(self.mailbox, key=lambda r: self.mailbox[r][1] != Intent.SLEEP)
         out = np.array(queued[:k], dtype=np.intp)
-        vals = np.array([self.mailbox.pop(r) for r in out.tolist()])
+        taken = [self.mailbox.pop(r) for r in out.tolist()]
+        vals = np.array([v for v, _ in taken], dtype=np.float64)
+        intent = np.array([i for _, i in taken], dtype=np.int8)
         self.delivered[out] = vals
-        return out, vals
+        self.delivered_sleep[out] = intent == Intent.SLEEP
+        return Commands(out, vals, intent)
 
     def settle_s(self, target_w: float, tol_w: float, since: int) -> float | None:
         err = np.abs(np.array(self.truth[since:]) - target_w) > tol_w
@@ -260,15 +266,23 @@ def test_capability_counts_sleep_as_a_fast_way_down_and_sleepers_in_the_maximum(
     assert cap.up_w[0] == pytest.approx(0.0, abs=1.0)  # nothing awake to ramp
 
 
-def test_funnel_turns_a_setpoint_below_p_min_into_sleep_only_where_a_device_can_sleep() -> None:
-    funnel = CommandFunnel(
-        np.array([1750.0, 25e3]),
-        np.array([3500.0, 250e3]),
-        np.array([250.0, 0.0]),
-        np.zeros(2),
-        sleep_w=np.array([20.0, np.nan]),
-    )
-    rows, values = funnel.changed_rows(np.array([0, 1]), np.array([0.0, 0.0]))
-    assert rows.tolist() == [0, 1] and values.tolist() == [20.0, 25e3]
-    rows, values = funnel.changed_rows(np.array([0, 1]), np.array([3000.0, 30e3]))
-    assert values.tolist() == [3000.0, 30e3]
+def test_commands_go_out_as_planned_sleep_typed_only_where_a_device_can_sleep() -> None:
+    # Miners (quantized, sleepable) beside containers (continuous, no sleep): down to where
+    # most miners sleep and back up, commands checked as they leave the shaper.
+    loop = Loop(fleet(n_miners=40, n_loads=1), per_cycle=10)
+    loop.run(60e3, 20.0)
+    loop.run(150e3, 20.0)
+    p = loop.p
+    slept = np.zeros(p.n, dtype=np.bool_)
+    for c in loop.sent:
+        sleep = c.intent == Intent.SLEEP
+        slept[c.rows[sleep]] = True
+        np.testing.assert_array_equal(c.power_w[sleep], p.p_idle_w[c.rows[sleep]])
+        run, w = c.rows[~sleep], c.power_w[~sleep]
+        # In bounds and on the grid as planned: nothing clamps or quantizes on the way out.
+        assert (w >= p.p_min_w[run] - 1e-6).all() and (w <= p.p_max_w[run] + 1e-6).all()
+        q = p.step_w[run] > 0
+        steps = (w[q] - 0.0) / p.step_w[run][q]
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-6)
+    assert slept.any() and not (slept & ~p.sleepable).any()
+    assert all(r.sleep is None or not (r.sleep & ~p.sleepable).any() for r in loop.results)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from controller.control import Controller, FleetParams, Snapshot, StepResult
 from controller.control.step import effective_params
-from controller.fleet import DeviceState
+from drivers.core.state import DeviceState
 
 ON, FAULT, UNKNOWN = DeviceState.ON, DeviceState.FAULT, DeviceState.UNKNOWN
 
@@ -275,36 +275,17 @@ def test_nan_reading_is_not_propagated() -> None:
     assert math.isfinite(r.flex_target_w)
 
 
-def test_params_from_fleet_copy_the_static_columns() -> None:
-    from types import SimpleNamespace
-    from typing import cast
+def test_params_from_the_image_copy_the_static_columns() -> None:
+    from drivers.core.image import ProcessImage
+    from tests.helpers import device_spec
 
-    from controller.fleet import Fleet
-
-    cols = {
-        name: np.array([1.0, 2.0])
-        for name in (
-            "p_min_w",
-            "p_idle_w",
-            "ramp_up_w_s",
-            "ramp_down_w_s",
-            "dead_time_s",
-            "step_w",
-            "wake_s",
-            "sleep_s",
-        )
-    }
-    fleet = cast(
-        Fleet,
-        SimpleNamespace(
-            **cols,
-            p_max_w=np.array([250e3, 250e3]),
-            priority=np.array([3, 1], dtype=np.int32),
-            capped=np.array([False, True]),
-            ramps_itself=np.array([True, False]),
-        ),
+    fleet = ProcessImage(
+        [
+            device_spec(name="a", p_max_w=250e3, priority=3, ramps_itself=True),
+            device_spec(name="b", p_max_w=250e3, priority=1, setpoint_is_cap=True),
+        ]
     )
-    params = FleetParams.from_fleet(fleet)
+    params = FleetParams.from_image(fleet)
     assert params.n == 2
     assert params.p_max_w.tolist() == [250e3, 250e3]
     assert params.priority.tolist() == [3, 1]

@@ -1,8 +1,8 @@
 """PerDeviceDriver's shared machinery, driven by a minimal in-memory protocol.
 
 The protocol drivers' integration tests cover the same machinery over real sockets; these pin
-the contract every protocol inherits (FAULT and recovery lines, bug isolation, foreign rows,
-clean cancellation) in milliseconds.
+the contract every protocol inherits (FAULT and recovery lines, bug isolation, a port over
+its own rows only, clean cancellation) in milliseconds.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Unpack
 import numpy as np
 import pytest
 
-from controller.config import DeviceSpec
-from controller.fleet import DeviceState, Fleet
 from drivers.base import DeviceTimeout, Driver, PollPreempted
+from drivers.core.command import Commands, Intent
+from drivers.core.image import ProcessImage
+from drivers.core.spec import DeviceSpec
+from drivers.core.state import DeviceState
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
-from tests.helpers import CommandLog, cancel_and_wait, device_spec, until
+from tests.helpers import CommandLog, cancel_and_wait, cmd, device_spec, until
 
 log = logging.getLogger("rampd.drivers.memory")
 
@@ -31,11 +33,10 @@ class MemoryDriver(PerDeviceDriver[Reading]):
     protocol = "memory"
     _log = log
 
-    def __init__(
-        self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]
-    ) -> None:
-        super().__init__("mem", fleet, range(len(specs)), specs, CommandLog(), **options)
-        self.power_w = [1000.0] * len(specs)
+    def __init__(self, image: ProcessImage, **options: Unpack[DriverOptions]) -> None:
+        super().__init__(image.port("memory"), CommandLog(), name="mem", **options)
+        self.power_w = [1000.0] * self.port.n
+        self.intents: list[Intent] = []
         self.broken: set[int] = set()
         self.buggy: set[int] = set()
         self.swallow_cancel: set[int] = set()
@@ -55,9 +56,10 @@ class MemoryDriver(PerDeviceDriver[Reading]):
             self.swallow_cancel.discard(local)
         return Reading(self.power_w[local], DeviceState.ON)
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
         self._check(local)
-        self.power_w[local] = value_w
+        self.power_w[local] = power_w
+        self.intents.append(intent)
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
@@ -67,18 +69,17 @@ class MemoryDriver(PerDeviceDriver[Reading]):
             self.closed = True
 
 
-def specs(n: int) -> list[DeviceSpec]:
+def specs(n: int, protocol: str = "memory") -> list[DeviceSpec]:
     return [
-        device_spec(name=f"dev-{i}", protocol="memory", p_max_w=2000.0, poll_s=0.02)
+        device_spec(name=f"dev-{i}", protocol=protocol, p_max_w=2000.0, poll_s=0.02)
         for i in range(n)
     ]
 
 
 @pytest.fixture
-async def running() -> AsyncIterator[tuple[MemoryDriver, Fleet]]:
-    s = specs(4)
-    fleet = Fleet.from_specs(s, [0, 0, 0, 1])  # row 3 belongs to another driver
-    driver = MemoryDriver(fleet, s[:3], backoff_base_s=0.02, backoff_cap_s=0.05)
+async def running() -> AsyncIterator[tuple[MemoryDriver, ProcessImage]]:
+    fleet = ProcessImage(specs(3) + specs(1, "other"))  # row 3 belongs to another driver
+    driver = MemoryDriver(fleet, backoff_base_s=0.02, backoff_cap_s=0.05)
     task = asyncio.create_task(driver.run())
     try:
         yield driver, fleet
@@ -88,12 +89,15 @@ async def running() -> AsyncIterator[tuple[MemoryDriver, Fleet]]:
 
 
 async def test_polls_fill_the_fleet_and_commands_are_reported(
-    running: tuple[MemoryDriver, Fleet],
+    running: tuple[MemoryDriver, ProcessImage],
 ) -> None:
     driver, fleet = running
     assert isinstance(driver, Driver)
     await until(lambda: bool((fleet.state[:3] == DeviceState.ON).all()), 2, what="polled")
-    driver.submit(np.array([1, 3]), np.array([1500.0, 1.0]))  # row 3 is ignored
+    with pytest.raises(IndexError):  # local 3 is past its port: not some other driver's row
+        driver.submit(cmd(np.array([1, 3]), np.array([1500.0, 1.0])))
+    assert driver.pending == 0
+    driver.submit(cmd(np.array([1]), np.array([1500.0])))
     await until(lambda: driver.power_w[1] == 1500.0, 2, what="sent")
     await until(lambda: fleet.measured_w[1] == 1500.0, 2, what="polled back")
     assert driver.commands_ok == 1 and driver.pending == 0
@@ -104,14 +108,14 @@ async def test_polls_fill_the_fleet_and_commands_are_reported(
 
 @pytest.mark.parametrize("failure", ["broken", "buggy"])
 async def test_fault_is_isolated_logged_once_and_recovers(
-    running: tuple[MemoryDriver, Fleet], failure: str, caplog: pytest.LogCaptureFixture
+    running: tuple[MemoryDriver, ProcessImage], failure: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     driver, fleet = running
     caplog.set_level(logging.INFO, logger=log.name)
     await until(lambda: bool((fleet.state[:3] == DeviceState.ON).all()), 2, what="polled")
     getattr(driver, failure).add(2)
     await until(lambda: fleet.state[2] == DeviceState.FAULT, 2, what="FAULT")
-    driver.submit(np.array([2, 0]), np.array([500.0, 600.0]))
+    driver.submit(cmd(np.array([2, 0]), np.array([500.0, 600.0])))
     await until(lambda: driver.power_w[0] == 600.0, 2, what="healthy device commanded")
     await until(lambda: driver.errors_by_device[2] >= 5, 2, what="failures go on")
     assert driver.faulted == 1 and (fleet.state[:2] == DeviceState.ON).all()
@@ -127,8 +131,7 @@ async def test_fault_is_isolated_logged_once_and_recovers(
 
 
 async def test_stops_even_when_a_library_swallows_the_cancellation() -> None:
-    s = specs(2)
-    driver = MemoryDriver(Fleet.from_specs(s, [0, 0]), s)
+    driver = MemoryDriver(ProcessImage(specs(2)))
     driver.swallow_cancel = {0, 1}
     task = asyncio.create_task(driver.run())
     await asyncio.sleep(0.1)  # both devices are inside a read now
@@ -145,8 +148,8 @@ async def test_stops_even_when_a_library_swallows_the_cancellation() -> None:
 class BurstDriver(MemoryDriver):
     """Exchanges take time and share the concurrency limit, as on a real wire."""
 
-    def __init__(self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]):
-        super().__init__(fleet, specs, **options)
+    def __init__(self, image: ProcessImage, **options: Unpack[DriverOptions]):
+        super().__init__(image, **options)
         self.polls_started: list[float] = []
         self.sent_at: list[float] = []
 
@@ -159,13 +162,13 @@ class BurstDriver(MemoryDriver):
             self._slots.release()
         return await super()._read(local)
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
         await self._take_slot(local)
         try:
             await asyncio.sleep(0.02)
         finally:
             self._slots.release()
-        await super()._command(local, value_w)
+        await super()._command(local, power_w, intent)
         self.sent_at.append(asyncio.get_running_loop().time())
 
 
@@ -176,14 +179,14 @@ async def test_due_polls_wait_while_a_fleet_wide_command_drains(yields: bool) ->
         device_spec(name=f"dev-{i}", protocol="memory", p_max_w=2000.0, poll_s=0.2)
         for i in range(n)
     ]
-    fleet = Fleet.from_specs(s, [0] * n)
-    driver = BurstDriver(fleet, s, max_concurrency=limit)
+    fleet = ProcessImage(s)
+    driver = BurstDriver(fleet, max_concurrency=limit)
     driver.polls_yield_to_bursts = yields  # type: ignore[misc]
     task = asyncio.create_task(driver.run())
     try:
         await until(lambda: bool((fleet.state == DeviceState.ON).all()), 2, what="polled")
         t0 = asyncio.get_running_loop().time()
-        driver.submit(np.arange(n), np.full(n, 1500.0))
+        driver.submit(cmd(np.arange(n), np.full(n, 1500.0)))
         await until(lambda: driver.commands_ok == n, 3, what="burst sent")
         # 12 commands of 20 ms, 2 at a time: 120 ms, while polls fall due every 200 ms
         # (none is a period overdue). Until only `limit` are left, no poll starts.
@@ -201,21 +204,21 @@ async def test_a_command_held_back_for_a_retry_does_not_hold_the_polls() -> None
         device_spec(name=f"dev-{i}", protocol="memory", p_max_w=2000.0, poll_s=2.0)
         for i in range(n)
     ]
-    fleet = Fleet.from_specs(s, [0] * n)
+    fleet = ProcessImage(s)
     # A long backoff: the dead device's command waits seconds for its retry.
-    driver = BurstDriver(fleet, s, max_concurrency=limit, backoff_base_s=5.0, backoff_cap_s=5.0)
+    driver = BurstDriver(fleet, max_concurrency=limit, backoff_base_s=5.0, backoff_cap_s=5.0)
     task = asyncio.create_task(driver.run())
     try:
         await until(lambda: bool((fleet.state == DeviceState.ON).all()), 4, what="polled")
         driver.broken.add(0)
-        driver.submit(np.arange(n), np.full(n, 1500.0))  # 40 x 20 ms, 2 at a time
+        driver.submit(cmd(np.arange(n), np.full(n, 1500.0)))  # 40 x 20 ms, 2 at a time
         await until(lambda: driver.commands_ok == n - 1, 3, what="burst sent")
         sent = asyncio.get_running_loop().time()
         # Polls fall due every 50 ms: the ones held back by the burst go once the others
         # are answered, and later ones go when due, not a period late (at most 2 s
         # overdue) behind the dead device's retry.
         await until(lambda: sum(t > sent for t in driver.polls_started) >= 10, 1.0, what="polls go")
-        assert driver.command_errors >= 1 and fleet.delivered_w[0] != 1500.0
+        assert driver.command_errors >= 1 and fleet.acked_w[0] != 1500.0
     finally:
         await cancel_and_wait(task)
 
@@ -223,8 +226,8 @@ async def test_a_command_held_back_for_a_retry_does_not_hold_the_polls() -> None
 class GatedDriver(MemoryDriver):
     """Polls wait at a gate before they take a connection slot, where they may give way."""
 
-    def __init__(self, fleet: Fleet, specs: list[DeviceSpec]) -> None:
-        super().__init__(fleet, specs)
+    def __init__(self, image: ProcessImage) -> None:
+        super().__init__(image)
         self.gate = asyncio.Event()
         self.gate.set()
         self.at_gate = 0
@@ -242,16 +245,16 @@ class GatedDriver(MemoryDriver):
         self.events.append("poll")
         return await super()._read(local)
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
         self.events.append("command")
-        await super()._command(local, value_w)
+        await super()._command(local, power_w, intent)
 
 
 @pytest.mark.parametrize("overdue", [False, True])
 async def test_a_waiting_poll_gives_way_to_a_command_unless_overdue(overdue: bool) -> None:
     s = [device_spec(name="dev", protocol="memory", p_max_w=2000.0, poll_s=0.3)]
-    fleet = Fleet.from_specs(s, [0])
-    driver = GatedDriver(fleet, s)
+    fleet = ProcessImage(s)
+    driver = GatedDriver(fleet)
     task = asyncio.create_task(driver.run())
     try:
         await until(lambda: driver.polls_ok == 1, 2, what="first poll")
@@ -260,7 +263,7 @@ async def test_a_waiting_poll_gives_way_to_a_command_unless_overdue(overdue: boo
         if overdue:  # held past a whole period beyond its due time: it must go first
             t_over = asyncio.get_running_loop().time() + 0.35
             await until(lambda: asyncio.get_running_loop().time() > t_over, 2, what="overdue")
-        driver.submit(np.array([0]), np.array([1500.0]))
+        driver.submit(cmd(np.array([0]), np.array([1500.0])))
         del driver.events[:]
         driver.gate.set()
         await until(lambda: driver.commands_ok == 1 and driver.polls_ok >= 2, 3, what="both")
@@ -268,7 +271,7 @@ async def test_a_waiting_poll_gives_way_to_a_command_unless_overdue(overdue: boo
         expected = ["poll", "command"] if overdue else ["yield", "command", "poll"]
         assert driver.events[: len(expected)] == expected
         assert driver.poll_errors == 0 and driver.faulted == 0
-        assert fleet.delivered_w[0] == 1500.0
+        assert fleet.acked_w[0] == 1500.0
     finally:
         await cancel_and_wait(task)
 
@@ -276,18 +279,18 @@ async def test_a_waiting_poll_gives_way_to_a_command_unless_overdue(overdue: boo
 class OrderDriver(MemoryDriver):
     """Records the order in which commands take the (single) slot."""
 
-    def __init__(self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]):
-        super().__init__(fleet, specs, **options)
+    def __init__(self, image: ProcessImage, **options: Unpack[DriverOptions]):
+        super().__init__(image, **options)
         self.order: list[int] = []
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
         await self._take_slot(local)
         try:
             self.order.append(local)
             await asyncio.sleep(0.001)
         finally:
             self._slots.release()
-        await super()._command(local, value_w)
+        await super()._command(local, power_w, intent)
 
 
 async def test_sleeps_go_first_in_a_burst() -> None:
@@ -296,16 +299,20 @@ async def test_sleeps_go_first_in_a_burst() -> None:
         device_spec(name=f"dev-{i}", protocol="memory", p_min_w=500.0, p_max_w=2000.0, poll_s=0.5)
         for i in range(n)
     ]
-    fleet = Fleet.from_specs(s, [0] * n)
-    driver = OrderDriver(fleet, s, max_concurrency=1)
+    fleet = ProcessImage(s)
+    driver = OrderDriver(fleet, max_concurrency=1)
     task = asyncio.create_task(driver.run())
     try:
         await until(lambda: driver.polls_ok == n, 2, what="first polls")
-        values = np.array([1500.0, 0.0, 1500.0, 0.0, 1500.0, 1500.0, 0.0, 1500.0])
-        driver.submit(np.arange(n), values)
+        sleep = np.array([0, 1, 0, 1, 0, 0, 1, 0], dtype=np.int8)
+        driver.submit(Commands(np.arange(n), np.where(sleep, 0.0, 1500.0), sleep))
         await until(lambda: driver.commands_ok == n, 3, what="burst sent")
-        # Below p_min (a sleep: seconds before it acts) before every other, in row order.
+        # Sleeps (seconds before one acts) before every other, in row order.
         assert driver.order == [1, 3, 6, 0, 2, 4, 5, 7]
+        assert [driver.intents[driver.order.index(k)] for k in (1, 0)] == [
+            Intent.SLEEP,
+            Intent.RUN,
+        ]
     finally:
         await cancel_and_wait(task)
 
@@ -313,10 +320,8 @@ async def test_sleeps_go_first_in_a_burst() -> None:
 class IterationDriver(MemoryDriver):
     """Records the event-loop iteration in which each command starts."""
 
-    def __init__(
-        self, fleet: Fleet, specs: list[DeviceSpec], **options: Unpack[DriverOptions]
-    ) -> None:
-        super().__init__(fleet, specs, **options)
+    def __init__(self, image: ProcessImage, **options: Unpack[DriverOptions]) -> None:
+        super().__init__(image, **options)
         self.iteration = 0
         self.started_in: list[int] = []
 
@@ -325,21 +330,21 @@ class IterationDriver(MemoryDriver):
         self.iteration += 1
         asyncio.get_running_loop().call_soon(self.count_iterations)
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
         self.started_in.append(self.iteration)
-        await super()._command(local, value_w)
+        await super()._command(local, power_w, intent)
 
 
 async def test_a_burst_is_woken_in_batches_so_the_loop_turns_between_them() -> None:
     n = 1000
     s = [device_spec(name=f"dev-{i}", protocol="memory", poll_s=1.0) for i in range(n)]
-    fleet = Fleet.from_specs(s, [0] * n)
-    driver = IterationDriver(fleet, s, max_concurrency=n)
+    fleet = ProcessImage(s)
+    driver = IterationDriver(fleet, max_concurrency=n)
     task = asyncio.create_task(driver.run())
     try:
         await until(lambda: driver.polls_ok >= n, 5, what="first polls")
         driver.count_iterations()
-        driver.submit(np.arange(n), np.full(n, 1500.0))
+        driver.submit(cmd(np.arange(n), np.full(n, 1500.0)))
         await until(lambda: driver.commands_ok == n, 5, what="burst sent")
         per_iteration = np.bincount(driver.started_in)
         # All at once, the 1,000 commands would hold one iteration; other tasks (the control

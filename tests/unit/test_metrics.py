@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import math
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
 from controller.metrics import MODES, Metrics
+from drivers.core.state import DeviceState
 from tests.helpers_prometheus import realistic_daemon
 
 
@@ -71,12 +73,15 @@ def test_collectors_read_drivers_and_fleet_at_scrape_time() -> None:
     assert value(m, "rampd_device_errors_total", driver="luxos", op="poll") == 7.0
     assert value(m, "rampd_device_errors_total", driver="luxos", op="command") == 2.0
     assert value(m, "rampd_device_errors_total", driver="meter", op="poll") == 3.0
-    name, kind = d.fleet.names[0], d.fleet.kinds[int(d.fleet.kind_id[0])]
-    d.fleet.measured_w[0] = 1234.5
+    name, kind = d.image.names[0], d.image.kinds[int(d.image.kind_id[0])]
+    port = next(drv.port for drv in d.drivers if 0 in drv.port.rows)
+    port.reading(int(np.flatnonzero(port.rows == 0)[0]), 1234.5, DeviceState.ON)
     assert value(m, "rampd_device_power_watts", device=name, kind=kind) == 1234.5
+    planned = float(d.cycle.planned_w[0])
+    assert value(m, "rampd_device_setpoint_watts", device=name, kind=kind) == planned
     # Registering again replaces rather than duplicates.
     m.watch_drivers(d.drivers)
-    m.enable_device_metrics(d.fleet)
+    m.enable_device_metrics(d.image, lambda: d.cycle.planned_w)
     text = generate_latest(m.registry).decode()
     assert text.count("# TYPE rampd_device_errors_total counter") == 1
     assert text.count("# TYPE rampd_device_power_watts gauge") == 1

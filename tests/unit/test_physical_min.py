@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceSpec, SimParams
-from controller.control.physical_min import physical_min_s, reachable_w
 from controller.control.types import FleetParams
-from controller.fleet import DeviceState
+from drivers.core.physical_min import physical_min_s, reachable_w
+from drivers.core.state import DeviceState
 from drivers.sim.physics import SitePhysics
 from tests.helpers import device_spec
 

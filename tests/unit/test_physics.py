@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceSpec, SimParams
-from controller.fleet import DeviceState
+from drivers.core.state import DeviceState
 from drivers.sim.physics import Fault, SitePhysics
 from tests.helpers import device_spec
 

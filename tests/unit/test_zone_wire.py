@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from controller.config import SiteLimits
-from controller.fleet import Fleet
 from controller.wire import Ack, Dispatch, Status
 from controller.wire.signing import canonical_bytes
-from drivers.zone.dynamics import derive_dynamics, zone_telemetry
+from controller.zone.dynamics import derive_dynamics, zone_telemetry
+from drivers.core.image import Limits, ProcessImage
 from tests.helpers import device_spec
 
 
@@ -124,26 +124,23 @@ def test_dynamics_are_clipped_and_withheld_when_they_say_nothing() -> None:
     assert derive_dynamics(zone_telemetry(_tel(max_kw=0.2, min_kw=0.0)), 0.0, 1e6) is None
 
 
-def test_fleet_dynamics_change_in_place_or_not_at_all() -> None:
-    fleet = Fleet.from_specs([device_spec(), device_spec(name="e")], [0, 0])
-    p_max = fleet.p_max_w  # the command funnel holds this array
-    v0 = fleet.dynamics_version
-    assert fleet.update_dynamics(
-        [1], p_min_w=2e3, p_max_w=8e3, ramp_up_w_s=500.0, ramp_down_w_s=900.0
-    )
-    assert p_max is fleet.p_max_w and p_max[1] == 8e3 and fleet.p_min_w[1] == 2e3
-    assert fleet.dynamics_version == v0 + 1
-    assert not fleet.update_dynamics(
-        [1], p_min_w=2e3, p_max_w=8e3, ramp_up_w_s=500.0, ramp_down_w_s=900.0
-    )
-    before = [c.copy() for c in (fleet.p_min_w, fleet.p_max_w, fleet.ramp_up_w_s)]
+def test_learned_limits_change_in_place_or_not_at_all() -> None:
+    image = ProcessImage([device_spec(), device_spec(name="e")])
+    port = image.port(device_spec().protocol)
+    p_max = image.p_max_w  # the control model is rebuilt from this array
+    v0 = image.limits_version
+    assert port.learned_limits(1, Limits(2e3, 8e3, 500.0, 900.0))
+    assert p_max is image.p_max_w and p_max[1] == 8e3 and image.p_min_w[1] == 2e3
+    assert image.limits_version == v0 + 1
+    assert not port.learned_limits(1, Limits(2e3, 8e3, 500.0, 900.0))
+    before = [c.copy() for c in (image.p_min_w, image.p_max_w, image.ramp_up_w_s)]
     for bad in (
-        {"p_min_w": 9e3, "p_max_w": 8e3, "ramp_up_w_s": 1.0, "ramp_down_w_s": 1.0},
-        {"p_min_w": 1e3, "p_max_w": np.nan, "ramp_up_w_s": 1.0, "ramp_down_w_s": 1.0},
-        {"p_min_w": 1e3, "p_max_w": 8e3, "ramp_up_w_s": 0.0, "ramp_down_w_s": 1.0},
+        Limits(9e3, 8e3, 1.0, 1.0),
+        Limits(1e3, np.nan, 1.0, 1.0),
+        Limits(1e3, 8e3, 0.0, 1.0),
     ):
         with pytest.raises(ValueError):
-            fleet.update_dynamics([0], **bad)
-    after = (fleet.p_min_w, fleet.p_max_w, fleet.ramp_up_w_s)
+            port.learned_limits(0, bad)
+    after = (image.p_min_w, image.p_max_w, image.ramp_up_w_s)
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-    assert fleet.dynamics_version == v0 + 1
+    assert image.limits_version == v0 + 1

@@ -49,11 +49,13 @@ import numpy as np
 from controller import heap
 from controller.config import DeviceSpec, SiteLimits, load_config, poll_stretch
 from controller.fdlimit import raise_fd_limit
-from controller.fleet import Fleet
 from controller.tools.bench import FANOUT_PROTOCOLS as PROTOCOLS
 from controller.tools.bench import add_fanout_arguments
 from controller.tools.bench.site_run import BenchError, default_out, dump_toml, spawn, stop_process
 from drivers.base import Driver
+from drivers.core import registry
+from drivers.core.command import Commands
+from drivers.core.image import ProcessImage
 
 log = logging.getLogger("rampd.bench")
 
@@ -172,8 +174,8 @@ class Answers:
     """The drivers' command observer: counts acknowledged commands and notes the moment the
     last device of a burst answered (checked in the fleet, so a retried device counts once)."""
 
-    def __init__(self, fleet: Fleet, rows: np.ndarray, values: np.ndarray) -> None:
-        self.fleet = fleet
+    def __init__(self, image: ProcessImage, rows: np.ndarray, values: np.ndarray) -> None:
+        self.image = image
         self.rows = rows
         self.values = values
         self.ok = 0
@@ -203,10 +205,10 @@ class Answers:
             self.done.set()
 
     def all_answered(self) -> bool:
-        return bool(np.array_equal(self.fleet.delivered_w[self.rows], self.values))
+        return bool(np.array_equal(self.image.acked_w[self.rows], self.values))
 
     def answered(self) -> int:
-        return int((self.fleet.delivered_w[self.rows] == self.values).sum())
+        return int((self.image.acked_w[self.rows] == self.values).sum())
 
 
 def burst_values(specs: Sequence[DeviceSpec], k: int) -> np.ndarray:
@@ -231,7 +233,7 @@ class Burst:
 async def _burst(driver: Driver, answers: Answers, values: np.ndarray) -> Burst:
     answers.arm(values)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    driver.submit(answers.rows, values)
+    driver.submit(Commands.run(answers.rows, values))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(BURST_TIMEOUT_S):
             await answers.done.wait()
@@ -239,12 +241,12 @@ async def _burst(driver: Driver, answers: Answers, values: np.ndarray) -> Burst:
     return Burst(seconds, time.process_time() - cpu0, answers.answered(), answers.errors)
 
 
-async def _warm_up(driver: Driver, fleet: Fleet, n: int, timeout_s: float) -> float:
+async def _warm_up(driver: Driver, image: ProcessImage, n: int, timeout_s: float) -> float:
     """Until every device was polled and (a driver with `adopting`) adopted; seconds taken."""
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     while True:
-        polled = int(np.isfinite(fleet.measured_at).sum())
+        polled = int(np.isfinite(image.measured_at).sum())
         adopting = int(getattr(driver, "adopting", 0))
         if polled == n and adopting == 0:
             return time.monotonic() - t0
@@ -260,19 +262,16 @@ async def measure_driver(
     concurrency: int | None,
     max_polls_per_s: float,
 ) -> dict[str, Any]:
-    from controller.app import DRIVERS
+    import controller.protocols  # noqa: F401  (registers the drivers)
 
     n = len(specs)
-    fleet = Fleet.from_specs(specs, [0] * n)
+    image = ProcessImage(specs)
     rows = np.arange(n, dtype=np.intp)
-    answers = Answers(fleet, rows, np.full(n, np.nan))
-    cls: Any = DRIVERS[protocol]
+    answers = Answers(image, rows, np.full(n, np.nan))
     # Polled as the daemon would poll them: within the host's budget.
     stretch = poll_stretch(specs, max_polls_per_s)
-    options: dict[str, Any] = {"poll_stretch": stretch}
-    if concurrency is not None:
-        options["max_concurrency"] = concurrency
-    driver: Driver = cls(protocol, fleet, rows.tolist(), specs, answers, **options)
+    ctx = registry.DriverContext(answers, stretch, concurrency)
+    driver = registry.lookup(protocol)(image.port(protocol), ctx)
     # A line per device (ATM switched off, say) is no figure of this bench.
     logging.getLogger("rampd.drivers").setLevel(logging.WARNING)
     task = asyncio.create_task(driver.run(), name=f"bench:{protocol}")
@@ -280,7 +279,7 @@ async def measure_driver(
         # Bursts a poll period apart: each meets a site at rest, not the polls the one
         # before it held back (a dispatch follows the last by seconds, not microseconds).
         rest_s = max(s.poll_s for s in specs) * stretch
-        warm_s = await _warm_up(driver, fleet, n, 60.0 + rest_s + n / 200)
+        warm_s = await _warm_up(driver, image, n, 60.0 + rest_s + n / 200)
         heap.freeze_long_lived()  # as the daemon does once ready
         runs = []
         for k in range(bursts + 1):
@@ -522,9 +521,10 @@ async def floor_redfish(specs: Sequence[DeviceSpec], bursts: int, concurrency: i
 
 
 def _driver_concurrency() -> dict[str, int]:
-    from controller.app import DRIVERS
+    import controller.protocols  # noqa: F401  (registers the drivers)
+    from drivers.device_driver import PerDeviceDriver
 
-    return {p: int(getattr(cls, "default_concurrency", 32)) for p, cls in DRIVERS.items()}
+    return {c.protocol: c.default_concurrency for c in PerDeviceDriver.__subclasses__()}
 
 
 FLOORS: Final = {"luxos": floor_luxos, "modbus": floor_modbus, "redfish": floor_redfish}

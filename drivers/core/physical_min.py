@@ -58,12 +58,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from controller.control.types import F64, FleetParams
+from drivers.core.params import FleetParams
+from drivers.core.state import F64, DeviceState
 
-# `controller.fleet.DeviceState` values; the control package must not import the fleet.
-ON = 0
-SLEEPING = 1
-WAKING = 2
+ON = int(DeviceState.ON)
+SLEEPING = int(DeviceState.SLEEPING)
+WAKING = int(DeviceState.WAKING)
 
 _RATE_MAX = 1e15
 """Ramp rates above this (incl. inf) are clipped so ``rate * 0`` stays 0, not NaN."""

@@ -2,7 +2,7 @@
 
 One broker connection (the parent's broker; zones' topics arrive over a bridge or a cluster)
 serves every zone: it subscribes to each zone's `status`, `telemetry` and `ack`, and publishes
-dispatches and heartbeats. The per-device machinery (mailbox, latest value wins, backoff,
+dispatches and heartbeats. The per-device machinery (pending slot, latest value wins, backoff,
 FAULT after repeated failures, counters) is `PerDeviceDriver`'s: a poll reads the latest
 telemetry that arrived, a command is one dispatch answered by its ack.
 
@@ -10,7 +10,8 @@ A zone is FAULT to its parent when its status goes offline (its will), its telem
 stale, or it rejects dispatches; the parent then holds it at its last known power and routes
 its share to the others. A zone whose parent goes silent stops getting heartbeats and applies
 its own failsafe. Bounds and ramp rates follow the zone's reported capability
-(`Fleet.update_dynamics`), with hysteresis, so a zone that loses devices is asked for less.
+(learned limits, written through the driver's port), with hysteresis, so a zone that loses
+devices is asked for less. The driver registers itself as protocol "zone".
 """
 
 from __future__ import annotations
@@ -20,23 +21,25 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final, Unpack
 
 import aiomqtt
 import numpy as np
-import numpy.typing as npt
 
-from controller.cancellation import stop_if_cancelled
-from controller.config import DeviceSpec, MqttConfig, read_hmac_key
-from controller.fleet import DeviceState, Fleet
+from controller.config import ConfigError, MqttConfig, read_hmac_key
 from controller.mqtt_link import read_password, tls_params
 from controller.wire import Ack, Dispatch, Heartbeat, Status, Telemetry
+from controller.zone.dynamics import derive_dynamics, zone_telemetry
 from drivers.base import Backoff, CommandObserver, DeviceTimeout, DriverError, ProtocolError
+from drivers.core.cancellation import stop_if_cancelled
+from drivers.core.command import Intent
+from drivers.core.image import DevicePort, Limits
+from drivers.core.registry import DriverContext, register
+from drivers.core.state import DeviceState
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
-from drivers.zone.dynamics import derive_dynamics, zone_telemetry
 
 log = logging.getLogger("rampd.zone")
 
@@ -56,10 +59,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
 
     def __init__(
         self,
-        name: str,
-        fleet: Fleet,
-        rows: npt.ArrayLike,
-        specs: Sequence[DeviceSpec],
+        port: DevicePort,
         on_command: CommandObserver | None = None,
         *,
         mqtt: MqttConfig,
@@ -67,7 +67,8 @@ class ZoneDriver(PerDeviceDriver[Reading]):
     ) -> None:
         # A zone costs nothing to ask again (its telemetry is pushed): retry within seconds.
         options.setdefault("backoff_cap_s", 2.0)
-        super().__init__(name, fleet, rows, specs, on_command, **options)
+        super().__init__(port, on_command, **options)
+        specs = port.specs
         self._mqtt = mqtt
         self._password = read_password(mqtt)  # ConfigError at start, like the daemon's link
         self._roots = [s.access.topic_root or f"{mqtt.prefix}/{s.name}" for s in specs]
@@ -181,7 +182,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
                 self._tel[local] = zone_telemetry(data)
                 self._tel_at[local] = time.monotonic()
                 self._first_tel[local].set()
-                self._poll_now(local)  # into the fleet while it is news
+                self._poll_now(local)  # into the image while it is news
             elif kind == "status":
                 status = Status.decode(data)
                 self._online[local], self._detail[local] = status.online, status.detail
@@ -226,21 +227,22 @@ class ZoneDriver(PerDeviceDriver[Reading]):
         assert tel.measured_w is not None  # zone_telemetry admits only telemetry with power
         return Reading(self._check_power(local, tel.measured_w), DeviceState.ON)
 
-    def _record(self, local: int, reading: Reading) -> None:
+    def _reading_at(self, local: int) -> float | None:
         # The reading is as old as the telemetry it came from: a scheduled poll that finds no
         # newer message must not present old power as new (the model would take it as a
         # correction of where the zone is now).
-        super()._record(local, reading)
-        self._fleet.measured_at[self.rows[local]] = self._tel_at[local]
+        return float(self._tel_at[local])
 
-    async def _command(self, local: int, value_w: float) -> None:
+    async def _command(self, local: int, power_w: float, intent: Intent) -> None:
+        # A zone has no sleep of its own: SLEEP asks it for its power asleep, and its own
+        # planner decides which of its devices sleep for that.
         client = self._client
         if client is None:
             raise DriverError("broker not connected")
         self._seq = seq = max(time.time_ns() // 1000, self._seq + 1)  # survives a restart
         dispatch_id = f"{self.name}-{seq}"
         # At once: the zone ramps as fast as its own fleet allows.
-        dispatch = Dispatch(dispatch_id, seq, time.time(), "setpoint", value_w, ramp_s=0.0)
+        dispatch = Dispatch(dispatch_id, seq, time.time(), "setpoint", power_w, ramp_s=0.0)
         payload = dispatch.encode(self._keys[local])
         fut: asyncio.Future[tuple[bool, str]] = asyncio.get_running_loop().create_future()
         key = (local, dispatch_id)
@@ -270,13 +272,8 @@ class ZoneDriver(PerDeviceDriver[Reading]):
         dyn = derive_dynamics(tel, float(self._lo[local]), float(self._hi[local]))
         if dyn is None:
             return
-        fleet, row = self._fleet, int(self.rows[local])
-        old = (
-            float(fleet.p_min_w[row]),
-            float(fleet.p_max_w[row]),
-            float(fleet.ramp_up_w_s[row]),
-            float(fleet.ramp_down_w_s[row]),
-        )
+        have = self.port.limits(local)
+        old = (have.p_min_w, have.p_max_w, have.ramp_up_w_s, have.ramp_down_w_s)
         bound_tol = max(BOUND_HYSTERESIS * float(self._hi[local] - self._lo[local]), 1.0)
         new = list(old)
         for i, value in enumerate((dyn.p_min_w, dyn.p_max_w)):
@@ -288,9 +285,7 @@ class ZoneDriver(PerDeviceDriver[Reading]):
         new[0] = min(new[0], new[1])
         if new == list(old):
             return
-        fleet.update_dynamics(
-            [row], p_min_w=new[0], p_max_w=new[1], ramp_up_w_s=new[2], ramp_down_w_s=new[3]
-        )
+        self.port.learned_limits(local, Limits(*new))
         log.info(
             "zone %s: capability %.1f-%.1f kW, ramps +%.1f/-%.1f kW/s",
             self._name(local),
@@ -299,3 +294,11 @@ class ZoneDriver(PerDeviceDriver[Reading]):
             new[2] / 1e3,
             new[3] / 1e3,
         )
+
+
+@register("zone")
+def _zone(port: DevicePort, ctx: DriverContext) -> ZoneDriver:
+    mqtt = ctx.settings.get("mqtt")
+    if not isinstance(mqtt, MqttConfig):
+        raise ConfigError("zone devices need the daemon's MQTT settings")
+    return ZoneDriver(port, ctx.on_command, mqtt=mqtt)
