@@ -391,7 +391,7 @@ class Daemon:
             self.update_telemetry_metrics(tel)
             self.link.publish("telemetry", tel.encode(), qos=0)
             if self.journal is not None:
-                self.journal.record_telemetry(TelemetrySample.from_wire(tel.to_wire(), tel.at))
+                self.journal.record_telemetry(TelemetrySample.from_telemetry(tel))
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:

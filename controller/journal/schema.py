@@ -13,12 +13,13 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from controller.ramp_score import RampOutcome, RampRecord
+from controller.wire.telemetry import Telemetry
 
 log = logging.getLogger("rampd.journal")
 
@@ -91,6 +92,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 
 HORIZONS: Final = ("1s", "5s", "60s")
+TELEMETRY_HORIZONS_S: Final = (1.0, 5.0, 60.0)
+"""The capability horizons a telemetry row keeps (its `up_<h>_w`, `down_<h>_w` columns)."""
 STATES: Final = ("on", "sleeping", "waking", "fault", "unknown")
 
 TELEMETRY_COLUMNS: Final = (
@@ -132,42 +135,35 @@ class TelemetrySample:
     max_w: float | None = None
     noncontrollable_w: float | None = None
     up_w: tuple[float | None, float | None, float | None] = (None, None, None)
-    """Reachable increase within 1 s, 5 s and 60 s."""
+    """Reachable increase within each of TELEMETRY_HORIZONS_S."""
     down_w: tuple[float | None, float | None, float | None] = (None, None, None)
     mode: str | None = None
-    saturated: bool | None = None
+    saturated: int | None = None
+    """-1 target below what the fleet reaches this cycle, +1 above, 0 within."""
     devices: Mapping[str, int] | None = None
     """Device counts by state (on, sleeping, waking, fault, unknown)."""
 
     @classmethod
-    def from_wire(cls, tel: Mapping[str, Any], at: float) -> TelemetrySample:
-        """From the telemetry message as published on `<root>/telemetry` (kW), at unix `at`.
-
-        Tolerant: a missing or malformed field becomes None (this runs inside the daemon).
-        """
-        cap = tel.get("capability")
-        cap = cap if isinstance(cap, Mapping) else {}
-        up = cap.get("up_kw")
-        down = cap.get("down_kw")
-        up = up if isinstance(up, Mapping) else {}
-        down = down if isinstance(down, Mapping) else {}
-        devices = tel.get("devices")
-        source = tel.get("measured_source")
-        mode = tel.get("mode")
-        saturated = tel.get("saturated")
+    def from_telemetry(cls, tel: Telemetry) -> TelemetrySample:
+        """The row for one telemetry message, from its model (SI units already)."""
+        cap = tel.capability
+        up: tuple[float | None, ...] = (None, None, None)
+        down: tuple[float | None, ...] = (None, None, None)
+        if cap is not None:
+            up, down = zip(*(cap.within(h) for h in TELEMETRY_HORIZONS_S), strict=True)
         return cls(
-            at=at,
-            measured_w=_w(tel.get("measured_kw")),
-            measured_source=source if isinstance(source, str) else None,
-            target_w=_w(tel.get("target_kw")),
-            min_w=_w(tel.get("min_kw")),
-            max_w=_w(tel.get("max_kw")),
-            noncontrollable_w=_w(tel.get("noncontrollable_kw")),
-            up_w=(_w(up.get("1s")), _w(up.get("5s")), _w(up.get("60s"))),
-            down_w=(_w(down.get("1s")), _w(down.get("5s")), _w(down.get("60s"))),
-            mode=mode if isinstance(mode, str) else None,
-            saturated=saturated if isinstance(saturated, bool) else None,
-            devices=devices if isinstance(devices, Mapping) else None,
+            at=tel.at,
+            measured_w=tel.measured_w,
+            measured_source=tel.measured_source,
+            target_w=tel.target_w,
+            min_w=tel.min_w,
+            max_w=tel.max_w,
+            noncontrollable_w=tel.noncontrollable_w,
+            up_w=(up[0], up[1], up[2]),
+            down_w=(down[0], down[1], down[2]),
+            mode=tel.mode,
+            saturated=tel.saturated,
+            devices=tel.devices.to_wire(),
         )
 
 
@@ -227,12 +223,6 @@ class TelemetrySeries:
 
     def __len__(self) -> int:
         return int(self.at.size)
-
-
-def _w(kw: object) -> float | None:
-    if isinstance(kw, bool) or not isinstance(kw, int | float):
-        return None
-    return float(kw) * 1e3
 
 
 # --- paths and versions ------------------------------------------------------------------

@@ -54,6 +54,7 @@ from controller.journal import (
 )
 from controller.ramp_score import score_series, tolerance_w
 from controller.tools.truth import read_truth
+from controller.wire.telemetry import Telemetry
 from controller.wire.timestamps import rfc3339
 
 F64 = npt.NDArray[np.float64]
@@ -688,12 +689,10 @@ def _read_telemetry(path: Path) -> list[TelemetrySample]:
     with path.open("rb") as fh:
         for line in fh:
             try:
-                msg = json.loads(line)
-                at = datetime.fromisoformat(str(msg["at"])).timestamp()
-            except (ValueError, KeyError, TypeError):
+                tel = Telemetry.decode(line)
+            except ValueError:
                 continue  # a torn last line, or not a telemetry message
-            if isinstance(msg, dict):
-                out.append(TelemetrySample.from_wire(msg, at))
+            out.append(TelemetrySample.from_telemetry(tel))
     return out
 
 

@@ -28,7 +28,7 @@ from controller.journal import (
     TelemetrySample,
     default_journal_path,
 )
-from controller.wire import Dispatch, DispatchRejected, rfc3339
+from controller.wire import Dispatch, DispatchRejected, Telemetry, rfc3339
 
 LIMITS = SiteLimits(min_kw=0.0, max_kw=3000.0)
 DAY = 86400.0
@@ -437,9 +437,9 @@ def test_a_failsafe_drop_ends_what_was_in_force(journal: Journal) -> None:
 # --- rows from the daemon's own shapes ---------------------------------------------------
 
 
-def test_telemetry_sample_from_the_wire_message() -> None:
+def test_telemetry_sample_from_the_model_as_published() -> None:
     wire = {
-        "at": "2024-05-01T12:00:00.000+00:00",
+        "at": "2024-05-01T12:00:00.000Z",
         "measured_kw": 1200.5,
         "measured_source": "meter",
         "target_kw": 1200.0,
@@ -452,12 +452,16 @@ def test_telemetry_sample_from_the_wire_message() -> None:
         },
         "devices": {"on": 250, "sleeping": 0, "waking": 0, "fault": 1, "unknown": 0},
         "mode": "normal",
-        "saturated": False,
+        "saturated": -1,
         "cycle": {"count": 10, "overruns": 0},
     }
-    s = TelemetrySample.from_wire(wire, 1.0)
+    tel = Telemetry.decode(json.dumps(wire).encode())
+    s = TelemetrySample.from_telemetry(tel)
+    assert s.at == tel.at
     assert s.measured_w == pytest.approx(1_200_500.0)
     assert s.up_w == pytest.approx((1e4, 5e4, 9e5))
-    assert s.down_w[2] is None and s.saturated is False and s.mode == "normal"
-    empty = TelemetrySample.from_wire({"at": "x", "mode": "normal", "devices": {"on": 0}}, 2.0)
+    assert s.down_w[2] is None and s.saturated == -1 and s.mode == "normal"
+    assert s.devices is not None and s.devices["fault"] == 1
+    before_first_cycle = Telemetry(at=2.0, mode="normal")
+    empty = TelemetrySample.from_telemetry(before_first_cycle)
     assert empty.measured_w is None and empty.up_w == (None, None, None)
