@@ -9,7 +9,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,21 +24,22 @@ from controller.config import (
 )
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
+from controller.intake import DispatchIntake, initial_target_w, resumable
 from controller.journal import (
     DEFAULT_FILENAME,
-    EVENT_DISPATCH_DROPPED,
     Journal,
     TelemetrySample,
 )
 from controller.metrics import Metrics
 from controller.mqtt_link import MqttLink
-from controller.notify import LastError, Notifier
+from controller.notify import Notifier
 from controller.ramp_score import tolerance_w
 from controller.ramp_watch import RampWatch
 from controller.readiness import Readiness
-from controller.target import TargetTracker, resume_from_w, resumed
+from controller.status import SiteStatus
+from controller.target import TargetTracker
 from controller.telemetry import build_telemetry
-from controller.wire import Ack, Dispatch, DispatchRejected, Telemetry
+from controller.wire import Dispatch, Telemetry
 from drivers.base import Driver
 from drivers.core import registry
 from drivers.core.command import CommandShaper
@@ -90,10 +90,6 @@ def open_journal(cfg: JournalConfig) -> Journal | None:
     )
 
 
-def _max_seq(a: int | None, b: int | None) -> int | None:
-    return b if a is None else a if b is None else max(a, b)
-
-
 @dataclass(slots=True)
 class Overrides:
     mqtt: str | None = None
@@ -126,15 +122,10 @@ class Daemon:
             poll_stretch=cfg.poll_stretch,
             settings={"mqtt": mqtt_cfg},
         )
-        # One driver per protocol, built on the port over that protocol's rows: every row
-        # has exactly one owner, and no driver can write another's rows.
-        self.drivers: list[Driver] = []
-        for protocol in self.image.protocols:
-            try:
-                factory = registry.lookup(protocol)
-            except registry.UnknownProtocol as exc:
-                raise ConfigError(f"{cfg.path}: {exc}") from None
-            self.drivers.append(factory(self.image.port(protocol), ctx))
+        try:
+            self.drivers: list[Driver] = registry.build(self.image, ctx)
+        except registry.UnknownProtocol as exc:
+            raise ConfigError(f"{cfg.path}: {exc}") from None
         if cfg.poll_stretch > 1.0:
             log.warning(
                 "%d devices would poll over site.max_polls_per_s (%g/s): every poll period "
@@ -156,15 +147,9 @@ class Daemon:
             self.journal.record_event(
                 "start", f"rampd {rampd_version()}: site {site.site_id}, {self.image.n} devices"
             )
-        # Seqs accepted before a restart stay refused even if nothing is resumed.
-        self._seq_floor = self.journal.last_seq() if self.journal else None
         now_unix = time.time()
-        resume = self._resumable(now_unix)
-        initial_w = site.site.max_kw * 1e3
-        last = self.journal.last_target() if resume and self.journal is not None else None
-        if last is not None:
-            # Devices kept their setpoints through the restart: start where the target was.
-            initial_w = resume_from_w(resume[0], *last, now_unix)
+        resume = resumable(self.journal, site.site, cfg.dispatch_key, now_unix)
+        initial_w = initial_target_w(self.journal, resume, site.site.max_kw * 1e3, now_unix)
         self.tracker = TargetTracker(site.site, site.failsafe, initial_w=initial_w)
         self.ramps = (
             None
@@ -189,19 +174,36 @@ class Daemon:
             meter_max_age_s=site.control.meter_max_age_s,
             has_meter=not isinstance(self.meter, NoMeter),
         )
+        self.intake = DispatchIntake(
+            tracker=self.tracker,
+            limits=site.site,
+            hmac_key=cfg.dispatch_key,
+            journal=self.journal,
+            metrics=self.metrics,
+            publish_ack=lambda body: self.link.publish("ack", body),
+            on_accepted=self._accepted,
+        )
         self.link = MqttLink(
             mqtt_cfg,
             cfg.topic_root,
             on_dispatch=self.on_dispatch,
             on_heartbeat=self.on_heartbeat,
         )
-        self._mode = ""
         self.notifier = Notifier()
         self.readiness = Readiness(self.notifier, settle_heap=settle_heap)
-        self.last_error = LastError()
-        self._status_errors = 0
+        self.status = SiteStatus(
+            tracker=self.tracker,
+            cycle=self.cycle,
+            link=self.link,
+            metrics=self.metrics,
+            notifier=self.notifier,
+            journal=self.journal,
+            failsafe_policy=site.failsafe.policy,
+            has_meter=not isinstance(self.meter, NoMeter),
+            n_devices=self.image.n,
+        )
         self.cycle.on_tick(self._after_tick)
-        self._resume(resume, now_unix)
+        self.intake.resume(resume, now_unix)
 
     def _new_controller(self) -> Controller:
         site = self.cfg.site
@@ -226,82 +228,20 @@ class Daemon:
         self.controller = self.cycle.controller = self._new_controller()
         log.info("control model rebuilt with the devices' latest limits and ramp rates")
 
-    def _resumable(self, now_unix: float) -> list[Dispatch]:
-        """The journal's last valid dispatch(es) (see last_valid_dispatch) that still parse;
-        the first is the one in force, or the pending one if none is."""
-        if self.journal is None:
-            return []
-        out: list[Dispatch] = []
-        for raw in self.journal.last_valid_dispatch(now_unix) or ():
-            try:
-                d = Dispatch.decode(
-                    raw,
-                    now_unix=now_unix,
-                    last_seq=out[-1].seq if out else None,
-                    limits=self.cfg.site.site,
-                    replay=True,
-                    hmac_key=self.cfg.dispatch_key,
-                )
-            except DispatchRejected as exc:
-                text = f"not resumed: {exc.id} seq {exc.seq}: {exc.reason}"
-                log.warning("journal: %s", text)
-                self.journal.record_event("resume", text, at=now_unix)
-                continue
-            out.append(d)
-        return out
-
-    def _resume(self, dispatches: Sequence[Dispatch], now_unix: float) -> None:
-        """Put the dispatches from `_resumable` back in force."""
-        now = time.monotonic()
-        for d in dispatches:
-            self.tracker.accept(resumed(d, now_unix), now, now_unix)
-            text = f"resumed {d.id} seq {d.seq}: {d.mode} {d.target_w / 1e3:.1f} kW"
-            log.info("journal: %s", text)
-            if self.journal is not None:
-                self.journal.record_event("resume", text, at=now_unix)
-
     # -- dispatch in ---------------------------------------------------------------------
     def on_dispatch(self, payload: bytes) -> None:
-        now_unix, now = time.time(), time.monotonic()
-        try:
-            d = Dispatch.decode(
-                payload,
-                now_unix=now_unix,
-                last_seq=_max_seq(self.tracker.last_seq, self._seq_floor),
-                limits=self.cfg.site.site,
-                hmac_key=self.cfg.dispatch_key,
-            )
-        except DispatchRejected as exc:
-            log.warning("dispatch rejected: id=%s seq=%s: %s", exc.id, exc.seq, exc.reason)
-            self.metrics.count_dispatch(False, exc.code)
-            self.link.publish("ack", Ack(exc.id, exc.seq, False, exc.reason, now_unix).encode())
-            if self.journal is not None:
-                self.journal.record_dispatch(now_unix, payload, exc)
-                self.journal.record_ack(now_unix, exc.id, exc.seq, False, exc.reason)
-            return
+        self.intake.on_dispatch(payload)
+        self.status.update()
+
+    def _accepted(self, d: Dispatch, now_unix: float) -> None:
         self._adopt_dynamics()
-        self._dispatched_at = now
-        self.tracker.accept(d, now, now_unix)
+        self._dispatched_at = time.monotonic()
         self.cycle.poke()
-        if self.journal is not None:
-            self.journal.record_dispatch(now_unix, payload, d)
-            self.journal.record_ack(now_unix, d.id, d.seq, True, "")
         if self.ramps is not None:
             last = self.cycle.last
             self.ramps.check(
                 now_unix, last.meter_w if last is not None and last.meter_fresh else None
             )
-        log.info(
-            "dispatch accepted: id=%s seq=%d mode=%s target=%.1f kW ramp=%.1fs",
-            d.id,
-            d.seq,
-            d.mode,
-            d.target_w / 1e3,
-            d.ramp_s,
-        )
-        self.metrics.count_dispatch(True, "")
-        self.link.publish("ack", Ack(d.id, d.seq, True, "", now_unix).encode())
-        self._publish_status_if_changed()
 
     def on_heartbeat(self, payload: bytes) -> None:
         self.tracker.heartbeat(time.monotonic())
@@ -314,45 +254,11 @@ class Daemon:
             self._adopt_dynamics()
         meter_ok = out.meter_fresh or isinstance(self.meter, NoMeter)
         self.readiness.check(
-            all_seen=self.cycle.all_seen, meter_ok=meter_ok, status=self._status_text
+            all_seen=self.cycle.all_seen, meter_ok=meter_ok, status=self.status.text
         )
-        self._publish_status_if_changed()
-        if self.last_error.count != self._status_errors:  # a new warning: say so in STATUS=
-            self._status_errors = self.last_error.count
-            self.notifier.status(self._status_text())
+        self.status.update()
         if self.ramps is not None:
             self.ramps.tick(time.time(), out.meter_w if out.meter_fresh else None)
-
-    def _status_text(self) -> str:
-        counts = self.cycle.counts_by_state()
-        meter = "meter ok" if self.cycle.last and self.cycle.last.meter_fresh else "meter stale"
-        text = f"mode {self.tracker.mode}; {counts['on']}/{self.image.n} devices on; {meter}"
-        return f"{text}; last error: {self.last_error.text}" if self.last_error.text else text
-
-    def _publish_status_if_changed(self) -> None:
-        mode = self.tracker.mode
-        if mode != self._mode:
-            if self._mode:
-                log.info("mode %s -> %s", self._mode, mode)
-            if self.journal is not None:
-                self.journal.record_event("mode", f"{self._mode or 'start'} -> {mode}")
-                policy = self.cfg.site.failsafe.policy
-                if mode == "failsafe" and policy != "hold":
-                    self.journal.record_event(
-                        EVENT_DISPATCH_DROPPED, f"failsafe policy {policy}: dispatches dropped"
-                    )
-            self._mode = mode
-            self.metrics.set_mode(mode)
-            self.notifier.status(self._status_text())
-        self.link.set_status(mode, self._status_detail())  # published when it changes
-
-    def _status_detail(self) -> str:
-        """Why the site is not simply following its dispatches ("" when it is)."""
-        parts = [self.tracker.failsafe_reason]
-        last = self.cycle.last
-        if last is not None and not last.meter_fresh and not isinstance(self.meter, NoMeter):
-            parts.append("site meter stale: controlling on device telemetry")
-        return "; ".join(p for p in parts if p)
 
     def telemetry(self) -> Telemetry:
         """The telemetry message for now (no side effects)."""
@@ -395,7 +301,7 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
-        logging.getLogger("rampd").addHandler(self.last_error)
+        logging.getLogger("rampd").addHandler(self.status.last_error)
         host, port = split_host_port(self.metrics_listen, default_port=9470)
         bound = self.metrics.serve(host, port)
         log.info(
@@ -419,7 +325,7 @@ class Daemon:
                 tg.create_task(self._telemetry_loop(), name="telemetry")
         finally:
             self.metrics.close()
-            logging.getLogger("rampd").removeHandler(self.last_error)
+            logging.getLogger("rampd").removeHandler(self.status.last_error)
             if self.ramps is not None:
                 self.ramps.stop(time.time())
             if self.journal is not None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from drivers.base import CommandObserver, Driver
-    from drivers.core.image import DevicePort
+    from drivers.core.image import DevicePort, ProcessImage
     from drivers.core.spec import DeviceSpec
 
 
@@ -67,3 +67,11 @@ def check(specs: Sequence[DeviceSpec]) -> None:
     for spec in specs:
         if spec.protocol not in _factories:
             lookup(spec.protocol)
+
+
+def build(image: ProcessImage, ctx: DriverContext) -> list[Driver]:
+    """One driver per protocol of `image`, in `image.protocols` order (the cycle routes
+    commands by that index), each built on the port over its own rows: every row has exactly
+    one owner. UnknownProtocol, building nothing, when a protocol has no driver."""
+    factories = [lookup(p) for p in image.protocols]
+    return [f(image.port(p), ctx) for f, p in zip(factories, image.protocols, strict=True)]

@@ -1,0 +1,132 @@
+"""Dispatches coming into force: from the broker while running, and from the journal at start.
+
+Every dispatch from the broker is decoded against the site's limits and the last accepted seq
+and answered with one ack, accepted or with the reason; each is journalled as received. A
+restart puts the journal's last valid dispatches back, decoded by the same rules (less the
+`issued_at` freshness a journalled dispatch cannot have).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from controller.config import SiteLimits
+from controller.journal import Journal
+from controller.metrics import Metrics
+from controller.target import TargetTracker, resume_from_w, resumed
+from controller.wire import Ack, Dispatch, DispatchRejected
+
+log = logging.getLogger("rampd")
+
+
+def _max_seq(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def resumable(
+    journal: Journal | None, limits: SiteLimits, hmac_key: bytes | None, now_unix: float
+) -> list[Dispatch]:
+    """The journal's last valid dispatch(es) that still decode: the first is the one in
+    force, or the pending one if none is. One that no longer decodes (a rotated key, changed
+    limits) is journalled as not resumed."""
+    if journal is None:
+        return []
+    out: list[Dispatch] = []
+    for raw in journal.last_valid_dispatch(now_unix) or ():
+        try:
+            d = Dispatch.decode(
+                raw,
+                now_unix=now_unix,
+                last_seq=out[-1].seq if out else None,
+                limits=limits,
+                replay=True,
+                hmac_key=hmac_key,
+            )
+        except DispatchRejected as exc:
+            text = f"not resumed: {exc.id} seq {exc.seq}: {exc.reason}"
+            log.warning("journal: %s", text)
+            journal.record_event("resume", text, at=now_unix)
+            continue
+        out.append(d)
+    return out
+
+
+def initial_target_w(
+    journal: Journal | None, dispatches: list[Dispatch], default_w: float, now_unix: float
+) -> float:
+    """Where the target starts: devices kept their setpoints through a restart, so a resumed
+    ramp goes on from where it stood, not from where it began."""
+    last = journal.last_target() if dispatches and journal is not None else None
+    return default_w if last is None else resume_from_w(dispatches[0], *last, now_unix)
+
+
+class DispatchIntake:
+    def __init__(
+        self,
+        *,
+        tracker: TargetTracker,
+        limits: SiteLimits,
+        hmac_key: bytes | None,
+        journal: Journal | None,
+        metrics: Metrics,
+        publish_ack: Callable[[bytes], None],
+        on_accepted: Callable[[Dispatch, float], None],
+    ) -> None:
+        """`on_accepted(dispatch, now_unix)`: after the tracker took it and it is journalled,
+        before its ack goes out."""
+        self._tracker = tracker
+        self._limits = limits
+        self._key = hmac_key
+        self._journal = journal
+        self._metrics = metrics
+        self._publish_ack = publish_ack
+        self._on_accepted = on_accepted
+        # Seqs accepted before a restart stay refused even if nothing is resumed.
+        self._seq_floor = journal.last_seq() if journal is not None else None
+
+    def resume(self, dispatches: list[Dispatch], now_unix: float) -> None:
+        """Put the dispatches from `resumable` back in force."""
+        now = time.monotonic()
+        for d in dispatches:
+            self._tracker.accept(resumed(d, now_unix), now, now_unix)
+            text = f"resumed {d.id} seq {d.seq}: {d.mode} {d.target_w / 1e3:.1f} kW"
+            log.info("journal: %s", text)
+            if self._journal is not None:
+                self._journal.record_event("resume", text, at=now_unix)
+
+    def on_dispatch(self, payload: bytes) -> None:
+        now_unix, now = time.time(), time.monotonic()
+        journal = self._journal
+        try:
+            d = Dispatch.decode(
+                payload,
+                now_unix=now_unix,
+                last_seq=_max_seq(self._tracker.last_seq, self._seq_floor),
+                limits=self._limits,
+                hmac_key=self._key,
+            )
+        except DispatchRejected as exc:
+            log.warning("dispatch rejected: id=%s seq=%s: %s", exc.id, exc.seq, exc.reason)
+            self._metrics.count_dispatch(False, exc.code)
+            self._publish_ack(Ack(exc.id, exc.seq, False, exc.reason, now_unix).encode())
+            if journal is not None:
+                journal.record_dispatch(now_unix, payload, exc)
+                journal.record_ack(now_unix, exc.id, exc.seq, False, exc.reason)
+            return
+        self._tracker.accept(d, now, now_unix)
+        if journal is not None:
+            journal.record_dispatch(now_unix, payload, d)
+            journal.record_ack(now_unix, d.id, d.seq, True, "")
+        self._on_accepted(d, now_unix)
+        log.info(
+            "dispatch accepted: id=%s seq=%d mode=%s target=%.1f kW ramp=%.1fs",
+            d.id,
+            d.seq,
+            d.mode,
+            d.target_w / 1e3,
+            d.ramp_s,
+        )
+        self._metrics.count_dispatch(True, "")
+        self._publish_ack(Ack(d.id, d.seq, True, "", now_unix).encode())
