@@ -46,8 +46,9 @@ from controller.tools.bench.site_run import (
     start_site,
 )
 
-# The reference site moved into this bench's loopback block, 127.92.<offset + k>.x: meter
-# (k 0), Modbus rows (1), LuxOS miners (10; 2,000 span 10.1 .. 17.208), Redfish racks (30).
+# The reference site's addresses, each to 127.92.<offset + k>.x in this bench's own loopback
+# block: meter (k 0), Modbus rows (1), LuxOS miners (10; 2,000 span 10.1 .. 17.208), Redfish
+# racks (30).
 ADDRESSES = {"127.80.0.1": 0, "127.80.1.1": 1, "127.81.0.1": 10, "127.82.0.1": 30}
 MAX_NET_OFFSET = 255 - max(ADDRESSES.values())
 SERIES = {

@@ -4,12 +4,12 @@ A site's daemon keeps hundreds of thousands of long-lived objects (per device a 
 coroutine frame, its wake event; the profile ladders and sessions of miners), and a
 fleet-wide command allocates a few short-lived ones per device within a second. With
 CPython's defaults (a young collection every 700 allocations, an older one every 10 of
-those) the command's allocations set off collections that walk the whole long-lived heap:
-with 10,000 LuxOS miners (`rampd bench fanout`), 0.7 s of collection over four commands and
-the polls between them, single pauses up to 95 ms. Once the fleet is up, what lives long is
-frozen out of collection and the young generation is collected every 20,000 allocations:
-0.06 s, and the command 10 % faster. Our own code makes few reference cycles (asyncio's
-exceptions make some), so the larger young generation costs little memory.
+those) the command's allocations set off collections that walk the whole long-lived heap,
+with pauses of tens of milliseconds in the middle of a burst. So once the fleet is up, what
+lives long is frozen out of collection, and the young generation is collected every 20,000
+allocations (`rampd bench fanout` runs its driver with these settings too; the figures that
+chose them are in docs/performance-history.md). Our own code makes few reference cycles
+(asyncio's exceptions make some), so the larger young generation costs little memory.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from controller.config import ConfigError, MqttConfig
 from controller.wire.status import Status
 from drivers.core.cancellation import stop_if_cancelled
 
-# The name operators already filter on; it predates this module.
+# The dispatch link's log name, which operators filter on (not this module's name).
 log = logging.getLogger("rampd.dispatch")
 
 PayloadHandler = Callable[[bytes], None]

@@ -87,9 +87,10 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     it reads is about to change anyway."""
     wake_batch: ClassVar[int] = 64
     """Device tasks woken per event-loop iteration for a burst (commands, or polls released
-    after one): thousands woken at once run their connects and parsing, ~100 ms for 1,000
-    LuxOS miners, before anything else gets the loop: the control cycle, and the answers
-    of the fast devices (Modbus loads, GPU racks) carrying the same step."""
+    after one): thousands woken at once run all their connects and parsing (about 0.1 ms of
+    CPU per LuxOS miner: `rampd bench fanout`, column "cpu us/dev") before anything else
+    gets the loop: the control cycle, and the answers of the fast devices (Modbus loads, GPU
+    racks) carrying the same step."""
     _log: ClassVar[logging.Logger]
 
     def __init__(

@@ -89,9 +89,8 @@ def _landing_lead_s(drop_w: F64, landing_s: F64, rate_w_s: float) -> float:
     ``C_i / rate - (t_i - t_1)`` (``C_i``: the drop so far); starting the worst of that early
     meets every landing. The site then runs above the target until the last sleep lands and
     is there when it does: the move is not over before that anyway, while a site left below
-    it after the last landing stays out of its band until the fast tier has climbed back
-    (starting half as early split the error around the staircase, and the bench's deepest
-    step settled 0.3 s late for it).
+    it after the last landing stays out of its band until the fast tier has climbed back, so
+    a shorter lead that splits the error around the staircase settles later.
     """
     due = np.isfinite(landing_s) & (drop_w > 0.0)
     if not due.any():
@@ -108,7 +107,7 @@ class Controller:
     ``deadband_w``: the site deadband; flexible-target changes below half of it are held.
     ``observer_tau_s``: time constant of the meter residual filter (the integral action).
     ``max_dead_time_s``: longest dead time modelled (larger ones are treated as this).
-    ``cycle_s``: nominal cycle; sizes the setpoint history (keyword added to the brief's API).
+    ``cycle_s``: nominal cycle; sizes the setpoint history.
     ``meter_lag_s``: the meter's own latency (its sampling and averaging), added to the age
     of each reading, so the residual compares meter and model at the same instant.
     ``noncontrollable_range_w``: clamp of the non-flexible estimate (anti-windup against a

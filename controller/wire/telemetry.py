@@ -45,7 +45,7 @@ class DeviceCounts:
 
     @classmethod
     def from_mapping(cls, counts: Mapping[str, int]) -> DeviceCounts:
-        """From `Fleet.counts_by_state()`; states it does not name count 0."""
+        """From `counts_by_state()` (the cycle's view); states it does not name count 0."""
         return cls(**{k: int(counts.get(k, 0)) for k in cls.__dataclass_fields__})
 
     def to_wire(self) -> dict[str, int]:

@@ -30,7 +30,7 @@ class ZoneDynamics:
 
 
 def zone_telemetry(payload: bytes) -> Telemetry:
-    """A zone's telemetry, with the measurement its parent writes into the fleet.
+    """A zone's telemetry, with the measurement its parent writes through the zone's port.
 
     ValueError when it does not decode, or carries no power yet (a zone before its first
     cycle): the parent has nothing to take from it.

@@ -47,12 +47,12 @@ class Commands:
 
 class CommandShaper:
     """Turns the controller's planned powers into the commands that go out, vectorized over
-        the fleet, and keeps what was last sent (the deadband's reference).
+    the fleet, and keeps what was last sent (the deadband's reference).
 
-        Planned powers come from the allocator within each device's bounds and on its grid (clamping
-    and quantization happen there, once, as part of the allocation). Shaping adds the intent:
-    rows told to sleep get SLEEP at their power asleep. A command is sent when its intent
-    changed or its power moved more than the device's deadband since the last one sent.
+    Planned powers come from the allocator within each device's bounds and on its grid
+    (clamping and quantization happen there, once, as part of the allocation). Shaping adds
+    the intent: rows told to sleep get SLEEP at their power asleep. A command is sent when its
+    intent changed or its power moved more than the device's deadband since the last one sent.
     """
 
     def __init__(self, p_idle_w: F64, deadband_w: F64) -> None:

@@ -44,9 +44,10 @@ bracket is ``resolution_s`` wide (22 passes for an hour at 1 ms) and return the 
 end: never later than the exact answer, at most ``resolution_s`` earlier. Each pass is a handful
 of vectorized operations over the rows that can move; no per-row Python loop. An exact
 piecewise-linear solve would need a sort of every row's breakpoints (and the sleep jumps);
-bisection is simpler to get right and fast enough: about 0.25 ms per call for 2,070 rows and
-9 ms for 100,000 on the 2-core dev box, where gathering the movable rows costs about as much
-as the 22 passes (``reachable_w`` alone is about as dear as a whole ``physical_min_s``).
+bisection is simpler to get right and fast enough for its callers (the daemon once per
+telemetry message and per ramp record, the simulator once per bench dispatch): well under a
+millisecond for a site of a few thousand rows. Gathering the movable rows costs about as
+much as the 22 passes, so ``reachable_w`` alone is about as dear as a whole ``physical_min_s``.
 """
 
 from __future__ import annotations

@@ -149,13 +149,14 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
 
     protocol = "luxos"
     attempt_noun = "exchanges"
-    # Measured with `rampd bench fanout` (5,000 miners): 64 -> 1.9 s, 128 -> 2.4 s,
-    # 256 -> 1.2 s, 512 -> 1.1 s, 1024 -> 0.9 s, 2048 -> 1.1 s per fleet-wide command.
+    # A connection per command: a fleet-wide command needs hundreds of connects in flight
+    # to finish within a second or two (re-measure: `rampd bench fanout --protocols luxos
+    # --concurrency N`).
     default_concurrency = 512
-    # `rampd bench fanout --sizes 10000 --protocols luxos`, 10,000 miners, by batch: 4 ->
-    # 1.48-1.64 s, 8 -> 1.54-1.58, 16 -> 1.52-1.72, 64 -> 2.07, 256 -> 2.13-2.17; fewer
-    # connects started at once leave fewer tasks queued for a slot (CPU per miner 150-170 us
-    # against 207-221). Modbus, on persistent connections, does best at 64-256.
+    # Fewer connects started per loop iteration leave fewer tasks queued for a slot: a
+    # fleet-wide LuxOS command is fastest with batches of 4 to 16 (re-measure: `rampd bench
+    # fanout --sizes 10000 --protocols luxos` with this changed). Persistent connections
+    # (Modbus) keep the base's 64.
     wake_batch = 16
     _log = log
 
@@ -372,7 +373,8 @@ class LuxosDriver(PerDeviceDriver[_MinerReading]):
         return True
 
     async def _apply(self, local: int, value: float, intent: Intent) -> None:
-        """Bring the miner to `value`: sleep, or wake and set the profile for it."""
+        """Carry out one command: SLEEP curtails the miner; RUN wakes it if it sleeps and sets the
+        profile for `value`."""
         if self._curtailed[local] is None:
             await self._read_config(local)
         if intent == Intent.SLEEP:

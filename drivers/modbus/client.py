@@ -6,8 +6,8 @@ its own task time. pymodbus is used without its own retries and reconnects (retr
 reconnect_delay=0): we retry at most once, drop the connection after any transport failure so a
 late reply can never be matched to the next request, and back off with jitter per device.
 
-Sleep is part of the setpoint: a setpoint below the device's p_min_w (e.g. 0 or p_idle_w)
-writes run=0; anything else writes run=1 with the setpoint, in one FC16 transaction.
+A command is one FC16 transaction of the whole writable block: the power in `setpoint_w` and
+the intent in `run` (0 for SLEEP, 1 for RUN), so a device never gets one without the other.
 """
 
 from __future__ import annotations

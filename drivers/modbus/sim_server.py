@@ -1,9 +1,9 @@
 """Simulated Modbus TCP devices: pymodbus servers whose registers are the physics arrays.
 
-One server per device on its own (loopback) address. pymodbus 3.16 replaced subclassable
-datablocks with SimDevice + an `action` hook that runs on every register access; the hook
-fills the requested registers from the physics arrays on reads and pushes writes into them,
-so nothing copies registers per physics tick. Faults are applied per request from
+One server per device on its own (loopback) address. pymodbus (3.16 and later) has no
+subclassable datablocks; its SimDevice takes an `action` hook that runs on every register
+access, and ours fills the requested registers from the physics arrays on reads and pushes
+writes into them, so nothing copies registers per physics tick. Faults are applied per request from
 `physics.fault`: SILENT suppresses the reply (the frame is dropped on its way out), SLOW
 delays it, ERROR answers with a Modbus exception, GARBAGE answers with implausible values.
 """

@@ -1,10 +1,10 @@
 """A lean HTTP/1.1 keep-alive client for BMCs: one connection per rack, one request at a time.
 
 Why not aiohttp: a fleet-wide cap costs every rack one PATCH, and aiohttp's request machinery
-(pooling across hosts, redirects, cookies, proxies, multidicts) cost about 0.4 ms of CPU per
-request here, three times the bare-stream floor of `rampd bench fanout`. A BMC needs none of
-it: a request with an optional JSON body, and a response delimited by Content-Length, chunked
-encoding or the connection's end, within size limits, over TCP or TLS.
+(pooling across hosts, redirects, cookies, proxies, multidicts) costs several times the CPU of
+the bare-stream floor of `rampd bench fanout` per request. A BMC needs none of it: a request
+with an optional JSON body, and a response delimited by Content-Length, chunked encoding or
+the connection's end, within size limits, over TCP or TLS.
 
 `HttpConnection.request` raises `ProtocolError` for a response that is not HTTP or breaks a
 limit, `DriverError` for transport failures (TLS included); the caller bounds it in time. Any
@@ -96,7 +96,8 @@ class HttpConnection:
         return self._streams
 
     async def _response(self, method: str, head: bytes, reader: asyncio.StreamReader) -> Response:
-        # Decoded once, whole: per header line it cost more than the rest of the exchange.
+        # Decoded once, whole, not per header name and value: every rack's exchange in a
+        # fleet-wide cap pays for each decode.
         lines = head[:-4].decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]

@@ -131,7 +131,7 @@ class SimControl:
         return web.json_response({"meter": self.physics.meter_fault.name.lower()})
 
     async def physical_min(self, request: web.Request) -> web.Response:
-        """The physical minimum from the simulator's TRUE state (see control/physical_min.py).
+        """The physical minimum from the simulator's TRUE state (see drivers/core/physical_min.py).
 
         Each row's cap is its present workload demand (p_max for a miner), held for the
         horizon; the non-flexible load is held at its present value. Commands still inside a

@@ -80,7 +80,8 @@ class SitePhysics:
         self._all = np.arange(n)
 
         # Workload demand: jobs of random level in [min, max] * p_max lasting ~job_s each. Its
-        # own generator, so devices without varying demand see the same noise as before.
+        # own generator, so the job draws leave the measurement-noise stream (`_rng`) as it
+        # would be without them.
         self.demand_min_w = self.p_max_w * [s.sim.demand_min_frac for s in specs]
         self.demand_max_w = self.p_max_w * [s.sim.demand_max_frac for s in specs]
         self.job_s = np.array([s.sim.job_s for s in specs], dtype=np.float64)

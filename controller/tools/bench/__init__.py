@@ -121,7 +121,7 @@ def _run_regulation(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `rampd bench ramp` and `rampd bench regulation` on the CLI's subparsers."""
+    """Register `rampd bench ramp | regulation | fanout` on the CLI's subparsers."""
     p = sub.add_parser(
         "bench",
         help="benchmarks on a simulated site (ramp, regulation)",

@@ -621,7 +621,8 @@ async def run_bench(args: argparse.Namespace) -> int:
             print(f"fanout: {protocol} x {n} ...", flush=True)
             rows.append(await measure(protocol, n, args, out))
             print(table(rows[-1:]).splitlines()[1], flush=True)
-            report["results"] = [asdict(r) for r in rows]  # after each row: a long run
+            # After each row: a long run cut short keeps what it measured.
+            report["results"] = [asdict(r) for r in rows]
             (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(table(rows))
