@@ -124,7 +124,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Register `rampd bench ramp | regulation | fanout` on the CLI's subparsers."""
     p = sub.add_parser(
         "bench",
-        help="benchmarks on a simulated site (ramp, regulation)",
+        help="benchmarks on a simulated site (ramp, regulation, fanout)",
         description="Start a broker, the simulated site and the daemon as processes, drive "
         "them like a grid dispatcher and score the simulator's ground truth.",
     )
