@@ -11,12 +11,14 @@ import asyncio
 import datetime as dt
 import inspect
 import ipaddress
+import logging
 import math
 import random
+import re
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +69,38 @@ async def until(
             name = what or getattr(predicate, "__name__", repr(predicate))
             raise AssertionError(f"condition {name} not met within {timeout} s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+def _under(name: str, logger: str) -> bool:
+    return name == logger or name.startswith(logger + ".")
+
+
+def log_records(
+    records: Iterable[logging.LogRecord], logger: str, level: int
+) -> list[logging.LogRecord]:
+    """The records of `logger` (or its children) at exactly `level`.
+
+    For the tests where the line itself is the contract ("errors logged once per state
+    change, no per-cycle spam"): they count records by logger and level, never by wording.
+    """
+    return [r for r in records if r.levelno == level and _under(r.name, logger)]
+
+
+# The daemon's line format (controller/cli.py): "%(asctime)s %(levelname)s %(name)s %(message)s",
+# asctime being "YYYY-MM-DD HH:MM:SS,mmm".
+_DAEMON_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<name>\S+) (?P<message>.*)$")
+
+
+def daemon_log_messages(text: str, logger: str, level: int) -> list[str]:
+    """The messages of `logger` (or its children) at exactly `level` in a daemon's log file
+    (traceback lines and other output are skipped): the file counterpart of `log_records`."""
+    want = logging.getLevelName(level)
+    out = []
+    for line in text.splitlines():
+        m = _DAEMON_LINE.match(line)
+        if m and m["level"] == want and _under(m["name"], logger):
+            out.append(m["message"])
+    return out
 
 
 class Mosquitto:

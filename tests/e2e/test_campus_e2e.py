@@ -127,17 +127,20 @@ async def test_ten_percent_misbehaving_is_isolated_and_the_rest_reach_the_target
         tel = await d.fresh_telemetry()
         assert tel.devices.fault == len(bad)
         assert tel.devices.on == sum(N.values()) - len(bad)
-        # The cycle kept running while drivers waited on dead devices: at least half its
-        # nominal 10 Hz over the fault period (lateness is measured by the ramp bench).
+        # The cycle kept running while drivers waited on dead devices. A generous bound (2 Hz
+        # of its nominal 10): a cycle that awaited device I/O would run about once per
+        # device timeout. Its lateness is a figure of the ramp bench, not judged here.
         elapsed = tel.at - tel0.at
         cycles = tel.cycle.count - tel0.cycle.count
-        assert cycles >= 0.5 * 10 * elapsed, (cycles, elapsed)
+        assert cycles >= 2 * elapsed, (cycles, elapsed)
         target = round(wire_kw(tel.measured_w) - 3000.0, 1)
     await _step_and_settle(campus, target, window=40.0, bound=30.0)
 
     body = await campus.metrics()
     assert f'rampd_devices{{state="fault"}} {float(len(bad))}' in body
-    # One log line per device state change, not one per failed attempt.
+    # One log line per device state change, not one per failed attempt. Kept on the line's
+    # wording: other WARNINGs of the drivers name a device too (LuxOS "retrying"), and a log
+    # record carries no field saying which state change it reports.
     lines = re.findall(r": FAULT after \d+ failed", campus.daemon_log)
     named = Counter(re.findall(r" (\S+): FAULT after", campus.daemon_log))
     assert len(lines) == len(bad) and set(named) == set(bad)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from controller.journal.reader import JournalReader
+from controller.journal.schema import Event
 from controller.tools.truth import TruthTail, tolerance_kw
 from controller.wire import Status, Telemetry
 from tests.e2e.harness import Site, SiteDispatcher, run_site, spawn, truth_until, wire_kw
@@ -84,6 +86,12 @@ def site(module_mosquitto: Mosquitto, tmp_path_factory: pytest.TempPathFactory) 
     config = site_config(workdir / "journal.sqlite", HOLD)
     with run_site(module_mosquitto, workdir, config, site_id="faults", n_devices=N_LOADS) as s:
         yield s
+
+
+def resume_events(journal: Path, since: float) -> list[Event]:
+    """The journal's "resume" events since `since` (Unix time), read as `rampd report` does."""
+    with JournalReader(journal) as j:
+        return [e for e in j.events_between(since, time.time() + 60.0) if e.kind == "resume"]
 
 
 def truth_between(tail: TruthTail, t_from: float, t_to: float) -> np.ndarray[Any, Any]:
@@ -251,7 +259,7 @@ async def test_sigkill_mid_ramp_and_restart_resumes_the_dispatch_from_the_journa
         t_kill = time.time()
         status = await status_where(d, lambda s: s.state == "offline")  # the will
         assert status.detail == "connection lost"
-        log = restart_daemon(site, site.logs / "site.toml", "rampd-2.log")
+        restart_daemon(site, site.logs / "site.toml", "rampd-2.log")
         await status_where(d, lambda s: s.state == "online", within=20)
         # No new dispatch: the target comes back from the journal, its ramp ending when it
         # would have without the kill, not ramp_s after the restart (the new daemon may come
@@ -273,7 +281,10 @@ async def test_sigkill_mid_ramp_and_restart_resumes_the_dispatch_from_the_journa
             # Within a telemetry period (1 s) of the ramp's end; a ramp begun over at the
             # restart would end ramp_s after it, 1.5 s or more later.
             assert reached.at < ramp_end + 1.3, (ramp_end, reached)
-    assert f"resumed {ack.id} seq {ack.seq}" in log.read_text()
+    # The new daemon journalled what it put back in force: that dispatch, once.
+    journal = site.logs / "journal.sqlite"
+    resumed = await until(lambda: resume_events(journal, t_kill), 10.0, what="resume journalled")
+    assert len(resumed) == 1 and f"{ack.id} seq {ack.seq}" in resumed[0].text, resumed
 
     # Mid-ramp at the kill; devices held their setpoints while no daemon ran; the new one
     # carried on to the target without first bumping back towards where the ramp began.

@@ -5,8 +5,6 @@ collector alone."""
 from __future__ import annotations
 
 import gc
-import logging
-import re
 from pathlib import Path
 
 import pytest
@@ -34,16 +32,14 @@ overrides = { port = 1502, poll_s = 0.2 }
 
 @pytest.mark.parametrize("settle", [True, False])
 async def test_the_daemon_freezes_what_lives_long_once_ready(
-    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture, settle: bool
+    mosquitto: Mosquitto, tmp_path: Path, settle: bool
 ) -> None:
     gc.unfreeze()
     try:
         async with daemon_on_sim(SITE, tmp_path, mosquitto, settle_heap=settle) as daemon:
-            with caplog.at_level(logging.INFO, logger="rampd"):
-                await until(lambda: daemon.notifier.ready_sent, 20, what="ready")
+            await until(lambda: daemon.notifier.ready_sent, 20, what="ready")
             if settle:
-                said = re.search(r"(\d+) long-lived objects frozen out of garbage", caplog.text)
-                assert said is not None and int(said[1]) > 1000, caplog.text
+                # Judged by the collector itself, not by the daemon's line about it.
                 assert gc.get_freeze_count() > 1000  # less what was freed since
                 # The daemon's own objects are among them.
                 young = gc.get_objects()  # the frozen ones are in no generation
@@ -51,6 +47,5 @@ async def test_the_daemon_freezes_what_lives_long_once_ready(
             else:
                 assert gc.get_freeze_count() == 0
                 assert any(o is daemon.drivers for o in gc.get_objects())
-                assert "frozen out of garbage collection" not in caplog.text
     finally:
         heap.thaw()

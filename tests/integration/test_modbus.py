@@ -41,6 +41,7 @@ from tests.helpers import (
     cancel_and_wait,
     cmd,
     free_loopback_net,
+    log_records,
     step_forever,
     until,
 )
@@ -163,7 +164,9 @@ async def test_stock_client_reads_the_sunspec_meter_of_a_simulated_site(tmp_path
         meter_task = asyncio.create_task(meter.run())
         await until(lambda: meter.ok and meter.reads >= 5, 5, what="meter polls")
         assert meter.value_w == pytest.approx(850e3, rel=0.05)
-        assert time.monotonic() - meter.at < 1.0
+        # It goes on polling: a newer reading comes (in a sane time; no cadence judged here).
+        reads, at = meter.reads, meter.at
+        await until(lambda: meter.reads > reads and meter.at > at, 5, what="a newer reading")
     finally:
         client.close()
         if meter_task is not None:
@@ -233,14 +236,15 @@ async def test_setpoint_lands_and_power_ramps_at_the_device_rate(rig: Rig) -> No
     await rig.first_polls()
     rig.driver.submit(cmd(np.array([1, 3]), np.array([100e3, 50e3])))
     await until(lambda: ph.cmd_setpoint_w[1] == 100e3, 3, what="setpoint register")
-    landed = time.monotonic()
+    landed = ph.t_s  # the device's own clock: a loaded test machine does not stretch it
     assert ph.cmd_setpoint_w[3] == pytest.approx(50e3)
     assert ph.cmd_setpoint_w[[0, 2, 4]].tolist() == [250e3] * 3
     await until(lambda: ph.power_w[1] < 240e3, 2, what="response after the dead time")
     await until(lambda: ph.power_w[1] <= 100e3 + 1, 5, what="ramp to target")
-    took = time.monotonic() - landed
+    took = ph.t_s - landed
     # 150 kW at 100 kW/s is 1.5 s, after a 0.2 s dead time; never faster than the ramp limit.
-    assert 1.4 <= took <= 3.5
+    # Simulated seconds (the watcher sees each step within a step or two of it).
+    assert 1.4 <= took <= 2.5, took
     await until(
         lambda: abs(rig.image.measured_w[1] - 100e3) < 3e3, 3, what="poll sees the new power"
     )
@@ -280,13 +284,16 @@ async def test_rebooted_device_gets_its_setpoint_again(
     await rig.first_polls()
     rig.driver.submit(cmd(np.array([3]), np.array([60e3])))
     await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, what="setpoint")
+    resends = rig.driver.resends
     with caplog.at_level(logging.WARNING, logger="rampd.drivers.modbus"):
         ph.reboot(3)
         await until(lambda: ph.cmd_setpoint_w[3] == 250e3, 2, what="reboot to default")
         await until(lambda: ph.cmd_setpoint_w[3] == 60e3, 3, what="resent after readback")
-    assert rig.driver.resends >= 1
-    msgs = [r.getMessage() for r in caplog.records if "row-3" in r.getMessage()]
-    assert sum("readback" in m for m in msgs) == 1, msgs
+    assert rig.driver.resends > resends and rig.driver.command_errors == 0
+    assert rig.image.acked_w[3] == 60e3
+    # One line for the lost setpoint (a state change), whatever its wording.
+    warnings = log_records(caplog.records, "rampd.drivers.modbus", logging.WARNING)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
 # --- (c) faults are isolated per device ---
@@ -309,20 +316,28 @@ async def test_faulty_device_is_isolated_and_recovers(
     # A command for the faulty device waits; the others' go through at once.
     rig.driver.submit(cmd(np.array([2, 0]), np.array([80e3, 90e3])))
     await until(lambda: ph.cmd_setpoint_w[0] == 90e3, 2, what="healthy device commanded")
-    # While it stays broken, the others keep their polling cadence and their state.
+    # While it stays broken, the others keep being polled and keep their state. (A generous
+    # bound, 8 poll periods: it catches a poller held up behind the dead device's retries,
+    # not a loaded test machine; the cadence itself is not judged here.)
     end = time.monotonic() + 2.5
+    polled_before = fleet.measured_at[others].copy()
     while time.monotonic() < end:
         age = time.monotonic() - fleet.measured_at[others]
-        assert (age < 4 * 0.25).all(), f"poll ages {age}"
+        assert (age < 8 * 0.25).all(), f"poll ages {age}"
         assert (fleet.state[others] == DeviceState.ON).all()
         assert fleet.state[2] == DeviceState.FAULT
         await asyncio.sleep(0.05)
+    assert (fleet.measured_at[others] > polled_before).all()
     assert ph.cmd_setpoint_w[2] == 250e3  # nothing landed while broken
     assert rig.driver.errors_by_device[2] >= 3 and rig.driver.errors_by_device[others].sum() == 0
+    assert rig.driver.faulted == 1
 
     ph.set_fault(2, Fault.NONE)
     await until(lambda: fleet.state[2] == DeviceState.ON, 10, what="recovery")
     await until(lambda: ph.cmd_setpoint_w[2] == 80e3, 5, what="pending command delivered")
-    msgs = [r.getMessage() for r in caplog.records if "row-2" in r.getMessage()]
-    assert sum("FAULT" in m for m in msgs) == 1, msgs  # one line per state change
-    assert sum("recovered" in m for m in msgs) == 1, msgs
+    assert rig.driver.faulted == 0
+    # One line per state change, not one per failed attempt (counted by logger and level,
+    # whatever the wording): a WARNING for the FAULT, an INFO for the recovery.
+    said = caplog.messages
+    assert len(log_records(caplog.records, "rampd.drivers.modbus", logging.WARNING)) == 1, said
+    assert len(log_records(caplog.records, "rampd.drivers.modbus", logging.INFO)) == 1, said

@@ -40,6 +40,7 @@ from tests.helpers import (
     cancel_and_wait,
     cmd,
     free_loopback_net,
+    log_records,
     step_forever,
     tls_material,
     until,
@@ -398,9 +399,15 @@ async def test_password_file_and_wrong_password(
         await until(lambda: r.polled([0]), 5.0, what="password file works")
         errors = int(r.driver.errors_by_device[1])
         await until(lambda: r.driver.errors_by_device[1] >= errors + 2, 5.0, what="retries")
-        assert r.state(0) == DeviceState.ON
-    faults = [m for m in caplog.messages if "FAULT" in m]
-    assert len(faults) == 1 and "gpu-0001" in faults[0] and "401" in faults[0], faults
+        assert r.state(0) == DeviceState.ON and r.driver.faulted == 1
+        assert r.driver.errors_by_device[0] == 0
+    # Retried, but said once (counted by logger and level): one WARNING, naming the rack
+    # and the BMC's answer (what an operator needs to fix the password).
+    warnings = [
+        m.getMessage()
+        for m in log_records(caplog.records, "rampd.drivers.redfish", logging.WARNING)
+    ]
+    assert len(warnings) == 1 and "gpu-0001" in warnings[0] and "401" in warnings[0], warnings
 
 
 async def test_oversized_bodies_are_refused(tmp_path: Path) -> None:
@@ -430,14 +437,14 @@ async def test_faults_are_isolated_and_recover(tmp_path: Path) -> None:
             return all(r.state(i) == DeviceState.FAULT for i in faults)
 
         gets = [r.bmc(i).requests["GET"] for i in healthy]
-        t0 = time.monotonic()
         await until(all_faulted, 10.0, what="all four faults detected")
-        # The others were polled on cadence meanwhile (0.2 s), never held up by the dead ones.
-        elapsed = time.monotonic() - t0
+        # The others were polled meanwhile (every 0.2 s nominally), never held up by the dead
+        # ones. Generous bounds: they catch a poller stuck behind the dead racks' timeouts
+        # and retries, not a loaded test machine (the cadence is not judged here).
         assert all(r.state(i) == DeviceState.ON for i in healthy)
-        assert worst_age < 1.0, worst_age
+        assert worst_age < 2.0, worst_age
         polls = [r.bmc(i).requests["GET"] - g for i, g in zip(healthy, gets, strict=True)]
-        assert min(polls) >= 0.5 * elapsed / 0.2, (polls, elapsed)
+        assert min(polls) >= 2, polls
         # Commands to healthy racks still land while the others are dead.
         r.driver.submit(cmd(np.arange(8), np.full(8, 50_000.0)))
         await until(
