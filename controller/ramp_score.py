@@ -23,10 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import numpy.typing as npt
-
-F64 = npt.NDArray[np.float64]
+from drivers.core.state import F64
 
 RampOutcome = Literal["settled", "superseded", "timeout", "interrupted"]
 

@@ -15,15 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-import numpy as np
-import numpy.typing as npt
-
 from controller.ramp_score import RampOutcome, RampRecord
 from controller.wire.telemetry import Telemetry
+from drivers.core.state import F64
 
 log = logging.getLogger("rampd.journal")
 
-F64 = npt.NDArray[np.float64]
 
 SCHEMA_VERSION: Final = 1
 DEFAULT_FILENAME: Final = "journal.sqlite"

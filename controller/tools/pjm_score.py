@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
-F64 = npt.NDArray[np.float64]
+from drivers.core.state import F64
 
 _FLAT = 1e-9
 """Standard deviation (normalized units) at or below which a series counts as constant."""

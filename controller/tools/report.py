@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
-import numpy.typing as npt
 
 from controller.journal import (
     AckRow,
@@ -56,8 +55,7 @@ from controller.ramp_score import score_series, tolerance_w
 from controller.tools.truth import read_truth
 from controller.wire.telemetry import Telemetry
 from controller.wire.timestamps import rfc3339
-
-F64 = npt.NDArray[np.float64]
+from drivers.core.state import F64
 
 RUN_FORMAT: Final = "rampd-run/1"
 MAX_PLOT_POINTS: Final = 4000

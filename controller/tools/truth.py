@@ -11,11 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 
 from controller.ramp_score import tolerance_w
-
-F64 = npt.NDArray[np.float64]
+from drivers.core.state import F64
 
 
 def tolerance_kw(target_kw: float, site_max_kw: float) -> float:

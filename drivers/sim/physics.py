@@ -21,11 +21,8 @@ import numpy.typing as npt
 
 from drivers.core.params import FleetParams
 from drivers.core.spec import DeviceSpec
-from drivers.core.state import DeviceState
+from drivers.core.state import F64, I8, Bool, DeviceState
 
-F64 = npt.NDArray[np.float64]
-I8 = npt.NDArray[np.int8]
-Bool = npt.NDArray[np.bool_]
 Index = npt.NDArray[np.intp] | Sequence[int] | int
 
 
