@@ -9,11 +9,18 @@ command-latency reporting. A dead device only ever costs its own task time.
 It reads and writes the process image only through its port (`drivers.core.image`), by local
 index: a reading, a fault, an acknowledged command.
 
+Commands are verified: after a command's dead time plus its ramp (or its sleep or wake time)
+and a margin of two polls, the next good reading must show the device moved (`_moved`: by
+default its power reached the command, or covered half the way). A device that acknowledges
+and does not move gets the command again at once; twice in a row, it is UNRESPONSIVE (out of
+control and of the capability promise, one log line per change) and the command is retried
+with backoff until it moves.
+
 A protocol subclass says only what is protocol-specific: how to read one device (`_read`), how
 to send it one typed command (`_command`: power and RUN/SLEEP intent), what to check in a good
-reading (`_polled`: readback, using `_readback_due` and `_resend`), which command failures are
-not the device's fault (`_command_failed`), and the connections or sessions held while running
-(`_running`).
+reading (`_polled`: readback, using `_readback_due` and `_resend`), how to tell it moved when
+its power does not say (`_moved`), which command failures are not the device's fault
+(`_command_failed`), and the connections or sessions held while running (`_running`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,12 @@ from drivers.slots import COMMAND, POLL, ExchangeSlots, exchange_priority
 
 FAULT_AFTER = 2
 """Consecutive failed polls or commands before a device is declared FAULT."""
+UNRESPONSIVE_AFTER = 2
+"""Consecutive acknowledged commands a device did not follow before it is UNRESPONSIVE."""
+VERIFY_POLLS = 2.0
+"""Margin, in poll periods, past a command's dead time and ramp before it is verified."""
+MOVED_FRACTION = 0.5
+"""A device moved when it covered at least this share of the way to its command."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     CPU per LuxOS miner: `rampd bench fanout`, column "cpu us/dev") before anything else
     gets the loop: the control cycle, and the answers of the fast devices (Modbus loads, GPU
     racks) carrying the same step."""
+    verifies_commands: ClassVar[bool] = True
+    """False for a device whose own controller answers for its moves (a child rampd)."""
     _log: ClassVar[logging.Logger]
 
     def __init__(
@@ -146,6 +161,16 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self.command_errors = 0
         self.resends = 0
         self.errors_by_device = np.zeros(n, dtype=np.int64)
+        # Verified commands: when the last acknowledged one is checked (inf: not armed), the
+        # power it started from, strikes in a row, the verdict, and a retry's due time.
+        self._verify_at = np.full(n, np.inf)
+        self._verify_from_w = np.zeros(n)
+        self._strikes = np.zeros(n, dtype=np.int32)
+        self._unresponsive = np.zeros(n, dtype=np.bool_)
+        self._retry_stuck_at = np.full(n, np.inf)
+        self._stuck_backoff = Backoff(n, 5.0, 300.0, self._rng)
+        self.unverified = 0
+        """Acknowledged commands a device did not follow (counter, for metrics)."""
 
     # --- what a protocol provides ---
 
@@ -161,6 +186,27 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     def _polled(self, local: int, reading: ReadingT) -> None:
         """After a good poll was recorded: compare what was read back with what was sent.
         A bug here counts as a failed poll, like one in `_read`."""
+
+    def _moved(self, local: int, reading: ReadingT, power_w: float, intent: Intent) -> bool | None:
+        """Whether the device followed its last acknowledged command (`power_w`, `intent`),
+        judged once its dead time, ramp and margin have passed; None: cannot tell yet.
+
+        By its power: asleep for SLEEP; running for RUN, within a tolerance of the command
+        (below it, for a cap) or at least MOVED_FRACTION of the way there. A protocol whose
+        device does not report its power judges by what it reads back (mode, target)."""
+        spec = self._specs[local]
+        tol = max(spec.step_w, 0.05 * float(self._p_max_w[local]), 3.0 * spec.noise_w)
+        if intent == Intent.SLEEP:
+            return (
+                reading.state == DeviceState.SLEEPING or reading.measured_w <= spec.p_idle_w + tol
+            )
+        if reading.state != DeviceState.ON:
+            return False
+        err = reading.measured_w - power_w
+        err = max(err, 0.0) if spec.setpoint_is_cap else abs(err)
+        return err <= tol or err <= (1.0 - MOVED_FRACTION) * abs(
+            self._verify_from_w[local] - power_w
+        )
 
     def _command_failed(self, local: int, exc: DriverError) -> bool:
         """A command failed (and was put back): False when that is not the device's fault
@@ -267,6 +313,7 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         self.commands_ok += 1
         # The control model follows what devices acknowledged, not what is still queued.
         self.port.acknowledged(local, value, intent)
+        self._arm_verify(local, value, intent)
         self._readback_armed[local] = True
         self._readback_warned[local] = False
         self._backoff.succeeded(local)
@@ -290,9 +337,12 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         """When the reading being recorded was taken (None: now)."""
         return None
 
-    def _record(self, local: int, reading: Reading) -> None:
+    def _record(self, local: int, reading: ReadingT) -> None:
         """A good poll, through the port; it alone declares recovery from FAULT."""
-        self.port.reading(local, reading.measured_w, reading.state, self._reading_at(local))
+        if self._verify_at[local] <= time.monotonic() or self._unresponsive[local]:
+            self._verify(local, reading)
+        state = DeviceState.UNRESPONSIVE if self._unresponsive[local] else reading.state
+        self.port.reading(local, reading.measured_w, state, self._reading_at(local))
         self.polls_ok += 1
         self._backoff.succeeded(local)
         if self._faulted[local]:
@@ -304,6 +354,87 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
                 reading.state.name,
                 reading.measured_w / 1e3,
             )
+
+    # --- verified commands ---
+
+    def _arm_verify(self, local: int, power_w: float, intent: Intent) -> None:
+        """Schedule the check of an acknowledged command: after its dead time, its ramp from
+        the last reading (or its sleep or wake time) and VERIFY_POLLS polls."""
+        if not self.verifies_commands:
+            return
+        spec = self._specs[local]
+        lim = self.port.limits(local)
+        now_w = self.port.measured(local)
+        if math.isnan(now_w):
+            now_w = power_w
+        self._verify_from_w[local] = now_w
+        if intent == Intent.SLEEP:
+            move_s = spec.sleep_s
+        else:
+            rate = lim.ramp_up_w_s if power_w > now_w else lim.ramp_down_w_s
+            move_s = abs(power_w - now_w) / rate if rate > 0 else 0.0
+            if self.port.state(local) in (DeviceState.SLEEPING, DeviceState.WAKING):
+                move_s += spec.wake_s + (power_w - spec.p_min_w) / max(lim.ramp_up_w_s, 1e-9)
+        margin = VERIFY_POLLS * spec.poll_s * self.poll_stretch
+        self._verify_at[local] = time.monotonic() + spec.dead_time_s + move_s + margin
+        self._retry_stuck_at[local] = np.inf
+
+    def _verify(self, local: int, reading: ReadingT) -> None:
+        """Judge the armed command with a fresh reading; queue its retry when it did not
+        take (at once the first time, then with backoff)."""
+        now = time.monotonic()
+        if self._retry_stuck_at[local] <= now and math.isnan(self._pending_w[local]):
+            self._retry_stuck_at[local] = np.inf
+            value, intent = self._acked(local)
+            if not math.isnan(value):
+                self._queue(local, value, intent)
+                self.resends += 1
+            return
+        if self._verify_at[local] > now:
+            return
+        power_w, intent = self._acked(local)
+        moved = None if math.isnan(power_w) else self._moved(local, reading, power_w, intent)
+        if moved is None:
+            return
+        self._verify_at[local] = np.inf
+        if moved:
+            self._strikes[local] = 0
+            self._stuck_backoff.succeeded(local)
+            if self._unresponsive[local]:
+                self._unresponsive[local] = False
+                self._log.info("%s %s: follows commands again", self.protocol, self._name(local))
+            return
+        self.unverified += 1
+        self._strikes[local] += 1
+        if self._strikes[local] >= UNRESPONSIVE_AFTER and not self._unresponsive[local]:
+            self._unresponsive[local] = True
+            self._log.warning(
+                "%s %s: UNRESPONSIVE: acknowledged %d commands in a row without moving "
+                "(at %.1f kW, told %s %.1f kW); retrying with backoff",
+                self.protocol,
+                self._name(local),
+                int(self._strikes[local]),
+                reading.measured_w / 1e3,
+                intent.name,
+                power_w / 1e3,
+            )
+        delay = (
+            0.0
+            if self._strikes[local] < UNRESPONSIVE_AFTER
+            else self._stuck_backoff.failed(local, now)
+        )
+        self._retry_stuck_at[local] = now + delay
+
+    @property
+    def unresponsive(self) -> int:
+        return int(self._unresponsive.sum())
+
+    def _queue(self, local: int, value_w: float, intent: Intent) -> None:
+        """Queue a command of the driver's own (a retry) and wake the device's task."""
+        self._queued += int(math.isnan(self._pending_w[local]))
+        self._pending_w[local] = value_w
+        self._pending_intent[local] = intent
+        self._wake[local].set()
 
     # --- helpers for protocols ---
 

@@ -22,7 +22,7 @@ from drivers.core.state import F64
 log = logging.getLogger("rampd.journal")
 
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_FILENAME: Final = "journal.sqlite"
 # Without $STATE_DIRECTORY (systemd StateDirectory=rampd) this is where the unit would put it.
 DEFAULT_STATE_DIR: Final = Path("/var/lib/rampd")
@@ -86,18 +86,23 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE TABLE events (at REAL NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL);
     CREATE INDEX events_at ON events (at);
     """,
+    # Devices that acknowledge commands but do not move (verified commands).
+    """
+    ALTER TABLE telemetry ADD COLUMN devices_unresponsive INTEGER;
+    """,
 )
 
 HORIZONS: Final = ("1s", "5s", "60s")
 TELEMETRY_HORIZONS_S: Final = (1.0, 5.0, 60.0)
 """The capability horizons a telemetry row keeps (its `up_<h>_w`, `down_<h>_w` columns)."""
-STATES: Final = ("on", "sleeping", "waking", "fault", "unknown")
+STATES: Final = ("on", "sleeping", "waking", "fault", "unknown", "unresponsive")
 
 TELEMETRY_COLUMNS: Final = (
     "at", "measured_w", "measured_source", "target_w", "min_w", "max_w", "noncontrollable_w",
     "up_1s_w", "up_5s_w", "up_60s_w", "down_1s_w", "down_5s_w", "down_60s_w",
     "mode", "saturated",
     "devices_on", "devices_sleeping", "devices_waking", "devices_fault", "devices_unknown",
+    "devices_unresponsive",
 )  # fmt: skip
 RAMP_COLUMNS: Final = (
     "started_at", "dispatch_id", "from_w", "target_w", "tol_w", "settled_at", "settle_s",

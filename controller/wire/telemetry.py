@@ -42,6 +42,7 @@ class DeviceCounts:
     waking: int = 0
     fault: int = 0
     unknown: int = 0
+    unresponsive: int = 0
 
     @classmethod
     def from_mapping(cls, counts: Mapping[str, int]) -> DeviceCounts:
@@ -53,7 +54,7 @@ class DeviceCounts:
 
     @property
     def total(self) -> int:
-        return self.on + self.sleeping + self.waking + self.fault + self.unknown
+        return sum(self.to_wire().values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ BOUND_HYSTERESIS: Final = 0.02
 class ZoneDriver(PerDeviceDriver[Reading]):
     protocol = "zone"
     attempt_noun = "reads or dispatches"
+    verifies_commands = False  # the child rampd acks, ramps and reports its own moves
     _log = log
 
     def __init__(

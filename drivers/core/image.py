@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from drivers.core.capability import Capabilities
 from drivers.core.command import Commands, Intent
 from drivers.core.spec import DeviceSpec
 from drivers.core.state import F64, I8, I32, Bool, DeviceState, Rows
@@ -80,6 +81,10 @@ class ProcessImage:
         self.priority: I32 = np.array([s.priority for s in specs], dtype=np.int32)
         self.capped: Bool = np.array([s.setpoint_is_cap for s in specs], dtype=np.bool_)
         self.ramps_itself: Bool = np.array([s.ramps_itself for s in specs], dtype=np.bool_)
+        self.reports_power: Bool = np.ones(n, dtype=np.bool_)
+        """False where a device's power is its driver's estimate (learned at adoption)."""
+        self.capabilities: list[Capabilities | None] = [None] * n
+        """What each device said it can do at adoption (None: not adopted yet)."""
         self.measured_w: F64 = np.zeros(n)
         self.measured_at: F64 = np.full(n, np.nan)
         self.state: I8 = np.full(n, DeviceState.UNKNOWN, dtype=np.int8)
@@ -173,6 +178,18 @@ class DevicePort:
         row, image = self._row(local), self._image
         return float(image.acked_w[row]), Intent(int(image.acked_intent[row]))
 
+    def measured(self, local: int) -> float:
+        """The last power read (NaN: never read)."""
+        row = self._row(local)
+        return (
+            float("nan")
+            if np.isnan(self._image.measured_at[row])
+            else float(self._image.measured_w[row])
+        )
+
+    def state(self, local: int) -> DeviceState:
+        return DeviceState(int(self._image.state[self._row(local)]))
+
     def measured_at(self, local: int) -> float:
         return float(self._image.measured_at[self._row(local)])
 
@@ -184,6 +201,30 @@ class DevicePort:
             float(image.ramp_up_w_s[row]),
             float(image.ramp_down_w_s[row]),
         )
+
+    def capabilities(self, local: int) -> Capabilities | None:
+        return self._image.capabilities[self._row(local)]
+
+    def adopted(self, local: int, caps: Capabilities) -> bool:
+        """What the device said it can do, at adoption: its bounds and grid (presets are
+        quanta), whether it sleeps (a device that cannot is never told to: its sleep and
+        wake times become 0) and how fast, whether it reports power. Returns whether the
+        control model's columns changed (`limits_version` then counts it)."""
+        row, image = self._row(local), self._image
+        image.capabilities[row] = caps
+        image.reports_power[row] = caps.reports_power
+        sleep_s = image.sleep_s[row] if caps.sleep_s is None else caps.sleep_s
+        wake_s = image.wake_s[row] if caps.wake_s is None else caps.wake_s
+        if not caps.can_sleep:
+            sleep_s = wake_s = 0.0
+        new = (caps.p_min_w, caps.p_max_w, caps.step_w, sleep_s, wake_s)
+        cols = (image.p_min_w, image.p_max_w, image.step_w, image.sleep_s, image.wake_s)
+        if all(float(c[row]) == v for c, v in zip(cols, new, strict=True)):
+            return False
+        for c, v in zip(cols, new, strict=True):
+            c[row] = v
+        image.limits_version += 1
+        return True
 
     def learned_limits(self, local: int, new: Limits) -> bool:
         """Bounds and ramp rates the device reported of itself (a child rampd: its

@@ -20,6 +20,9 @@ class DeviceState(IntEnum):
     WAKING = 2
     FAULT = 3
     UNKNOWN = 4
+    UNRESPONSIVE = 5
+    """Acknowledges commands but does not move (verified twice): like FAULT, out of
+    control and out of the capability promise, while its driver retries with backoff."""
 
 
 STATE_NAMES: tuple[str, ...] = tuple(s.name.lower() for s in DeviceState)

@@ -2,7 +2,7 @@
 
     GET  /devices[?protocol=luxos]   rows with name, protocol, host, power, fault
     GET  /truth                      {"t": unix s, "site_kw": true site power}
-    POST /faults  {"fault": "silent"|"slow"|"error"|"garbage"|"reboot"|"none",
+    POST /faults  {"fault": "silent"|"slow"|"error"|"garbage"|"reboot"|"stuck"|"none",
                    "devices": ["row-0001", ...]}                        by name, or
                   {"fault": ..., "fraction": 0.1, "protocol": "luxos"?, "seed": 1?}
                   -> {"applied": [names]}

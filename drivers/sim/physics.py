@@ -35,6 +35,7 @@ class Fault(IntEnum):
     ERROR = 3  # protocol-level error (Modbus exception)
     GARBAGE = 4  # answers with implausible values
     REBOOT = 5  # one-shot: the device restarts and loses its setpoint (cleared by step())
+    STUCK = 6  # acknowledges commands and does not act on them (a tuner that never ramps)
 
 
 SLOW_S = 2.0
@@ -93,6 +94,8 @@ class SitePhysics:
         self.default_setpoint_w = self.p_max_w.copy()
         self.cmd_setpoint_w = initial.copy()
         self.cmd_run = np.ones(n, dtype=np.int8)
+        self._stuck_sp = np.zeros(n)
+        self._stuck_run: Bool = np.ones(n, dtype=np.bool_)
 
         # Dead time: ring buffer of (time, command), sized for twice the largest dead time at
         # the nominal rate so a late step (larger dt) still finds an old enough entry.
@@ -131,6 +134,8 @@ class SitePhysics:
     def command(
         self, i: Index, setpoint_w: float | F64 | None = None, run: int | None = None
     ) -> None:
+        """What the device is told (its registers: what it reads back). A STUCK device takes
+        it and does not act on it."""
         if setpoint_w is not None:
             self.cmd_setpoint_w[i] = setpoint_w
         if run is not None:
@@ -138,6 +143,9 @@ class SitePhysics:
 
     def set_fault(self, i: Index, fault: Fault) -> None:
         self.fault[i] = fault
+        if fault is Fault.STUCK:  # acts on what it was doing, whatever it is told next
+            self._stuck_sp[i] = self.power_w[i]
+            self._stuck_run[i] = self.state[i] != DeviceState.SLEEPING
 
     def set_demand(self, i: Index, demand_w: float | F64, hold_s: float = math.inf) -> None:
         """Pin the workload demand of `i` for `hold_s` (then random jobs resume, if varying)."""
@@ -188,6 +196,10 @@ class SitePhysics:
         self._hist_run[h] = self.cmd_run
         self._head = (h + 1) % len(self._hist_t)
         setpoint, run = self._effective_command()
+        stuck = self.fault == Fault.STUCK
+        if stuck.any():
+            setpoint = np.where(stuck, self._stuck_sp, setpoint)
+            run = np.where(stuck, self._stuck_run, run)
         self._job_left -= dt
         self._new_jobs(self._varying & (self._job_left <= 0.0))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.metrics import Metrics
+from drivers.core.state import STATE_NAMES
 from tests.helpers_prometheus import (
     ALERT_RULES,
     Sample,
@@ -63,7 +64,7 @@ def test_rules_and_dashboard_queries_run_on_scraped_daemon_metrics(tmp_path: Pat
         with prometheus_server(
             [f"127.0.0.1:{port}"], tmp_path / "prom", rule_files=[ALERT_RULES, dashboard_rules]
         ) as prom:
-            prom.wait_for("rampd_devices", lambda s: len(s) == 5)
+            prom.wait_for("rampd_devices", lambda s: len(s) == len(STATE_NAMES))
 
             def all_evaluated(data: Any) -> bool:
                 rules = [r for g in data["groups"] for r in g["rules"]]

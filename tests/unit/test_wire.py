@@ -125,7 +125,14 @@ def test_telemetry_keeps_its_field_names() -> None:
     assert body["reserve"] == {
         "up_kw_5s": 500.0, "down_kw_5s": 250.0, "up_held_kw": 50.0, "down_held_kw": 1000.0
     }  # fmt: skip
-    assert body["devices"] == {"on": 7, "sleeping": 1, "waking": 0, "fault": 2, "unknown": 0}
+    assert body["devices"] == {
+        "on": 7,
+        "sleeping": 1,
+        "waking": 0,
+        "fault": 2,
+        "unknown": 0,
+        "unresponsive": 0,
+    }
     assert body["measured_kw"] == 1234.5 and body["cycle"] == {"count": 1234, "overruns": 3}
     before_first_cycle = json.loads(Telemetry(at=AT, mode="normal").encode())
     assert set(before_first_cycle) == {"at", "mode", "devices"}
