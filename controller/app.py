@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from controller.config import (
     ConfigError,
     JournalConfig,
     LoadedConfig,
+    load_config,
     plaintext_problem,
     split_host_port,
 )
@@ -49,6 +50,8 @@ from drivers.modbus.client import ModbusMeter
 log = logging.getLogger("rampd")
 
 
+RELOAD_TIMEOUT_S = 30.0
+"""How long a reload waits for the old drivers to stop (log off, close sessions)."""
 ADOPT_IDLE_S = 10.0
 """Without a dispatch for this long, learned device limits go into the control math."""
 
@@ -91,6 +94,17 @@ def open_journal(cfg: JournalConfig) -> Journal | None:
 
 
 @dataclass(slots=True)
+class _Fleet:
+    """A reloaded site file's devices, ready to take over from the running ones."""
+
+    cfg: LoadedConfig
+    image: ProcessImage
+    drivers: list[Driver]
+    shaper: CommandShaper
+    in_control: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
 class Overrides:
     mqtt: str | None = None
     metrics_listen: str | None = None
@@ -117,15 +131,15 @@ class Daemon:
 
         self.image = ProcessImage(cfg.devices)
         self.metrics = Metrics(rampd_version())
-        ctx = registry.DriverContext(
+        self._driver_ctx = registry.DriverContext(
             on_command=self.metrics.observe_command,
             poll_stretch=cfg.poll_stretch,
             settings={"mqtt": mqtt_cfg},
         )
-        try:
-            self.drivers: list[Driver] = registry.build(self.image, ctx)
-        except registry.UnknownProtocol as exc:
-            raise ConfigError(f"{cfg.path}: {exc}") from None
+        self.drivers = self._build_drivers(cfg, self.image)
+        self._swap = asyncio.Event()
+        self._next_fleet: _Fleet | None = None
+        self._reload_lock = asyncio.Lock()
         if cfg.poll_stretch > 1.0:
             log.warning(
                 "%d devices would poll over site.max_polls_per_s (%g/s): every poll period "
@@ -200,10 +214,16 @@ class Daemon:
             journal=self.journal,
             failsafe_policy=site.failsafe.policy,
             has_meter=not isinstance(self.meter, NoMeter),
-            n_devices=self.image.n,
         )
         self.cycle.on_tick(self._after_tick)
         self.intake.resume(resume, now_unix)
+
+    def _build_drivers(self, cfg: LoadedConfig, image: ProcessImage) -> list[Driver]:
+        ctx = replace(self._driver_ctx, poll_stretch=cfg.poll_stretch)
+        try:
+            return registry.build(image, ctx)
+        except registry.UnknownProtocol as exc:
+            raise ConfigError(f"{cfg.path}: {exc}") from None
 
     def _new_controller(self) -> Controller:
         site = self.cfg.site
@@ -299,6 +319,92 @@ class Daemon:
             if self.journal is not None:
                 self.journal.record_telemetry(TelemetrySample.from_telemetry(tel))
 
+    # -- the fleet: reload ------------------------------------------------------------------
+    async def _run_drivers(self) -> None:
+        """The drivers' tasks; a reload stops them, swaps the fleet in, starts the new set."""
+        while True:
+            self._swap.clear()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(d.run(), name=f"driver:{d.name}") for d in self.drivers]
+                await self._swap.wait()
+                for task in tasks:
+                    task.cancel()  # each driver logs off and closes its sessions
+            self._swap_fleet()
+
+    async def reload(self, timeout_s: float = RELOAD_TIMEOUT_S) -> bool:
+        """Read the site file again and control its devices from now on, without stopping
+        control: devices kept (same name, same settings) keep what is known of them, added
+        ones are adopted at their first answer, removed ones are let go (their power becomes
+        part of the site's non-flexible load). Settings outside `[[devices]]` need a restart:
+        a warning names them. A bad file changes nothing (an error names file, key and
+        problem). Returns whether the new fleet is in control."""
+        async with self._reload_lock:
+            try:
+                new = load_config(self.cfg.path)
+                image = ProcessImage(new.devices)
+                kept = image.carry_over(self.image)
+                drivers = self._build_drivers(new, image)
+            except ConfigError as exc:
+                log.error("reload refused, running configuration kept: %s", exc)
+                self.metrics.config_reloads.labels(result="rejected").inc()
+                return False
+            stale = [
+                name
+                for name in type(new.site).model_fields
+                if name != "devices" and getattr(new.site, name) != getattr(self.cfg.site, name)
+            ]
+            if stale:
+                log.warning("reload: %s changed: takes a restart to apply", ", ".join(stale))
+            shaper = CommandShaper(image.p_idle_w, image.deadband_w)
+            new_rows, old_rows = image.same_devices(self.image)
+            shaper.carry_over(self.shaper, new_rows, old_rows)
+            cfg = replace(
+                self.cfg,
+                devices=new.devices,
+                templates=new.templates,
+                site=self.cfg.site.model_copy(update={"devices": new.site.devices}),
+            )
+            removed = self.image.n - len(kept)
+            fleet = self._next_fleet = _Fleet(cfg, image, drivers, shaper)
+            self._swap.set()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await fleet.in_control.wait()
+            except TimeoutError:
+                # Still swapped in once the old drivers have stopped.
+                log.error("reload: the old drivers did not stop within %g s", timeout_s)
+                return False
+            log.info(
+                "reload: %d devices (%d kept, %d added, %d removed)",
+                image.n,
+                len(kept),
+                image.n - len(kept),
+                removed,
+            )
+            self.metrics.config_reloads.labels(result="applied").inc()
+            return True
+
+    def _swap_fleet(self) -> None:
+        """Put the prepared fleet in control (synchronously: one tick sees old or new)."""
+        fleet, self._next_fleet = self._next_fleet, None
+        if fleet is None:
+            return
+        self.cfg, self.image, self.drivers, self.shaper = (
+            fleet.cfg,
+            fleet.image,
+            fleet.drivers,
+            fleet.shaper,
+        )
+        self.controller = self._new_controller()
+        self._limits_version = self.image.limits_version
+        self.cycle.rebind(
+            image=self.image, controller=self.controller, shaper=self.shaper, drivers=self.drivers
+        )
+        self.metrics.watch_drivers([*self.drivers, self.meter])
+        if self.cfg.site.metrics.per_device:
+            self.metrics.enable_device_metrics(self.image, lambda: self.cycle.planned_w)
+        fleet.in_control.set()
+
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         logging.getLogger("rampd").addHandler(self.status.last_error)
@@ -317,8 +423,7 @@ class Daemon:
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                for driver in self.drivers:
-                    tg.create_task(driver.run(), name=f"driver:{driver.name}")
+                tg.create_task(self._run_drivers(), name="drivers")
                 tg.create_task(self.meter.run(), name="meter")
                 tg.create_task(self.link.run(), name="mqtt")
                 tg.create_task(self.cycle.run(), name="cycle")
@@ -348,6 +453,15 @@ async def run_daemon(cfg: LoadedConfig, overrides: Overrides | None = None) -> N
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading %s", cfg.path)
+        task = loop.create_task(daemon.reload(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         with contextlib.suppress(asyncio.CancelledError):
             await daemon.run()

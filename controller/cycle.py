@@ -99,6 +99,27 @@ class ControlCycle:
         self._poke = asyncio.Event()
         self._seen_all = False
 
+    def rebind(
+        self,
+        *,
+        image: ProcessImage,
+        controller: Controller,
+        shaper: CommandShaper,
+        drivers: Sequence[Driver],
+    ) -> None:
+        """Control a new fleet (a reloaded site file) from the next tick on; the target,
+        the meter and the schedule go on. Until every new device has reported, the meter
+        residual waits (as at start)."""
+        if [d.port.protocol for d in drivers] != list(image.protocols):
+            raise ValueError("drivers must be given in the order of image.protocols")
+        self.image = image
+        self.controller = controller
+        self.shaper = shaper
+        self.drivers = tuple(drivers)
+        self.last = None
+        self._seen_at = np.full(image.n, -np.inf)
+        self._seen_all = False
+
     def on_tick(self, callback: Callable[[CycleOutput], None]) -> None:
         """Run after every cycle (watchdog kick, readiness); must be quick and not raise."""
         self._on_tick.append(callback)

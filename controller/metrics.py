@@ -88,7 +88,8 @@ class DriverCollector:
             ),
             CounterMetricFamily(
                 "rampd_device_errors_total",
-                "Failed device operations (poll: telemetry read, command: setpoint write)",
+                "Failed device operations (poll: telemetry read, command: setpoint write, "
+                "unverified: a command acknowledged and not followed)",
                 labels=["driver", "op"],
             ),
             CounterMetricFamily(
@@ -107,6 +108,7 @@ class DriverCollector:
             polls.add_metric([d.name], d.polls_ok + d.poll_errors)
             errors.add_metric([d.name, "poll"], d.poll_errors)
             errors.add_metric([d.name, "command"], d.command_errors)
+            errors.add_metric([d.name, "unverified"], getattr(d, "unverified", 0))
             resends.add_metric([d.name], d.resends)
         for m in self._meters:
             polls.add_metric([m.name], m.reads + m.errors)
@@ -247,6 +249,12 @@ class Metrics:
             registry=r,
         )
         self.devices = Gauge("rampd_devices", "Devices by state", ["state"], registry=r)
+        self.config_reloads = Counter(
+            "rampd_config_reloads",
+            "Site file reloads (SIGHUP) by result: applied, or rejected (a bad file)",
+            ["result"],
+            registry=r,
+        )
         self.dispatches = Counter(
             "rampd_dispatches_total",
             "Dispatches received, by decision and rejection reason",

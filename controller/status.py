@@ -28,7 +28,6 @@ class SiteStatus:
         journal: Journal | None,
         failsafe_policy: FailsafePolicy,
         has_meter: bool,
-        n_devices: int,
     ) -> None:
         self._tracker = tracker
         self._cycle = cycle
@@ -38,7 +37,6 @@ class SiteStatus:
         self._journal = journal
         self._policy = failsafe_policy
         self._has_meter = has_meter
-        self._n = n_devices
         self._mode = ""
         self.last_error = LastError()
         """Attach to the "rampd" logger: the last warning goes into STATUS=."""
@@ -49,7 +47,9 @@ class SiteStatus:
         counts = self._cycle.counts_by_state()
         last = self._cycle.last
         meter = "meter ok" if last is not None and last.meter_fresh else "meter stale"
-        text = f"mode {self._tracker.mode}; {counts['on']}/{self._n} devices on; {meter}"
+        text = (
+            f"mode {self._tracker.mode}; {counts['on']}/{self._cycle.image.n} devices on; {meter}"
+        )
         error = self.last_error.text
         return f"{text}; last error: {error}" if error else text
 

@@ -165,6 +165,11 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         # power it started from, strikes in a row, the verdict, and a retry's due time.
         self._verify_at = np.full(n, np.inf)
         self._verify_from_w = np.zeros(n)
+        self._verify_cmd_w = np.zeros(n)  # the command the armed check is timed for
+        self._verify_intent = np.zeros(n, dtype=np.int8)
+        self._verify_tol_w = np.array(
+            [max(s.step_w, 0.05 * s.p_max_w, 3.0 * s.noise_w) for s in port.specs]
+        )
         self._strikes = np.zeros(n, dtype=np.int32)
         self._unresponsive = np.zeros(n, dtype=np.bool_)
         self._retry_stuck_at = np.full(n, np.inf)
@@ -188,25 +193,28 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         A bug here counts as a failed poll, like one in `_read`."""
 
     def _moved(self, local: int, reading: ReadingT, power_w: float, intent: Intent) -> bool | None:
-        """Whether the device followed its last acknowledged command (`power_w`, `intent`),
-        judged once its dead time, ramp and margin have passed; None: cannot tell yet.
+        """Whether the device followed the command its check was armed for (`power_w`,
+        `intent`), judged once that command's dead time, ramp and margin have passed (newer
+        commands may have come since: `_acked`); None: cannot tell yet.
 
-        By its power: asleep for SLEEP; running for RUN, within a tolerance of the command
-        (below it, for a cap) or at least MOVED_FRACTION of the way there. A protocol whose
-        device does not report its power judges by what it reads back (mode, target)."""
+        By its power: asleep for SLEEP; running for RUN, and within the tolerance of its
+        latest command (below it, for a cap) or MOVED_FRACTION of the way from where it was
+        toward the armed one. A protocol whose device does not report its power judges by
+        what it reads back (mode, target)."""
         spec = self._specs[local]
-        tol = max(spec.step_w, 0.05 * float(self._p_max_w[local]), 3.0 * spec.noise_w)
+        tol = float(self._verify_tol_w[local])
         if intent == Intent.SLEEP:
-            return (
-                reading.state == DeviceState.SLEEPING or reading.measured_w <= spec.p_idle_w + tol
-            )
+            asleep = reading.state == DeviceState.SLEEPING
+            return asleep or reading.measured_w <= spec.p_idle_w + tol
         if reading.state != DeviceState.ON:
             return False
-        err = reading.measured_w - power_w
-        err = max(err, 0.0) if spec.setpoint_is_cap else abs(err)
-        return err <= tol or err <= (1.0 - MOVED_FRACTION) * abs(
-            self._verify_from_w[local] - power_w
-        )
+        latest_w, _ = self._acked(local)
+        err = reading.measured_w - latest_w
+        if (max(err, 0.0) if spec.setpoint_is_cap else abs(err)) <= tol:
+            return True
+        from_w = float(self._verify_from_w[local])
+        way, went = power_w - from_w, reading.measured_w - from_w
+        return abs(way) > tol and went * math.copysign(1.0, way) >= MOVED_FRACTION * abs(way)
 
     def _command_failed(self, local: int, exc: DriverError) -> bool:
         """A command failed (and was put back): False when that is not the device's fault
@@ -339,7 +347,8 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
 
     def _record(self, local: int, reading: ReadingT) -> None:
         """A good poll, through the port; it alone declares recovery from FAULT."""
-        if self._verify_at[local] <= time.monotonic() or self._unresponsive[local]:
+        now = time.monotonic()
+        if self._verify_at[local] <= now or self._retry_stuck_at[local] <= now:
             self._verify(local, reading)
         state = DeviceState.UNRESPONSIVE if self._unresponsive[local] else reading.state
         self.port.reading(local, reading.measured_w, state, self._reading_at(local))
@@ -358,9 +367,11 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
     # --- verified commands ---
 
     def _arm_verify(self, local: int, power_w: float, intent: Intent) -> None:
-        """Schedule the check of an acknowledged command: after its dead time, its ramp from
-        the last reading (or its sleep or wake time) and VERIFY_POLLS polls."""
-        if not self.verifies_commands:
+        """Arm the check of an acknowledged command unless one is armed: after the command's
+        dead time, its ramp from the last reading (or its sleep or wake time) and
+        VERIFY_POLLS polls. Newer commands never postpone an armed check (a closed loop
+        trims setpoints every cycle): the device must be seen moving."""
+        if not self.verifies_commands or self._verify_at[local] < np.inf:
             return
         spec = self._specs[local]
         lim = self.port.limits(local)
@@ -368,13 +379,16 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
         if math.isnan(now_w):
             now_w = power_w
         self._verify_from_w[local] = now_w
+        self._verify_cmd_w[local] = power_w
+        self._verify_intent[local] = intent
         if intent == Intent.SLEEP:
             move_s = spec.sleep_s
+        elif self.port.state(local) in (DeviceState.SLEEPING, DeviceState.WAKING):
+            # Woken, it ramps from its power asleep.
+            move_s = spec.wake_s + (power_w - spec.p_idle_w) / max(lim.ramp_up_w_s, 1e-9)
         else:
             rate = lim.ramp_up_w_s if power_w > now_w else lim.ramp_down_w_s
             move_s = abs(power_w - now_w) / rate if rate > 0 else 0.0
-            if self.port.state(local) in (DeviceState.SLEEPING, DeviceState.WAKING):
-                move_s += spec.wake_s + (power_w - spec.p_min_w) / max(lim.ramp_up_w_s, 1e-9)
         margin = VERIFY_POLLS * spec.poll_s * self.poll_stretch
         self._verify_at[local] = time.monotonic() + spec.dead_time_s + move_s + margin
         self._retry_stuck_at[local] = np.inf
@@ -392,8 +406,13 @@ class PerDeviceDriver(ABC, Generic[ReadingT]):
             return
         if self._verify_at[local] > now:
             return
-        power_w, intent = self._acked(local)
-        moved = None if math.isnan(power_w) else self._moved(local, reading, power_w, intent)
+        intent = Intent(int(self._verify_intent[local]))
+        if self._acked(local)[1] != intent:  # told to sleep or wake since: check that instead
+            self._verify_at[local] = np.inf
+            self._arm_verify(local, *self._acked(local))
+            return
+        power_w = float(self._verify_cmd_w[local])
+        moved = self._moved(local, reading, power_w, intent)
         if moved is None:
             return
         self._verify_at[local] = np.inf

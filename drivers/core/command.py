@@ -80,6 +80,11 @@ class CommandShaper:
         self.last_sent_intent[out.rows] = out.intent
         return out
 
+    def carry_over(self, old: CommandShaper, rows: Rows, old_rows: Rows) -> None:
+        """What `old` last sent to the same devices at `old_rows` (a reloaded site file)."""
+        self.last_sent_w[rows] = old.last_sent_w[old_rows]
+        self.last_sent_intent[rows] = old.last_sent_intent[old_rows]
+
     def forget(self, rows: Rows) -> None:
         """Force a resend (a device rebooted or reconnected and lost its setpoint)."""
         self.last_sent_w[rows] = np.nan

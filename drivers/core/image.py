@@ -125,6 +125,34 @@ class ProcessImage:
             mine = owners == i
             yield int(i), Commands(local[mine], cmds.power_w[mine], cmds.intent[mine])
 
+    def same_devices(self, old: ProcessImage) -> tuple[Rows, Rows]:
+        """(rows here, rows in `old`) of the devices both have with the same spec: a site
+        file reloaded keeps what is known of them."""
+        where = {name: i for i, name in enumerate(old.names)}
+        pairs = [
+            (i, j)
+            for i, spec in enumerate(self.specs)
+            if (j := where.get(spec.name)) is not None and old.specs[j] == spec
+        ]
+        new_rows = np.array([i for i, _ in pairs], dtype=np.intp)
+        old_rows = np.array([j for _, j in pairs], dtype=np.intp)
+        return new_rows, old_rows
+
+    def carry_over(self, old: ProcessImage) -> Rows:
+        """Take the readings, states, acknowledged commands and learned columns of the
+        devices `old` also has (`same_devices`); returns their rows here. Before any port is
+        handed out (the drivers are built on what this leaves)."""
+        new_rows, old_rows = self.same_devices(old)
+        for name in (
+            "p_min_w", "p_max_w", "ramp_up_w_s", "ramp_down_w_s", "wake_s", "sleep_s",
+            "step_w", "reports_power", "measured_w", "measured_at", "state", "acked_w",
+            "acked_intent",
+        ):  # fmt: skip
+            getattr(self, name)[new_rows] = getattr(old, name)[old_rows]
+        for i, j in zip(new_rows.tolist(), old_rows.tolist(), strict=True):
+            self.capabilities[i] = old.capabilities[j]
+        return new_rows
+
     def stale(self, now: float, max_age_s: float) -> Bool:
         """Rows whose telemetry is older than `max_age_s` or missing (FAULT rows excluded:
         a fault is news, not a lack of it)."""

@@ -341,3 +341,40 @@ async def test_faulty_device_is_isolated_and_recovers(
     said = caplog.messages
     assert len(log_records(caplog.records, "rampd.drivers.modbus", logging.WARNING)) == 1, said
     assert len(log_records(caplog.records, "rampd.drivers.modbus", logging.INFO)) == 1, said
+
+
+# --- verified commands ---
+
+
+async def test_a_load_that_acknowledges_and_does_not_move_is_unresponsive_then_recovers(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="rampd")
+    await rig.first_polls()
+    stuck = 2
+    rig.physics.set_fault(stuck, Fault.STUCK)
+    drv = rig.driver
+    # Two commands a long way from where it is: both acknowledged, neither followed.
+    rig.driver.submit(cmd(range(5), [60e3] * 5))
+    await until(lambda: drv._strikes[stuck] >= 1 or drv.unresponsive, 10.0, what="a strike")
+    await until(lambda: rig.image.state[stuck] == DeviceState.UNRESPONSIVE, 10.0, what="verdict")
+    assert drv.unverified >= 2
+    others = [i for i in range(5) if i != stuck]
+    assert np.all(rig.image.state[others] == DeviceState.ON)  # the others followed
+    assert np.all(np.abs(rig.physics.power_w[others] - 60e3) < 5e3)
+    # Cleared: the retried command moves it, and it is back.
+    rig.physics.set_fault(stuck, Fault.NONE)
+    await until(lambda: rig.image.state[stuck] == DeviceState.ON, 20.0, what="recovery")
+    assert abs(rig.physics.power_w[stuck] - 60e3) < 5e3
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("rampd")]
+    assert sum("UNRESPONSIVE" in line for line in lines) == 1
+    assert sum("follows commands again" in line for line in lines) == 1
+
+
+async def test_a_command_that_is_followed_is_never_held_against_the_device(rig: Rig) -> None:
+    await rig.first_polls()
+    for target in (60e3, 240e3, 100e3):
+        rig.driver.submit(cmd(range(5), [target] * 5))
+        await until(lambda: np.all(np.abs(rig.physics.power_w - target) < 5e3), 10.0)
+    await until(lambda: not np.isfinite(rig.driver._verify_at).any(), 10.0, what="verified")
+    assert rig.driver.unverified == 0 and rig.driver.unresponsive == 0
