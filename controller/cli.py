@@ -17,7 +17,14 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller.config import ConfigError, LoadedConfig, load_config, poll_demand, split_host_port
+from controller.config import (
+    ConfigError,
+    LoadedConfig,
+    load_config,
+    poll_demand,
+    split_host_port,
+    template_dirs,
+)
 from controller.fdlimit import raise_fd_limit
 from controller.journal import JournalError
 from controller.tools import TOOL_MODULES
@@ -140,6 +147,33 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discover(args: argparse.Namespace) -> int:
+    from controller import discovery
+
+    try:
+        hosts = discovery.hosts_of(args.cidr)
+    except ValueError as exc:
+        print(f"rampd discover: {exc}", file=sys.stderr)
+        return 2
+    found = run_loop(discovery.scan(hosts, concurrency=args.concurrency, timeout_s=args.timeout))
+    out = Path(args.write) if args.write else None
+    dirs = template_dirs(out if out is not None else Path.cwd() / "site.toml")
+    found = discovery.with_templates(found, dirs)
+    for f in found:
+        tpl = f.template or "no template"
+        print(f"# {f.host:<15} {f.firmware:<28} {f.model:<12} {tpl}", file=sys.stderr)
+    print(f"# {len(found)} miners among {len(hosts)} addresses", file=sys.stderr)
+    if not any(f.template for f in found):
+        print("rampd discover: no miner with a template found", file=sys.stderr)
+        return 1
+    if out is None:
+        print(discovery.stanzas(found), end="")
+        return 0
+    out.write_text(discovery.site_file(found, site_id=args.site_id))
+    print(f"# wrote {out}: check it with `rampd check-config {out}`", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rampd", description="Grid-dispatch controller for flexible loads"
@@ -167,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a site file and summarize it")
     check.add_argument("config", help="site TOML file")
     check.set_defaults(func=_cmd_check_config)
+
+    disc = sub.add_parser(
+        "discover",
+        help="find miners on address ranges and write [[devices]] stanzas for them",
+    )
+    disc.add_argument("cidr", nargs="+", help="address ranges, e.g. 10.1.0.0/22 10.2.0.5")
+    disc.add_argument("--write", help="write a whole site file here (default: print stanzas)")
+    disc.add_argument("--site-id", default="site", help="site_id of the written file")
+    disc.add_argument("--timeout", type=float, default=1.0, help="seconds per exchange (1)")
+    disc.add_argument("--concurrency", type=int, default=256, help="hosts at once (256)")
+    disc.set_defaults(func=_cmd_discover)
 
     add_report_parser(sub)
     add_bench_parser(sub)
