@@ -8,9 +8,9 @@ firmware says nothing of watts). A RUN command runs the highest preset at or bel
 (normal at p_max, low power below it), SLEEP sets sleep mode. `set_miner_conf` rewrites the
 whole configuration, so a command sends back the configuration read from `get_miner_conf`
 (pools, fans) with the mode changed; the configuration read by the last readback poll is
-reused while younger than `conf_max_age_s`, so a fleet-wide command costs each miner one
-request. Some firmware answer a set only after ~20 s (it restarts the mining process first),
-so sets have their own, longer timeout.
+reused while younger than two readback periods (`conf_max_age_s`), so a fleet-wide command
+costs each miner one request. Some firmware answer a set only after ~20 s (it restarts the
+mining process first), so sets have their own, longer timeout.
 
 Stock firmware reports no power: a reading's power is the estimate of the mode read back
 (the normal or low preset while hashing, p_idle while asleep or while the mining process
@@ -61,9 +61,10 @@ log = logging.getLogger("rampd.drivers.antminer")
 SET_TIMEOUT_S = 30.0
 """set_miner_conf on some stock firmware answers only after ~21 s (it restarts bmminer
 first; asic-rs issue 245, S19j Pro): a set gets this long, polls the template's timeout_s."""
-CONF_MAX_AGE_S = 30.0
-"""A command reuses the configuration read by a poll this recent (else it reads it first):
-an operator's pool change made meanwhile would be written back over."""
+CONF_AGE_POLLS = 2.0
+"""A command reuses the configuration a poll read within this many readback periods
+(`config_every` polls; else it reads it first): one request per miner for a fleet-wide
+command, at the cost that an operator's pool change made meanwhile is written back over."""
 BEST_J_PER_TH = 5.0
 """No SHA-256 miner is this efficient: a hashrate above p_max / this is garbage."""
 
@@ -131,7 +132,7 @@ class AntminerDriver(PerDeviceDriver[_MinerReading]):
         summary_every: int = 6,
         config_every: int = 6,
         set_timeout_s: float = SET_TIMEOUT_S,
-        conf_max_age_s: float = CONF_MAX_AGE_S,
+        conf_max_age_s: float | None = None,
         **options: Unpack[DriverOptions],
     ) -> None:
         super().__init__(port, on_command, **options)
@@ -139,7 +140,15 @@ class AntminerDriver(PerDeviceDriver[_MinerReading]):
         self._summary_every = max(1, summary_every)
         self._config_every = max(1, config_every)
         self._set_timeout_s = set_timeout_s
-        self._conf_max_age_s = conf_max_age_s
+        # Default: CONF_AGE_POLLS readback periods of each miner.
+        self._conf_max_age_s = np.array(
+            [
+                CONF_AGE_POLLS * self._config_every * s.poll_s * self.poll_stretch
+                if conf_max_age_s is None
+                else conf_max_age_s
+                for s in self._specs
+            ]
+        )
         logins = [_credentials(s) for s in self._specs]
         self._auth = [aiohttp.DigestAuthMiddleware(u, p) for u, p in logins]
         self._base = [
@@ -294,7 +303,7 @@ class AntminerDriver(PerDeviceDriver[_MinerReading]):
     async def _command(self, local: int, power_w: float, intent: Intent) -> None:
         target = self._target(local, power_w, intent)
         conf = self._conf[local]
-        if conf is None or time.monotonic() - self._conf_at[local] > self._conf_max_age_s:
+        if conf is None or time.monotonic() - self._conf_at[local] > self._conf_max_age_s[local]:
             conf = await self._read_conf(local)
         # Already there: nothing to send, unless this is a retry of a command the miner
         # took without following it (then the set goes out again).
@@ -400,10 +409,17 @@ class AntminerDriver(PerDeviceDriver[_MinerReading]):
     ) -> bool | None:
         """By the mode and the hashrate, the miner's power being only our estimate: asleep
         for SLEEP; for a preset, that mode and a hashrate nearer the firmware's expected one
-        for it than for the other preset."""
+        for it than for the other preset. The miner may follow the command the check was
+        armed for (`power_w`) or the latest acknowledged one (a trim since)."""
         if reading.mode is None:
             return None
-        target = self._target(local, power_w, intent)
+        latest_w, _ = self._acked(local)
+        return any(
+            self._follows(local, reading, self._target(local, p, intent))
+            for p in {power_w, latest_w}
+        )
+
+    def _follows(self, local: int, reading: _MinerReading, target: w.Mode) -> bool:
         hashing = reading.rate_ths > 0
         if target == w.Mode.SLEEP:
             return reading.mode == w.Mode.SLEEP and not hashing
@@ -412,9 +428,9 @@ class AntminerDriver(PerDeviceDriver[_MinerReading]):
         caps = self._caps(local)
         if reading.ideal_ths <= 0 or caps.p_min_w >= caps.p_max_w:
             return True  # nothing to compare with: the mode is all there is
-        other = (
-            caps.p_min_w / caps.p_max_w if target == w.Mode.NORMAL else caps.p_max_w / caps.p_min_w
-        )
+        lo_hi = caps.p_min_w / caps.p_max_w
+        # The firmware's expected hashrate at the other preset, as a multiple of this one's.
+        other = lo_hi if target == w.Mode.NORMAL else 1.0 / lo_hi
         midpoint = reading.ideal_ths * (1.0 + other) / 2.0
         if target == w.Mode.NORMAL:
             return reading.rate_ths >= midpoint

@@ -26,7 +26,7 @@ from controller.config import DeviceAccess, DeviceSpec
 from drivers.antminer import web as w
 from drivers.antminer.client import AntminerDriver
 from drivers.antminer.sim_server import AntminerServers, start_antminer_servers
-from drivers.base import Driver
+from drivers.base import Driver, ProtocolError
 from drivers.core.capability import Control
 from drivers.core.image import ProcessImage
 from drivers.core.state import DeviceState
@@ -217,7 +217,7 @@ async def test_digest_auth_as_the_firmware_answers() -> None:
             async with http.post(
                 url(spec, w.SET_CONF), json={"miner-mode": 2}, middlewares=(good,)
             ) as resp:
-                with pytest.raises(w.ProtocolError):
+                with pytest.raises(ProtocolError):
                     w.check_set_reply(await resp.json())
     finally:
         await stop_site(site)
@@ -319,7 +319,9 @@ async def test_run_commands_pick_the_preset_at_or_below(rig: Rig) -> None:
     for k, body in sim.sets:
         assert body["miner-mode"] == 3 and isinstance(body["pools"], list)
         assert sim.stored_conf(k)["pools"][0]["user"] == f"rampd.{rig.specs[k].name}"
-    assert all(sim.mode(k) == (w.Mode.NORMAL if expected[k] == P_MAX else w.Mode.LOW) for k in rows)
+    assert all(
+        sim.mode(k) == (w.Mode.NORMAL if expected[k] == P_MAX else w.Mode.LOW) for k in range(N)
+    )
 
 
 async def test_sleep_and_wake(rig: Rig) -> None:
@@ -403,6 +405,10 @@ async def test_reboot_loses_the_mode_and_the_driver_resends(rig: Rig) -> None:
     ph, drv, sim, k = rig.physics, rig.driver, rig.site.servers.sim, 8
     drv.submit(cmd(np.array([k]), np.array([P_MIN])))
     await until(lambda: ph.cmd_setpoint_w[k] == P_MIN, 3, what="low power set")
+    # Past the command's verification (dead time, ramp, two polls): only the readback of the
+    # stored mode can notice what the reboot undoes.
+    t0 = time.monotonic()
+    await until(lambda: rig.image.measured_at[k] > t0 + 1.5, 3, what="verified")
     ph.reboot(k)  # back to normal mode; its nonces are stale now
     await until(lambda: sim.reboots[k] == 1, 3, what="miner noticed its restart")
     await until(
@@ -410,7 +416,8 @@ async def test_reboot_loses_the_mode_and_the_driver_resends(rig: Rig) -> None:
     )
     await until(lambda: ph.power_w[k] == P_MIN, 3, what="back at low power")
     # The stale nonce was answered inside the digest exchange: nothing failed.
-    assert drv.poll_errors == 0 and drv.command_errors == 0 and drv.auth_failures == 0
+    assert drv.unverified == 0 and drv.poll_errors == 0 and drv.command_errors == 0
+    assert drv.auth_failures == 0
 
 
 async def test_stuck_miner_becomes_unresponsive_and_recovers(rig: Rig) -> None:
