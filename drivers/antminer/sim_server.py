@@ -48,7 +48,7 @@ import json
 import logging
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -69,6 +69,8 @@ NONCE_TTL_S = 600.0
 """A nonce older than this is stale (a new challenge with stale=true) [assumed: lighttpd's
 digest nonces carry their issue time and expire after minutes]."""
 _SILENT_POLL_S = 0.05
+SETS_KEPT = 10_000
+"""Accepted set bodies kept for tests (bounded: a long simulated run sends millions)."""
 RPC_REQUEST_TIMEOUT_S = 5.0
 """An RPC client that sends no complete request within this is dropped."""
 RPC_SILENT_HOLD_S = 30.0
@@ -163,8 +165,8 @@ class AntminerSim:
         """Authenticated requests answered, by (miner, path); for tests and benchmarks."""
         self.auth_failures: Counter[int] = Counter()
         """401s for wrong credentials or foreign nonces (not the first, unauthenticated try)."""
-        self.sets: list[tuple[int, Json]] = []
-        """Every set_miner_conf body accepted, in order: (miner, body)."""
+        self.sets: deque[tuple[int, Json]] = deque(maxlen=SETS_KEPT)
+        """The set_miner_conf bodies accepted, in order: (miner, body); the latest SETS_KEPT."""
 
     # --- state derived from the physics ---
 
