@@ -17,7 +17,7 @@ Polls: `MinerService.GetMinerStats` (power in watts, hashrate) every poll; `GetM
 readback (every `readback_every` polls) adds `PerformanceService.GetTunerState`, whose power
 target is compared with the last acknowledged command (a mismatch is resent). A miner is
 adopted at its first good poll: `ConfigurationService.GetConstraints` gives the power target's
-min and max (its capabilities: a continuous target in whole watts, with sleep), and the
+min and max (its capabilities: a continuous target, sent in whole watts, with sleep), and the
 details its model, checked against the template's.
 
 Commands: RUN -> `PerformanceService.SetPowerTarget(watts)` (after `ActionsService.
@@ -36,10 +36,10 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpclib.exceptions
 import numpy as np
@@ -66,8 +66,9 @@ Rep = TypeVar("Rep")
 
 TOKEN_RENEW_FRACTION = 0.9
 """A token is replaced before use once this share of its lifetime has passed."""
-POWER_TARGET_STEP_W = 1.0
-"""The power target is whole watts (Power.watt is an integer)."""
+POWER_TARGET_STEP_W = 0.0
+"""Continuous for the control model: the target goes out in whole watts (Power.watt is an
+integer), a grid far finer than the tuner holds power to."""
 
 
 class RpcError(ProtocolError):
@@ -206,7 +207,9 @@ class BraiinsDriver(PerDeviceDriver[_MinerReading]):
             held = self._apis[local] = _Api.open(spec.host, spec.port)
         return held
 
-    async def _wire(self, local: int, name: str, call: Callable[[float], Awaitable[Rep]]) -> Rep:
+    async def _wire(
+        self, local: int, name: str, call: Callable[[float], Coroutine[Any, Any, Rep]]
+    ) -> Rep:
         """One request on the miner's channel, in a slot, within its timeout; transport and
         status failures as DriverErrors (RpcError carries the status)."""
         timeout_s = self._specs[local].timeout_s
@@ -214,8 +217,11 @@ class BraiinsDriver(PerDeviceDriver[_MinerReading]):
         await self._take_slot(local)
         try:
             self.exchanges += 1
-            async with asyncio.timeout(timeout_s):
-                return await call(timeout_s)
+            # In a task of its own (wait_for's): grpclib ends a call that times out or loses
+            # its connection by cancelling the task awaiting it and raising its own error
+            # instead, never uncancelling; in the device's task that pending cancellation
+            # would end the task at its next turn (`stop_if_cancelled`).
+            return await asyncio.wait_for(call(timeout_s), timeout_s)
         except TimeoutError:
             raise DeviceTimeout(f"{name}: no answer within {timeout_s:g} s") from None
         except grpclib.exceptions.GRPCError as exc:

@@ -534,6 +534,50 @@ class _CgminerConnection(asyncio.Protocol):
         transport.close()
 
 
+class _Connection(asyncio.Protocol):
+    """grpclib's HTTP/2 protocol for one client connection, with its transport known to the
+    servers: grpclib's `Server.close()` stops listening and cancels calls but leaves
+    connections open, and a closed simulator must drop its clients as a dead miner does."""
+
+    def __init__(self, inner: asyncio.Protocol, transports: set[asyncio.Transport]) -> None:
+        self._inner = inner
+        self._transports = transports
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transports.add(self._transport)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._transports.discard(self._transport)
+        self._inner.connection_lost(exc)
+
+
+class _Server(Server):
+    """A grpclib server whose connections `BraiinsServers.close()` can drop."""
+
+    def __init__(self, handlers: Sequence[_MinerApi], transports: set[asyncio.Transport]) -> None:
+        super().__init__(handlers)
+        self._transports = transports
+
+    def _protocol_factory(self) -> _Connection:  # type: ignore[override]
+        return _Connection(super()._protocol_factory(), self._transports)
+
+
 class BraiinsServers:
     """The listeners of a set of simulated miners; `close()` stops them and their calls."""
 
@@ -620,7 +664,7 @@ async def start_braiins_servers(
     loop = asyncio.get_running_loop()
     try:
         for k, spec in enumerate(mine):
-            server = Server([_MinerApi(out, k)])
+            server = _Server([_MinerApi(out, k)], out.transports)
             await _bind(spec, spec.port, server.start(spec.host, spec.port, backlog=64))
             out.grpc.append(server)
             if api_port is not None:
