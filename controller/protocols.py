@@ -5,13 +5,17 @@ own dispatch protocol over the daemon's MQTT settings) and registers the same wa
 from __future__ import annotations
 
 import controller.zone.client
+import drivers.antminer.client
 import drivers.luxos.client
 import drivers.modbus.client
 import drivers.redfish.client
+import drivers.whatsminer.client
 
 BUILTIN = (
+    drivers.antminer.client,
     drivers.luxos.client,
     drivers.modbus.client,
     drivers.redfish.client,
+    drivers.whatsminer.client,
     controller.zone.client,
 )

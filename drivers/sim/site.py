@@ -12,20 +12,47 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
-from drivers.core.spec import SiteSpec
-from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
+from drivers.antminer.sim_server import start_antminer_servers
+from drivers.core.spec import DeviceSpec, SiteSpec
+from drivers.luxos.sim_server import start_luxos_servers
 from drivers.modbus.sim_server import SimServers
-from drivers.redfish.sim_server import RedfishServers, start_redfish_servers
+from drivers.redfish.sim_server import start_redfish_servers
 from drivers.sim.control import SimControl
 from drivers.sim.physics import SitePhysics
+from drivers.whatsminer.sim_server import start_whatsminer_servers
 
 log = logging.getLogger("rampd.sim")
 
 MAX_CATCH_UP_S = 0.25
 """After a stall longer than this the schedule restarts instead of stepping a huge dt."""
+
+MINER_API_PORT = 4028
+"""Where every miner answers the cgminer-style JSON API (`rampd discover`, pyasic), also the
+firmwares driven over another API (Braiins OS+ gRPC, the stock Antminer web interface)."""
+
+
+class Servers(Protocol):
+    async def close(self) -> None: ...
+
+
+Start = Callable[[SitePhysics, list[int], Sequence[DeviceSpec]], Awaitable[Servers]]
+"""Serve physics rows (indices into the site's devices, whose whole list is given)."""
+
+SERVED: dict[str, Start] = {
+    "luxos": lambda ph, rows, devices: start_luxos_servers(ph, rows, devices),
+    "redfish": lambda ph, rows, devices: start_redfish_servers(
+        ph, rows, [devices[i] for i in rows]
+    ),
+    "whatsminer": lambda ph, rows, devices: start_whatsminer_servers(ph, rows, devices),
+    "antminer": lambda ph, rows, devices: start_antminer_servers(
+        ph, rows, devices, rpc_port=MINER_API_PORT
+    ),
+}
+"""How each protocol's devices are served (Modbus loads: with the meter, by SimServers)."""
 
 
 class SimSite:
@@ -49,8 +76,7 @@ class SimSite:
             initial_fraction=initial_fraction,
         )
         self.servers: SimServers | None = None
-        self.miners: LuxosServers | None = None
-        self.racks: RedfishServers | None = None
+        self.served: dict[str, Servers] = {}
         self.control: SimControl | None = None
         self.control_port: int | None = None
 
@@ -62,14 +88,10 @@ class SimSite:
         m = self.site.meter
         devices = self.site.devices
         self.servers = await SimServers.start(self.physics, devices, (m.host, m.port, m.unit))
-        miners = [i for i, s in enumerate(devices) if s.protocol == "luxos"]
-        if miners:
-            self.miners = await start_luxos_servers(self.physics, miners, devices)
-        racks = [i for i, s in enumerate(devices) if s.protocol == "redfish"]
-        if racks:
-            self.racks = await start_redfish_servers(
-                self.physics, racks, [devices[i] for i in racks]
-            )
+        for protocol, start in SERVED.items():
+            rows = [i for i, s in enumerate(devices) if s.protocol == protocol]
+            if rows:
+                self.served[protocol] = await start(self.physics, rows, devices)
         by_protocol = Counter(s.protocol for s in devices)
         log.info(
             "sim: serving %d devices (%s) and the meter (%s:%d)",
@@ -120,12 +142,9 @@ class SimSite:
         if self.control is not None:
             await self.control.close()
             self.control = None
-        if self.miners is not None:
-            await self.miners.close()
-            self.miners = None
-        if self.racks is not None:
-            await self.racks.close()
-            self.racks = None
+        served, self.served = self.served, {}
+        for servers in served.values():
+            await servers.close()
         if self.servers is not None:
             await self.servers.close()
             self.servers = None
