@@ -251,6 +251,43 @@ async def test_cgminer_api_names_boser_and_the_model() -> None:
         await servers.close()
 
 
+def test_messages_pyasic_calls_do_not_cover_agree_with_its_definitions() -> None:
+    """Tuner state and constraints (which pyasic's calls above never exchange): our messages'
+    bytes decode to the same values with pyasic's independently written definitions."""
+    from pyasic.web.braiins_os.proto.braiins.bos import v1  # type: ignore[import-untyped]
+
+    ours = pb.GetTunerStateResponse(
+        overall_tuner_state=pb.TUNER_STATE_TUNING,
+        power_target_mode_state=pb.PowerTargetModeState(
+            profile=pb.PowerTargetProfile(
+                target=pb.Power(watt=2600), estimated_power_consumption=pb.Power(watt=2590)
+            ),
+            current_target=pb.Power(watt=2600),
+        ),
+    )
+    theirs = v1.GetTunerStateResponse().parse(ours.SerializeToString())
+    assert theirs.overall_tuner_state == v1.TunerState.TUNING
+    assert theirs.power_target_mode_state.current_target.watt == 2600
+    assert theirs.power_target_mode_state.profile.estimated_power_consumption.watt == 2590
+
+    limits = pb.GetConstraintsResponse(
+        tuner_constraints=pb.TunerConstraints(
+            power_target=pb.PowerConstraints(
+                default=pb.Power(watt=3500), min=pb.Power(watt=1400), max=pb.Power(watt=3500)
+            ),
+            default_mode=pb.TUNER_MODE_POWER_TARGET,
+        )
+    )
+    got = v1.GetConstraintsResponse().parse(limits.SerializeToString()).tuner_constraints
+    assert (got.power_target.min.watt, got.power_target.max.watt) == (1400, 3500)
+    assert got.default_mode == v1.TunerMode.POWER_TARGET
+    # And back: what pyasic would send as a power target, as our simulator reads it.
+    req = v1.SetPowerTargetRequest(
+        save_action=v1.SaveAction.SAVE_AND_APPLY, power_target=v1.Power(watt=3100)
+    )
+    assert pb.SetPowerTargetRequest.FromString(bytes(req)) == api.set_power_target_request(3100)
+
+
 # --- (b) the driver against 20 simulated miners ---
 
 
