@@ -539,10 +539,11 @@ class _Connection(asyncio.Protocol):
     servers: grpclib's `Server.close()` stops listening and cancels calls but leaves
     connections open, and a closed simulator must drop its clients as a dead miner does."""
 
-    def __init__(self, inner: asyncio.Protocol, transports: set[asyncio.Transport]) -> None:
+    def __init__(self, inner: asyncio.Protocol, servers: BraiinsServers, k: int) -> None:
         self._inner = inner
-        self._transports = transports
+        self._transports = servers.transports
         self._transport: asyncio.Transport | None = None
+        servers.accepted[k] += 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -570,12 +571,13 @@ class _Connection(asyncio.Protocol):
 class _Server(Server):
     """A grpclib server whose connections `BraiinsServers.close()` can drop."""
 
-    def __init__(self, handlers: Sequence[_MinerApi], transports: set[asyncio.Transport]) -> None:
-        super().__init__(handlers)
-        self._transports = transports
+    def __init__(self, servers: BraiinsServers, k: int) -> None:
+        super().__init__([_MinerApi(servers, k)])
+        self._servers = servers
+        self._k = k
 
     def _protocol_factory(self) -> _Connection:  # type: ignore[override]
-        return _Connection(super()._protocol_factory(), self._transports)
+        return _Connection(super()._protocol_factory(), self._servers, self._k)
 
 
 class BraiinsServers:
@@ -587,6 +589,8 @@ class BraiinsServers:
         self.servers: list[asyncio.Server] = []
         self.transports: set[asyncio.Transport] = set()
         self.conns: set[asyncio.Task[None]] = set()
+        self.accepted = np.zeros(len(sim.specs), dtype=np.int64)
+        """gRPC connections accepted, per miner (a client holding its channel opens one)."""
 
     @property
     def physics(self) -> SitePhysics:
@@ -664,7 +668,7 @@ async def start_braiins_servers(
     loop = asyncio.get_running_loop()
     try:
         for k, spec in enumerate(mine):
-            server = _Server([_MinerApi(out, k)], out.transports)
+            server = _Server(out, k)
             await _bind(spec, spec.port, server.start(spec.host, spec.port, backlog=64))
             out.grpc.append(server)
             if api_port is not None:

@@ -330,6 +330,7 @@ async def test_polls_fill_the_image_and_adoption_reports_capabilities(rig: Rig) 
     t0 = time.monotonic()
     await until(lambda: bool((fleet.measured_at > t0 + 0.5).all()), 3, what="polls go on")
     assert drv.logins == 20 and drv.relogins == 0
+    assert (rig.site.servers.accepted == 1).all()  # one held HTTP/2 channel per miner
     sim = rig.site.servers.sim
     assert all(sim.counts[k, "GetConstraints"] == 1 for k in range(20))
 
