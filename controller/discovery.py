@@ -69,9 +69,10 @@ def _first(reply: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _model(text: str) -> str:
-    """'Antminer S21' -> 'S21'; 'M60S.VK30' -> 'M60S'."""
+    """The model a template names: 'Antminer S21' -> 'S21'; a Whatsminer's 'M60S_VK30' or
+    'M60S.VK30' -> 'M60S' (the chip bin after the model changes nothing rampd uses)."""
     text = re.sub(r"(?i)^\s*antminer\s+", "", str(text)).strip()
-    return text.split(".")[0] if re.match(r"(?i)^M\d", text) else text
+    return re.split(r"[._]", text)[0] if re.match(r"(?i)^M\d", text) else text
 
 
 def classify(version: dict[str, Any], devdetails: dict[str, Any] | None) -> Found | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import controller.zone.client
 import drivers.antminer.client
+import drivers.braiins.client
 import drivers.luxos.client
 import drivers.modbus.client
 import drivers.redfish.client
@@ -13,6 +14,7 @@ import drivers.whatsminer.client
 
 BUILTIN = (
     drivers.antminer.client,
+    drivers.braiins.client,
     drivers.luxos.client,
     drivers.modbus.client,
     drivers.redfish.client,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from drivers.antminer.sim_server import start_antminer_servers
+from drivers.braiins.sim_server import start_braiins_servers
 from drivers.core.spec import DeviceSpec, SiteSpec
 from drivers.luxos.sim_server import start_luxos_servers
 from drivers.modbus.sim_server import SimServers
@@ -46,6 +47,9 @@ SERVED: dict[str, Start] = {
     "luxos": lambda ph, rows, devices: start_luxos_servers(ph, rows, devices),
     "redfish": lambda ph, rows, devices: start_redfish_servers(
         ph, rows, [devices[i] for i in rows]
+    ),
+    "braiins": lambda ph, rows, devices: start_braiins_servers(
+        ph, rows, devices, api_port=MINER_API_PORT
     ),
     "whatsminer": lambda ph, rows, devices: start_whatsminer_servers(ph, rows, devices),
     "antminer": lambda ph, rows, devices: start_antminer_servers(

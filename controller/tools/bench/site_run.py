@@ -41,7 +41,14 @@ from controller.wire import Ack, Telemetry
 log = logging.getLogger("rampd.bench")
 
 REPO: Final = Path(__file__).resolve().parents[3]
-QUICK_COUNTS: Final[Mapping[str, int]] = {"modbus": 10, "luxos": 100, "redfish": 4}
+QUICK_COUNTS: Final[Mapping[str, int]] = {
+    "modbus": 10,
+    "luxos": 100,
+    "braiins": 25,
+    "whatsminer": 25,
+    "antminer": 25,
+    "redfish": 4,
+}
 """Devices per protocol of the `--quick` site (same templates as the reference site)."""
 
 STOP_TIMEOUT_S: Final = 10.0
@@ -136,7 +143,7 @@ def quick_site(doc: dict[str, Any], loaded: LoadedConfig) -> dict[str, Any]:
             small += sum(d.p_max_w for d in rows[:n])
             groups.append({**g, "count": n})
     if not groups:
-        raise BenchError("--quick: the site has no modbus, luxos or redfish devices")
+        raise BenchError(f"--quick: the site has none of {', '.join(QUICK_COUNTS)}")
     out["devices"] = groups
     ratio = small / full
 
