@@ -60,7 +60,7 @@ def add_regulation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signal", help="PJM regulation CSV (default bench/data/pjm_rega_*)")
 
 
-FANOUT_PROTOCOLS = ("luxos", "modbus", "redfish")
+FANOUT_PROTOCOLS = ("luxos", "braiins", "whatsminer", "antminer", "modbus", "redfish")
 FANOUT_SIZES = (1000, 5000, 10000)
 
 
@@ -85,7 +85,10 @@ def add_fanout_arguments(p: argparse.ArgumentParser) -> None:
         "--sizes", type=_sizes, default=list(FANOUT_SIZES), help="device counts (1000,5000,10000)"
     )
     p.add_argument(
-        "--protocols", type=_protocols, default=list(FANOUT_PROTOCOLS), help="luxos,modbus,redfish"
+        "--protocols",
+        type=_protocols,
+        default=list(FANOUT_PROTOCOLS),
+        help=",".join(FANOUT_PROTOCOLS),
     )
     p.add_argument("--bursts", type=int, default=3, help="timed bursts after the first (3)")
     p.add_argument(

@@ -51,6 +51,9 @@ from controller.config import DeviceSpec, SiteLimits, load_config, poll_stretch
 from controller.fdlimit import raise_fd_limit
 from controller.tools.bench import FANOUT_PROTOCOLS as PROTOCOLS
 from controller.tools.bench import add_fanout_arguments
+from controller.tools.bench.floor_antminer import floor_antminer
+from controller.tools.bench.floor_braiins import floor_braiins
+from controller.tools.bench.floor_whatsminer import floor_whatsminer
 from controller.tools.bench.site_run import BenchError, default_out, dump_toml, spawn, stop_process
 from drivers.base import Driver
 from drivers.core import registry
@@ -61,19 +64,32 @@ log = logging.getLogger("rampd.bench")
 
 TEMPLATES: Final = {
     "luxos": "antminer-s21-luxos",
+    "braiins": "antminer-s21-braiins",
+    "whatsminer": "whatsminer-m60s",
+    "antminer": "antminer-s21-stock",
     "modbus": "modbus-load",
     "redfish": "gpu-rack-redfish",
 }
-# Loopback block of this bench: 127.100-127.119 (tests use 127.61-127.82). A /14 per
-# protocol holds 262,144 devices; each shard's meter sits in 127.119.x.y.
+# Loopback block of this bench: 127.100-127.135 (tests and the other benches use 127.5x-127.9x).
+# A /14 per protocol holds 262,144 devices; each shard's meter sits in 127.119.x.y.
 FIRST_ADDRESS: Final = {
     "luxos": ipaddress.IPv4Address("127.100.0.1"),
     "modbus": ipaddress.IPv4Address("127.104.0.1"),
     "redfish": ipaddress.IPv4Address("127.108.0.1"),
+    "braiins": ipaddress.IPv4Address("127.112.0.1"),
+    "whatsminer": ipaddress.IPv4Address("127.120.0.1"),
+    "antminer": ipaddress.IPv4Address("127.124.0.1"),
 }
 METER_NET: Final = "127.119"
-# LuxOS listens on its real port; the others as on the reference bench site.
-PORT_OVERRIDES: Final = {"luxos": {}, "modbus": {"port": 1502}, "redfish": {"port": 8080}}
+# Miners listen on their real ports; the others as on the reference bench site.
+PORT_OVERRIDES: Final = {
+    "luxos": {},
+    "braiins": {},
+    "whatsminer": {},
+    "antminer": {},
+    "modbus": {"port": 1502},
+    "redfish": {"port": 8080},
+}
 METER_PORT: Final = 1502
 _DEFAULT_MAX_POLLS_PER_S: Final[float] = SiteLimits.model_fields["max_polls_per_s"].default
 BURST_TIMEOUT_S: Final = 60.0
@@ -527,7 +543,14 @@ def _driver_concurrency() -> dict[str, int]:
     return {c.protocol: c.default_concurrency for c in PerDeviceDriver.__subclasses__()}
 
 
-FLOORS: Final = {"luxos": floor_luxos, "modbus": floor_modbus, "redfish": floor_redfish}
+FLOORS: Final[dict[str, Callable[[Sequence[DeviceSpec], int, int], Awaitable[list[Timed]]]]] = {
+    "luxos": floor_luxos,
+    "braiins": floor_braiins,
+    "whatsminer": floor_whatsminer,
+    "antminer": floor_antminer,
+    "modbus": floor_modbus,
+    "redfish": floor_redfish,
+}
 
 
 # --- the run --------------------------------------------------------------------------------
