@@ -144,6 +144,73 @@ class ControlConfig(Strict):
     """The meter's own latency (sampling/averaging); a 10 Hz meter holds each value ~50 ms."""
 
 
+class FrequencySource(Strict):
+    """A frequency source apart from the site meter: a protective relay or PMU over Modbus
+    TCP, its frequency as a 32-bit float (two holding registers, big-endian words)."""
+
+    host: str
+    port: Port = 502
+    unit: Annotated[int, Field(ge=0, le=255)] = 1
+    register: Annotated[int, Field(ge=0, le=65534)]
+    """Holding register of the frequency's first word."""
+
+
+class GridConfig(Strict):
+    """The grid the site is on, and how rampd reads its frequency."""
+
+    nominal_hz: Literal[50, 60] = 60
+    poll_s: Annotated[float, Field(gt=0, le=0.05)] = 0.05
+    """Frequency read on its own fast path, at least 20 times a second."""
+    max_age_s: Annotated[float, Field(gt=0, le=1.0)] = 0.2
+    """A reading older than this is stale: it triggers nothing."""
+    source: FrequencySource | None = None
+    """None: the site meter's frequency (SunSpec model 21x `Hz`)."""
+
+
+class FfrConfig(Strict):
+    """Fast Frequency Response: shed `armed_kw` within `deadline_s` of frequency falling to
+    `trigger_hz`, hold it up to `sustain_s` or until recalled (ERCOT: 59.85 Hz, 15 cycles)."""
+
+    armed_kw: NonNegFloat = 0.0
+    trigger_hz: PositiveFloat = 59.85
+    deadline_s: PositiveFloat = 0.25
+    sustain_s: PositiveFloat = 900.0
+
+
+class UfrConfig(Strict):
+    """Load on an under-frequency relay (ERCOT RRS: 59.70 Hz, within 30 cycles)."""
+
+    armed_kw: NonNegFloat = 0.0
+    trigger_hz: PositiveFloat = 59.70
+    deadline_s: PositiveFloat = 0.5
+    sustain_s: PositiveFloat = 900.0
+
+
+class PfrConfig(Strict):
+    """Droop (primary frequency response): power moves with frequency outside the deadband,
+    `band_kw` at most each way, on top of the dispatch. Off while `band_kw` is 0."""
+
+    droop: Annotated[float, Field(gt=0, le=0.2)] = 0.05
+    deadband_hz: NonNegFloat = 0.017
+    band_kw: NonNegFloat = 0.0
+
+
+class ServicesConfig(Strict):
+    ffr: FfrConfig = FfrConfig()
+    ufr: UfrConfig = UfrConfig()
+    pfr: PfrConfig = PfrConfig()
+
+
+class RampLimitsConfig(Strict):
+    """Ramp-rate limits on the site's load (None: no limit). Dispatches and restorations
+    keep to them; frequency deployments and the failsafe are exempt."""
+
+    up_kw_per_min: PositiveFloat | None = None
+    down_kw_per_min: PositiveFloat | None = None
+    max_change_kw_per_5s: PositiveFloat | None = None
+    """No more change than this within any rolling 5 s window."""
+
+
 class ReserveConfig(Strict):
     """Fast reserve: power the site keeps reachable within 5 s while it follows its target.
 
@@ -239,6 +306,9 @@ class SiteConfig(Strict):
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
     reserve: ReserveConfig = ReserveConfig()
+    grid: GridConfig = GridConfig()
+    services: ServicesConfig = ServicesConfig()
+    ramp_limits: RampLimitsConfig = RampLimitsConfig()
     journal: JournalConfig = JournalConfig()
     dispatch: DispatchConfig = DispatchConfig()
     meter: MeterConfig
@@ -271,7 +341,12 @@ class LoadedConfig:
     @property
     def sim_site(self) -> SiteSpec:
         """What a simulator of this site serves."""
-        return SiteSpec(self.devices, self.site.meter, self.site.noncontrollable_kw * 1e3)
+        return SiteSpec(
+            self.devices,
+            self.site.meter,
+            self.site.noncontrollable_kw * 1e3,
+            nominal_hz=self.site.grid.nominal_hz,
+        )
 
     @property
     def topic_root(self) -> str:

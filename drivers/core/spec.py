@@ -110,3 +110,5 @@ class SiteSpec:
     devices: Sequence[DeviceSpec]
     meter: MeterConfig
     noncontrollable_w: float = 0.0
+    nominal_hz: float = 60.0
+    """The grid's nominal frequency (the simulated grid's, and the meter serves it)."""
