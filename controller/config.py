@@ -247,6 +247,9 @@ class DeviceTemplate(Strict):
     setpoint_is_cap: bool = False
     """The setpoint is a ceiling: the device draws what its workload needs, up to it (a GPU
     power cap). The controller then learns each device's demand from its readings."""
+    services_only: bool = False
+    """Moved only by the grid services (a feeder breaker tripped for fast frequency
+    response): regular control leaves it as it is, running."""
     ramps_itself: bool = False
     """The device is a controller of its own (a rampd zone) that moves to a new setpoint as
     fast as it can: it gets its steady-state share at once, never a setpoint ramped cycle
@@ -495,6 +498,7 @@ def _expand(
                 sim=tpl.sim,
                 setpoint_is_cap=tpl.setpoint_is_cap,
                 ramps_itself=tpl.ramps_itself,
+                services_only=tpl.services_only,
             )
 
 

@@ -232,6 +232,8 @@ class Controller:
         measured = snap.measured_w  # read only where it is used: polled, fixed, new rows
         self._state = snap.state
         ctrl = snap.state == ON
+        if snap.held is not None:
+            ctrl &= ~snap.held
         planner = self._planner
         if planner.any:
             planner.observe(snap.state, ctrl)

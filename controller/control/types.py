@@ -40,6 +40,9 @@ class Snapshot:
     acked_sleep: Bool | None = None
     """Per device, whether the last acknowledged command was a sleep (None: no
     acknowledgements; a sleep's countdown then starts at the decision)."""
+    held: Bool | None = None
+    """Rows a grid service holds (feeders kept closed for the armed response, loads a
+    deployment shed): fixed at their power, out of control, like FAULT rows (None: none)."""
 
 
 @dataclass(frozen=True, slots=True)

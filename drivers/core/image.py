@@ -81,6 +81,7 @@ class ProcessImage:
         self.priority: I32 = np.array([s.priority for s in specs], dtype=np.int32)
         self.capped: Bool = np.array([s.setpoint_is_cap for s in specs], dtype=np.bool_)
         self.ramps_itself: Bool = np.array([s.ramps_itself for s in specs], dtype=np.bool_)
+        self.services_only: Bool = np.array([s.services_only for s in specs], dtype=np.bool_)
         self.reports_power: Bool = np.ones(n, dtype=np.bool_)
         """False where a device's power is its driver's estimate (learned at adoption)."""
         self.capabilities: list[Capabilities | None] = [None] * n

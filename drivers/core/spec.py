@@ -100,6 +100,7 @@ class DeviceSpec:
     sim: SimParams = field(default_factory=SimParams)
     setpoint_is_cap: bool = False
     ramps_itself: bool = False
+    services_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -272,9 +272,17 @@ class ModbusMeter:
     `ok` whether the last attempt succeeded.
     """
 
-    def __init__(self, cfg: MeterConfig, name: str = "meter") -> None:
+    def __init__(
+        self,
+        cfg: MeterConfig,
+        name: str = "meter",
+        on_read: Callable[[float, float, float], None] | None = None,
+    ) -> None:
+        """`on_read(hz, w, at)` after every good reading (the frequency fast path reacts
+        to the sample at once); it must be quick and not raise."""
         self.cfg = cfg
         self.name = name
+        self._on_read = on_read
         self.value_w = math.nan
         self.hz = math.nan
         self.at = math.nan
@@ -332,6 +340,8 @@ class ModbusMeter:
         self.value_w = w
         self.hz = regs_to_f32(regs[0], regs[1])
         self.at = time.monotonic()
+        if self._on_read is not None:
+            self._on_read(self.hz, w, self.at)
 
     async def _discover(self, read: Callable[[int, int], Op]) -> int:
         """Walk the SunSpec model chain from 40000 to the first float meter model."""
