@@ -151,7 +151,7 @@ class FrequencySource(Strict):
     host: str
     port: Port = 502
     unit: Annotated[int, Field(ge=0, le=255)] = 1
-    register: Annotated[int, Field(ge=0, le=65534)]
+    address: Annotated[int, Field(ge=0, le=65534)]
     """Holding register of the frequency's first word."""
 
 
