@@ -25,6 +25,8 @@ from controller.config import (
 )
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
+from controller.grid.frequency import FrequencyMonitor, Sample
+from controller.grid.services import RESPONSE_AFTER_S, Deployment, GridServices
 from controller.intake import DispatchIntake, initial_target_w, resumable
 from controller.journal import (
     DEFAULT_FILENAME,
@@ -43,7 +45,7 @@ from controller.telemetry import build_telemetry
 from controller.wire import Dispatch, Telemetry
 from drivers.base import Driver
 from drivers.core import registry
-from drivers.core.command import CommandShaper
+from drivers.core.command import Commands, CommandShaper
 from drivers.core.image import ProcessImage
 from drivers.modbus.client import ModbusMeter
 
@@ -149,7 +151,12 @@ class Daemon:
                 cfg.poll_stretch,
             )
         self.meter = ModbusMeter(site.meter) if site.meter.protocol == "modbus" else NoMeter()
-        self.metrics.watch_drivers([*self.drivers, self.meter])
+        self.services = self._new_services(self.image)
+        has_frequency = site.grid.source is not None or site.meter.protocol == "modbus"
+        self.frequency = (
+            FrequencyMonitor(site.grid, site.meter, self._on_frequency) if has_frequency else None
+        )
+        self.metrics.watch_drivers(self._watched())
         if site.metrics.per_device:
             self.metrics.enable_device_metrics(self.image, lambda: self.cycle.planned_w)
         self.controller = self._new_controller()
@@ -187,6 +194,7 @@ class Daemon:
             telemetry_max_age_s=site.site.telemetry_max_age_s,
             meter_max_age_s=site.control.meter_max_age_s,
             has_meter=not isinstance(self.meter, NoMeter),
+            services=self.services,
         )
         self.intake = DispatchIntake(
             tracker=self.tracker,
@@ -217,6 +225,57 @@ class Daemon:
         )
         self.cycle.on_tick(self._after_tick)
         self.intake.resume(resume, now_unix)
+
+    # -- grid services ---------------------------------------------------------------------
+    def _new_services(self, image: ProcessImage, old: GridServices | None = None) -> GridServices:
+        """The grid services over `image`; the armed amounts of `old` (a reload) carry over,
+        its deployments end."""
+        site = self.cfg.site
+        services = GridServices(
+            site.services,
+            site.ramp_limits,
+            nominal_hz=float(site.grid.nominal_hz),
+            site_max_w=site.site.max_kw * 1e3,
+            image=image,
+            submit=self._submit_now,
+            meter_w=lambda: self.meter.value_w,
+            on_end=self._deployment_ended,
+        )
+        if old is not None:
+            old.recall()
+            for name, svc in old.services.items():
+                services.set_armed(name, svc.armed_w)
+        return services
+
+    def _watched(self) -> list[object]:
+        extra = [] if self.frequency is None else [self.frequency]
+        return [*self.drivers, self.meter, *extra]
+
+    def _on_frequency(self, sample: Sample) -> None:
+        """Every frequency sample, at once: the services act on the event path."""
+        self.services.on_sample(sample)
+
+    def _submit_now(self, cmds: Commands) -> None:
+        """Commands of the grid services, to the drivers at once (not at the next cycle)."""
+        for owner, commands in self.image.route(cmds):
+            self.drivers[owner].submit(commands)
+        self.cycle.poke()
+
+    def _deployment_ended(self, d: Deployment) -> None:
+        after = tuple(d.response_w.get(s) for s in RESPONSE_AFTER_S)
+        duration = None if d.ended_at is None else d.ended_at - d.at
+        if self.journal is not None:
+            self.journal.record_deployment(
+                d.service, d.unix, d.hz, d.armed_w, int(d.rows.size), d.expected_w,
+                d.before_w, (after[0], after[1], after[2]), d.end_w, duration, d.ended_by,
+            )  # fmt: skip
+            self.journal.record_event(
+                "deployment",
+                f"{d.service.upper()} at {d.hz:.3f} Hz: {d.rows.size} devices, "
+                f"{d.expected_w / 1e3:.1f} kW shed of {d.armed_w / 1e3:.1f} kW armed, "
+                f"ended by {d.ended_by} after {duration or 0.0:.1f} s",
+                at=d.unix,
+            )
 
     def _build_drivers(self, cfg: LoadedConfig, image: ProcessImage) -> list[Driver]:
         ctx = replace(self._driver_ctx, poll_stretch=cfg.poll_stretch)
@@ -302,6 +361,15 @@ class Daemon:
         if out is not None:
             cap = out.capability
             self.metrics.set_capability(cap.horizons_s, cap.up_w, cap.down_w)
+        svc = self.services.services
+        self.metrics.set_services(
+            self.services.hz,
+            0 if self.frequency is None else self.frequency.implausible,
+            {n: s.armed_w for n, s in svc.items()},
+            self.services.armable_w(),
+            {n: s.deployment is not None for n, s in svc.items()},
+            {n: s.deployments for n, s in svc.items()},
+        )
 
     def _physical_min_s(self, target_w: float) -> float | None:
         """The fleet's physical minimum time to ``target_w`` (within the ramp tolerance);
@@ -397,10 +465,12 @@ class Daemon:
         )
         self.controller = self._new_controller()
         self._limits_version = self.image.limits_version
+        self.services = self._new_services(self.image, self.services)
         self.cycle.rebind(
             image=self.image, controller=self.controller, shaper=self.shaper, drivers=self.drivers
         )
-        self.metrics.watch_drivers([*self.drivers, self.meter])
+        self.cycle.services = self.services
+        self.metrics.watch_drivers(self._watched())
         if self.cfg.site.metrics.per_device:
             self.metrics.enable_device_metrics(self.image, lambda: self.cycle.planned_w)
         fleet.in_control.set()
@@ -425,6 +495,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._run_drivers(), name="drivers")
                 tg.create_task(self.meter.run(), name="meter")
+                if self.frequency is not None:
+                    tg.create_task(self.frequency.run(), name="frequency")
                 tg.create_task(self.link.run(), name="mqtt")
                 tg.create_task(self.cycle.run(), name="cycle")
                 tg.create_task(self._telemetry_loop(), name="telemetry")

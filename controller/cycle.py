@@ -23,7 +23,7 @@ from controller.target import TargetTracker
 from drivers.base import Driver
 from drivers.core.command import CommandShaper, Intent
 from drivers.core.image import ProcessImage
-from drivers.core.state import F64, DeviceState, counts_by_state
+from drivers.core.state import F64, Bool, DeviceState, counts_by_state
 
 log = logging.getLogger("rampd.cycle")
 
@@ -55,6 +55,17 @@ class CycleOutput:
         return counts_by_state(self.snapshot.state)
 
 
+class Services(Protocol):
+    """What the cycle asks of the grid services (controller.grid.services.GridServices)."""
+
+    @property
+    def held(self) -> Bool: ...
+
+    def offset_w(self, now: float) -> float: ...
+
+    def tick(self, now: float, dt: float) -> None: ...
+
+
 class ControlCycle:
     def __init__(
         self,
@@ -71,6 +82,7 @@ class ControlCycle:
         meter_max_age_s: float,
         clock: Callable[[], float] = time.monotonic,
         has_meter: bool = True,
+        services: Services | None = None,
     ) -> None:
         """``drivers[i]`` owns the rows of ``image.protocols[i]`` (its port's)."""
         if [d.port.protocol for d in drivers] != list(image.protocols):
@@ -86,6 +98,8 @@ class ControlCycle:
         self.telemetry_max_age_s = telemetry_max_age_s
         self.meter_max_age_s = meter_max_age_s
         self.has_meter = has_meter
+        self.services = services
+        """Grid services: the rows they hold, and what they add to the target."""
         """False: no site meter by design (a parent of zones); its absence is not news."""
         self.clock = clock
         self.cycles = 0
@@ -186,8 +200,12 @@ class ControlCycle:
             meter_age_s=max(0.0, now - self.meter.at) if meter_fresh else 0.0,
             delivered_w=image.acked_w.copy(),
             acked_sleep=image.acked_intent == Intent.SLEEP,
+            held=None if self.services is None else self.services.held,
         )
         target_w = self.tracker.target_w(now)
+        if self.services is not None:
+            self.services.tick(now, dt)
+            target_w += self.services.offset_w(now)
 
         # 2. Pure control step.
         result = self.controller.step(snap, target_w, dt)

@@ -282,6 +282,32 @@ class Metrics:
         self.mqtt_connected = Gauge(
             "rampd_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.grid_frequency = Gauge(
+            "rampd_grid_frequency_hz", "Grid frequency, the latest plausible reading", registry=r
+        )
+        self.frequency_implausible = Gauge(
+            "rampd_grid_frequency_implausible",
+            "Implausible frequency readings so far (ignored: they never trigger)",
+            registry=r,
+        )
+        self.service_armed = Gauge(
+            "rampd_service_armed_watts",
+            "Load armed for a frequency service",
+            ["service"],
+            registry=r,
+        )
+        self.service_armable = Gauge(
+            "rampd_service_armable_watts",
+            "Load that could shed within the service's deadline now",
+            ["service"],
+            registry=r,
+        )
+        self.service_deployed = Gauge(
+            "rampd_service_deployed", "1 while the service is deployed", ["service"], registry=r
+        )
+        self.service_deployments = Gauge(
+            "rampd_service_deployments", "Deployments since start", ["service"], registry=r
+        )
         for name in STATE_NAMES:
             self.devices.labels(state=name)
         self.dispatches.labels(result="accepted", reason="")  # exists before the first one
@@ -312,6 +338,23 @@ class Metrics:
     def set_device_counts(self, counts: dict[str, int]) -> None:
         for name in STATE_NAMES:
             self.devices.labels(state=name).set(counts.get(name, 0))
+
+    def set_services(
+        self,
+        hz: float,
+        implausible: int,
+        armed_w: dict[str, float],
+        armable_w: dict[str, float],
+        deployed: dict[str, bool],
+        deployments: dict[str, int],
+    ) -> None:
+        self.grid_frequency.set(hz)
+        self.frequency_implausible.set(implausible)
+        for name, w in armed_w.items():
+            self.service_armed.labels(service=name).set(w)
+            self.service_armable.labels(service=name).set(armable_w[name])
+            self.service_deployed.labels(service=name).set(1 if deployed[name] else 0)
+            self.service_deployments.labels(service=name).set(deployments[name])
 
     def set_capability(
         self, horizons_s: Sequence[float], up_w: Sequence[float], down_w: Sequence[float]

@@ -22,7 +22,7 @@ from drivers.core.state import F64
 log = logging.getLogger("rampd.journal")
 
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 DEFAULT_FILENAME: Final = "journal.sqlite"
 # Without $STATE_DIRECTORY (systemd StateDirectory=rampd) this is where the unit would put it.
 DEFAULT_STATE_DIR: Final = Path("/var/lib/rampd")
@@ -90,6 +90,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """
     ALTER TABLE telemetry ADD COLUMN devices_unresponsive INTEGER;
     """,
+    # Frequency deployments and the site's measured response (the evidence for the QSE).
+    """
+    CREATE TABLE deployments (
+        service TEXT NOT NULL, at REAL NOT NULL, trigger_hz REAL, armed_w REAL NOT NULL,
+        devices INTEGER NOT NULL, expected_w REAL NOT NULL, before_w REAL,
+        after_0_25s_w REAL, after_0_5s_w REAL, after_1s_w REAL,
+        end_w REAL, duration_s REAL, ended_by TEXT
+    );
+    CREATE INDEX deployments_at ON deployments (at);
+    """,
 )
 
 HORIZONS: Final = ("1s", "5s", "60s")
@@ -107,6 +117,10 @@ TELEMETRY_COLUMNS: Final = (
 RAMP_COLUMNS: Final = (
     "started_at", "dispatch_id", "from_w", "target_w", "tol_w", "settled_at", "settle_s",
     "overshoot_w", "iae_j", "physical_min_s", "outcome", "ended_at",
+)  # fmt: skip
+DEPLOYMENT_COLUMNS: Final = (
+    "service", "at", "trigger_hz", "armed_w", "devices", "expected_w", "before_w",
+    "after_0_25s_w", "after_0_5s_w", "after_1s_w", "end_w", "duration_s", "ended_by",
 )  # fmt: skip
 DISPATCH_COLUMNS: Final = (
     "received_at", "payload", "payload_len", "id", "seq", "mode", "target_w", "band_w", "signal",

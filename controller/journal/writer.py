@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from controller.journal.reader import JournalReader
 from controller.journal.schema import (
+    DEPLOYMENT_COLUMNS,
     DISPATCH_COLUMNS,
     RAMP_COLUMNS,
     STATES,
@@ -48,6 +49,7 @@ _SQL_ACK: Final = insert_sql("acks", ("at", "id", "seq", "accepted", "reason"))
 _SQL_RAMP: Final = insert_sql("ramps", RAMP_COLUMNS)
 _SQL_TELEMETRY: Final = insert_sql("telemetry", TELEMETRY_COLUMNS)
 _SQL_EVENT: Final = insert_sql("events", ("at", "kind", "text"))
+_SQL_DEPLOYMENT: Final = insert_sql("deployments", DEPLOYMENT_COLUMNS)
 _SQL_LAST_SEQ: Final = (
     "INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
     "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
@@ -268,6 +270,32 @@ class Journal(JournalReader):
             self._put(((_SQL_TELEMETRY, row),))
         except (TypeError, ValueError, OverflowError) as exc:
             self._bad_row("telemetry", exc)
+
+    def record_deployment(
+        self,
+        service: str,
+        at: float,
+        trigger_hz: float,
+        armed_w: float,
+        devices: int,
+        expected_w: float,
+        before_w: float | None,
+        after_w: tuple[float | None, float | None, float | None],
+        end_w: float | None,
+        duration_s: float | None,
+        ended_by: str,
+    ) -> None:
+        """A frequency deployment, once it ended: the site meter before, 0.25 s, 0.5 s and
+        1 s after the trigger crossing (`at`, Unix time), and at its end."""
+        try:
+            row = (
+                str(service), _req(at), _f(trigger_hz), _req(armed_w), int(devices),
+                _req(expected_w), _f(before_w), *(_f(x) for x in after_w), _f(end_w),
+                _f(duration_s), str(ended_by),
+            )  # fmt: skip
+            self._put(((_SQL_DEPLOYMENT, row),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("deployment", exc)
 
     def record_event(self, kind: str, text: str, at: float | None = None) -> None:
         """An operator-relevant event: start, stop, mode change, failsafe, replay, ..."""
