@@ -96,8 +96,9 @@ def test_shaper_types_sleep_and_applies_the_deadband() -> None:
 def test_registry_knows_the_built_in_protocols_and_names_them_for_an_unknown_one() -> None:
     import controller.protocols  # noqa: F401
 
-    assert set(registry.known()) >= {"luxos", "modbus", "redfish", "zone"}
-    with pytest.raises(registry.UnknownProtocol, match="'bogus'; known: luxos, modbus"):
+    builtin = {"antminer", "braiins", "luxos", "modbus", "redfish", "whatsminer", "zone"}
+    assert set(registry.known()) >= builtin
+    with pytest.raises(registry.UnknownProtocol, match="'bogus'; known: antminer, braiins, "):
         registry.lookup("bogus")
 
 
@@ -111,7 +112,7 @@ def test_config_with_an_unknown_protocol_fails_naming_the_known_ones(tmp_path: P
         'site_id = "s"\n[site]\nmax_kw = 10\n[meter]\nhost = "127.0.0.1"\n'
         '[[devices]]\nname = "o"\ntemplate = "odd"\naddress = "127.0.0.2"\n'
     )
-    with pytest.raises(ConfigError, match="unknown device protocol 'snmp'; known: luxos"):
+    with pytest.raises(ConfigError, match="unknown device protocol 'snmp'; known: antminer, "):
         load_config(tmp_path / "site.toml")
 
 
