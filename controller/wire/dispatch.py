@@ -20,8 +20,12 @@ from controller.wire.codec import (
 )
 from controller.wire.timestamps import rfc3339
 
-DispatchMode = Literal["setpoint", "regulation", "release"]
-MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release"})
+DispatchMode = Literal["setpoint", "regulation", "release", "recall"]
+MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release", "recall"})
+TARGET_MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release"})
+"""Modes that set the site's target; `recall` only ends frequency deployments."""
+SERVICES: Final = ("ffr", "ufr")
+"""Frequency services whose armed amount a dispatch may set (`"services": {"ffr_kw": X}`)."""
 
 REJECT_CODES: Final[frozenset[str]] = frozenset(
     {
@@ -78,7 +82,9 @@ class Dispatch:
 
     For `regulation`, `target_w` is the base and the requested power is
     `target_w + signal * band_w`. For `release`, `target_w` is the site maximum (the
-    encoder leaves it out).
+    encoder leaves it out). A `recall` ends the frequency deployments and leaves the target
+    as it is (`target_w` is 0 and means nothing). `armed_w`: the armed amount per frequency
+    service it sets (any mode; None: unchanged).
     """
 
     id: str
@@ -91,6 +97,11 @@ class Dispatch:
     expires_at: float | None = None
     signal: float | None = None
     band_w: float | None = None
+    armed_w: dict[str, float] | None = None
+
+    @property
+    def sets_target(self) -> bool:
+        return self.mode in TARGET_MODES
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object (kW, RFC 3339), unsigned."""
@@ -100,7 +111,7 @@ class Dispatch:
             "issued_at": rfc3339(self.issued_at),
             "mode": self.mode,
         }
-        if self.mode != "release":
+        if self.mode in ("setpoint", "regulation"):
             body["target_kw"] = _kw(self.target_w)
         body["ramp_s"] = self.ramp_s
         if self.start_at is not None:
@@ -111,6 +122,8 @@ class Dispatch:
             body["band_kw"] = _kw(self.band_w)
         if self.signal is not None:
             body["signal"] = self.signal
+        if self.armed_w is not None:
+            body["services"] = {f"{k}_kw": _kw(w) for k, w in self.armed_w.items()}
         return body
 
     def encode(self, key: bytes | None = None) -> bytes:
@@ -247,7 +260,7 @@ def _decode(
     if mode is None:
         raise ctx.reject("mode missing", code="missing")
     if not isinstance(mode, str) or mode not in MODES:
-        raise ctx.reject("mode unknown (setpoint, regulation or release)", code="bad_mode")
+        raise ctx.reject("mode unknown (setpoint, regulation, release or recall)", code="bad_mode")
 
     issued_at = _time(obj, "issued_at", ctx)
     age = 0.0 if replay else now_unix - issued_at
@@ -288,10 +301,13 @@ def _decode(
         if start_at is not None and expires_at <= start_at:
             raise ctx.reject("expires_at not after start_at", code="bad_schedule")
 
+    armed_w = _services(obj, ctx)
     min_kw, max_kw = limits.min_kw, limits.max_kw
     signal: float | None = None
     band_w: float | None = None
-    if mode == "release":
+    if mode == "recall":
+        target_kw = 0.0
+    elif mode == "release":
         # No constraint: the site goes back to its own maximum. A target_kw, if sent, is
         # ignored but must still be a number (garbage is garbage).
         if _present(obj, "target_kw"):
@@ -335,4 +351,27 @@ def _decode(
         expires_at=expires_at,
         signal=signal,
         band_w=band_w,
+        armed_w=armed_w,
     )
+
+
+def _services(obj: dict[str, Any], ctx: _Ctx) -> dict[str, float] | None:
+    """`"services": {"ffr_kw": X, "ufr_kw": Y}`: armed amounts, W by service name."""
+    if not _present(obj, "services"):
+        return None
+    raw = obj["services"]
+    if not isinstance(raw, dict):
+        raise ctx.reject("services must be an object", code="bad_type")
+    known = {f"{name}_kw": name for name in SERVICES}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ctx.reject(f"services.{unknown[0]} unknown ({', '.join(known)})", code="bad_type")
+    out: dict[str, float] = {}
+    for key, name in known.items():
+        if raw.get(key) is None:
+            continue
+        kw = _number(raw, key, ctx)
+        if kw < 0:
+            raise ctx.reject(f"services.{key} must not be negative", code="out_of_range")
+        out[name] = kw * 1e3
+    return out

@@ -332,3 +332,43 @@ def test_dispatch_shaped_objects_parse_or_reject_cleanly(
 def test_valid_setpoints_always_parse_to_watts(target: float, ramp: float, seq: int) -> None:
     d = parse(msg(target_kw=target, ramp_s=ramp, seq=seq))
     assert d.target_w == target * 1e3 and d.ramp_s == ramp and d.seq == seq
+
+
+# --- frequency services: armed amounts and recall ------------------------------------------
+
+
+def test_services_set_armed_amounts_in_watts_with_any_mode_and_round_trip() -> None:
+    d = parse(msg(services={"ffr_kw": 1500.0, "ufr_kw": 0}))
+    assert d.armed_w == {"ffr": 1.5e6, "ufr": 0.0} and d.sets_target
+    again = Dispatch.decode(d.encode(), now_unix=NOW, last_seq=None, limits=LIMITS)
+    assert again == d
+    only_ffr = parse(msg(services={"ffr_kw": 250.0, "ufr_kw": None}))
+    assert only_ffr.armed_w == {"ffr": 250e3}
+    assert parse(msg()).armed_w is None
+
+
+def test_recall_needs_no_target_and_sets_none() -> None:
+    d = parse(msg(mode="recall", target_kw=_DROP))
+    assert d.mode == "recall" and not d.sets_target
+    assert "target_kw" not in d.to_wire()
+    assert Dispatch.decode(d.encode(), now_unix=NOW, last_seq=None, limits=LIMITS) == d
+
+
+@pytest.mark.parametrize(
+    ("services", "words"),
+    [
+        ([1], "services must be an object"),
+        ({"pfr_kw": 1.0}, "services.pfr_kw unknown"),
+        ({"ffr_kw": -1.0}, "must not be negative"),
+        ({"ffr_kw": "lots"}, "ffr_kw"),
+        ({"ffr_kw": float("inf")}, "ffr_kw"),
+    ],
+)
+def test_bad_services_are_rejected_with_a_reason(services: Any, words: str) -> None:
+    if isinstance(services, dict) and any(
+        isinstance(v, float) and math.isinf(v) for v in services.values()
+    ):
+        raw = json.dumps(msg(services=services)).replace("Infinity", "1e999").encode()
+        assert words in rejected(None, raw=raw)
+        return
+    assert words in rejected(msg(services=services))
