@@ -217,6 +217,8 @@ class TargetTracker:
         if self._failsafe:
             self._failsafe = False
             self._log(logging.INFO, "failsafe ended by dispatch %s (seq %d)", d.id, d.seq)
+        if not d.sets_target:  # a recall: the target stays as it is
+            return
 
         def to_mono(unix: float | None) -> float | None:
             return None if unix is None else now + (unix - now_unix)
