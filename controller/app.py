@@ -313,6 +313,10 @@ class Daemon:
         self.status.update()
 
     def _accepted(self, d: Dispatch, now_unix: float) -> None:
+        for name, armed_w in (d.armed_w or {}).items():
+            self.services.set_armed(name, armed_w)
+        if d.mode == "recall":
+            self.services.recall()
         self._adopt_dynamics()
         self._dispatched_at = time.monotonic()
         self.cycle.poke()
