@@ -1,4 +1,5 @@
-"""Readers of the simulator's ground-truth log (`{"t": unix s, "site_kw": kW}` per line).
+"""Readers of the simulator's ground-truth log (`{"t": unix s, "site_kw": kW, "hz": grid
+frequency}` per line; `hz` NaN where a log has none).
 
 The log is the simulator's word on what the site drew, independent of the daemon's: the
 benches, the demo, `rampd report` and the end-to-end tests judge ramps on it (with
@@ -35,10 +36,16 @@ def read_truth(path: Path, since_t: float = 0.0) -> tuple[F64, F64]:
 
 
 def _parse(line: bytes) -> tuple[float, float] | None:
+    rec = _parse_hz(line)
+    return None if rec is None else (rec[0], rec[1])
+
+
+def _parse_hz(line: bytes) -> tuple[float, float, float] | None:
     try:
         rec = json.loads(line)
-        return float(rec["t"]), float(rec["site_kw"])
-    except (ValueError, KeyError, TypeError):
+        hz = rec.get("hz")
+        return float(rec["t"]), float(rec["site_kw"]), float("nan") if hz is None else float(hz)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -51,6 +58,7 @@ class TruthTail:
         self._partial = b""
         self.t: list[float] = []
         self.kw: list[float] = []
+        self.hz: list[float] = []
 
     def poll(self) -> int:
         """Read what was appended; returns the number of new samples."""
@@ -65,9 +73,10 @@ class TruthTail:
         lines = data.split(b"\n")
         self._partial = lines.pop()
         n = 0
-        for rec in filter(None, map(_parse, lines)):
+        for rec in filter(None, map(_parse_hz, lines)):
             self.t.append(rec[0])
             self.kw.append(rec[1])
+            self.hz.append(rec[2])
             n += 1
         return n
 
