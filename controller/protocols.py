@@ -7,6 +7,7 @@ from __future__ import annotations
 import controller.zone.client
 import drivers.antminer.client
 import drivers.braiins.client
+import drivers.breaker.client
 import drivers.luxos.client
 import drivers.modbus.client
 import drivers.redfish.client
@@ -15,6 +16,7 @@ import drivers.whatsminer.client
 BUILTIN = (
     drivers.antminer.client,
     drivers.braiins.client,
+    drivers.breaker.client,
     drivers.luxos.client,
     drivers.modbus.client,
     drivers.redfish.client,

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from contextlib import suppress
+from typing import ClassVar, Protocol
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
@@ -38,13 +39,18 @@ from drivers.sim.physics import SLOW_S, Fault, SitePhysics
 
 log = logging.getLogger("rampd.sim")
 
-_BIT_FUNCTIONS = frozenset({1, 2, 5, 15})  # coils/discrete inputs: not part of these maps
+_BIT_FUNCTIONS = frozenset({1, 2, 5, 15})  # coils and discrete inputs
 _V_LN = 277.0  # 480 V wye
 _PF = 0.99
 
 
-class _Faulty:
-    """Fault handling shared by the device and meter hooks."""
+class FaultyDevice:
+    """Fault handling shared by the simulated Modbus devices' hooks (loads, meter, breakers).
+
+    `serves_bits`: whether the device has coils and discrete inputs (a breaker); the
+    register-only maps answer those functions with ILLEGAL_FUNCTION."""
+
+    serves_bits: ClassVar[bool] = False
 
     def _fault(self) -> Fault:
         raise NotImplementedError
@@ -56,7 +62,7 @@ class _Faulty:
         return data
 
     async def _gate(self, func_code: int) -> tuple[Fault, ExcCodes | None]:
-        if func_code in _BIT_FUNCTIONS:
+        if func_code in _BIT_FUNCTIONS and not self.serves_bits:
             return Fault.NONE, ExcCodes.ILLEGAL_FUNCTION
         fault = self._fault()
         if fault == Fault.SLOW:
@@ -67,7 +73,7 @@ class _Faulty:
         return fault, None
 
 
-class LoadDevice(_Faulty):
+class LoadDevice(FaultyDevice):
     """LOAD_MAP of physics row `i`."""
 
     def __init__(self, physics: SitePhysics, i: int) -> None:
@@ -131,7 +137,7 @@ class LoadDevice(_Faulty):
         return None
 
 
-class MeterDevice(_Faulty):
+class MeterDevice(FaultyDevice):
     """METER_MAP: the site meter reading physics.meter_w."""
 
     def __init__(self, physics: SitePhysics, unit: int = 1) -> None:
@@ -216,9 +222,14 @@ def _float_points() -> list[str]:
     return [r.name for r in METER_MAP.regs if r.type == "f32"]
 
 
-async def _start(
-    device: LoadDevice | MeterDevice, host: str, port: int, what: str
-) -> ModbusTcpServer:
+class ServedDevice(Protocol):
+    def simdevice(self) -> SimDevice: ...
+
+    def trace_packet(self, sending: bool, data: bytes) -> bytes: ...
+
+
+async def serve(device: ServedDevice, host: str, port: int, what: str) -> ModbusTcpServer:
+    """A Modbus TCP server for one simulated device on `host:port`."""
     quiet_pymodbus()  # a server per device: no "Server listening." line per device
     server = ModbusTcpServer(
         device.simdevice(), address=(host, port), trace_packet=device.trace_packet
@@ -231,13 +242,13 @@ async def _start(
 
 
 async def start_load_server(physics: SitePhysics, i: int, host: str, port: int) -> ModbusTcpServer:
-    return await _start(LoadDevice(physics, i), host, port, physics.names[i])
+    return await serve(LoadDevice(physics, i), host, port, physics.names[i])
 
 
 async def start_meter_server(
     physics: SitePhysics, host: str, port: int, unit: int = 1
 ) -> ModbusTcpServer:
-    return await _start(MeterDevice(physics, unit), host, port, "the meter")
+    return await serve(MeterDevice(physics, unit), host, port, "the meter")
 
 
 class SimServers:
@@ -275,9 +286,12 @@ class SimServers:
 
 
 __all__ = [
+    "FaultyDevice",
     "LoadDevice",
     "MeterDevice",
+    "ServedDevice",
     "SimServers",
+    "serve",
     "start_load_server",
     "start_meter_server",
 ]

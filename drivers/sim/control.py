@@ -1,7 +1,7 @@
 """The simulator's control endpoint: inspect devices and inject faults over HTTP (JSON).
 
     GET  /devices[?protocol=luxos]   rows with name, protocol, host, power, fault
-    GET  /truth                      {"t": unix s, "site_kw": true site power}
+    GET  /truth                      {"t": unix s, "site_kw": true site power, "hz": grid}
     POST /faults  {"fault": "silent"|"slow"|"error"|"garbage"|"reboot"|"stuck"|"none",
                    "devices": ["row-0001", ...]}                        by name, or
                   {"fault": ..., "fraction": 0.1, "protocol": "luxos"?, "seed": 1?}
@@ -10,12 +10,20 @@
     POST /physical_min  {"target_kw": float, "tol_kw": float >= 0}
                   -> {"physical_min_s": s | null (not within an hour), "now_kw": true site kW,
                       "lo_5s_kw": ..., "hi_5s_kw": ...}  (site power reachable at 5 s)
+    GET  /grid    {"mode": "noise"|"hold"|"trace", "hz", "nominal_hz", "trace": name|null,
+                   "position_s", "remaining_s"} (position and remaining: a trace's only)
+    POST /grid    {"hz": 59.8}                                      hold a value
+                  {"trace": PATH, "trace_nominal_hz": 50?}          replay a recording now
+                                    (the nominal: 50 or 60 from the trace's median if absent)
+                  {"mode": "noise"}                                 back to noise
+                  -> what GET /grid answers; 400 with the reason for anything else
 
 Tests and benches use it to make devices misbehave while the daemon runs in its own process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -27,6 +35,7 @@ from aiohttp import web
 
 from drivers.core.physical_min import physical_min_s, reachable_w
 from drivers.core.spec import DeviceSpec
+from drivers.sim.grid import FrequencyTrace
 from drivers.sim.physics import Fault, SitePhysics
 
 log = logging.getLogger("rampd.sim")
@@ -72,6 +81,8 @@ class SimControl:
         app.router.add_post("/faults", self.faults)
         app.router.add_post("/meter", self.meter)
         app.router.add_post("/physical_min", self.physical_min)
+        app.router.add_get("/grid", self.grid_status)
+        app.router.add_post("/grid", self.set_grid)
         self.app = app
         self._params = physics.fleet_params()
 
@@ -109,9 +120,54 @@ class SimControl:
         return web.json_response(rows)
 
     async def truth(self, request: web.Request) -> web.Response:
+        ph = self.physics
         return web.json_response(
-            {"t": round(time.time(), 3), "site_kw": round(self.physics.truth() / 1e3, 3)}
+            {
+                "t": round(time.time(), 3),
+                "site_kw": round(ph.truth() / 1e3, 3),
+                "hz": round(ph.hz, 5),
+            }
         )
+
+    async def grid_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.physics.grid.status())
+
+    async def set_grid(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        grid = self.physics.grid
+        unknown = set(body) - {"mode", "hz", "trace", "trace_nominal_hz"}
+        if unknown:
+            raise web.HTTPBadRequest(text=f"unknown keys: {', '.join(sorted(unknown))}")
+        mode = body.get("mode")
+        if mode is None:
+            mode = "trace" if "trace" in body else "hold" if "hz" in body else None
+        if mode == "noise" and len(body) == 1:
+            grid.noise()
+        elif mode == "hold" and "trace" not in body and "trace_nominal_hz" not in body:
+            try:
+                grid.hold(_number(body, "hz"))
+            except ValueError as exc:
+                raise web.HTTPBadRequest(text=str(exc)) from None
+        elif mode == "trace" and "hz" not in body:
+            path = body.get("trace")
+            if not isinstance(path, str) or not path:
+                raise web.HTTPBadRequest(text="trace must be a file path")
+            nominal = None
+            if body.get("trace_nominal_hz") is not None:
+                nominal = _number(body, "trace_nominal_hz")
+            try:
+                trace = await asyncio.to_thread(FrequencyTrace.load, path, nominal)
+            except ValueError as exc:
+                raise web.HTTPBadRequest(text=str(exc)) from None
+            grid.replay(trace)
+        else:
+            raise web.HTTPBadRequest(
+                text='give {"hz": value}, {"trace": path, "trace_nominal_hz": 50|60} '
+                'or {"mode": "noise"}'
+            )
+        status = grid.status()
+        log.info("sim: grid %s", status)
+        return web.json_response(status)
 
     async def faults(self, request: web.Request) -> web.Response:
         body = await _json(request)

@@ -6,8 +6,9 @@ wake_s) on its run command and reports its power with measurement noise. A devic
 workload varies (a GPU rack: `DeviceSpec.sim`) draws min(setpoint, demand_w), where demand_w is
 piecewise constant per job; a device whose demand is its p_max (a miner) draws its setpoint.
 Behind the meter sit the devices and a non-flexible load (cooling, auxiliaries) that drifts
-slowly. Protocol servers read and write these arrays directly and consult `fault` to misbehave
-on purpose.
+slowly. The grid's frequency (`grid`, drivers/sim/grid.py) is stepped with the devices and
+served by the meter as `hz`. Protocol servers read and write these arrays directly and consult
+`fault` to misbehave on purpose.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy.typing as npt
 from drivers.core.params import FleetParams
 from drivers.core.spec import DeviceSpec
 from drivers.core.state import F64, I8, Bool, DeviceState
+from drivers.sim.grid import GridFrequency
 
 Index = npt.NDArray[np.intp] | Sequence[int] | int
 
@@ -58,6 +60,7 @@ class SitePhysics:
         drift_fraction: float = 0.03,
         drift_period_s: float = 600.0,
         meter_noise_w: float | None = None,
+        nominal_hz: float = 60.0,
     ) -> None:
         def col(attr: str) -> F64:
             return np.array([getattr(s, attr) for s in specs], dtype=np.float64)
@@ -125,7 +128,8 @@ class SitePhysics:
         scale = float(self.p_max_w.sum()) + self.noncontrollable_mean_w
         self.meter_noise_w = 2e-4 * scale if meter_noise_w is None else float(meter_noise_w)
         self.meter_w = self.truth()
-        self.hz = 60.0
+        # Its own generator: the grid's draws leave the measurement-noise stream as it was.
+        self.grid = GridFrequency(nominal_hz, seed=[seed, 2])
         self.energy_wh = 0.0
         self._update_readings()
 
@@ -244,12 +248,18 @@ class SitePhysics:
         self.noncontrollable_w = max(0.0, self.noncontrollable_mean_w * (1 + drift) + self._ar)
 
         self.energy_wh += self.truth() * dt / 3600.0
+        self.grid.step(dt)
         self._update_readings()
 
     def _update_readings(self) -> None:
         self.reported_w = self.power_w + self.noise_w * self._rng.standard_normal(self.n)
         self.meter_w = self.truth() + self.meter_noise_w * float(self._rng.standard_normal())
-        self.hz = 60.0 + 0.01 * math.sin(2 * math.pi * self.t_s / 37.0)
+
+    @property
+    def hz(self) -> float:
+        """The grid frequency now: a change of grid mode shows at the next read, not the
+        next step."""
+        return self.grid.hz
 
     # --- ground truth ---
 

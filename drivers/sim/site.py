@@ -1,8 +1,8 @@
 """The simulated site: physics stepped on a fixed monotonic schedule, served over real sockets.
 
 `run_sim` serves every device of a site config on its own address (and the meter), steps the
-physics at 50 Hz, and appends the ground truth as JSON lines ({"t": unix s, "site_kw": kW})
-so benchmarks can score the site independently of the daemon.
+physics at 50 Hz, and appends the ground truth as JSON lines ({"t": unix s, "site_kw": kW,
+"hz": the grid frequency}) so benchmarks can score the site independently of the daemon.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Protocol, TextIO
 
 from drivers.antminer.sim_server import start_antminer_servers
 from drivers.braiins.sim_server import start_braiins_servers
+from drivers.breaker.sim_server import start_breaker_servers
 from drivers.core.spec import DeviceSpec, SiteSpec
 from drivers.luxos.sim_server import start_luxos_servers
 from drivers.modbus.sim_server import SimServers
@@ -55,6 +56,7 @@ SERVED: dict[str, Start] = {
     "antminer": lambda ph, rows, devices: start_antminer_servers(
         ph, rows, devices, rpc_port=MINER_API_PORT
     ),
+    "breaker": lambda ph, rows, devices: start_breaker_servers(ph, rows, devices),
 }
 """How each protocol's devices are served (Modbus loads: with the meter, by SimServers)."""
 
@@ -78,6 +80,7 @@ class SimSite:
             seed=seed,
             dt_s=self.dt_s,
             initial_fraction=initial_fraction,
+            nominal_hz=site.nominal_hz,
         )
         self.servers: SimServers | None = None
         self.served: dict[str, Servers] = {}
@@ -139,7 +142,11 @@ class SimSite:
                 next_truth += 1.0 / truth_hz
                 if next_truth <= now:  # fell behind: keep the rate, do not burst
                     next_truth = now + 1.0 / truth_hz
-                line = {"t": round(time.time(), 3), "site_kw": round(self.physics.truth() / 1e3, 3)}
+                line = {
+                    "t": round(time.time(), 3),
+                    "site_kw": round(self.physics.truth() / 1e3, 3),
+                    "hz": round(self.physics.hz, 5),
+                }
                 truth.write(json.dumps(line) + "\n")
 
     async def close(self) -> None:
