@@ -205,11 +205,15 @@ class DispatcherClient:
         issued_at: float | None = None,
         seq: int | None = None,
         id: str | None = None,
+        services_kw: dict[str, float] | None = None,
     ) -> Dispatch:
-        """A new dispatch, the next seq, issued now (unless given); not yet sent."""
+        """A new dispatch, the next seq, issued now (unless given); not yet sent.
+        `services_kw`: armed amounts by frequency service ({"ffr": 1500.0})."""
         seq = self.next_seq() if seq is None else seq
         if mode == "release":
             target_w = float("nan")  # the encoder leaves it out; the daemon takes its maximum
+        elif mode == "recall":
+            target_w = 0.0  # no target: the encoder leaves it out
         elif target_kw is None:
             raise ValueError(f"a {mode} dispatch needs target_kw")
         else:
@@ -228,6 +232,7 @@ class DispatcherClient:
             expires_at=expires_at,
             signal=signal,
             band_w=None if band_kw is None else band_kw * 1e3,
+            armed_w=None if services_kw is None else {k: v * 1e3 for k, v in services_kw.items()},
         )
 
     async def publish(self, dispatch: Dispatch) -> Sent:

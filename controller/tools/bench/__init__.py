@@ -123,11 +123,18 @@ def _run_regulation(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _run_frequency(args: argparse.Namespace) -> int:
+    from controller.tools.bench.frequency import run_cli
+
+    return run_cli(args)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `rampd bench ramp | regulation | fanout` on the CLI's subparsers."""
+    """Register `rampd bench ramp | regulation | fanout | frequency` on the CLI's
+    subparsers."""
     p = sub.add_parser(
         "bench",
-        help="benchmarks on a simulated site (ramp, regulation, fanout)",
+        help="benchmarks on a simulated site (ramp, regulation, fanout, frequency)",
         description="Start a broker, the simulated site and the daemon as processes, drive "
         "them like a grid dispatcher and score the simulator's ground truth.",
     )
@@ -143,3 +150,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_fanout_arguments(f)
     f.set_defaults(func=_run_fanout)
+    q = benches.add_parser(
+        "frequency", help="replay a real under-frequency event: FFR and UFR on ground truth"
+    )
+    from controller.tools.bench.frequency import add_arguments as add_frequency_arguments
+
+    add_frequency_arguments(q)
+    q.set_defaults(func=_run_frequency)

@@ -169,8 +169,10 @@ def write_run_config(
     quick: bool,
     broker: tuple[str, int],
     metrics_port: int,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> LoadedConfig:
-    """Write OUT/site.toml (the config this run uses) and return it loaded."""
+    """Write OUT/site.toml (the config this run uses) and return it loaded; `sections`
+    replace tables of the source (a bench's `[services]`)."""
     try:
         loaded = load_config(source)
         doc = tomllib.loads(source.read_text(encoding="utf-8"))
@@ -178,6 +180,8 @@ def write_run_config(
         raise BenchError(str(exc)) from None
     if quick:
         doc = quick_site(doc, loaded)
+    for name, table in (sections or {}).items():
+        doc[name] = json.loads(json.dumps(table))
     doc.setdefault("mqtt", {}).update(host=broker[0], port=broker[1])
     doc.setdefault("metrics", {})["listen"] = f"127.0.0.1:{metrics_port}"
     doc.setdefault("journal", {})["path"] = str((out_dir / "journal.sqlite").resolve())
@@ -417,7 +421,13 @@ def _fresh_out(out: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def start_site(
-    source: Path, out: Path, *, quick: bool, mqtt: str | None = None, seed: int = 0
+    source: Path,
+    out: Path,
+    *,
+    quick: bool,
+    mqtt: str | None = None,
+    seed: int = 0,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> AsyncIterator[Site]:
     """Broker (or `mqtt`), simulator and daemon, with a connected dispatcher; every device ON.
 
@@ -425,7 +435,9 @@ async def start_site(
     """
     truth_path = _fresh_out(out)
     async with _broker(mqtt) as broker:
-        cfg = write_run_config(source, out, quick=quick, broker=broker, metrics_port=free_port())
+        cfg = write_run_config(
+            source, out, quick=quick, broker=broker, metrics_port=free_port(), sections=sections
+        )
         control_port = free_port()
         run_cfg = str(out / "site.toml")
         sim = await spawn(
