@@ -41,7 +41,7 @@ from controller.ramp_watch import RampWatch
 from controller.readiness import Readiness
 from controller.status import SiteStatus
 from controller.target import TargetTracker
-from controller.telemetry import build_telemetry
+from controller.telemetry import build_telemetry, ramp_limit_report
 from controller.wire import Dispatch, Telemetry
 from drivers.base import Driver
 from drivers.core import registry
@@ -171,7 +171,9 @@ class Daemon:
         now_unix = time.time()
         resume = resumable(self.journal, site.site, cfg.dispatch_key, now_unix)
         initial_w = initial_target_w(self.journal, resume, site.site.max_kw * 1e3, now_unix)
-        self.tracker = TargetTracker(site.site, site.failsafe, initial_w=initial_w)
+        self.tracker = TargetTracker(
+            site.site, site.failsafe, initial_w=initial_w, ramp_limits=site.ramp_limits
+        )
         self.ramps = (
             None
             if self.journal is None
@@ -346,15 +348,17 @@ class Daemon:
     def telemetry(self) -> Telemetry:
         """The telemetry message for now (no side effects)."""
         out = self.cycle.last
+        at = time.time()
         return build_telemetry(
             out,
-            at=time.time(),
+            at=at,
             mode=self.tracker.mode,
             devices=self.cycle.counts_by_state(),
             cycles=self.cycle.cycles,
             overruns=self.cycle.overruns,
             reserve=self.cfg.site.reserve,
             physical_min_s=None if out is None else self._physical_min_s(out.target_w),
+            ramp_limit=ramp_limit_report(self.tracker, time.monotonic(), at),
         )
 
     def update_telemetry_metrics(self, tel: Telemetry) -> None:
@@ -380,6 +384,7 @@ class Daemon:
         None when out of reach."""
         tol_w = tolerance_w(target_w, self.cfg.site.site.max_kw * 1e3)
         t = self.controller.physical_min_s(target_w, tol_w)
+        t = max(t, self.tracker.limited_min_s(target_w))  # no faster than the ramp limits
         return round(t, 3) if math.isfinite(t) else None
 
     async def _telemetry_loop(self) -> None:
