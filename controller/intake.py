@@ -129,4 +129,10 @@ class DispatchIntake:
             d.ramp_s,
         )
         self._metrics.count_dispatch(True, "")
-        self._publish_ack(Ack(d.id, d.seq, True, "", now_unix).encode())
+        # Slowed by a ramp limit: still accepted; the ack names the limit and the arrival.
+        # (A dispatch scheduled for later is judged at its start: telemetry says it then.)
+        started = self._tracker.in_force is d
+        limited_by, reach_mono = self._tracker.limit_state() if started else (None, None)
+        reach_at = None if reach_mono is None else now_unix + (reach_mono - now)
+        ack = Ack(d.id, d.seq, True, "", now_unix, limited_by=limited_by, reach_at=reach_at)
+        self._publish_ack(ack.encode())

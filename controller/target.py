@@ -7,20 +7,37 @@ axis once, at acceptance; later wall-clock jumps do not move them).
 Every transition (a scheduled start, an expiry, the failsafe) happens at its exact instant on
 the monotonic axis, whatever the caller's polling rate: the trajectory is a function of time,
 not of how often it is sampled.
+
+Ramp-rate limits (`[ramp_limits]`) act on a fixed grid of TICK_S on the monotonic axis (not on
+the caller's samples, so the limited trajectory is still a function of time): at each tick the
+target moves toward the unlimited trajectory by no more than the per-minute rates allow and
+stays within `max_change_kw_per_5s` of every target of the last 5 s; between ticks it holds.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Final, Literal
 
-from controller.config import FailsafeConfig, SiteLimits
+from controller.config import FailsafeConfig, RampLimitsConfig, SiteLimits
+from controller.wire.ack import RampLimitName
 from controller.wire.dispatch import Dispatch
 
 log = logging.getLogger("rampd.target")
 
 TrackerMode = Literal["normal", "released", "failsafe"]
+
+TICK_S: Final = 0.1
+"""The ramp limiter's grid: the target moves at most this often under limits."""
+WINDOW_S: Final = 5.0
+"""The rolling window of `max_change_kw_per_5s`."""
+_WINDOW_TICKS: Final = round(WINDOW_S / TICK_S)
+MAX_PREDICT_TICKS: Final = 12_000
+"""How far a dispatch's reach time is simulated tick by tick (20 min); beyond, extrapolated."""
+_EPS_W: Final = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +55,183 @@ class _Ramp:
         if t <= self.t0:
             return self.w0
         return self.w0 + (self.w1 - self.w0) * (t - self.t0) / (self.t1 - self.t0)
+
+
+def _rate_w_s(limits: RampLimitsConfig, up: bool) -> float:
+    """The per-minute limit in the direction as W/s; inf when none."""
+    kw_min = limits.up_kw_per_min if up else limits.down_kw_per_min
+    return math.inf if kw_min is None else kw_min * 1e3 / 60.0
+
+
+def _window_w(limits: RampLimitsConfig) -> float:
+    m = limits.max_change_kw_per_5s
+    return math.inf if m is None else m * 1e3
+
+
+def limited_min_s(limits: RampLimitsConfig, delta_w: float) -> float:
+    """The least time the limits allow for a change of `delta_w` (positive: up) from a target
+    at rest: ramps at the per-minute rate, at most `max_change_kw_per_5s` per 5 s window (a
+    step of the window's size, then the next one once the first leaves the window)."""
+    d = abs(delta_w)
+    if d <= _EPS_W:
+        return 0.0
+    rate, m = _rate_w_s(limits, delta_w > 0), _window_w(limits)
+    if math.isinf(m) or rate * WINDOW_S <= m:
+        return d / rate  # the rate alone never fills a window (0 with no limit at all)
+    k = math.ceil(d / m - 1e-9) - 1  # whole windows used before the last stretch
+    return k * WINDOW_S + (d - k * m) / rate
+
+
+def allowance_w(limits: RampLimitsConfig, horizon_s: float, up: bool) -> float:
+    """The most the limits let the target move within `horizon_s` from rest (inf: no limit):
+    what capability within that horizon can promise at most."""
+    rate, m = _rate_w_s(limits, up), _window_w(limits)
+    windows = max(1, math.ceil(horizon_s / WINDOW_S - 1e-9))
+    return min(rate * horizon_s, m * windows)
+
+
+class _Limiter:
+    """The ramp limits on the tick grid: the limited target and the history the 5 s window
+    needs (at most one window of ticks, plus the last tick before it: the value held at the
+    window's start). Exempt moves shift the whole history (`base`), so they are not counted.
+    """
+
+    __slots__ = ("base", "binding", "down", "highs", "hist", "k", "lows", "m", "up", "y")
+
+    def __init__(self, limits: RampLimitsConfig, k: int, w: float) -> None:
+        self.up = _rate_w_s(limits, True) * TICK_S
+        self.down = _rate_w_s(limits, False) * TICK_S
+        self.m = _window_w(limits)
+        self.k = k
+        self.y = w
+        self.base = 0.0
+        # (tick, value - base): all ticks of the window; lows/highs: monotonic deques of them.
+        self.hist: deque[tuple[int, float]] = deque([(k, w)])
+        self.lows: deque[tuple[int, float]] = deque([(k, w)])
+        self.highs: deque[tuple[int, float]] = deque([(k, w)])
+        self.binding: Literal["rate", "window"] | None = None
+
+    def copy(self) -> _Limiter:
+        c = object.__new__(_Limiter)
+        for name in _Limiter.__slots__:
+            v = getattr(self, name)
+            setattr(c, name, deque(v) if isinstance(v, deque) else v)
+        return c
+
+    def _push(self, k: int, v: float) -> None:
+        self.hist.append((k, v))
+        while self.lows and self.lows[-1][1] >= v:
+            self.lows.pop()
+        self.lows.append((k, v))
+        while self.highs and self.highs[-1][1] <= v:
+            self.highs.pop()
+        self.highs.append((k, v))
+
+    def step(self, k: int, r: float, exempt: bool) -> None:
+        """Tick `k` with the unlimited target `r`."""
+        hist = self.hist
+        while len(hist) >= 2 and hist[1][0] <= k - _WINDOW_TICKS:
+            hist.popleft()
+        first = hist[0][0]
+        while self.lows[0][0] < first:
+            self.lows.popleft()
+        while self.highs[0][0] < first:
+            self.highs.popleft()
+        y_prev = self.y
+        self.k = k
+        if exempt:
+            self.base += r - y_prev
+            self.y, self.binding = r, None
+            self._push(k, r - self.base)
+            return
+        lo, hi = y_prev - self.down, y_prev + self.up
+        lo_by: Literal["rate", "window"] = "rate"
+        hi_by: Literal["rate", "window"] = "rate"
+        if self.m < math.inf:
+            w_lo = self.highs[0][1] + self.base - self.m
+            w_hi = self.lows[0][1] + self.base + self.m
+            if w_lo > lo:
+                lo, lo_by = w_lo, "window"
+            if w_hi < hi:
+                hi, hi_by = w_hi, "window"
+        if r > hi:
+            self.y, self.binding = hi, hi_by
+        elif r < lo:
+            self.y, self.binding = lo, lo_by
+        else:
+            self.y, self.binding = r, None
+        self._push(k, self.y - self.base)
+
+    def settled(self) -> bool:
+        """Every target of the window equals the current one: nothing left to count."""
+        return self.highs[0][1] - self.lows[0][1] <= _EPS_W
+
+    def rest(self, k: int) -> None:
+        """Jump to tick `k` holding the current target (settled, unlimited target flat)."""
+        v = self.y - self.base
+        self.k = k
+        self.binding = None
+        for d in (self.hist, self.lows, self.highs):
+            d.clear()
+            d.append((k, v))
+
+    def advance(self, k_end: int, ramp: _Ramp, exempt: bool) -> None:
+        """Every tick up to `k_end` under `ramp`; a settled stretch is skipped at once."""
+        while self.k < k_end:
+            k = self.k + 1
+            t = k * TICK_S
+            r = ramp.at(t)
+            if t >= ramp.t1 and abs(self.y - r) <= _EPS_W and self.settled():
+                self.rest(k_end)
+                return
+            self.step(k, r, exempt)
+
+
+def _tick_of(t: float) -> int:
+    """The last tick at or before `t`."""
+    return math.floor(t / TICK_S + 1e-9)
+
+
+def _predict(
+    lim: _Limiter, ramp: _Ramp, limits: RampLimitsConfig
+) -> tuple[float | None, RampLimitName | None]:
+    """When the limited target reaches `ramp`'s end (monotonic s) and the limit that governs,
+    by running a copy of the limiter forward; (None, None) when no limit slows the move."""
+    goal = ramp.w1
+    up = goal > lim.y
+    if abs(goal - lim.y) <= _EPS_W:
+        return None, None
+    sim = lim.copy()
+    k0 = sim.k
+    rate_tick = sim.up if up else sim.down
+    # From a full window of its own rate-limited motion on, the window cannot bind.
+    window_idle = sim.m == math.inf or rate_tick * (_WINDOW_TICKS + 1) <= sim.m
+    by_rate = by_window = False
+    raw_end = max(k0, math.ceil(ramp.t1 / TICK_S - 1e-9))
+    while abs(sim.y - goal) > _EPS_W:
+        if window_idle and (sim.m == math.inf or sim.k - k0 > _WINDOW_TICKS):
+            # The rest is a ramp at the rate toward the unlimited trajectory: closed form.
+            need = math.ceil(abs(goal - sim.y) / rate_tick - 1e-9) if rate_tick < math.inf else 0
+            k_rate = sim.k + need
+            by_rate = by_rate or k_rate > raw_end
+            sim.k = max(raw_end, k_rate)
+            break
+        if sim.k - k0 >= MAX_PREDICT_TICKS:
+            sim.k += math.ceil(abs(goal - sim.y) / sim.m) * _WINDOW_TICKS  # a window a step
+            by_window = True
+            break
+        sim.step(sim.k + 1, ramp.at((sim.k + 1) * TICK_S), False)
+        by_rate = by_rate or sim.binding == "rate"
+        by_window = by_window or sim.binding == "window"
+    if not (by_rate or by_window) or sim.k <= raw_end:
+        return None, None
+    rate_name: RampLimitName = "up_kw_per_min" if up else "down_kw_per_min"
+    # Both bound: the window governs when its pace (one window's change per 5 s) is slower.
+    window_slower = sim.m / WINDOW_S < _rate_w_s(limits, up)
+    name: RampLimitName = (
+        "max_change_kw_per_5s" if by_window and (window_slower or not by_rate) else rate_name
+    )
+    return sim.k * TICK_S, name
 
 
 def _began(d: Dispatch) -> float:
@@ -109,6 +303,15 @@ class TargetTracker:
         dispatcher must re-dispatch (release counts) before the mode leaves "failsafe"; the
         heartbeat still restarts the silence timer.
 
+    Ramp limits (`ramp_limits`, optional): every trajectory above (setpoints with or without
+    `ramp_s`, regulation, however fast its signal, release, expiry, restoration after a
+    failsafe) is limited so the target never moves faster than `up_kw_per_min` /
+    `down_kw_per_min` nor by more than `max_change_kw_per_5s` within any rolling 5 s window; a
+    new ramp starts from the limited target. Exempt, and not counted against the window: the
+    failsafe's own target (baseline / min: at once or over `failsafe.ramp_s`, as without
+    limits) and the exempt offset (`set_exempt_offset`, for frequency deployments).
+    `limit_state` says which limit slows the move in force and when its end is reached.
+
     `target_w(now)` advances the state to `now`; `mode`, `active`, `in_force` and `pending`
     report the state as of the latest call (of any method). Time never runs backwards: an
     earlier `now` is treated as the latest one seen.
@@ -125,9 +328,11 @@ class TargetTracker:
         *,
         now_mono: float | None = None,
         announce: bool = True,
+        ramp_limits: RampLimitsConfig | None = None,
     ) -> None:
         """`now_mono` starts the silence timer; without it, the first call of any method does.
-        `announce=False` keeps transitions out of the log (a replay, not the site)."""
+        `announce=False` keeps transitions out of the log (a replay, not the site).
+        `ramp_limits`: None, or none of them set, leaves the trajectory unlimited."""
         self._announce = announce
         self._min_w = limits.min_kw * 1e3
         self._max_w = limits.max_kw * 1e3
@@ -145,6 +350,12 @@ class TargetTracker:
         self._last_msg: float | None = now_mono  # None until the first call fixes the origin
         self._failsafe = False
         self._released = False
+        lims = ramp_limits
+        self._limits = lims if lims is not None and lims != RampLimitsConfig() else None
+        self._lim: _Limiter | None = None  # built at the first tick, on the grid of `now`
+        self._reach_at: float | None = None
+        self._limited_by: RampLimitName | None = None
+        self._exempt_w = 0.0
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -176,6 +387,40 @@ class TargetTracker:
         return self._last_seq
 
     @property
+    def ramp_limits(self) -> RampLimitsConfig | None:
+        """The limits in force; None without any."""
+        return self._limits
+
+    def limit_state(self) -> tuple[RampLimitName | None, float | None]:
+        """(the limit slowing the move in force, the monotonic instant its end is reached),
+        as of the latest call; (None, None) when no limit slows it (or it has arrived)."""
+        if self._reach_at is None or self._now is None or self._now >= self._reach_at:
+            return None, None
+        return self._limited_by, self._reach_at
+
+    def limited_min_s(self, target_w: float) -> float:
+        """The least time the limits allow the target in force (as of the latest call) to
+        take to reach `target_w`: until the move in force arrives if that is where it is
+        heading, else from rest; 0 without limits."""
+        if self._limits is None or self._lim is None or self._now is None:
+            return 0.0
+        by, reach = self.limit_state()
+        if by is not None and reach is not None and abs(target_w - self._ramp.w1) <= 1.0:
+            return reach - self._now
+        return limited_min_s(self._limits, target_w - self._lim.y)
+
+    @property
+    def exempt_offset_w(self) -> float:
+        return self._exempt_w
+
+    def set_exempt_offset(self, offset_w: float) -> None:
+        """The hook for frequency deployments: `offset_w` (negative: less load) is added to
+        the target from the next `target_w` on, at once, outside the ramp limits and not
+        counted against their windows (the limited trajectory goes on as if it were 0). The
+        sum stays within the site's bounds. 0 withdraws it, also at once."""
+        self._exempt_w = offset_w
+
+    @property
     def ramp_end_w(self) -> float:
         """Where the current ramp is heading (the final value), for telemetry."""
         return self._ramp.w1
@@ -198,7 +443,10 @@ class TargetTracker:
 
     def target_w(self, now_mono: float) -> float:
         now = self._advance(now_mono)
-        return self._ramp.at(now)
+        # Limited: held between ticks; the failsafe's own target goes on unlimited.
+        lim = self._lim
+        w = self._ramp.at(now) if lim is None or self._exempt() else lim.y
+        return w if self._exempt_w == 0.0 else self._clamp(w + self._exempt_w)
 
     def heartbeat(self, now_mono: float) -> None:
         now = self._advance(now_mono)
@@ -252,8 +500,42 @@ class TargetTracker:
     def _clamp(self, w: float) -> float:
         return min(self._max_w, max(self._min_w, w))
 
+    def _exempt(self) -> bool:
+        """The failsafe's own target (baseline / min) goes outside the limits."""
+        return self._failsafe and self._fs.policy != "hold"
+
     def _ramp_to(self, t: float, w: float, ramp_s: float) -> None:
-        self._ramp = _Ramp(t, self._ramp.at(t), t + ramp_s, self._clamp(w))
+        lim = self._lim
+        if lim is None:
+            self._ramp = _Ramp(t, self._ramp.at(t), t + ramp_s, self._clamp(w))
+            return
+        # From the limited target: the site is there, not where the unlimited one would be.
+        self._ramp = _Ramp(t, lim.y, t + ramp_s, self._clamp(w))
+        self._reach_at, self._limited_by = (
+            (None, None) if self._exempt() else _predict(lim, self._ramp, self._limits_cfg())
+        )
+        if self._limited_by is not None and self._reach_at is not None:
+            self._log(
+                logging.INFO,
+                "target %.1f kW limited by %s: reached in %.1f s",
+                self._ramp.w1 / 1e3,
+                self._limited_by,
+                self._reach_at - t,
+            )
+
+    def _limits_cfg(self) -> RampLimitsConfig:
+        assert self._limits is not None
+        return self._limits
+
+    def _limit_to(self, t: float) -> None:
+        """Run the limiter's ticks up to `t` under the trajectory in force (before it
+        changes at `t`, so each tick sees the trajectory of its own instant)."""
+        if self._limits is None:
+            return
+        if self._lim is None:
+            self._lim = _Limiter(self._limits, _tick_of(t), self._ramp.at(t))
+            return
+        self._lim.advance(_tick_of(t), self._ramp, self._exempt())
 
     def _start(self, d: Dispatch, t: float, expires: float | None) -> None:
         was = self.mode
@@ -290,12 +572,14 @@ class TargetTracker:
             if not due:
                 break
             t, kind = min(due)
+            self._limit_to(t)
             if kind == 0:
                 self._start_pending(t)
             elif kind == 1:
                 self._expire(t)
             else:
                 self._enter_failsafe(t)
+        self._limit_to(now)
         self._now = now
         return now
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Final
 
 from controller.wire.timestamps import parse_rfc3339
@@ -107,6 +107,14 @@ def optional_str(obj: Mapping[str, Any], key: str, *, max_len: int | None = None
     if not isinstance(value, str):
         raise WireError(f"{key} must be a string", code="bad_type")
     return value if max_len is None else value[:max_len]
+
+
+def optional_choice(obj: Mapping[str, Any], key: str, choices: Collection[str]) -> str | None:
+    """``obj[key]`` as one of `choices`; None when absent or null."""
+    value = optional_str(obj, key)
+    if value is not None and value not in choices:
+        raise WireError(f"{key} must be one of {', '.join(sorted(choices))}", code="out_of_range")
+    return value
 
 
 def required(value: Any, key: str) -> Any:

@@ -12,12 +12,14 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
+from controller.wire.ack import RAMP_LIMIT_NAMES, RampLimitName
 from controller.wire.codec import (
     WireError,
     decode_object,
     kw,
+    optional_choice,
     optional_int,
     optional_number,
     optional_str,
@@ -129,6 +131,36 @@ class ReserveReport:
 
 
 @dataclass(frozen=True, slots=True)
+class RampLimitReport:
+    """The ramp limits configured (kW; None: no limit), the one slowing the target now (None:
+    none is), and when the target reaches where it is heading (unix s; None unless limited)."""
+
+    up_kw_per_min: float | None = None
+    down_kw_per_min: float | None = None
+    max_change_kw_per_5s: float | None = None
+    limited_by: RampLimitName | None = None
+    reach_at: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "up_kw_per_min": self.up_kw_per_min,
+            "down_kw_per_min": self.down_kw_per_min,
+            "max_change_kw_per_5s": self.max_change_kw_per_5s,
+            "limited_by": self.limited_by,
+            "reach_at": None if self.reach_at is None else rfc3339(self.reach_at),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> RampLimitReport:
+        limits = [optional_number(obj, k) for k in RAMP_LIMIT_NAMES]
+        if any(v is not None and v <= 0 for v in limits):
+            raise WireError("ramp_limit limits must be > 0 or null", code="out_of_range")
+        up, down, window = limits
+        by = optional_choice(obj, "limited_by", RAMP_LIMIT_NAMES)
+        return cls(up, down, window, cast(RampLimitName | None, by), optional_time(obj, "reach_at"))
+
+
+@dataclass(frozen=True, slots=True)
 class SleepReport:
     parked: int
     """Devices told to sleep (asleep or on their way)."""
@@ -184,6 +216,7 @@ class Telemetry:
     """Least time to the current target (0: there; None: out of reach)."""
     sleep: SleepReport | None = None
     cycle: CycleReport | None = None
+    ramp_limit: RampLimitReport | None = None
 
     @property
     def started(self) -> bool:
@@ -210,6 +243,7 @@ class Telemetry:
             "physical_min_s": self.physical_min_s,
             "sleep": None if self.sleep is None else self.sleep.to_wire(),
             "cycle": None if self.cycle is None else self.cycle.to_wire(),
+            "ramp_limit": None if self.ramp_limit is None else self.ramp_limit.to_wire(),
         }
 
     def encode(self) -> bytes:
@@ -237,6 +271,7 @@ class Telemetry:
             raise WireError("physical_min_s must be >= 0 or null", code="out_of_range")
         cap, reserve = section(obj, "capability"), section(obj, "reserve")
         sleep, cycle = section(obj, "sleep"), section(obj, "cycle")
+        ramp_limit = section(obj, "ramp_limit")
         saturated = optional_int(obj, "saturated")
         return cls(
             at=at,
@@ -254,4 +289,5 @@ class Telemetry:
             physical_min_s=pm,
             sleep=None if sleep is None else SleepReport.from_wire(sleep),
             cycle=None if cycle is None else CycleReport.from_wire(cycle),
+            ramp_limit=None if ramp_limit is None else RampLimitReport.from_wire(ramp_limit),
         )
