@@ -119,7 +119,7 @@ def test_telemetry_keeps_its_field_names() -> None:
     assert list(body) == [
         "at", "measured_kw", "measured_source", "target_kw", "min_kw", "max_kw",
         "noncontrollable_kw", "capability", "devices", "mode", "saturated", "reserve",
-        "physical_min_s", "sleep", "cycle",
+        "physical_min_s", "sleep", "cycle", "ramp_limit",
     ]  # fmt: skip
     assert body["capability"]["up_kw"] == {"1s": 10.0, "5s": 50.0, "60s": None}
     assert body["reserve"] == {
