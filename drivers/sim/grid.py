@@ -42,10 +42,6 @@ FREQUENCY_COLUMNS = ("hz", "frequency", "frequency_hz", "freq", "f_hz", "f")
 TIME_COLUMNS = ("t_s", "t", "time_s", "seconds")
 """Columns of seconds from the trace's start; else a timestamp column, else 1 s samples."""
 TIMESTAMP_COLUMNS = ("timestamp_utc", "timestamp", "time", "datetime")
-TRACE_DIR = Path(__file__).resolve().parent / "data"
-"""Recordings shipped with the simulator (see data/README.md); a bare file name is looked
-up here when it is not a file relative to the working directory."""
-
 F64Array = npt.NDArray[np.float64]
 
 
@@ -99,7 +95,9 @@ class FrequencyTrace:
         """Read a CSV with a header: a frequency column (`FREQUENCY_COLUMNS`) and a time
         column (`TIME_COLUMNS` in seconds, or an ISO timestamp; none: 1 s samples).
         `nominal_hz` None: 50 or 60, whichever the median is nearer. Raises TraceError."""
-        p = resolve_trace(path)
+        p = Path(path)
+        if not p.is_file():
+            raise TraceError(f"trace file not found: {path}")
         try:
             with p.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.reader(fh))
@@ -120,17 +118,6 @@ class FrequencyTrace:
         if nominal_hz is None:
             nominal_hz = 50.0 if abs(float(np.median(hz)) - 50.0) < 5.0 else 60.0
         return cls(p.name, t - t[0], hz, float(nominal_hz))
-
-
-def resolve_trace(path: str | Path) -> Path:
-    """`path` as given, else (a bare name) the shipped recording of that name."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    shipped = TRACE_DIR / p.name
-    if p.name == str(path) and shipped.is_file():
-        return shipped
-    raise TraceError(f"trace file not found: {path}")
 
 
 def _column(header: list[str], names: tuple[str, ...]) -> int | None:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
 
 from controller.config import load_config
+from drivers.modbus.registers import METER_MAP, regs_to_f32
 from drivers.sim.physics import Fault
 from drivers.sim.site import SimSite
+from tests.helpers import until
 
 SITE = """
 site_id = "ctl"
@@ -144,3 +148,133 @@ async def test_physical_min_refuses_bad_bodies(sim: tuple[SimSite, str], body: A
     _, base = sim
     status, text = await call(f"{base}/physical_min", body)
     assert status == 400 and isinstance(text, str) and text
+
+
+# --- the grid: POST /grid and GET /grid ---
+
+TRACE_2023 = Path(__file__).resolve().parents[2] / "bench/data/grid_frequency_gb_2023-12-22_1s.csv"
+"""Real GB frequency, 50 Hz nominal: 49.905 Hz at its start (59.886 Hz per unit on 60)."""
+
+
+async def meter_hz(client: AsyncModbusTcpClient) -> float:
+    rr = await client.read_holding_registers(METER_MAP["Hz"].address, count=2, device_id=1)
+    assert not rr.isError()
+    return regs_to_f32(*rr.registers)
+
+
+async def test_a_trace_replay_reaches_the_meter_at_once_and_the_truth_log(
+    sim: tuple[SimSite, str], tmp_path: Path
+) -> None:
+    site, base = sim
+    truth_path = tmp_path / "truth.jsonl"
+    stop = asyncio.Event()
+    with truth_path.open("a", buffering=1, encoding="utf-8") as truth:
+        run = asyncio.create_task(site.run(stop, truth))
+        client = AsyncModbusTcpClient("127.63.2.1", port=1502, timeout=1, retries=0)
+        try:
+            assert await client.connect()
+            status, body = await call(f"{base}/grid")
+            assert status == 200 and body["mode"] == "noise" and body["nominal_hz"] == 60.0
+            assert body["trace"] is None and abs(body["hz"] - 60.0) < 0.1
+            assert abs(await meter_hz(client) - 60.0) < 0.1
+
+            status, body = await call(f"{base}/grid", {"hz": 59.8})
+            assert status == 200 and body["mode"] == "hold" and body["hz"] == 59.8
+            assert await meter_hz(client) == pytest.approx(59.8, abs=1e-5)  # float32
+            await until(lambda: _last(truth_path).get("hz") == 59.8, 2, what="hz in the truth")
+
+            status, body = await call(
+                f"{base}/grid", {"trace": str(TRACE_2023), "trace_nominal_hz": 50}
+            )
+            assert status == 200 and body["mode"] == "trace"
+            assert body["trace"] == TRACE_2023.name and body["remaining_s"] > 358.0
+            first = 60.0 * (1 + (49.905 - 50.0) / 50.0)
+
+            async def replayed() -> bool:
+                return abs(await meter_hz(client) - first) < 0.003
+
+            # Within 100 ms of the answer, what a Modbus client reads is the trace.
+            await until_async(replayed, 0.1, "meter Hz follows the trace")
+            # It goes on with the physics (the first two samples: 49.905 -> 49.907 Hz).
+            await until_async(lambda: _moving(base), 1, "the replay moving")
+            status, body = await call(f"{base}/grid")
+            assert status == 200 and body["mode"] == "trace" and body["position_s"] > 0
+            assert body["remaining_s"] == pytest.approx(359.0 - body["position_s"], abs=0.01)
+            assert first - 0.001 < body["hz"] < 60.0 * (1 + (49.907 - 50.0) / 50.0) + 0.001
+            await until(
+                lambda: abs(_last(truth_path).get("hz", 0.0) - first) < 0.003, 2, what="truth hz"
+            )
+            lines = [json.loads(x) for x in truth_path.read_text().splitlines()]
+            assert all("hz" in line and "site_kw" in line for line in lines)
+
+            status, body = await call(f"{base}/grid", {"mode": "noise"})
+            assert status == 200 and body["mode"] == "noise" and body["trace"] is None
+            assert abs(await meter_hz(client) - 60.0) < 0.1
+        finally:
+            client.close()
+            stop.set()
+            await asyncio.wait_for(run, 5)
+
+
+def _last(path: Path) -> dict[str, Any]:
+    lines = path.read_text().splitlines()
+    if not lines:
+        return {}
+    try:
+        last = json.loads(lines[-1])
+    except ValueError:  # a line being written
+        return {}
+    assert isinstance(last, dict)
+    return last
+
+
+async def _moving(base: str) -> bool:
+    status, body = await call(f"{base}/grid")
+    return status == 200 and bool(body["position_s"])
+
+
+async def until_async(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """`until` for an async predicate that does I/O (typed for mypy): poll it every 5 ms until
+    it holds, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"condition {what} not met within {timeout} s"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ({"hz": "59.8"}, "finite number"),
+        ({"hz": 30.0}, "nominal"),
+        ({"hz": 59.8, "trace": str(TRACE_2023)}, "give"),
+        ({"hz": 59.8, "trace_nominal_hz": 50}, "give"),
+        ({"mode": "storm"}, "give"),
+        ({"mode": "noise", "hz": 59.0}, "give"),
+        ({"gust": 1}, "unknown keys"),
+        ({"trace": "/nonexistent/f.csv"}, "not found"),
+        ({"trace": ""}, "file path"),
+        ({"trace": str(TRACE_2023), "trace_nominal_hz": "50"}, "finite number"),
+        ({"trace": str(TRACE_2023), "trace_nominal_hz": 60}, "not a 60 Hz grid"),
+        ([59.8], "JSON object"),
+        (b"hz=59.8", "not JSON"),
+    ],
+)
+async def test_bad_grid_bodies_are_refused_with_a_reason_and_change_nothing(
+    sim: tuple[SimSite, str], body: Any, why: str
+) -> None:
+    site, base = sim
+    status, text = await call(f"{base}/grid", body)
+    assert status == 400 and isinstance(text, str) and why in text, text
+    assert site.physics.grid.status()["mode"] == "noise"
+
+
+async def test_a_trace_without_a_frequency_column_is_refused(
+    sim: tuple[SimSite, str], tmp_path: Path
+) -> None:
+    site, base = sim
+    path = tmp_path / "power.csv"
+    path.write_text("t_s,power_kw\n0,100\n1,101\n")
+    status, text = await call(f"{base}/grid", {"trace": str(path)})
+    assert status == 400 and "no frequency column" in text and "power_kw" in text
+    assert site.physics.grid.status()["mode"] == "noise"

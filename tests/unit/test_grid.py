@@ -23,7 +23,8 @@ from drivers.sim.physics import SitePhysics
 from tests.helpers import device_spec
 
 DT = 0.02
-GB_2019 = "grid_frequency_gb_2019-08-09_1s.csv"
+GB_2019 = Path(__file__).resolve().parents[2] / "bench/data/grid_frequency_gb_2019-08-09_1s.csv"
+"""Real GB frequency (see bench/data/README.md)."""
 
 
 def write(path: Path, text: str) -> Path:
@@ -110,7 +111,7 @@ def test_at_the_end_of_a_trace_the_grid_returns_to_noise_around_nominal(tmp_path
 
 
 def test_a_real_recording_maps_its_nadir_and_infers_its_nominal() -> None:
-    trace = FrequencyTrace.load(GB_2019)  # a bare name: the recording shipped with the sim
+    trace = FrequencyTrace.load(GB_2019)  # no nominal given: 50 Hz from its median
     assert trace.nominal_hz == 50.0 and trace.duration_s == 359.0
     assert trace.hz.min() == pytest.approx(48.787)
     assert trace.at(120.0, 60.0) == pytest.approx(60.0 * 48.787 / 50.0)  # 58.544 Hz
