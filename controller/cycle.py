@@ -216,7 +216,10 @@ class ControlCycle:
         self._sleep_counts = counts
 
         # 3. Hand changed commands of the rows the controller decides to their drivers.
-        ctl = np.flatnonzero(result.controllable if result.commanded is None else result.commanded)
+        commanded = result.controllable if result.commanded is None else result.commanded
+        if snap.held is not None:  # the grid services' rows: never commanded from here
+            commanded = commanded & ~snap.held
+        ctl = np.flatnonzero(commanded)
         if ctl.size:
             sleep = None if result.sleep is None else result.sleep[ctl]
             changed = self.shaper.changed(ctl, result.setpoints_w[ctl], sleep)

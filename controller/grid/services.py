@@ -45,6 +45,9 @@ RESPONSE_AFTER_S = (0.25, 0.5, 1.0)
 """When the site's response is sampled for the deployment's record."""
 DEFAULT_RESTORE_S = 30.0
 """Without ramp limits, a deployment's load comes back spread over this long."""
+REARM_MARGIN_HZ = 0.05
+"""After a deployment ends, the service arms again only once frequency has recovered this far
+above its trigger: a recall during the event must not deploy it again at the next sample."""
 KEEP_CLOSED_EVERY_S = 5.0
 """How often a services-only device found open (not deployed) is told to close again."""
 
@@ -82,6 +85,7 @@ class Service:
     first_below_at: float = math.nan
     deployment: Deployment | None = None
     deployments: int = 0
+    rearm_pending: bool = False
 
 
 class GridServices:
@@ -136,7 +140,9 @@ class GridServices:
         if s.plausible:
             self.hz, self.hz_at = s.hz, s.at
         for svc in self.services.values():  # FFR first: the stricter deadline
-            if svc.deployment is not None or svc.armed_w <= 0.0:
+            if svc.rearm_pending and s.plausible and s.hz >= svc.trigger_hz + REARM_MARGIN_HZ:
+                svc.rearm_pending = False
+            if svc.deployment is not None or svc.armed_w <= 0.0 or svc.rearm_pending:
                 svc.below = 0
                 continue
             if not (s.plausible and s.hz <= svc.trigger_hz):
@@ -284,6 +290,7 @@ class GridServices:
         d = svc.deployment
         assert d is not None
         svc.deployment = None
+        svc.rearm_pending = True
         d.ended_at, d.end_w, d.ended_by = now, self._meter_w(), why
         # Staggered: each shed device runs again once the load before it is back, at the
         # limited rate.
