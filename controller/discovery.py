@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from drivers.base import DriverError
-from drivers.luxos.client import exchange
-from drivers.luxos.messages import encode_request
+from drivers.cgminer.client import exchange
+from drivers.cgminer.wire import encode_request
 
 API_PORT = 4028
 MAX_HOSTS = 1 << 20

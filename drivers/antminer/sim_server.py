@@ -41,7 +41,6 @@ hashrate and uptime come from the RPC (`rpc_port` 4028).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -52,15 +51,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from aiohttp import web
 
 from drivers.antminer import web as w
+from drivers.cgminer.server import FaultReplies, MinerApi, MinerServers, bind, served_specs
+from drivers.cgminer.sim import MinerRows
 from drivers.core.spec import DeviceSpec
-from drivers.core.state import DeviceState
 from drivers.sim.physics import SLOW_S, Fault, SitePhysics
 
 log = logging.getLogger("rampd.sim")
@@ -71,9 +70,8 @@ digest nonces carry their issue time and expire after minutes]."""
 _SILENT_POLL_S = 0.05
 SETS_KEPT = 10_000
 """Accepted set bodies kept for tests (bounded: a long simulated run sends millions)."""
-RPC_REQUEST_TIMEOUT_S = 5.0
-"""An RPC client that sends no complete request within this is dropped."""
-RPC_SILENT_HOLD_S = 30.0
+RPC_MAX_REQUEST_BYTES = 4096
+"""An RPC request not complete at this size is answered as it is (bmminer's are small)."""
 GARBAGE = b'{"STATUS":{"STATUS":"S","when":\xff\xfe,,"rate_5s":'
 _HTML_401 = (
     "<html><head><title>401 Unauthorized</title></head>"
@@ -129,7 +127,7 @@ def model_of(spec: DeviceSpec) -> Model:
     return MODELS.get(type_name(spec).upper().removeprefix("ANTMINER").strip(), DEFAULT_MODEL)
 
 
-class AntminerSim:
+class AntminerSim(MinerRows):
     """Stock-firmware behaviour of the miners at physics rows `rows` (local index k)."""
 
     def __init__(
@@ -140,12 +138,7 @@ class AntminerSim:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if len(rows) != len(specs):
-            raise ValueError(f"{len(rows)} rows but {len(specs)} specs")
-        self.physics = physics
-        self.rows: npt.NDArray[np.intp] = np.asarray(rows, dtype=np.intp)
-        self.specs = tuple(specs)
-        self._clock = clock
+        super().__init__(physics, rows, specs, clock)
         n = len(specs)
         self.type_names = tuple(type_name(s) for s in specs)
         self.models = tuple(model_of(s) for s in specs)
@@ -156,11 +149,6 @@ class AntminerSim:
         self.stored: list[Json | None] = [None] * n
         """Configuration fields as last set (None: the factory configuration)."""
         self.boots = np.zeros(n, dtype=np.int64)
-        self.boot_t = np.full(n, clock())
-        self.reboots = np.zeros(n, dtype=np.int64)
-        self._sent_sp = physics.cmd_setpoint_w[self.rows].copy()
-        self._sent_run = physics.cmd_run[self.rows].copy()
-        self._reboot_seen = np.zeros(n, dtype=np.bool_)
         self.counts: Counter[tuple[int, str]] = Counter()
         """Authenticated requests answered, by (miner, path); for tests and benchmarks."""
         self.auth_failures: Counter[int] = Counter()
@@ -169,9 +157,6 @@ class AntminerSim:
         """The set_miner_conf bodies accepted, in order: (miner, body); the latest SETS_KEPT."""
 
     # --- state derived from the physics ---
-
-    def _row(self, k: int) -> int:
-        return int(self.rows[k])
 
     def mode(self, k: int) -> w.Mode:
         i = self._row(k)
@@ -184,9 +169,6 @@ class AntminerSim:
     def preset_w(self, k: int, mode: w.Mode) -> float:
         spec = self.specs[k]
         return spec.p_max_w if mode == w.Mode.NORMAL else spec.p_min_w
-
-    def hashing(self, k: int) -> bool:
-        return int(self.physics.state[self._row(k)]) == DeviceState.ON
 
     def rate_ghs(self, k: int) -> float:
         if not self.hashing(k):
@@ -201,9 +183,6 @@ class AntminerSim:
             return 0.0
         return self.preset_w(k, mode) / self.models[k].efficiency_j_th * 1e3
 
-    def elapsed(self, k: int) -> int:
-        return int(self._clock() - self.boot_t[k])
-
     def serial(self, k: int) -> str:
         return f"SMTTB{self._row(k):010d}"
 
@@ -217,30 +196,15 @@ class AntminerSim:
         name = self.specs[k].name
         return {"pools": [{**p, "user": p["user"].format(name=name)} for p in DEFAULT_POOLS]}
 
-    def _command(self, k: int, mode: w.Mode) -> None:
-        i = self._row(k)
+    def _set_mode(self, k: int, mode: w.Mode) -> None:
         if mode == w.Mode.SLEEP:
-            self.physics.command(i, run=0)
+            self._command(k, run=0)
         else:
-            self.physics.command(i, setpoint_w=self.preset_w(k, mode), run=1)
-        self._sent_sp[k] = self.physics.cmd_setpoint_w[i]
-        self._sent_run[k] = self.physics.cmd_run[i]
+            self._command(k, setpoint_w=self.preset_w(k, mode), run=1)
 
-    def check_reboot(self, k: int) -> None:
-        ph, i = self.physics, self._row(k)
-        flagged = int(ph.fault[i]) == Fault.REBOOT
-        if not flagged:
-            self._reboot_seen[k] = False
-        changed = ph.cmd_setpoint_w[i] != self._sent_sp[k] or ph.cmd_run[i] != self._sent_run[k]
-        if (flagged and not self._reboot_seen[k]) or changed:
-            self._reboot_seen[k] = flagged
-            if flagged:  # the restart lands now; physics.step() repeats it harmlessly
-                ph.command(i, setpoint_w=float(ph.default_setpoint_w[i]), run=1)
-            self._sent_sp[k] = ph.cmd_setpoint_w[i]
-            self._sent_run[k] = ph.cmd_run[i]
-            self.boots[k] += 1
-            self.boot_t[k] = self._clock()
-            self.reboots[k] += 1
+    def _restarted(self, k: int, flagged: bool) -> None:
+        super()._restarted(k, flagged)
+        self.boots[k] += 1  # the nonces of the earlier boot are stale
 
     # --- digest authentication ---
 
@@ -353,7 +317,7 @@ class AntminerSim:
             "freq-level": str(conf.get("freq-level", "100")),
         }
         if mode is not None:
-            self._command(k, mode)
+            self._set_mode(k, mode)
         self.sets.append((k, conf))
         return w.set_reply(True)
 
@@ -477,22 +441,35 @@ def _password(spec: DeviceSpec) -> str:
     return w.DEFAULT_PASSWORD
 
 
-class AntminerServers:
+class AntminerServers(MinerServers[AntminerSim]):
     """The web listeners (one runner) and RPC listeners of a set of simulated miners."""
 
     def __init__(self, sim: AntminerSim) -> None:
-        self.sim = sim
+        super().__init__(sim)
         self.runner: web.AppRunner | None = None
-        self.rpc_servers: list[asyncio.Server] = []
-        self.transports: set[asyncio.Transport] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         self.closing = asyncio.Event()
         self._by_addr: dict[tuple[str, int], int] = {
             (s.host, s.port): k for k, s in enumerate(sim.specs)
         }
+        # GARBAGE is sent before the reboot check, ERROR and the answers after it.
+        self.rpc_api = MinerApi(
+            self._rpc_reply,
+            self._fault,
+            FaultReplies(GARBAGE, self._rpc_error),
+            max_request_bytes=RPC_MAX_REQUEST_BYTES,
+        )
 
     def _fault(self, k: int) -> int:
         return int(self.sim.physics.fault[int(self.sim.rows[k])])
+
+    def _rpc_reply(self, k: int, request: bytes) -> bytes:
+        self.sim.check_reboot(k)
+        return json.dumps(self.sim.rpc(k, request)).encode() + b"\x00"
+
+    def _rpc_error(self, k: int) -> bytes:
+        self.sim.check_reboot(k)
+        reply = _rpc_status("E", 45, "Internal error", int(time.time()))
+        return json.dumps(reply).encode() + b"\x00"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         sock = request.transport.get_extra_info("sockname") if request.transport else None
@@ -553,19 +530,7 @@ class AntminerServers:
 
     async def close(self) -> None:
         self.closing.set()  # releases handlers held by SILENT
-        for server in self.rpc_servers:
-            server.close()
-        for transport in list(self.transports):
-            transport.abort()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=2.0)
-        for server in self.rpc_servers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await server.wait_closed()
-        self.rpc_servers.clear()
+        await super().close()
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -575,86 +540,6 @@ def _json(obj: Json) -> web.Response:
     return web.Response(
         body=json.dumps(obj, separators=(",", ":")).encode(), content_type="application/json"
     )
-
-
-class _RpcConnection(asyncio.Protocol):
-    """One RPC connection: a JSON request in, the reply and a NUL out, closed (bmminer)."""
-
-    def __init__(self, servers: AntminerServers, k: int) -> None:
-        self._servers = servers
-        self._k = k
-        self._buf = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._answered = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._servers.transports.add(self._transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(RPC_REQUEST_TIMEOUT_S, self._transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        if self._answered:
-            return
-        self._buf += data
-        if len(self._buf) > 4096:
-            self._answer()
-            return
-        try:
-            json.loads(self._buf)
-        except ValueError:
-            return  # not complete yet
-        self._answer()
-
-    def eof_received(self) -> bool:
-        if not self._answered and self._buf:
-            self._answer()
-            return True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._servers.transports.discard(self._transport)
-
-    def _answer(self) -> None:
-        self._answered = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._servers._fault(self._k) == Fault.SLOW:
-            task = asyncio.get_running_loop().create_task(self._slow())
-            self._servers.tasks.add(task)
-            task.add_done_callback(self._servers.tasks.discard)
-        else:
-            self._reply()
-
-    async def _slow(self) -> None:
-        await asyncio.sleep(SLOW_S)
-        self._reply()
-
-    def _reply(self) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        servers, k = self._servers, self._k
-        fault = servers._fault(k)
-        if fault == Fault.SILENT:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(RPC_SILENT_HOLD_S, transport.close)
-            return
-        if fault == Fault.GARBAGE:
-            transport.write(GARBAGE)
-        else:
-            servers.sim.check_reboot(k)
-            if fault == Fault.ERROR:
-                reply = _rpc_status("E", 45, "Internal error", int(time.time()))
-            else:
-                reply = servers.sim.rpc(k, bytes(self._buf))
-            transport.write(json.dumps(reply).encode() + b"\x00")
-        transport.close()
 
 
 async def start_antminer_servers(
@@ -669,13 +554,7 @@ async def start_antminer_servers(
 
     `specs` is either parallel to `indices` or the whole site's list (indexed by row).
     """
-    rows = [int(i) for i in indices]
-    if len(specs) == len(rows):
-        mine = list(specs)
-    elif len(specs) == physics.n:
-        mine = [specs[i] for i in rows]
-    else:
-        raise ValueError(f"{len(specs)} specs for {len(rows)} miners of {physics.n} rows")
+    rows, mine = served_specs(physics, indices, specs)
     sim = AntminerSim(physics, rows, mine)
     out = AntminerServers(sim)
     app = web.Application(client_max_size=w.MAX_BODY_BYTES)
@@ -684,23 +563,13 @@ async def start_antminer_servers(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     out.runner = runner
-    loop = asyncio.get_running_loop()
     try:
         for k, spec in enumerate(mine):
-            try:
-                await web.TCPSite(runner, spec.host, spec.port, backlog=64).start()
-                if rpc_port is not None:
-                    out.rpc_servers.append(
-                        await loop.create_server(
-                            lambda k=k: _RpcConnection(out, k),  # type: ignore[misc]
-                            spec.host,
-                            rpc_port,
-                            backlog=64,
-                        )
-                    )
-            except OSError as exc:
-                where = f"{spec.host}:{spec.port}"
-                raise OSError(f"sim: cannot listen on {where} for {spec.name}: {exc}") from None
+            await bind(
+                spec, spec.port, web.TCPSite(runner, spec.host, spec.port, backlog=64).start()
+            )
+            if rpc_port is not None:
+                await out.listen_api(out.rpc_api, k, spec, rpc_port)
     except BaseException:
         await out.close()
         raise

@@ -33,11 +33,10 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import numpy as np
-import numpy.typing as npt
 from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server, Stream
@@ -45,6 +44,8 @@ from grpclib.server import Server, Stream
 from drivers.braiins import api
 from drivers.braiins.api import pb
 from drivers.braiins.proto import bos_v1_grpc as grpc
+from drivers.cgminer.server import FaultReplies, MinerApi, MinerServers, bind, served_specs
+from drivers.cgminer.sim import MinerRows
 from drivers.core.spec import DeviceSpec
 from drivers.core.state import DeviceState
 from drivers.sim.physics import SLOW_S, Fault, SitePhysics
@@ -56,8 +57,8 @@ Rep = TypeVar("Rep")
 
 SILENT_HOLD_S = 30.0
 """SILENT holds a call unanswered at most this long."""
-REQUEST_TIMEOUT_S = 5.0
-"""A cgminer-API or web client that sends no complete request within this is dropped."""
+CGMINER_MAX_REQUEST_BYTES = 65536
+"""A cgminer-API request not complete at this size is answered as it is."""
 MAX_TOKENS = 16
 """Live tokens kept per miner (the oldest goes first): every pyasic call logs in anew."""
 GARBAGE_W = 10**9
@@ -82,7 +83,7 @@ def efficiency_of(model: str) -> float:
     return EFFICIENCY_J_TH.get(key, DEFAULT_EFFICIENCY_J_TH)
 
 
-class BraiinsSim:
+class BraiinsSim(MinerRows):
     """Braiins OS+ behaviour of the miners at physics rows `rows` (local index k = position)."""
 
     def __init__(
@@ -94,36 +95,18 @@ class BraiinsSim:
         token_ttl_s: float = float(api.TOKEN_TIMEOUT_S),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if len(rows) != len(specs):
-            raise ValueError(f"{len(rows)} rows but {len(specs)} specs")
-        self.physics = physics
-        self.rows: npt.NDArray[np.intp] = np.asarray(rows, dtype=np.intp)
-        self.specs = tuple(specs)
+        super().__init__(physics, rows, specs, clock)
         self.token_ttl_s = float(token_ttl_s)
-        self._clock = clock
         n = len(specs)
         self.models = tuple(api.model_name(s.access.model, s.kind) for s in specs)
         self.efficiency = np.array([efficiency_of(m) for m in self.models])
         self.credentials = [api.credentials(s.access) for s in specs]
         self.tokens: list[dict[str, float]] = [{} for _ in range(n)]
         """Per miner: live token -> when it lapses (clock)."""
-        now = clock()
-        self.boot_t = np.full(n, now)
-        self.reboots = np.zeros(n, dtype=np.int64)
-        # What this simulator last wrote into the physics commands; a difference is a reboot.
-        self._sent_sp = physics.cmd_setpoint_w[self.rows].copy()
-        self._sent_run = physics.cmd_run[self.rows].copy()
-        self._reboot_seen = np.zeros(n, dtype=np.bool_)
         self.counts: Counter[tuple[int, str]] = Counter()
         """Calls served, by (miner, method name): for tests and benchmarks."""
 
     # --- state derived from the physics ---
-
-    def _row(self, k: int) -> int:
-        return int(self.rows[k])
-
-    def fault(self, k: int) -> int:
-        return int(self.physics.fault[self._row(k)])
 
     def paused(self, k: int) -> bool:
         return bool(self.physics.cmd_run[self._row(k)] == 0)
@@ -148,27 +131,9 @@ class BraiinsSim:
         default = float(self.physics.default_setpoint_w[i])
         return round(spec.p_min_w), round(spec.p_max_w), round(default)
 
-    def _command(self, k: int, setpoint_w: float | None = None, run: int | None = None) -> None:
-        i = self._row(k)
-        self.physics.command(i, setpoint_w=setpoint_w, run=run)
-        self._sent_sp[k] = self.physics.cmd_setpoint_w[i]
-        self._sent_run[k] = self.physics.cmd_run[i]
-
-    def check_reboot(self, k: int) -> None:
-        ph, i = self.physics, self._row(k)
-        flagged = int(ph.fault[i]) == Fault.REBOOT
-        if not flagged:
-            self._reboot_seen[k] = False
-        changed = ph.cmd_setpoint_w[i] != self._sent_sp[k] or ph.cmd_run[i] != self._sent_run[k]
-        if (flagged and not self._reboot_seen[k]) or changed:
-            self._reboot_seen[k] = flagged
-            if flagged:  # the restart lands now; physics.step() repeats it harmlessly
-                self._command(k, setpoint_w=float(ph.default_setpoint_w[i]), run=1)
-            self._sent_sp[k] = ph.cmd_setpoint_w[i]
-            self._sent_run[k] = ph.cmd_run[i]
-            self.tokens[k].clear()
-            self.boot_t[k] = self._clock()
-            self.reboots[k] += 1
+    def _restarted(self, k: int, flagged: bool) -> None:
+        super()._restarted(k, flagged)
+        self.tokens[k].clear()
 
     # --- authentication ---
 
@@ -481,59 +446,6 @@ class _MinerApi(
         await self._serve(stream, "GetMinerStats", self._sim.stats)
 
 
-class _CgminerConnection(asyncio.Protocol):
-    """bosminer's cgminer-style API: one JSON request in, the reply (NUL-terminated) out,
-    closed. A bare Protocol: only identification tools use it."""
-
-    def __init__(self, servers: BraiinsServers, k: int) -> None:
-        self._servers = servers
-        self._k = k
-        self._buf = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._servers.transports.add(self._transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(REQUEST_TIMEOUT_S, self._transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        try:
-            json.loads(self._buf)
-        except ValueError:
-            if len(self._buf) < 65536:
-                return  # not a whole object yet
-        self._answer()
-
-    def eof_received(self) -> bool:
-        if self._buf:
-            self._answer()
-            return True
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._servers.transports.discard(self._transport)
-
-    def _answer(self) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        sim = self._servers.sim
-        if sim.fault(self._k) == Fault.SILENT:
-            self._timer = asyncio.get_running_loop().call_later(SILENT_HOLD_S, transport.close)
-            return
-        reply = sim.cgminer_reply(self._k, bytes(self._buf))
-        transport.write(json.dumps(reply).encode() + b"\x00")
-        transport.close()
-
-
 class _Connection(asyncio.Protocol):
     """grpclib's HTTP/2 protocol for one client connection, with its transport known to the
     servers: grpclib's `Server.close()` stops listening and cancels calls but leaves
@@ -580,65 +492,41 @@ class _Server(Server):
         return _Connection(super()._protocol_factory(), self._servers, self._k)
 
 
-class BraiinsServers:
+class BraiinsServers(MinerServers[BraiinsSim]):
     """The listeners of a set of simulated miners; `close()` stops them and their calls."""
 
     def __init__(self, sim: BraiinsSim) -> None:
-        self.sim = sim
+        super().__init__(sim)
         self.grpc: list[Server] = []
-        self.servers: list[asyncio.Server] = []
-        self.transports: set[asyncio.Transport] = set()
-        self.conns: set[asyncio.Task[None]] = set()
         self.accepted = np.zeros(len(sim.specs), dtype=np.int64)
         """gRPC connections accepted, per miner (a client holding its channel opens one)."""
+        # Only identification tools use the cgminer-style API: of the faults, SILENT alone
+        # reaches it (the others are the gRPC calls').
+        self.cgminer_api = MinerApi(
+            self._cgminer_reply,
+            sim.fault,
+            FaultReplies(slow=False),
+            max_request_bytes=CGMINER_MAX_REQUEST_BYTES,
+        )
 
-    @property
-    def physics(self) -> SitePhysics:
-        return self.sim.physics
+    def _cgminer_reply(self, k: int, request: bytes) -> bytes:
+        return json.dumps(self.sim.cgminer_reply(k, request)).encode() + b"\x00"
 
-    async def serve_http(
-        self, k: int, reader: asyncio.StreamReader, w: asyncio.StreamWriter
-    ) -> None:
+    def landing_page(self, k: int) -> str:
         """The web UI's landing page, reduced to what identifies the firmware."""
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                await reader.readuntil(b"\r\n\r\n")
-            if self.sim.fault(k) == Fault.SILENT:
-                return
-            body = (
-                "<!DOCTYPE html><html><head><title>Braiins OS</title></head>"
-                f"<body>Braiins OS+ {BOS_VERSION} on {self.sim.models[k]}</body></html>"
-            ).encode()
-            head = (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            w.write(head + body)
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                await w.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            w.close()
+        return (
+            "<!DOCTYPE html><html><head><title>Braiins OS</title></head>"
+            f"<body>Braiins OS+ {BOS_VERSION} on {self.sim.models[k]}</body></html>"
+        )
 
     async def close(self) -> None:
         for server in self.grpc:
             server.close()
-        for srv in self.servers:
-            srv.close()
-        for transport in list(self.transports):
-            transport.abort()
-        for task in list(self.conns):
-            task.cancel()
-        waits: list[Awaitable[None]] = [s.wait_closed() for s in self.grpc]
-        waits += [s.wait_closed() for s in self.servers]
-        if self.conns:
-            waits.append(asyncio.wait(list(self.conns), timeout=2.0))  # type: ignore[arg-type]
+        await super().close()  # drops the gRPC connections too (their transports are ours)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5.0):
-                await asyncio.gather(*waits, return_exceptions=True)
+                await asyncio.gather(*(s.wait_closed() for s in self.grpc), return_exceptions=True)
         self.grpc.clear()
-        self.servers.clear()
 
 
 async def start_braiins_servers(
@@ -657,71 +545,24 @@ async def start_braiins_servers(
     `http_port` (e.g. 80) the web UI's landing page: what firmware scanners such as pyasic
     identify Braiins OS+ and the model by.
     """
-    rows = [int(i) for i in indices]
-    if len(specs) == len(rows):
-        mine = list(specs)
-    elif len(specs) == physics.n:
-        mine = [specs[i] for i in rows]
-    else:
-        raise ValueError(f"{len(specs)} specs for {len(rows)} miners of {physics.n} rows")
-    out = BraiinsServers(BraiinsSim(physics, rows, mine, token_ttl_s=token_ttl_s))
-    loop = asyncio.get_running_loop()
+    rows, mine = served_specs(physics, indices, specs)
+    sim = BraiinsSim(physics, rows, mine, token_ttl_s=token_ttl_s)
+    out = BraiinsServers(sim)
     try:
         for k, spec in enumerate(mine):
             server = _Server(out, k)
-            await _bind(spec, spec.port, server.start(spec.host, spec.port, backlog=64))
+            await bind(spec, spec.port, server.start(spec.host, spec.port, backlog=64))
             out.grpc.append(server)
             if api_port is not None:
-                factory = _cgminer_factory(out, k)
-                srv = await _bind(
-                    spec, api_port, loop.create_server(factory, spec.host, api_port, backlog=64)
-                )
-                out.servers.append(srv)
+                await out.listen_api(out.cgminer_api, k, spec, api_port)
             if http_port is not None:
-                srv = await _bind(
-                    spec,
-                    http_port,
-                    asyncio.start_server(_http_handler(out, k), spec.host, http_port, backlog=64),
-                )
-                out.servers.append(srv)
+                await out.listen_page(sim.fault, k, spec, http_port, out.landing_page(k))
     except BaseException:
         await out.close()
         raise
     if rows:
         log.info("sim: %d Braiins OS+ miners listening", len(rows))
     return out
-
-
-T = TypeVar("T")
-
-
-async def _bind(spec: DeviceSpec, port: int, start: Awaitable[T]) -> T:
-    try:
-        return await start
-    except OSError as exc:
-        raise OSError(
-            f"sim: cannot listen on {spec.host}:{port} for {spec.name}: {exc.strerror}"
-        ) from None
-
-
-def _cgminer_factory(out: BraiinsServers, k: int) -> Callable[[], asyncio.Protocol]:
-    return lambda: _CgminerConnection(out, k)
-
-
-def _http_handler(
-    out: BraiinsServers, k: int
-) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:  # so close() can end connections a fault holds open
-            out.conns.add(task)
-        try:
-            await out.serve_http(k, reader, writer)
-        finally:
-            if task is not None:
-                out.conns.discard(task)
-
-    return on_connect
 
 
 __all__ = [

@@ -22,25 +22,27 @@ any input.
 from __future__ import annotations
 
 import json
-import json.encoder
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final
 
 from drivers.base import ProtocolError
-
-_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
-Json = dict[str, Any]
+from drivers.cgminer import replies
+from drivers.cgminer.replies import CommandError, first, multi_reply
+from drivers.cgminer.wire import (
+    MAX_MESSAGE_BYTES,
+    Json,
+    decode_object,
+    encode_request,
+    object_end,
+)
 
 PORT: Final = 4028
 LUXMINER_VERSION: Final = "2024.6.18.181313-3afaf1f"
 API_VERSION: Final = "3.7"
-MAX_MESSAGE_BYTES: Final = 1 << 20
-"""A reply (or request) larger than this is garbage, not a miner talking."""
 
 # Top-level keys: the STATUS envelope and one body list per command.
 STATUS, ID = "STATUS", "id"
@@ -87,17 +89,7 @@ class Code(IntEnum):
     INTERNAL = 500
 
 
-# --- errors ---
-
-
-class CommandError(ProtocolError):
-    """The miner understood the request and refused it (STATUS "E")."""
-
-    def __init__(self, command: str, code: int, msg: str) -> None:
-        super().__init__(f"{command}: {msg} (code {code})")
-        self.command = command
-        self.code = code
-        self.msg = msg
+# --- errors (their base, CommandError: drivers.cgminer.replies) ---
 
 
 class InvalidSession(CommandError):
@@ -112,16 +104,7 @@ class AlreadyActive(CommandError):
     """`curtail wakeup` on a miner that is not curtailed."""
 
 
-# --- framing ---
-
-
-def encode_request(command: str, *params: str | int | float) -> bytes:
-    """`{"command": ..., "parameter": "a,b"}` as sent on the wire (no terminator): what
-    `json.dumps` writes, built from escaped strings (every exchange of a fleet pays for it)."""
-    if not params:
-        return f'{{"command": {_quote(command)}}}'.encode()
-    joined = ",".join(str(p) for p in params)
-    return f'{{"command": {_quote(command)}, "parameter": {_quote(joined)}}}'.encode()
+# --- framing (the wire itself, object ends and decoding: drivers.cgminer.wire) ---
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,62 +118,8 @@ class Request:
         return tuple(self.command.split("+"))
 
 
-def object_end(buf: bytes | bytearray) -> int | None:
-    """Index just past the first complete top-level JSON object in `buf`; None if incomplete.
-
-    Lets either side stop reading at the end of a message without a terminator (clients do not
-    half-close; some miners omit the NUL). Raises ProtocolError when `buf` does not start
-    (after whitespace) with '{'.
-    """
-    depth = 0
-    in_str = esc = False
-    started = False
-    for i, b in enumerate(buf):
-        if not started:
-            if b in b" \t\r\n":
-                continue
-            if b != 0x7B:  # '{'
-                raise ProtocolError(f"not a JSON object (starts with {bytes([b])!r})")
-            started = True
-            depth = 1
-            continue
-        if in_str:
-            if esc:
-                esc = False
-            elif b == 0x5C:  # backslash
-                esc = True
-            elif b == 0x22:
-                in_str = False
-        elif b == 0x22:
-            in_str = True
-        elif b == 0x7B or b == 0x5B:
-            depth += 1
-        elif b == 0x7D or b == 0x5D:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
-
-
-def _loads(data: bytes | bytearray) -> Any:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes")
-    try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"not UTF-8: {exc.reason}") from None
-    # cgminer-style APIs terminate with NUL; tolerate whitespace around it.
-    text = text.strip().rstrip("\x00").strip()
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"not JSON: {str(exc)[:80]}") from None
-
-
 def decode_request(data: bytes | bytearray) -> Request:
-    obj = _loads(data)
-    if not isinstance(obj, dict):
-        raise ProtocolError("request is not a JSON object")
+    obj = decode_object(data, "request")
     command = obj.get("command")
     if not isinstance(command, str) or not command:
         raise ProtocolError("request without a command")
@@ -212,10 +141,7 @@ def encode_reply(reply: Mapping[str, Any]) -> bytes:
 
 
 def decode_reply(data: bytes | bytearray) -> Json:
-    obj = _loads(data)
-    if not isinstance(obj, dict):
-        raise ProtocolError("reply is not a JSON object")
-    return obj
+    return decode_object(data, "reply")
 
 
 # --- reply builders (simulator side) ---
@@ -244,13 +170,6 @@ def ok_reply(code: int, msg: str, key: str | None = None, items: Sequence[Json] 
 
 def error_reply(code: int, msg: str) -> Json:
     return {STATUS: [status_entry(code, msg, "E")], ID: 1}
-
-
-def multi_reply(parts: Mapping[str, Json]) -> Json:
-    """A multi-command answer: each command's full reply wrapped in a one-element list."""
-    out: Json = {cmd: [reply] for cmd, reply in parts.items()}
-    out[ID] = 1
-    return out
 
 
 def power_reply(watts: float, psu_on: bool) -> Json:
@@ -499,16 +418,6 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _first(reply: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    try:
-        item = reply[key][0]
-    except (KeyError, IndexError, TypeError):
-        raise ProtocolError(f"reply without {key}") from None
-    if not isinstance(item, Mapping):
-        raise ProtocolError(f"{key}[0] is not an object")
-    return item
-
-
 def _number(item: Mapping[str, Any], key: str, where: str) -> float:
     try:
         v = item[key]
@@ -536,23 +445,12 @@ class PowerReading:
 
 
 def split_multi(reply: Mapping[str, Any], commands: Sequence[str]) -> dict[str, Json]:
-    """The replies of a multi-command ("power+summary") by command, each still unchecked;
-    a single command's reply is returned as that command's."""
-    if len(commands) == 1:
-        return {commands[0]: dict(reply)}
-    out: dict[str, Json] = {}
-    for cmd in commands:
-        part = reply.get(cmd)
-        if not isinstance(part, list) or not part or not isinstance(part[0], Mapping):
-            if STATUS in reply:  # refused as a whole (an old firmware without multi-commands)
-                check(reply, "+".join(commands))
-            raise ProtocolError(f"multi-command reply without {cmd!r}")
-        out[cmd] = dict(part[0])
-    return out
+    """The replies of a multi-command by command, each still unchecked (`replies.split_multi`)."""
+    return replies.split_multi(reply, commands, check)
 
 
 def parse_power(reply: Mapping[str, Any]) -> PowerReading:
-    item = _first(check(reply, "power"), POWER)
+    item = first(check(reply, "power"), POWER)
     psu = item.get("PSU", True)
     if not isinstance(psu, bool):
         raise ProtocolError("POWER.PSU is not a boolean")
@@ -571,7 +469,7 @@ class SummaryReading:
 
 
 def parse_summary(reply: Mapping[str, Any]) -> SummaryReading:
-    item = _first(check(reply, "summary"), SUMMARY)
+    item = first(check(reply, "summary"), SUMMARY)
     ghs_5s = _number(item, "GHS 5s", SUMMARY)
     ghs_av = _number(item, "GHS av", SUMMARY) if "GHS av" in item else ghs_5s
     elapsed = _number(item, "Elapsed", SUMMARY) if "Elapsed" in item else 0.0
@@ -588,7 +486,7 @@ class VersionInfo:
 
 
 def parse_version(reply: Mapping[str, Any]) -> VersionInfo:
-    item = _first(check(reply, "version"), VERSION)
+    item = first(check(reply, "version"), VERSION)
     lux = item.get("LUXminer")
     if not isinstance(lux, str):
         raise ProtocolError("not a LuxOS miner (VERSION without LUXminer)")
@@ -605,7 +503,7 @@ class ConfigInfo:
 
 
 def parse_config(reply: Mapping[str, Any]) -> ConfigInfo:
-    item = _first(check(reply, "config"), CONFIG)
+    item = first(check(reply, "config"), CONFIG)
     mode = _string(item, "CurtailMode", CONFIG)
     atm = item.get("IsAtmEnabled")
     model = item.get("Model", "")
@@ -656,12 +554,12 @@ def parse_profiles(reply: Mapping[str, Any]) -> list[Profile]:
 
 def parse_session(reply: Mapping[str, Any], command: str = "logon") -> str:
     """The SessionID ("" from `session` when none is active)."""
-    item = _first(check(reply, command), SESSION)
+    item = first(check(reply, command), SESSION)
     return _string(item, "SessionID", SESSION)
 
 
 def parse_atm(reply: Mapping[str, Any]) -> bool:
-    item = _first(check(reply, "atm"), ATM)
+    item = first(check(reply, "atm"), ATM)
     enabled = item.get("Enabled")
     if not isinstance(enabled, bool):
         raise ProtocolError("ATM.Enabled is not a boolean")
@@ -669,7 +567,7 @@ def parse_atm(reply: Mapping[str, Any]) -> bool:
 
 
 def parse_profileset(reply: Mapping[str, Any]) -> str:
-    item = _first(check(reply, "profileset"), PROFILE)
+    item = first(check(reply, "profileset"), PROFILE)
     return _string(item, "Profile", PROFILE)
 
 
@@ -688,6 +586,7 @@ def choose_profile(profiles: Sequence[Profile], setpoint_w: float) -> Profile:
 
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "PORT",
     "PRIVILEGED",
     "AlreadyActive",
@@ -695,6 +594,7 @@ __all__ = [
     "CommandError",
     "ConfigInfo",
     "InvalidSession",
+    "Json",
     "PowerReading",
     "Profile",
     "Request",
@@ -709,6 +609,7 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "is_success",
+    "multi_reply",
     "object_end",
     "parse_atm",
     "parse_config",

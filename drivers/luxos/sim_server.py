@@ -22,8 +22,6 @@ http://<ip>/ for "Luxor Firmware"; that page is optional here (`http_port`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import secrets
@@ -33,29 +31,23 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
 
 import numpy as np
-import numpy.typing as npt
 
 from drivers.base import ProtocolError
+from drivers.cgminer.server import FaultReplies, MinerApi, MinerServers, served_specs
+from drivers.cgminer.sim import MinerRows
 from drivers.core.spec import DeviceSpec
 from drivers.core.state import DeviceState
 from drivers.luxos import messages as m
-from drivers.sim.physics import SLOW_S, Fault, SitePhysics
+from drivers.sim.physics import SitePhysics
 
 log = logging.getLogger("rampd.sim")
 
-REQUEST_TIMEOUT_S = 5.0
-"""A client that connects and sends no complete request within this is dropped."""
-SILENT_HOLD_S = 30.0
-"""SILENT holds a connection open (answering nothing) at most this long."""
 GARBAGE = b"\xff\xfeLUX\x00{{{ not json ]]\r\n"
 POOL_URL = "stratum+tcp://btc.global.luxor.tech:700"
 
 Handler = Callable[[int, tuple[str, ...]], m.Json]
-Reader = asyncio.StreamReader
-Writer = asyncio.StreamWriter
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +119,7 @@ def profile_ladder(
     return tuple(sorted(out, key=lambda p: p.watts))
 
 
-class LuxosSim:
+class LuxosSim(MinerRows):
     """LuxOS behaviour of the miners at physics rows `rows` (local index k = position)."""
 
     def __init__(
@@ -139,13 +131,8 @@ class LuxosSim:
         session_ttl_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if len(rows) != len(specs):
-            raise ValueError(f"{len(rows)} rows but {len(specs)} specs")
-        self.physics = physics
-        self.rows: npt.NDArray[np.intp] = np.asarray(rows, dtype=np.intp)
-        self.specs = tuple(specs)
+        super().__init__(physics, rows, specs, clock)
         self.session_ttl_s = float(session_ttl_s)
-        self._clock = clock
         n = len(specs)
         self.type_names = tuple(type_name(s) for s in specs)
         self.models = tuple(model_of(s) for s in specs)
@@ -156,13 +143,6 @@ class LuxosSim:
         self.session: list[str] = [""] * n
         self.session_used = np.zeros(n)
         self.atm_enabled = np.ones(n, dtype=np.bool_)  # LuxOS ships with ATM on
-        now = clock()
-        self.boot_t = np.full(n, now)
-        self.reboots = np.zeros(n, dtype=np.int64)
-        # What this simulator last wrote into the physics commands; a difference is a reboot.
-        self._sent_sp = physics.cmd_setpoint_w[self.rows].copy()
-        self._sent_run = physics.cmd_run[self.rows].copy()
-        self._reboot_seen = np.zeros(n, dtype=np.bool_)
         self.counts: Counter[tuple[int, str]] = Counter()
         """Commands served, by (miner, command): for tests and benchmarks."""
         self._handlers: dict[str, Handler] = {
@@ -188,12 +168,6 @@ class LuxosSim:
 
     # --- state derived from the physics ---
 
-    def _row(self, k: int) -> int:
-        return int(self.rows[k])
-
-    def _hashing(self, k: int) -> bool:
-        return int(self.physics.state[self._row(k)]) == DeviceState.ON
-
     def _psu_on(self, k: int) -> bool:
         return int(self.physics.state[self._row(k)]) != DeviceState.SLEEPING
 
@@ -204,37 +178,16 @@ class LuxosSim:
         return max(float(self.physics.reported_w[self._row(k)]), 0.0)
 
     def _ghs(self, k: int) -> float:
-        if not self._hashing(k):
+        if not self.hashing(k):
             return 0.0
         return self._watts(k) / self.models[k].efficiency_j_th * 1e3
 
     def current_profile(self, k: int) -> m.Profile:
         return m.choose_profile(self.profiles[k], float(self.physics.cmd_setpoint_w[self._row(k)]))
 
-    def _elapsed(self, k: int) -> int:
-        return int(self._clock() - self.boot_t[k])
-
-    def _command(self, k: int, setpoint_w: float | None = None, run: int | None = None) -> None:
-        i = self._row(k)
-        self.physics.command(i, setpoint_w=setpoint_w, run=run)
-        self._sent_sp[k] = self.physics.cmd_setpoint_w[i]
-        self._sent_run[k] = self.physics.cmd_run[i]
-
-    def _check_reboot(self, k: int) -> None:
-        ph, i = self.physics, self._row(k)
-        flagged = int(ph.fault[i]) == Fault.REBOOT
-        if not flagged:
-            self._reboot_seen[k] = False
-        changed = ph.cmd_setpoint_w[i] != self._sent_sp[k] or ph.cmd_run[i] != self._sent_run[k]
-        if (flagged and not self._reboot_seen[k]) or changed:
-            self._reboot_seen[k] = flagged
-            if flagged:  # the restart lands now; physics.step() repeats it harmlessly
-                self._command(k, setpoint_w=float(ph.default_setpoint_w[i]), run=1)
-            self._sent_sp[k] = ph.cmd_setpoint_w[i]
-            self._sent_run[k] = ph.cmd_run[i]
-            self.session[k] = ""
-            self.boot_t[k] = self._clock()
-            self.reboots[k] += 1
+    def _restarted(self, k: int, flagged: bool) -> None:
+        super()._restarted(k, flagged)
+        self.session[k] = ""
 
     # --- sessions ---
 
@@ -255,7 +208,7 @@ class LuxosSim:
 
     def handle(self, k: int, req: m.Request) -> m.Json:
         """The reply to one request for miner k (faults aside)."""
-        self._check_reboot(k)
+        self.check_reboot(k)
         if "+" in req.command:
             if req.params:
                 return m.error_reply(m.Code.INVALID_PARAMETER, "Multi-command takes no parameter")
@@ -284,11 +237,11 @@ class LuxosSim:
 
     def _summary(self, k: int, _p: tuple[str, ...]) -> m.Json:
         ghs = self._ghs(k)
-        return m.summary_reply(ghs, ghs, self._elapsed(k))
+        return m.summary_reply(ghs, ghs, self.elapsed(k))
 
     def _stats(self, k: int, _p: tuple[str, ...]) -> m.Json:
-        ideal = self.current_profile(k).hashrate_ths * 1e3 if self._hashing(k) else 0.0
-        return m.stats_reply(self._ghs(k), ideal, self._elapsed(k))
+        ideal = self.current_profile(k).hashrate_ths * 1e3 if self.hashing(k) else 0.0
+        return m.stats_reply(self._ghs(k), ideal, self.elapsed(k))
 
     def _config(self, k: int, _p: tuple[str, ...]) -> m.Json:
         i = self._row(k)
@@ -306,13 +259,13 @@ class LuxosSim:
         return m.profiles_reply(self.profiles[k])
 
     def _fans(self, k: int, _p: tuple[str, ...]) -> m.Json:
-        return m.fans_reply(5400, 60) if self._hashing(k) else m.fans_reply(0, 0)
+        return m.fans_reply(5400, 60) if self.hashing(k) else m.fans_reply(0, 0)
 
     def _tempctrl(self, k: int, _p: tuple[str, ...]) -> m.Json:
         return m.tempctrl_reply()
 
     def _pools(self, k: int, _p: tuple[str, ...]) -> m.Json:
-        return m.pools_reply(POOL_URL, f"rampd.{self.specs[k].name}", self._hashing(k))
+        return m.pools_reply(POOL_URL, f"rampd.{self.specs[k].name}", self.hashing(k))
 
     def _groups(self, k: int, _p: tuple[str, ...]) -> m.Json:
         return m.groups_reply()
@@ -373,145 +326,29 @@ class LuxosSim:
         return m.ok_reply(m.Code.ATM_SET, "Advanced Thermal Management configuration updated")
 
 
-class _ApiConnection(asyncio.Protocol):
-    """One connection to a miner's API: a request in, the reply out, closed.
-
-    A bare Protocol, not streams and a task: a site's thousands of miners answer every poll and
-    every command on a new connection, and the simulator must stay cheaper than the clients it
-    serves. Only a SLOW fault takes a task (it sleeps); SILENT holds the connection on a timer.
-    """
-
-    def __init__(self, servers: LuxosServers, k: int) -> None:
-        self._servers = servers
-        self._k = k
-        self._buf = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._answered = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._servers.transports.add(self._transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(REQUEST_TIMEOUT_S, self._transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        if self._answered:
-            return  # SILENT reads and discards
-        self._buf += data
-        try:
-            end = m.object_end(self._buf)
-        except ProtocolError:
-            end = len(self._buf)  # not JSON: answer it as such
-        if end is None and len(self._buf) <= m.MAX_MESSAGE_BYTES:
-            return
-        self._answer(bytes(self._buf[: end or len(self._buf)]))
-
-    def eof_received(self) -> bool:
-        if not self._answered:
-            if self._buf:
-                self._answer(bytes(self._buf))
-                return True  # keep our side open until the reply is out
-            return False
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._servers.transports.discard(self._transport)
-
-    def _answer(self, request: bytes) -> None:
-        self._answered = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._fault() == Fault.SLOW:
-            task = asyncio.get_running_loop().create_task(self._slow(request))
-            self._servers.conns.add(task)
-            task.add_done_callback(self._servers.conns.discard)
-        else:
-            self._reply(request)
-
-    async def _slow(self, request: bytes) -> None:
-        await asyncio.sleep(SLOW_S)
-        self._reply(request)
-
-    def _fault(self) -> int:
-        return int(self._servers.sim.physics.fault[int(self._servers.sim.rows[self._k])])
-
-    def _reply(self, request: bytes) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        fault = self._fault()
-        if fault == Fault.SILENT:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(SILENT_HOLD_S, transport.close)
-            return
-        if fault == Fault.GARBAGE:
-            transport.write(GARBAGE)
-        elif fault == Fault.ERROR:
-            transport.write(m.encode_reply(m.error_reply(m.Code.INTERNAL, "Internal error")))
-        else:
-            try:
-                reply = self._servers.sim.handle(self._k, m.decode_request(request))
-            except ProtocolError as exc:
-                reply = m.error_reply(m.Code.INVALID_COMMAND, f"Invalid JSON: {exc}"[:80])
-            transport.write(m.encode_reply(reply))
-        transport.close()  # after the buffered reply is written
-
-
-class LuxosServers:
+class LuxosServers(MinerServers[LuxosSim]):
     """The listeners of a set of simulated miners; `close()` stops them and their connections."""
 
     def __init__(self, sim: LuxosSim) -> None:
-        self.sim = sim
-        self.servers: list[asyncio.Server] = []
-        self.conns: set[asyncio.Task[None]] = set()
-        self.transports: set[asyncio.Transport] = set()
+        super().__init__(sim)
+        self.api = MinerApi(self._reply, sim.fault, FaultReplies(GARBAGE, self._error))
 
-    @property
-    def physics(self) -> SitePhysics:
-        return self.sim.physics
-
-    async def serve_http(self, k: int, reader: Reader, w: Writer) -> None:
-        """The web UI's landing page, reduced to what identifies the firmware."""
+    def _reply(self, k: int, request: bytes) -> bytes:
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                await reader.readuntil(b"\r\n\r\n")
-            if int(self.sim.physics.fault[int(self.sim.rows[k])]) == Fault.SILENT:
-                return
-            body = (
-                "<!DOCTYPE html><html><head><title>Luxor Firmware</title></head>"
-                f"<body>LuxOS {m.LUXMINER_VERSION} on {self.sim.type_names[k]}</body></html>"
-            ).encode()
-            head = (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            ).encode()
-            w.write(head + body)
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                await w.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            w.close()
+            reply = self.sim.handle(k, m.decode_request(request))
+        except ProtocolError as exc:
+            reply = m.error_reply(m.Code.INVALID_COMMAND, f"Invalid JSON: {exc}"[:80])
+        return m.encode_reply(reply)
 
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for transport in list(self.transports):
-            transport.abort()
-        for task in list(self.conns):
-            task.cancel()
-        if self.conns:
-            await asyncio.wait(list(self.conns), timeout=2.0)
-        for server in self.servers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await server.wait_closed()
-        self.servers.clear()
+    def _error(self, k: int) -> bytes:
+        return m.encode_reply(m.error_reply(m.Code.INTERNAL, "Internal error"))
+
+    def landing_page(self, k: int) -> str:
+        """The web UI's landing page, reduced to what identifies the firmware."""
+        return (
+            "<!DOCTYPE html><html><head><title>Luxor Firmware</title></head>"
+            f"<body>LuxOS {m.LUXMINER_VERSION} on {self.sim.type_names[k]}</body></html>"
+        )
 
 
 async def start_luxos_servers(
@@ -527,47 +364,20 @@ async def start_luxos_servers(
     `specs` is either parallel to `indices` or the whole site's list (indexed by row).
     `http_port` (e.g. 80) also serves the firmware's landing page on each miner's address.
     """
-    rows = [int(i) for i in indices]
-    if len(specs) == len(rows):
-        mine = list(specs)
-    elif len(specs) == physics.n:
-        mine = [specs[i] for i in rows]
-    else:
-        raise ValueError(f"{len(specs)} specs for {len(rows)} miners of {physics.n} rows")
+    rows, mine = served_specs(physics, indices, specs)
     sim = LuxosSim(physics, rows, mine, session_ttl_s=session_ttl_s)
     out = LuxosServers(sim)
     try:
         for k, spec in enumerate(mine):
-            out.servers.append(await _listen(out, k, spec.host, spec.port, http=False))
+            await out.listen_api(out.api, k, spec, spec.port)
             if http_port is not None:
-                out.servers.append(await _listen(out, k, spec.host, http_port, http=True))
+                await out.listen_page(sim.fault, k, spec, http_port, out.landing_page(k))
     except BaseException:
         await out.close()
         raise
     if rows:
         log.info("sim: %d LuxOS miners listening", len(rows))
     return out
-
-
-async def _listen(out: LuxosServers, k: int, host: str, port: int, *, http: bool) -> asyncio.Server:
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:  # so close() can end connections a fault holds open
-            out.conns.add(task)
-        try:
-            await out.serve_http(k, reader, writer)
-        finally:
-            if task is not None:
-                out.conns.discard(task)
-
-    try:
-        if not http:
-            loop = asyncio.get_running_loop()
-            return await loop.create_server(lambda: _ApiConnection(out, k), host, port, backlog=64)
-        return await asyncio.start_server(on_connect, host, port, backlog=64)
-    except OSError as exc:
-        name = out.sim.specs[k].name
-        raise OSError(f"sim: cannot listen on {host}:{port} for {name}: {exc.strerror}") from None
 
 
 __all__ = [

@@ -39,13 +39,13 @@ from typing import Unpack
 import numpy as np
 
 from drivers.base import CommandObserver, DriverError
+from drivers.cgminer.client import exchange
 from drivers.core.capability import Capabilities
 from drivers.core.command import Intent
 from drivers.core.image import DevicePort
 from drivers.core.registry import DriverContext, register
 from drivers.core.state import DeviceState
 from drivers.device_driver import DriverOptions, PerDeviceDriver, Reading
-from drivers.luxos.client import exchange
 from drivers.slots import ADOPTION, exchange_priority
 from drivers.whatsminer import crypto
 from drivers.whatsminer import messages as m

@@ -38,18 +38,17 @@ from pathlib import Path
 from typing import Any, Final
 
 from drivers.base import ProtocolError
+from drivers.cgminer import replies
+from drivers.cgminer.replies import CommandError, first, multi_reply
+from drivers.cgminer.wire import Json, decode_object
 from drivers.core.spec import DeviceAccess
-from drivers.luxos.messages import object_end
 from drivers.whatsminer import crypto
-
-Json = dict[str, Any]
 
 PORT: Final = 4028
 API_VERSION: Final = "2.0.5"
 """set_power_pct_v2 and adjust_power_limit came with API 2.0.5 (pyasic's api_min_version)."""
 FW_VERSION: Final = "20230911.12.Rel"
 """A 2023 build: API v2 on 4028 (pyasic takes firmware after 2024-11 for the v3 API on 4433)."""
-MAX_MESSAGE_BYTES: Final = 1 << 20
 DESCRIPTION: Final = "btminer"
 """cgminer-style replies' Description; pyasic identifies the firmware by "BTMINER" in a reply."""
 DEFAULT_PASSWORD: Final = "admin"
@@ -106,17 +105,7 @@ def password_of(access: DeviceAccess) -> str:
     return DEFAULT_PASSWORD
 
 
-# --- errors ---
-
-
-class CommandError(ProtocolError):
-    """The miner understood the request and refused it (STATUS "E")."""
-
-    def __init__(self, command: str, code: int, msg: str) -> None:
-        super().__init__(f"{command}: {msg} (code {code})")
-        self.command = command
-        self.code = code
-        self.msg = msg
+# --- errors (their base, CommandError: drivers.cgminer.replies) ---
 
 
 class TokenError(CommandError):
@@ -127,7 +116,7 @@ class CryptFailure(CommandError):
     """The miner could not decrypt the command: the admin password is not the miner's."""
 
 
-# --- framing ---
+# --- framing (object ends and decoding: drivers.cgminer.wire) ---
 
 
 def encode_command(command: str) -> bytes:
@@ -141,28 +130,8 @@ def encode_privileged(token: crypto.Token, command: str, **params: str) -> bytes
     return json.dumps({"enc": 1, "data": crypto.encrypt(token.key, body)}).encode()
 
 
-def _loads(data: bytes | bytearray) -> Any:
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(data)} bytes")
-    try:
-        text = bytes(data).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"not UTF-8: {exc.reason}") from None
-    text = text.strip().rstrip("\x00").strip()
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"not JSON: {str(exc)[:80]}") from None
-
-
-def decode_object(data: bytes | bytearray) -> Json:
-    obj = _loads(data)
-    if not isinstance(obj, dict):
-        raise ProtocolError("message is not a JSON object")
-    return obj
-
-
 def encode_reply(reply: Mapping[str, Any]) -> bytes:
+    """Compact JSON, without the NUL other cgminer-style APIs end with."""
     return json.dumps(reply, separators=(",", ":")).encode()
 
 
@@ -209,12 +178,6 @@ def cg_reply(code: int, msg: str, key: str, items: Sequence[Json]) -> Json:
     entry = {"STATUS": "S", "When": _when(), "Code": int(code), "Msg": msg}
     entry["Description"] = DESCRIPTION
     return {STATUS: [entry], key: list(items), ID: 1}
-
-
-def multi_reply(parts: Mapping[str, Json]) -> Json:
-    out: Json = {cmd: [reply] for cmd, reply in parts.items()}
-    out[ID] = 1
-    return out
 
 
 def token_reply(time_s: str, salt: str, newsalt: str) -> Json:
@@ -418,16 +381,6 @@ def _msg_object(reply: Mapping[str, Any], command: str) -> Mapping[str, Any]:
     return msg
 
 
-def _first(reply: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    try:
-        item = reply[key][0]
-    except (KeyError, IndexError, TypeError):
-        raise ProtocolError(f"reply without {key}") from None
-    if not isinstance(item, Mapping):
-        raise ProtocolError(f"{key}[0] is not an object")
-    return item
-
-
 def _number(item: Mapping[str, Any], key: str, where: str) -> float:
     try:
         v = item[key]
@@ -477,7 +430,7 @@ class SummaryReading:
 
 
 def parse_summary(reply: Mapping[str, Any]) -> SummaryReading:
-    item = _first(check(reply, "summary"), SUMMARY)
+    item = first(check(reply, "summary"), SUMMARY)
     power = _number(item, "Power", SUMMARY)
     key = "MHS 5s" if "MHS 5s" in item else "MHS av"
     mhs = _number(item, key, SUMMARY)
@@ -521,18 +474,8 @@ def parse_version(reply: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def split_multi(reply: Mapping[str, Any], commands: Sequence[str]) -> dict[str, Json]:
-    """The replies of a multi-command ("summary+devs") by command, each still unchecked."""
-    if len(commands) == 1:
-        return {commands[0]: dict(reply)}
-    out: dict[str, Json] = {}
-    for cmd in commands:
-        part = reply.get(cmd)
-        if not isinstance(part, list) or not part or not isinstance(part[0], Mapping):
-            if STATUS in reply:
-                check(reply, "+".join(commands))
-            raise ProtocolError(f"multi-command reply without {cmd!r}")
-        out[cmd] = dict(part[0])
-    return out
+    """The replies of a multi-command by command, each still unchecked (`replies.split_multi`)."""
+    return replies.split_multi(reply, commands, check)
 
 
 def percent_for(power_w: float, rated_w: float) -> int:
@@ -549,6 +492,7 @@ __all__ = [
     "Code",
     "CommandError",
     "CryptFailure",
+    "Json",
     "SummaryFields",
     "SummaryReading",
     "TokenError",
@@ -558,7 +502,7 @@ __all__ = [
     "encode_command",
     "encode_privileged",
     "encode_reply",
-    "object_end",
+    "multi_reply",
     "open_reply",
     "parse_devdetails",
     "parse_status",

@@ -28,10 +28,8 @@ model from DEVDETAILS[0].Model ("M60S_VK30" -> M60SVK30) and its API generation 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 import math
 import secrets
@@ -43,21 +41,17 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-import numpy.typing as npt
 
 from drivers.base import ProtocolError
+from drivers.cgminer.server import FaultReplies, MinerApi, MinerServers, served_specs
+from drivers.cgminer.sim import MinerRows
 from drivers.core.spec import DeviceSpec
-from drivers.core.state import DeviceState
-from drivers.sim.physics import SLOW_S, Fault, SitePhysics
+from drivers.sim.physics import SitePhysics
 from drivers.whatsminer import crypto
 from drivers.whatsminer import messages as m
 
 log = logging.getLogger("rampd.sim")
 
-REQUEST_TIMEOUT_S = 5.0
-"""A client that connects and sends no complete request within this is dropped."""
-SILENT_HOLD_S = 30.0
-"""SILENT holds a connection open (answering nothing) at most this long."""
 TOKEN_TTL_S = 1800.0
 """A token's life on the miner: 30 minutes (what pyasic and other clients cache it for)."""
 MAX_TOKENS = 32
@@ -102,7 +96,7 @@ def _random(n: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(n))
 
 
-class WhatsminerSim:
+class WhatsminerSim(MinerRows):
     """Whatsminer behaviour of the miners at physics rows `rows` (local index k = position)."""
 
     def __init__(
@@ -116,15 +110,10 @@ class WhatsminerSim:
         max_tokens: int = MAX_TOKENS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if len(rows) != len(specs):
-            raise ValueError(f"{len(rows)} rows but {len(specs)} specs")
-        self.physics = physics
-        self.rows: npt.NDArray[np.intp] = np.asarray(rows, dtype=np.intp)
-        self.specs = tuple(specs)
+        super().__init__(physics, rows, specs, clock)
         self.token_ttl_s = float(token_ttl_s)
         self.single_use_tokens = single_use_tokens
         self.max_tokens = max_tokens
-        self._clock = clock
         n = len(specs)
         self.models = tuple(model_of(s) for s in specs)
         self.model_names = tuple(model_name(s) for s in specs)
@@ -135,12 +124,6 @@ class WhatsminerSim:
         self.pct = np.full(n, m.PCT_MAX, dtype=np.int64)
         self.tokens: list[dict[str, float]] = [{} for _ in range(n)]
         """Per miner: token sign -> when it was handed out."""
-        now = clock()
-        self.boot_t = np.full(n, now)
-        self.reboots = np.zeros(n, dtype=np.int64)
-        self._sent_sp = physics.cmd_setpoint_w[self.rows].copy()
-        self._sent_run = physics.cmd_run[self.rows].copy()
-        self._reboot_seen = np.zeros(n, dtype=np.bool_)
         self.counts: Counter[tuple[int, str]] = Counter()
         """Requests served, by (miner, command); failures under "!<code>"."""
         self._plain: dict[str, Handler] = {
@@ -166,12 +149,6 @@ class WhatsminerSim:
 
     # --- state derived from the physics ---
 
-    def _row(self, k: int) -> int:
-        return int(self.rows[k])
-
-    def _hashing(self, k: int) -> bool:
-        return int(self.physics.state[self._row(k)]) == DeviceState.ON
-
     def _mineroff(self, k: int) -> bool:
         return int(self.physics.cmd_run[self._row(k)]) == 0
 
@@ -179,7 +156,7 @@ class WhatsminerSim:
         return max(float(self.physics.reported_w[self._row(k)]), 0.0)
 
     def _ghs(self, k: int) -> float:
-        if not self._hashing(k):
+        if not self.hashing(k):
             return 0.0
         return self._watts(k) / self.models[k].efficiency_j_th * 1e3
 
@@ -190,25 +167,10 @@ class WhatsminerSim:
     def _mac(self, k: int) -> str:
         return "C6:07:{:02X}:{:02X}:{:02X}:{:02X}".format(*self._row(k).to_bytes(4, "big"))
 
-    def _command(self, k: int, setpoint_w: float | None = None, run: int | None = None) -> None:
-        i = self._row(k)
-        self.physics.command(i, setpoint_w=setpoint_w, run=run)
-        self._sent_sp[k] = self.physics.cmd_setpoint_w[i]
-        self._sent_run[k] = self.physics.cmd_run[i]
-
-    def _check_reboot(self, k: int) -> None:
-        ph, i = self.physics, self._row(k)
-        flagged = int(ph.fault[i]) == Fault.REBOOT
-        if not flagged:
-            self._reboot_seen[k] = False
-        changed = ph.cmd_setpoint_w[i] != self._sent_sp[k] or ph.cmd_run[i] != self._sent_run[k]
-        if (flagged and not self._reboot_seen[k]) or changed:
-            self._reboot_seen[k] = flagged
-            self.pct[k] = m.PCT_MAX  # set_power_pct is not kept across a restart
-            self.tokens[k].clear()
-            self._command(k, setpoint_w=self.setpoint_w(k), run=1)
-            self.boot_t[k] = self._clock()
-            self.reboots[k] += 1
+    def _restarted(self, k: int, flagged: bool) -> None:
+        self.pct[k] = m.PCT_MAX  # set_power_pct is not kept across a restart
+        self.tokens[k].clear()
+        self._command(k, setpoint_w=self.setpoint_w(k), run=1)
 
     # --- tokens ---
 
@@ -225,7 +187,7 @@ class WhatsminerSim:
 
     def handle(self, k: int, request: bytes) -> Json:
         """The reply to one request for miner k (faults aside), not yet encoded."""
-        self._check_reboot(k)
+        self.check_reboot(k)
         try:
             obj = m.decode_object(request)
         except ProtocolError:
@@ -296,25 +258,25 @@ class WhatsminerSim:
             ghs=self._ghs(k),
             factory_ghs=float(self.rated_w[k]) / mdl.efficiency_j_th * 1e3,
             power_limit_w=float(self.limit_w[k]),
-            elapsed_s=int(self._clock() - self.boot_t[k]),
+            elapsed_s=self.elapsed(k),
             mac=self._mac(k),
             freq_mhz=mdl.freq_mhz * self.setpoint_w(k) / float(self.rated_w[k])
-            if self._hashing(k)
+            if self.hashing(k)
             else 0.0,
-            fan_rpm=4800 if self._hashing(k) else 0,
+            fan_rpm=4800 if self.hashing(k) else 0,
         )
         return m.summary_reply(fields)
 
     def _devs(self, k: int, _o: Json) -> Json:
         mdl = self.models[k]
         factory = float(self.rated_w[k]) / mdl.efficiency_j_th * 1e3
-        return m.devs_reply(self._ghs(k), factory, mdl.freq_mhz if self._hashing(k) else 0.0)
+        return m.devs_reply(self._ghs(k), factory, mdl.freq_mhz if self.hashing(k) else 0.0)
 
     def _devdetails(self, k: int, _o: Json) -> Json:
         return m.devdetails_reply(self.model_names[k])
 
     def _pools(self, k: int, _o: Json) -> Json:
-        return m.pools_reply(POOL_URL, f"rampd.{self.specs[k].name}", self._hashing(k))
+        return m.pools_reply(POOL_URL, f"rampd.{self.specs[k].name}", self.hashing(k))
 
     def _get_version(self, k: int, _o: Json) -> Json:
         return m.version_reply(self.models[k].chip)
@@ -323,7 +285,7 @@ class WhatsminerSim:
         return m.status_reply(self._mineroff(k))
 
     def _get_psu(self, k: int, _o: Json) -> Json:
-        return m.psu_reply(self._watts(k), self._hashing(k))
+        return m.psu_reply(self._watts(k), self.hashing(k))
 
     def _get_miner_info(self, k: int, _o: Json) -> Json:
         spec = self.specs[k]
@@ -380,111 +342,18 @@ class WhatsminerSim:
         return m.ok_reply()
 
 
-class _ApiConnection(asyncio.Protocol):
-    """One connection to a miner's API: a request in, the reply out, closed (a bare Protocol:
-    thousands of miners answer every poll on a new connection; only SLOW takes a task)."""
-
-    def __init__(self, servers: WhatsminerServers, k: int) -> None:
-        self._servers = servers
-        self._k = k
-        self._buf = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._answered = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._servers.transports.add(self._transport)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(REQUEST_TIMEOUT_S, self._transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        if self._answered:
-            return
-        self._buf += data
-        try:
-            end = m.object_end(self._buf)
-        except ProtocolError:
-            end = len(self._buf)  # not JSON: answer it as such
-        if end is None and len(self._buf) <= m.MAX_MESSAGE_BYTES:
-            return
-        self._answer(bytes(self._buf[: end or len(self._buf)]))
-
-    def eof_received(self) -> bool:
-        if not self._answered and self._buf:
-            self._answer(bytes(self._buf))
-        return True  # keep our side open until the reply is out
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._servers.transports.discard(self._transport)
-
-    def _answer(self, request: bytes) -> None:
-        self._answered = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._fault() == Fault.SLOW:
-            task = asyncio.get_running_loop().create_task(self._slow(request))
-            self._servers.conns.add(task)
-            task.add_done_callback(self._servers.conns.discard)
-        else:
-            self._reply(request)
-
-    async def _slow(self, request: bytes) -> None:
-        await asyncio.sleep(SLOW_S)
-        self._reply(request)
-
-    def _fault(self) -> int:
-        return int(self._servers.sim.physics.fault[int(self._servers.sim.rows[self._k])])
-
-    def _reply(self, request: bytes) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        fault = self._fault()
-        if fault == Fault.SILENT:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(SILENT_HOLD_S, transport.close)
-            return
-        if fault == Fault.GARBAGE:
-            transport.write(GARBAGE)
-        elif fault == Fault.ERROR:
-            transport.write(m.encode_reply(m.error_reply(m.Code.COMMAND_ERROR, "internal error")))
-        else:
-            transport.write(m.encode_reply(self._servers.sim.handle(self._k, request)))
-        transport.close()  # after the buffered reply is written
-
-
-class WhatsminerServers:
+class WhatsminerServers(MinerServers[WhatsminerSim]):
     """The listeners of a set of simulated miners; `close()` stops them and their connections."""
 
     def __init__(self, sim: WhatsminerSim) -> None:
-        self.sim = sim
-        self.servers: list[asyncio.Server] = []
-        self.conns: set[asyncio.Task[None]] = set()
-        self.transports: set[asyncio.Transport] = set()
+        super().__init__(sim)
+        self.api = MinerApi(self._reply, sim.fault, FaultReplies(GARBAGE, self._error))
 
-    @property
-    def physics(self) -> SitePhysics:
-        return self.sim.physics
+    def _reply(self, k: int, request: bytes) -> bytes:
+        return m.encode_reply(self.sim.handle(k, request))
 
-    async def close(self) -> None:
-        for server in self.servers:
-            server.close()
-        for transport in list(self.transports):
-            transport.abort()
-        for task in list(self.conns):
-            task.cancel()
-        if self.conns:
-            await asyncio.wait(list(self.conns), timeout=2.0)
-        for server in self.servers:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await server.wait_closed()
-        self.servers.clear()
+    def _error(self, k: int) -> bytes:
+        return m.encode_reply(m.error_reply(m.Code.COMMAND_ERROR, "internal error"))
 
 
 async def start_whatsminer_servers(
@@ -500,13 +369,7 @@ async def start_whatsminer_servers(
 
     `specs` is either parallel to `indices` or the whole site's list (indexed by row).
     """
-    rows = [int(i) for i in indices]
-    if len(specs) == len(rows):
-        mine = list(specs)
-    elif len(specs) == physics.n:
-        mine = [specs[i] for i in rows]
-    else:
-        raise ValueError(f"{len(specs)} specs for {len(rows)} miners of {physics.n} rows")
+    rows, mine = served_specs(physics, indices, specs)
     if not math.isfinite(token_ttl_s) or token_ttl_s <= 0:
         raise ValueError("token_ttl_s must be a positive number of seconds")
     sim = WhatsminerSim(
@@ -518,20 +381,9 @@ async def start_whatsminer_servers(
         max_tokens=max_tokens,
     )
     out = WhatsminerServers(sim)
-    loop = asyncio.get_running_loop()
     try:
         for k, spec in enumerate(mine):
-
-            def factory(k: int = k) -> _ApiConnection:
-                return _ApiConnection(out, k)
-
-            try:
-                server = await loop.create_server(factory, spec.host, spec.port, backlog=64)
-            except OSError as exc:
-                raise OSError(
-                    f"sim: cannot listen on {spec.host}:{spec.port} for {spec.name}: {exc.strerror}"
-                ) from None
-            out.servers.append(server)
+            await out.listen_api(out.api, k, spec, spec.port)
     except BaseException:
         await out.close()
         raise
