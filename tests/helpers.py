@@ -20,9 +20,9 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from cryptography import x509
@@ -305,6 +305,26 @@ def device_spec(**fields: Any) -> DeviceSpec:
     return replace(_SPEC, **fields)
 
 
+_MINER = replace(
+    _SPEC,
+    ramp_up_w_s=20_000.0,
+    ramp_down_w_s=20_000.0,
+    dead_time_s=0.05,
+    wake_s=1.0,
+    sleep_s=0.1,
+    poll_s=0.3,
+    timeout_s=0.5,
+)
+
+
+def miner_specs(net: str, n: int, *, name: str = "miner", **fields: Any) -> list[DeviceSpec]:
+    """`n` miners on hosts net.1, net.2, ... named name-00, name-01, ...: polled every 0.3 s
+    with a 0.5 s timeout and their dynamics sped up so driver tests take seconds; `fields` are
+    the firmware's and the test's (kind, protocol, port, powers, access)."""
+    base = replace(_MINER, **fields)
+    return [replace(base, name=f"{name}-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
+
+
 def free_loopback_net(port: int = 0) -> tuple[str, int]:
     """A random 127.a.b net whose .1 can bind `port` (0: any free port), and that port.
 
@@ -380,6 +400,46 @@ class CommandLog(list[tuple[str, float, bool]]):
         self.append((driver, seconds, ok))
 
 
+class _Closes(Protocol):
+    async def close(self) -> None: ...
+
+
+class _Runs(Protocol):
+    async def run(self) -> None: ...
+
+
+ServersT = TypeVar("ServersT", bound=_Closes)
+RunsT = TypeVar("RunsT", bound=_Runs)
+
+
+@dataclass
+class MinerSite(Generic[ServersT]):
+    """Simulated miners of one firmware on loopback, their physics stepped in the background."""
+
+    specs: list[DeviceSpec]
+    physics: SitePhysics
+    servers: ServersT
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def start_site_of(
+    specs: list[DeviceSpec],
+    serve: Callable[[SitePhysics], Awaitable[ServersT]],
+    *,
+    seed: int,
+) -> MinerSite[ServersT]:
+    """Physics for `specs` (stepped until `stop_site`) and the servers `serve` starts on it."""
+    ph = SitePhysics(specs, 0.0, seed=seed, dt_s=SIM_DT)
+    servers = await serve(ph)
+    return MinerSite(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
+
+
+async def stop_site(site: MinerSite[Any]) -> None:
+    """Stop the site's tasks (physics, drivers), then its servers."""
+    await cancel_and_wait(*site.tasks)
+    await site.servers.close()
+
+
 @dataclass
 class DriverRig(Generic[DriverT]):
     """A protocol driver running against simulated devices, and what its tests look at."""
@@ -397,6 +457,31 @@ class DriverRig(Generic[DriverT]):
 
     async def first_polls(self, timeout: float = 5.0) -> None:
         await until(self.polled, timeout, what="first polls")
+
+
+@dataclass
+class MinerRig(DriverRig[RunsT], Generic[RunsT, ServersT]):
+    """A miner driver running against a `MinerSite`."""
+
+    site: MinerSite[ServersT]
+
+
+@asynccontextmanager
+async def driving(
+    site: MinerSite[ServersT],
+    driver: Callable[[ProcessImage, CommandLog], RunsT],
+    image_specs: Sequence[DeviceSpec] | None = None,
+) -> AsyncIterator[MinerRig[RunsT, ServersT]]:
+    """`driver` (built on a process image of `image_specs`, default the site's, and a command
+    log) running against `site`; the site is stopped on the way out."""
+    image = ProcessImage(site.specs if image_specs is None else image_specs)
+    commands = CommandLog()
+    drv = driver(image, commands)
+    site.tasks.append(asyncio.create_task(drv.run()))
+    try:
+        yield MinerRig(site.specs, site.physics, image, drv, commands, site)
+    finally:
+        await stop_site(site)
 
 
 def assert_finite_numbers(value: object) -> None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import warnings
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -32,76 +30,49 @@ from drivers.core.image import ProcessImage
 from drivers.core.state import DeviceState
 from drivers.sim.physics import Fault, SitePhysics
 from tests.helpers import (
-    SIM_DT,
     CommandLog,
-    DriverRig,
-    cancel_and_wait,
+    MinerRig,
+    MinerSite,
     cmd,
+    driving,
     free_loopback_net,
-    step_forever,
+    miner_specs,
+    start_site_of,
+    stop_site,
     until,
 )
 
 P_MIN, P_MAX, STEP, P_IDLE = 2625.0, 3500.0, 875.0, 40.0
 S21_THS_PER_W = 1 / 17.5
+pytestmark = pytest.mark.usefixtures("quiet_pyasic")
+
+MINER: dict[str, Any] = {
+    "kind": "antminer-s21-stock",
+    "protocol": "antminer",
+    "p_min_w": P_MIN,
+    "p_max_w": P_MAX,
+    "p_idle_w": P_IDLE,
+    "step_w": STEP,
+    "access": DeviceAccess(model="S21"),
+}
 
 
 def make_specs(net: str, n: int, port: int, **overrides: Any) -> list[DeviceSpec]:
     """S21s on stock firmware (normal and low-power presets), dynamics sped up for tests."""
-    base = DeviceSpec(
-        name="m",
-        kind="antminer-s21-stock",
-        protocol="antminer",
-        host="",
-        port=port,
-        unit=1,
-        p_min_w=P_MIN,
-        p_max_w=P_MAX,
-        p_idle_w=P_IDLE,
-        ramp_up_w_s=20_000.0,
-        ramp_down_w_s=20_000.0,
-        dead_time_s=0.05,
-        wake_s=1.0,
-        sleep_s=0.1,
-        step_w=STEP,
-        deadband_w=0.0,
-        noise_w=0.0,
-        priority=0,
-        poll_s=0.3,
-        timeout_s=0.5,
-        access=DeviceAccess(model="S21"),
-    )
-    base = replace(base, **overrides)
-    return [replace(base, name=f"miner-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
+    return miner_specs(net, n, **(MINER | {"port": port} | overrides))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_pyasic() -> Iterator[None]:
-    # pyasic 0.79 still declares pydantic v1-style config classes.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-@dataclass
-class Site:
-    specs: list[DeviceSpec]
-    physics: SitePhysics
-    servers: AntminerServers
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+Site = MinerSite[AntminerServers]
 
 
 async def start_site(n: int, *, port: int = 0, rpc_port: int | None = None, **kw: Any) -> Site:
     net, free = free_loopback_net(port)
     specs = make_specs(net, n, free, **kw)
-    ph = SitePhysics(specs, 0.0, seed=5, dt_s=SIM_DT)
-    servers = await start_antminer_servers(ph, range(n), specs, rpc_port=rpc_port)
-    return Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
 
+    def serve(ph: SitePhysics) -> Awaitable[AntminerServers]:
+        return start_antminer_servers(ph, range(n), specs, rpc_port=rpc_port)
 
-async def stop_site(site: Site) -> None:
-    await cancel_and_wait(*site.tasks)
-    await site.servers.close()
+    return await start_site_of(specs, serve, seed=5)
 
 
 def url(spec: DeviceSpec, path: str) -> str:
@@ -249,9 +220,7 @@ async def test_rpc_answers_like_bmminer() -> None:
 # --- (b) the driver against simulated miners ---
 
 
-@dataclass
-class Rig(DriverRig[AntminerDriver]):
-    site: Site
+Rig = MinerRig[AntminerDriver, AntminerServers]
 
 
 N = 12
@@ -261,21 +230,19 @@ N = 12
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     opts: dict[str, Any] = getattr(request, "param", {})
     site = await start_site(N, **opts)
-    fleet = ProcessImage(site.specs)
-    commands = CommandLog()
-    driver = AntminerDriver(
-        fleet.port("antminer"),
-        on_command=commands,
-        summary_every=3,
-        config_every=2,
-        set_timeout_s=0.5,
-        backoff_cap_s=1.0,
-    )
-    site.tasks.append(asyncio.create_task(driver.run()))
-    try:
-        yield Rig(site.specs, site.physics, fleet, driver, commands, site)
-    finally:
-        await stop_site(site)
+
+    def driver(image: ProcessImage, commands: CommandLog) -> AntminerDriver:
+        return AntminerDriver(
+            image.port("antminer"),
+            on_command=commands,
+            summary_every=3,
+            config_every=2,
+            set_timeout_s=0.5,
+            backoff_cap_s=1.0,
+        )
+
+    async with driving(site, driver) as rig:
+        yield rig
 
 
 async def test_polls_fill_the_image_and_adoption_reports_presets(rig: Rig) -> None:

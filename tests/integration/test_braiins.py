@@ -14,9 +14,7 @@ import asyncio
 import json
 import logging
 import time
-import warnings
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import numpy as np
@@ -39,72 +37,47 @@ from drivers.sim.physics import Fault, SitePhysics
 from tests.helpers import (
     SIM_DT,
     CommandLog,
-    DriverRig,
-    cancel_and_wait,
+    MinerRig,
+    MinerSite,
     cmd,
+    driving,
     free_loopback_net,
-    step_forever,
+    miner_specs,
+    start_site_of,
+    stop_site,
     until,
 )
 
 P_MIN, P_MAX, P_IDLE = 1400.0, 3500.0, 30.0
+pytestmark = pytest.mark.usefixtures("quiet_pyasic")
+
+MINER: dict[str, Any] = {
+    "kind": "antminer-s21-braiins",
+    "protocol": "braiins",
+    "port": api.PORT,
+    "p_min_w": P_MIN,
+    "p_max_w": P_MAX,
+    "p_idle_w": P_IDLE,
+    "step_w": 0.0,
+    "access": DeviceAccess(model="S21", username="root"),
+}
 
 
 def make_specs(net: str, n: int, **overrides: Any) -> list[DeviceSpec]:
     """S21s on Braiins OS+, with the tuner's dynamics sped up so tests take seconds."""
-    base = DeviceSpec(
-        name="m",
-        kind="antminer-s21-braiins",
-        protocol="braiins",
-        host="",
-        port=api.PORT,
-        unit=1,
-        p_min_w=P_MIN,
-        p_max_w=P_MAX,
-        p_idle_w=P_IDLE,
-        ramp_up_w_s=20_000.0,
-        ramp_down_w_s=20_000.0,
-        dead_time_s=0.05,
-        wake_s=1.0,
-        sleep_s=0.1,
-        step_w=0.0,
-        deadband_w=0.0,
-        noise_w=0.0,
-        priority=0,
-        poll_s=0.3,
-        timeout_s=0.5,
-        access=DeviceAccess(model="S21", username="root"),
-    )
-    base = replace(base, **overrides)
-    return [replace(base, name=f"miner-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
+    return miner_specs(net, n, **(MINER | overrides))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_pyasic() -> Iterator[None]:
-    # pyasic 0.79 still declares pydantic v1-style config classes.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-@dataclass
-class Site:
-    specs: list[DeviceSpec]
-    physics: SitePhysics
-    servers: BraiinsServers
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+Site = MinerSite[BraiinsServers]
 
 
 async def start_site(n: int, *, token_ttl_s: float = 3600.0, **overrides: Any) -> Site:
     specs = make_specs(free_loopback_net(api.PORT)[0], n, **overrides)
-    ph = SitePhysics(specs, 0.0, seed=5, dt_s=SIM_DT)
-    servers = await start_braiins_servers(ph, range(n), specs, token_ttl_s=token_ttl_s)
-    return Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
 
+    def serve(ph: SitePhysics) -> Awaitable[BraiinsServers]:
+        return start_braiins_servers(ph, range(n), specs, token_ttl_s=token_ttl_s)
 
-async def stop_site(site: Site) -> None:
-    await cancel_and_wait(*site.tasks)
-    await site.servers.close()
+    return await start_site_of(specs, serve, seed=5)
 
 
 # --- (a) pyasic identifies and drives a simulated miner ---
@@ -118,10 +91,12 @@ async def test_pyasic_identifies_reads_and_controls() -> None:
     specs = make_specs(
         free_loopback_net(api.PORT)[0], 1, access=DeviceAccess(model="S21", password="root")
     )
-    ph = SitePhysics(specs, 0.0, seed=5, dt_s=SIM_DT)
-    servers = await start_braiins_servers(ph, [0], specs, api_port=api.CGMINER_PORT)
-    site = Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
-    ip = specs[0].host
+    site = await start_site_of(
+        specs,
+        lambda ph: start_braiins_servers(ph, [0], specs, api_port=api.CGMINER_PORT),
+        seed=5,
+    )
+    ph, servers, ip = site.physics, site.servers, specs[0].host
     try:
         miner = await pyasic.get_miner(ip)
         print(f"pyasic.get_miner({ip!r}) -> {type(miner).__name__}: {miner}")
@@ -291,25 +266,21 @@ def test_messages_pyasic_calls_do_not_cover_agree_with_its_definitions() -> None
 # --- (b) the driver against 20 simulated miners ---
 
 
-@dataclass
-class Rig(DriverRig[BraiinsDriver]):
-    site: Site
+Rig = MinerRig[BraiinsDriver, BraiinsServers]
 
 
 @pytest.fixture
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     opts: dict[str, Any] = getattr(request, "param", {})
     site = await start_site(20, token_ttl_s=opts.get("token_ttl_s", 3600.0), **opts.get("spec", {}))
-    fleet = ProcessImage(site.specs)
-    commands = CommandLog()
-    driver = BraiinsDriver(
-        fleet.port("braiins"), on_command=commands, readback_every=2, backoff_cap_s=1.0
-    )
-    site.tasks.append(asyncio.create_task(driver.run()))
-    try:
-        yield Rig(site.specs, site.physics, fleet, driver, commands, site)
-    finally:
-        await stop_site(site)
+
+    def driver(image: ProcessImage, commands: CommandLog) -> BraiinsDriver:
+        return BraiinsDriver(
+            image.port("braiins"), on_command=commands, readback_every=2, backoff_cap_s=1.0
+        )
+
+    async with driving(site, driver) as rig:
+        yield rig
 
 
 async def test_polls_fill_the_image_and_adoption_reports_capabilities(rig: Rig) -> None:

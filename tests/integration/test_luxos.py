@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import warnings
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,82 +20,59 @@ import pytest
 
 from controller.config import DeviceAccess, DeviceSpec
 from drivers.base import Driver
+from drivers.cgminer.client import exchange
 from drivers.core.image import ProcessImage
 from drivers.core.state import DeviceState
 from drivers.luxos import messages as m
-from drivers.luxos.client import LuxosDriver, exchange
+from drivers.luxos.client import LuxosDriver
 from drivers.luxos.sim_server import LuxosServers, start_luxos_servers
 from drivers.sim.physics import Fault, SitePhysics
 from tests.helpers import (
     SIM_DT,
     CommandLog,
-    DriverRig,
+    MinerRig,
+    MinerSite,
     cancel_and_wait,
     cmd,
+    driving,
     free_loopback_net,
-    step_forever,
+    miner_specs,
+    start_site_of,
+    stop_site,
     until,
 )
 
 P_MIN, P_MAX, STEP, P_IDLE = 1750.0, 3500.0, 250.0, 20.0
 S21_THS_PER_W = 1 / 17.5
+pytestmark = pytest.mark.usefixtures("quiet_pyasic")
+
+MINER: dict[str, Any] = {
+    "kind": "antminer-s21-luxos",
+    "protocol": "luxos",
+    "port": m.PORT,
+    "p_min_w": P_MIN,
+    "p_max_w": P_MAX,
+    "p_idle_w": P_IDLE,
+    "step_w": STEP,
+    "access": DeviceAccess(model="S21"),
+}
 
 
 def make_specs(net: str, n: int, **overrides: Any) -> list[DeviceSpec]:
     """S21-like miners on the LuxOS ladder, with dynamics sped up so tests take seconds."""
-    base = DeviceSpec(
-        name="m",
-        kind="antminer-s21-luxos",
-        protocol="luxos",
-        host="",
-        port=m.PORT,
-        unit=1,
-        p_min_w=P_MIN,
-        p_max_w=P_MAX,
-        p_idle_w=P_IDLE,
-        ramp_up_w_s=20_000.0,
-        ramp_down_w_s=20_000.0,
-        dead_time_s=0.05,
-        wake_s=1.0,
-        sleep_s=0.1,
-        step_w=STEP,
-        deadband_w=0.0,
-        noise_w=0.0,
-        priority=0,
-        poll_s=0.3,
-        timeout_s=0.5,
-        access=DeviceAccess(model="S21"),
-    )
-    base = replace(base, **overrides)
-    return [replace(base, name=f"miner-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
+    return miner_specs(net, n, **(MINER | overrides))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_pyasic() -> Iterator[None]:
-    # pyasic 0.79 still declares pydantic v1-style config classes.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-@dataclass
-class Site:
-    specs: list[DeviceSpec]
-    physics: SitePhysics
-    servers: LuxosServers
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+Site = MinerSite[LuxosServers]
 
 
 async def start_site(n: int, session_ttl_s: float = 60.0, **overrides: Any) -> Site:
     specs = make_specs(free_loopback_net(m.PORT)[0], n, **overrides)
-    ph = SitePhysics(specs, 0.0, seed=3, dt_s=SIM_DT)
-    servers = await start_luxos_servers(ph, range(n), specs, session_ttl_s=session_ttl_s)
-    return Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
 
+    def serve(ph: SitePhysics) -> Awaitable[LuxosServers]:
+        return start_luxos_servers(ph, range(n), specs, session_ttl_s=session_ttl_s)
 
-async def stop_site(site: Site) -> None:
-    await cancel_and_wait(*site.tasks)
-    await site.servers.close()
+    return await start_site_of(specs, serve, seed=3)
 
 
 # --- (a) pyasic identifies and drives a simulated miner ---
@@ -205,9 +181,7 @@ async def test_wire_framing_of_a_real_exchange() -> None:
 # --- (b) the driver against 20 simulated miners ---
 
 
-@dataclass
-class Rig(DriverRig[LuxosDriver]):
-    site: Site
+Rig = MinerRig[LuxosDriver, LuxosServers]
 
 
 @pytest.fixture
@@ -216,21 +190,19 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     site = await start_site(
         20, session_ttl_s=opts.get("session_ttl_s", 60.0), **opts.get("spec", {})
     )
-    fleet = ProcessImage(site.specs)
-    commands = CommandLog()
-    driver = LuxosDriver(
-        fleet.port("luxos"),
-        on_command=commands,
-        summary_every=3,
-        config_every=2,
-        session_ttl_s=opts.get("session_ttl_s", 60.0),
-        backoff_cap_s=1.0,
-    )
-    site.tasks.append(asyncio.create_task(driver.run()))
-    try:
-        yield Rig(site.specs, site.physics, fleet, driver, commands, site)
-    finally:
-        await stop_site(site)
+
+    def driver(image: ProcessImage, commands: CommandLog) -> LuxosDriver:
+        return LuxosDriver(
+            image.port("luxos"),
+            on_command=commands,
+            summary_every=3,
+            config_every=2,
+            session_ttl_s=opts.get("session_ttl_s", 60.0),
+            backoff_cap_s=1.0,
+        )
+
+    async with driving(site, driver) as rig:
+        yield rig
 
 
 def profile_w(setpoint_w: float) -> float:

@@ -14,9 +14,8 @@ import asyncio
 import json
 import math
 import time
-import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,58 +23,48 @@ import pytest
 
 from controller.config import DeviceAccess, DeviceSpec
 from drivers.base import Driver
+from drivers.cgminer.client import exchange
 from drivers.core.capability import Control
 from drivers.core.image import ProcessImage
 from drivers.core.state import DeviceState
-from drivers.luxos.client import exchange
 from drivers.sim.physics import Fault, SitePhysics
 from drivers.whatsminer import crypto
 from drivers.whatsminer import messages as m
 from drivers.whatsminer.client import WhatsminerDriver
 from drivers.whatsminer.sim_server import WhatsminerServers, start_whatsminer_servers
 from tests.helpers import (
-    SIM_DT,
     CommandLog,
-    DriverRig,
-    cancel_and_wait,
+    MinerRig,
+    MinerSite,
     cmd,
+    driving,
     free_loopback_net,
-    step_forever,
+    miner_specs,
+    start_site_of,
+    stop_site,
     until,
 )
 
 P_MAX, P_MIN, P_IDLE = 3441.0, 1720.0, 15.0  # M60S template
 STEP = P_MAX / 100
 M60S_THS_PER_W = 1 / 18.5
+pytestmark = pytest.mark.usefixtures("quiet_pyasic")
+
+MINER: dict[str, Any] = {
+    "kind": "whatsminer-m60s",
+    "protocol": "whatsminer",
+    "port": m.PORT,
+    "p_min_w": P_MIN,
+    "p_max_w": P_MAX,
+    "p_idle_w": P_IDLE,
+    "step_w": STEP,
+    "access": DeviceAccess(model="M60S_VK30", password="s3cret"),
+}
 
 
 def make_specs(net: str, n: int, **overrides: Any) -> list[DeviceSpec]:
     """M60S-like miners, with dynamics sped up so tests take seconds."""
-    base = DeviceSpec(
-        name="w",
-        kind="whatsminer-m60s",
-        protocol="whatsminer",
-        host="",
-        port=m.PORT,
-        unit=1,
-        p_min_w=P_MIN,
-        p_max_w=P_MAX,
-        p_idle_w=P_IDLE,
-        ramp_up_w_s=20_000.0,
-        ramp_down_w_s=20_000.0,
-        dead_time_s=0.05,
-        wake_s=1.0,
-        sleep_s=0.1,
-        step_w=STEP,
-        deadband_w=0.0,
-        noise_w=0.0,
-        priority=0,
-        poll_s=0.3,
-        timeout_s=0.5,
-        access=DeviceAccess(model="M60S_VK30", password="s3cret"),
-    )
-    base = replace(base, **overrides)
-    return [replace(base, name=f"wm-{i:02d}", host=f"{net}.{i + 1}") for i in range(n)]
+    return miner_specs(net, n, name="wm", **(MINER | overrides))
 
 
 def pct_of(power_w: float) -> int:
@@ -89,31 +78,16 @@ def pct_w(power_w: float) -> float:
     return pct_of(power_w) / 100 * P_MAX
 
 
-@pytest.fixture(autouse=True)
-def _quiet_pyasic() -> Iterator[None]:
-    with warnings.catch_warnings():  # pyasic 0.79 declares pydantic v1-style configs
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-@dataclass
-class Site:
-    specs: list[DeviceSpec]
-    physics: SitePhysics
-    servers: WhatsminerServers
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+Site = MinerSite[WhatsminerServers]
 
 
 async def start_site(n: int, sim: dict[str, Any] | None = None, **overrides: Any) -> Site:
     specs = make_specs(free_loopback_net(m.PORT)[0], n, **overrides)
-    ph = SitePhysics(specs, 0.0, seed=5, dt_s=SIM_DT)
-    servers = await start_whatsminer_servers(ph, range(n), specs, **(sim or {}))
-    return Site(specs, ph, servers, [asyncio.create_task(step_forever(ph))])
 
+    def serve(ph: SitePhysics) -> Awaitable[WhatsminerServers]:
+        return start_whatsminer_servers(ph, range(n), specs, **(sim or {}))
 
-async def stop_site(site: Site) -> None:
-    await cancel_and_wait(*site.tasks)
-    await site.servers.close()
+    return await start_site_of(specs, serve, seed=5)
 
 
 # --- (a) pyasic identifies and drives a simulated miner ---
@@ -284,9 +258,7 @@ def test_md5_crypt_matches_an_independent_implementation() -> None:
 # --- (b) the driver against 20 simulated miners ---
 
 
-@dataclass
-class Rig(DriverRig[WhatsminerDriver]):
-    site: Site
+Rig = MinerRig[WhatsminerDriver, WhatsminerServers]
 
 
 @pytest.fixture
@@ -294,16 +266,14 @@ async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     opts: dict[str, Any] = getattr(request, "param", {})
     site = await start_site(20, sim=opts.get("sim"), **opts.get("spec", {}))
     driver_specs = [replace(s, **opts.get("driver_spec", {})) for s in site.specs]
-    fleet = ProcessImage(driver_specs)
-    commands = CommandLog()
-    driver = WhatsminerDriver(
-        fleet.port("whatsminer"), on_command=commands, status_every=3, backoff_cap_s=1.0
-    )
-    site.tasks.append(asyncio.create_task(driver.run()))
-    try:
-        yield Rig(site.specs, site.physics, fleet, driver, commands, site)
-    finally:
-        await stop_site(site)
+
+    def driver(image: ProcessImage, commands: CommandLog) -> WhatsminerDriver:
+        return WhatsminerDriver(
+            image.port("whatsminer"), on_command=commands, status_every=3, backoff_cap_s=1.0
+        )
+
+    async with driving(site, driver, driver_specs) as rig:
+        yield rig
 
 
 async def test_polls_fill_the_image_and_adoption_reports_capabilities(rig: Rig) -> None:
