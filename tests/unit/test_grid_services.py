@@ -185,3 +185,27 @@ def test_nothing_fast_enough_means_nothing_armable_and_a_deployment_says_so() ->
     assert d is not None and d.rows.size == 0 and d.expected_w == 0.0 and not r.sent
     assert math.isfinite(d.before_w)
     assert np.all(r.svc.offset_w(r.now) == 0.0)
+
+
+def test_ride_through_nothing_unarmed_acts_within_58_8_to_61_2_hz() -> None:
+    r = Rig(ffr_kw=0.0, ufr_kw=0.0)
+    for hz in (59.9, 59.5, 59.0, 58.8, 58.8, 61.2, 61.2, 60.0):
+        r.sample(hz)
+        r.run(0.1)
+    assert not r.sent and r.svc.offset_w(r.now) == 0.0
+    assert not any(s.deployment for s in r.svc.services.values())
+
+
+def test_a_recalled_service_arms_again_only_after_the_frequency_recovers() -> None:
+    r = Rig()
+    for _ in range(CONFIRM_SAMPLES):
+        r.sample(59.80)
+    r.svc.recall()
+    r.sent.clear()
+    for _ in range(5):  # still low: no second deployment
+        r.sample(59.80)
+    assert r.svc.services["ffr"].deployment is None
+    r.sample(59.95)  # recovered past the trigger and its margin
+    for _ in range(CONFIRM_SAMPLES):
+        r.sample(59.80)
+    assert r.svc.services["ffr"].deployment is not None
