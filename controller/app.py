@@ -45,6 +45,7 @@ from controller.status import SiteStatus
 from controller.target import TargetTracker
 from controller.telemetry import build_telemetry, ramp_limit_report
 from controller.wire import Dispatch, Telemetry
+from controller.wire.telemetry import ServiceReport
 from drivers.base import Driver
 from drivers.core import registry
 from drivers.core.command import Commands, CommandShaper
@@ -369,7 +370,25 @@ class Daemon:
             reserve=self.cfg.site.reserve,
             physical_min_s=None if out is None else self._physical_min_s(out.target_w),
             ramp_limit=ramp_limit_report(self.tracker, time.monotonic(), at),
+            hz=self._fresh_hz(),
+            services=self._service_reports(at),
         )
+
+    def _fresh_hz(self) -> float | None:
+        f = self.frequency
+        return None if f is None or not f.fresh(time.monotonic()) else round(f.hz, 4)
+
+    def _service_reports(self, now_unix: float) -> dict[str, ServiceReport]:
+        armable = self.services.armable_w()
+        return {
+            name: ServiceReport(
+                armed_w=svc.armed_w,
+                max_armable_w=armable[name],
+                deployed=svc.deployment is not None,
+                since=None if svc.deployment is None else svc.deployment.unix,
+            )
+            for name, svc in self.services.services.items()
+        }
 
     def update_telemetry_metrics(self, tel: Telemetry) -> None:
         """The gauges that mirror what telemetry reports, at the same pace."""

@@ -19,6 +19,7 @@ from controller.wire.telemetry import (
     DeviceCounts,
     RampLimitReport,
     ReserveReport,
+    ServiceReport,
     SleepReport,
     Telemetry,
 )
@@ -69,6 +70,8 @@ def build_telemetry(
     reserve: ReserveConfig,
     physical_min_s: float | None,
     ramp_limit: RampLimitReport | None = None,
+    hz: float | None = None,
+    services: dict[str, ServiceReport] | None = None,
 ) -> Telemetry:
     """`out`: the latest cycle (None before the first: power is then not reported);
     `physical_min_s`: the fleet's least time to `out.target_w`, None when out of reach;
@@ -97,4 +100,6 @@ def build_telemetry(
         sleep=SleepReport(out.result.parked, out.result.waking),
         cycle=CycleReport(cycles, overruns),
         ramp_limit=ramp_limit,
+        hz=hz,
+        services=services,
     )

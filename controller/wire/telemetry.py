@@ -161,6 +161,37 @@ class RampLimitReport:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceReport:
+    """One frequency service: what is armed, what could shed within its deadline now, and
+    whether it is deployed (since when, unix s)."""
+
+    armed_w: float
+    max_armable_w: float
+    deployed: bool
+    since: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "armed_kw": kw(self.armed_w),
+            "max_armable_kw": kw(self.max_armable_w),
+            "deployed": self.deployed,
+            "since": None if self.since is None else rfc3339(self.since),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> ServiceReport:
+        deployed = obj.get("deployed")
+        if not isinstance(deployed, bool):
+            raise WireError("services deployed must be true or false", code="bad_type")
+        return cls(
+            armed_w=required(optional_w(obj, "armed_kw"), "services armed_kw"),
+            max_armable_w=required(optional_w(obj, "max_armable_kw"), "services max_armable_kw"),
+            deployed=deployed,
+            since=optional_time(obj, "since"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SleepReport:
     parked: int
     """Devices told to sleep (asleep or on their way)."""
@@ -217,6 +248,9 @@ class Telemetry:
     sleep: SleepReport | None = None
     cycle: CycleReport | None = None
     ramp_limit: RampLimitReport | None = None
+    hz: float | None = None
+    """Grid frequency, the latest plausible reading (None: no fresh one)."""
+    services: dict[str, ServiceReport] | None = None
 
     @property
     def started(self) -> bool:
@@ -244,6 +278,10 @@ class Telemetry:
             "sleep": None if self.sleep is None else self.sleep.to_wire(),
             "cycle": None if self.cycle is None else self.cycle.to_wire(),
             "ramp_limit": None if self.ramp_limit is None else self.ramp_limit.to_wire(),
+            "hz": self.hz,
+            "services": None
+            if self.services is None
+            else {name: s.to_wire() for name, s in self.services.items()},
         }
 
     def encode(self) -> bytes:
@@ -272,7 +310,9 @@ class Telemetry:
         cap, reserve = section(obj, "capability"), section(obj, "reserve")
         sleep, cycle = section(obj, "sleep"), section(obj, "cycle")
         ramp_limit = section(obj, "ramp_limit")
+        services = section(obj, "services")
         saturated = optional_int(obj, "saturated")
+        hz = optional_number(obj, "hz")
         return cls(
             at=at,
             mode=mode,
@@ -290,4 +330,14 @@ class Telemetry:
             sleep=None if sleep is None else SleepReport.from_wire(sleep),
             cycle=None if cycle is None else CycleReport.from_wire(cycle),
             ramp_limit=None if ramp_limit is None else RampLimitReport.from_wire(ramp_limit),
+            hz=hz,
+            services=None
+            if services is None
+            else {str(k): ServiceReport.from_wire(_obj(v, k)) for k, v in services.items()},
         )
+
+
+def _obj(v: object, name: object) -> Mapping[str, Any]:
+    if not isinstance(v, dict):
+        raise WireError(f"services {name} must be an object", code="bad_type")
+    return v

@@ -119,7 +119,7 @@ def test_telemetry_keeps_its_field_names() -> None:
     assert list(body) == [
         "at", "measured_kw", "measured_source", "target_kw", "min_kw", "max_kw",
         "noncontrollable_kw", "capability", "devices", "mode", "saturated", "reserve",
-        "physical_min_s", "sleep", "cycle", "ramp_limit",
+        "physical_min_s", "sleep", "cycle", "ramp_limit", "hz", "services",
     ]  # fmt: skip
     assert body["capability"]["up_kw"] == {"1s": 10.0, "5s": 50.0, "60s": None}
     assert body["reserve"] == {
@@ -198,3 +198,29 @@ def test_the_builder_says_only_what_it_knows_before_the_first_cycle() -> None:
     )
     assert tel == Telemetry(at=AT, mode="normal", devices=DeviceCounts(on=2, unknown=1))
     assert not tel.started
+
+
+def test_telemetry_carries_frequency_and_services_and_round_trips() -> None:
+    from controller.wire.telemetry import CapabilityReport, ServiceReport
+
+    tel = Telemetry(
+        at=AT,
+        mode="normal",
+        capability=CapabilityReport((1.0,), (0.0,), (0.0,)),
+        hz=59.834,
+        services={
+            "ffr": ServiceReport(900e3, 2e6, True, since=AT - 3.0),
+            "ufr": ServiceReport(0.0, 1.1e6, False),
+        },
+    )
+    body = json.loads(tel.encode())
+    assert body["hz"] == 59.834
+    assert body["services"]["ffr"] == {
+        "armed_kw": 900.0, "max_armable_kw": 2000.0, "deployed": True,
+        "since": rfc3339(AT - 3.0),
+    }  # fmt: skip
+    again = Telemetry.decode(tel.encode())
+    assert again.hz == 59.834 and again.services == tel.services
+    body["services"]["ufr"]["deployed"] = "yes"
+    with pytest.raises(WireError):
+        Telemetry.decode(json.dumps(body).encode())
