@@ -76,6 +76,7 @@ class SitePhysics:
         self.wake_s = col("wake_s")
         self.sleep_s = col("sleep_s")
         self.step_w = col("step_w")
+        self.services_only: Bool = np.array([s.services_only for s in specs], dtype=np.bool_)
         self.noise_w = col("noise_w")
         self._rng = np.random.default_rng(seed)
         self._all = np.arange(n)
@@ -271,7 +272,9 @@ class SitePhysics:
         return out
 
     def fleet_params(self) -> FleetParams:
-        """The devices' static columns as the control math takes them."""
+        """The devices' static columns as the regular control takes them: devices only the
+        grid services move (feeder breakers) neither sleep nor wake there."""
+        only = self.services_only
         return FleetParams.of(
             p_min_w=self.p_min_w,
             p_max_w=self.p_max_w,
@@ -280,8 +283,8 @@ class SitePhysics:
             ramp_down_w_s=self.ramp_down_w_s,
             dead_time_s=self.dead_time_s,
             step_w=self.step_w,
-            wake_s=self.wake_s,
-            sleep_s=self.sleep_s,
+            wake_s=np.where(only, 0.0, self.wake_s),
+            sleep_s=np.where(only, 0.0, self.sleep_s),
         )
 
     def truth(self) -> float:
