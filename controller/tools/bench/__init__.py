@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "bench-site.toml"
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_CONFIG = REPO / "configs" / "bench-site.toml"
 
 
 def _common(p: argparse.ArgumentParser, kind: str) -> None:
@@ -123,6 +124,23 @@ def _run_regulation(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def add_frequency_arguments(p: argparse.ArgumentParser) -> None:
+    """`rampd bench frequency`'s arguments (here: the parser must not import the bench)."""
+    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--out", help="output directory (default bench-runs/<timestamp>-frequency)")
+    p.add_argument("--quick", action="store_true", help="the small site")
+    p.add_argument(
+        "--trace",
+        default=str(REPO / "bench" / "data" / "grid_frequency_gb_2019-08-09_1s.csv"),
+        help="frequency CSV with an hz column (default: the GB power cut of 9 August 2019)",
+    )
+    p.add_argument("--trace-nominal-hz", type=float, default=50.0)
+    p.add_argument("--ffr-kw", type=float, default=2000.0, help="FFR armed (2000)")
+    p.add_argument("--ufr-kw", type=float, default=2000.0, help="UFR armed (2000)")
+    p.add_argument("--hold", type=float, default=30.0, help="seconds deployed before recall")
+    p.add_argument("--mqtt", help="use this broker HOST:PORT instead of starting one")
+
+
 def _run_frequency(args: argparse.Namespace) -> int:
     from controller.tools.bench.frequency import run_cli
 
@@ -153,7 +171,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     q = benches.add_parser(
         "frequency", help="replay a real under-frequency event: FFR and UFR on ground truth"
     )
-    from controller.tools.bench.frequency import add_arguments as add_frequency_arguments
-
     add_frequency_arguments(q)
     q.set_defaults(func=_run_frequency)

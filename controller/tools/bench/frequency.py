@@ -36,7 +36,6 @@ from typing import Any, Final
 import numpy as np
 
 from controller.tools.bench.site_run import (
-    REPO,
     BenchError,
     Site,
     ack_of,
@@ -47,7 +46,6 @@ from controller.tools.bench.site_run import (
 from drivers.core.state import F64
 
 DESCRIPTION: Final = "Frequency bench: a real under-frequency event, FFR and UFR on ground truth."
-DEFAULT_TRACE: Final = REPO / "bench" / "data" / "grid_frequency_gb_2019-08-09_1s.csv"
 RATIO_OK: Final = 1.2
 SHED_FRACTION: Final = 0.95
 """The armed amount counts as shed once the site is this much of it below where it was."""
@@ -70,18 +68,6 @@ class ServiceResult:
     ratio: float | None
     after_kw: float | None
     ok: bool
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=str(REPO / "configs" / "bench-site.toml"))
-    p.add_argument("--out", help="output directory (default bench-runs/<timestamp>-frequency)")
-    p.add_argument("--quick", action="store_true", help="the small site")
-    p.add_argument("--trace", default=str(DEFAULT_TRACE), help="frequency CSV (t_s, hz)")
-    p.add_argument("--trace-nominal-hz", type=float, default=50.0)
-    p.add_argument("--ffr-kw", type=float, default=2000.0, help="FFR armed (2000)")
-    p.add_argument("--ufr-kw", type=float, default=2000.0, help="UFR armed (2000)")
-    p.add_argument("--hold", type=float, default=30.0, help="seconds deployed before recall")
-    p.add_argument("--mqtt", help="use this broker HOST:PORT instead of starting one")
 
 
 def cut_trace(src: Path, dst: Path, nominal_hz: float, trigger_hz: float, site_hz: float) -> int:
