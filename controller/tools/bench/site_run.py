@@ -48,6 +48,7 @@ QUICK_COUNTS: Final[Mapping[str, int]] = {
     "whatsminer": 25,
     "antminer": 25,
     "redfish": 4,
+    "breaker": 6,
 }
 """Devices per protocol of the `--quick` site (same templates as the reference site)."""
 
