@@ -172,11 +172,13 @@ def physical_min_of_breakers(site: Site) -> float:
 
 async def run_bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out("frequency")
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "services": {
             "ffr": {"armed_kw": 0.0, "sustain_s": 900.0},
             "ufr": {"armed_kw": 0.0, "sustain_s": 900.0},
-        }
+        },
+        # The proposed large-load limits (grid-services.md): restoration keeps to them.
+        "ramp_limits": {"up_kw_per_min": 20_000.0, "max_change_kw_per_5s": 10_000.0},
     }
     async with start_site(
         Path(args.config), out, quick=args.quick, mqtt=args.mqtt, sections=sections
