@@ -375,6 +375,10 @@ async def test_a_command_that_is_followed_is_never_held_against_the_device(rig: 
     await rig.first_polls()
     for target in (60e3, 240e3, 100e3):
         rig.driver.submit(cmd(range(5), [target] * 5))
-        await until(lambda t=target: np.all(np.abs(rig.physics.power_w - t) < 5e3), 10.0)
+
+        def there(t: float = target) -> bool:
+            return bool(np.all(np.abs(rig.physics.power_w - t) < 5e3))
+
+        await until(there, 10.0)
     await until(lambda: not np.isfinite(rig.driver._verify_at).any(), 10.0, what="verified")
     assert rig.driver.unverified == 0 and rig.driver.unresponsive == 0
