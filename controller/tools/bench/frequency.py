@@ -43,6 +43,7 @@ from controller.tools.bench.site_run import (
     http_json,
     start_site,
 )
+from controller.tools.truth import tolerance_kw
 from drivers.core.state import F64
 
 DESCRIPTION: Final = "Frequency bench: a real under-frequency event, FFR and UFR on ground truth."
@@ -194,7 +195,9 @@ async def run_bench(args: argparse.Namespace) -> int:
         ack = await ack_of(d, sent)
         if ack is None or not ack.accepted:
             raise BenchError(f"arming dispatch not accepted: {ack}")
-        await asyncio.sleep(5.0)  # the site settles at its maximum, breakers closed
+        # The site settles where the release puts it (breakers closed) before the event.
+        tol = tolerance_kw(site.site_max_kw, site.site_max_kw)
+        await site.steady(tol, hold_s=5.0, within=180.0)
         body = {"trace": str(trace.resolve()), "trace_nominal_hz": args.trace_nominal_hz}
         replay_at = time.time()
         await asyncio.to_thread(http_json, f"http://127.0.0.1:{site.control_port}/grid", body)
