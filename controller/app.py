@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
-
 import controller.protocols  # noqa: F401  (registers the built-in drivers)
 from controller import heap
 from controller.config import (
@@ -291,16 +289,8 @@ class Daemon:
 
     def _new_controller(self) -> Controller:
         site = self.cfg.site
-        params = FleetParams.from_image(self.image)
-        only = self.image.services_only
-        if only.any():  # the sleep planner must never put to sleep or wake what they hold
-            params = replace(
-                params,
-                wake_s=np.where(only, 0.0, params.wake_s),
-                sleep_s=np.where(only, 0.0, params.sleep_s),
-            )
         return Controller(
-            params,
+            FleetParams.from_image(self.image),
             deadband_w=site.site.deadband_kw * 1e3,
             observer_tau_s=site.control.observer_tau_s,
             cycle_s=site.cycle_s,

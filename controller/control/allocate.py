@@ -122,9 +122,15 @@ class Allocator:
         self._up_step: F64 = np.zeros(n)
         self._down_step: F64 = np.zeros(n)
         self._fast_static = np.ones(n, dtype=np.bool_)  # shortest delay of the fleet
+        # Rows that never set the fast tier's delay: child controllers ramp by themselves,
+        # services-only rows (feeder breakers) are the grid services' alone.
+        self._not_tiered = np.zeros(n, dtype=np.bool_)
+        if params.services_only is not None:
+            self._not_tiered |= params.services_only
         self._ramps_itself = (
             np.zeros(n, dtype=np.bool_) if params.ramps_itself is None else params.ramps_itself
         )
+        self._not_tiered |= self._ramps_itself
         self._n_fast_all = n
         self._p_min_all = float(d_min.sum())
         self._p_max_all = float(params.p_max_w.sum())
@@ -188,10 +194,10 @@ class Allocator:
         """Dead times in cycles changed with dt: tiers are the fleet's shortest delay class
         (fast) and the rest (slow), each restricted to the controllable rows. Rows that ramp
         by themselves are always slow: they get their steady-state share at once."""
-        own = delay[~self._ramps_itself]
+        own = delay[~self._not_tiered]
         self.fast_delay = int(own.min()) if own.size else 0
         np.equal(delay, self.fast_delay, out=self._fast_static)
-        self._fast_static &= ~self._ramps_itself
+        self._fast_static &= ~self._not_tiered
         self._n_fast_all = int(np.count_nonzero(self._fast_static))
         self._fast_p_min_all = float(self._p_min[self._fast_static].sum())
         np.multiply(self._fast_static, self.ctrl_f, out=self.fast_f)

@@ -40,6 +40,9 @@ class FleetParams:
     ramps_itself: Bool | None = None
     """Rows that ramp to a new setpoint by themselves (child controllers): always in the
     slow tier, which gets its steady-state share at once; None: none."""
+    services_only: Bool | None = None
+    """Rows only the grid services move (feeder breakers): never in a tier, never slept or
+    woken by regular control; None: none."""
 
     def __post_init__(self) -> None:
         n = self.p_min_w.shape
@@ -78,8 +81,11 @@ class FleetParams:
 
     @property
     def sleepable(self) -> Bool:
-        """Rows that can be put to sleep (a miner's curtail): below p_min there is p_idle."""
+        """Rows that can be put to sleep (a miner's curtail): below p_min there is p_idle
+        (never a row only the grid services move)."""
         out: Bool = ((self.wake_s > 0) | (self.sleep_s > 0)) & (self.p_idle_w < self.p_min_w)
+        if self.services_only is not None:
+            out &= ~self.services_only
         return out
 
     @classmethod
@@ -98,6 +104,7 @@ class FleetParams:
         sleep_s: npt.ArrayLike | None = None,
         capped: npt.ArrayLike | None = None,
         ramps_itself: npt.ArrayLike | None = None,
+        services_only: npt.ArrayLike | None = None,
     ) -> FleetParams:
         """Convenience constructor for tests and tools: lists or arrays, optional zeros."""
         lo = _f64(p_min_w)
@@ -121,6 +128,11 @@ class FleetParams:
             ramps_itself=(
                 None if ramps_itself is None else np.array(ramps_itself, dtype=np.bool_, copy=True)
             ),
+            services_only=(
+                None
+                if services_only is None
+                else np.array(services_only, dtype=np.bool_, copy=True)
+            ),
         )
 
     @classmethod
@@ -139,4 +151,5 @@ class FleetParams:
             sleep_s=_f64(image.sleep_s),
             capped=np.array(image.capped, dtype=np.bool_, copy=True),
             ramps_itself=np.array(image.ramps_itself, dtype=np.bool_, copy=True),
+            services_only=np.array(image.services_only, dtype=np.bool_, copy=True),
         )

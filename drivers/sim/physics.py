@@ -272,9 +272,8 @@ class SitePhysics:
         return out
 
     def fleet_params(self) -> FleetParams:
-        """The devices' static columns as the regular control takes them: devices only the
-        grid services move (feeder breakers) neither sleep nor wake there."""
-        only = self.services_only
+        """The devices' static columns as the regular control takes them (devices only the
+        grid services move, feeder breakers, are not its to sleep or wake)."""
         return FleetParams.of(
             p_min_w=self.p_min_w,
             p_max_w=self.p_max_w,
@@ -283,8 +282,9 @@ class SitePhysics:
             ramp_down_w_s=self.ramp_down_w_s,
             dead_time_s=self.dead_time_s,
             step_w=self.step_w,
-            wake_s=np.where(only, 0.0, self.wake_s),
-            sleep_s=np.where(only, 0.0, self.sleep_s),
+            wake_s=self.wake_s,
+            sleep_s=self.sleep_s,
+            services_only=self.services_only,
         )
 
     def truth(self) -> float:

@@ -51,7 +51,8 @@ def miner(n: int = 1, **kw: Any) -> FleetParams:
 
 
 def concat(*ps: FleetParams) -> FleetParams:
-    fields = [f for f in FleetParams.__dataclass_fields__ if f not in ("capped", "ramps_itself")]
+    optional = ("capped", "ramps_itself", "services_only")
+    fields = [f for f in FleetParams.__dataclass_fields__ if f not in optional]
     return FleetParams(**{f: np.concatenate([getattr(p, f) for p in ps]) for f in fields})
 
 
