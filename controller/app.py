@@ -384,10 +384,11 @@ class Daemon:
         """The gauges that mirror what telemetry reports, at the same pace."""
         self.metrics.set_device_counts(tel.devices.to_wire())
         self.metrics.mqtt_connected.set(1 if self.link.connected else 0)
-        out = self.cycle.last
-        if out is not None:
-            cap = out.capability
-            self.metrics.set_capability(cap.horizons_s, cap.up_w, cap.down_w)
+        cap = tel.capability  # as telemetry reports it: within the ramp limits
+        if cap is not None:
+            up = [math.nan if w is None else w for w in cap.up_w]
+            down = [math.nan if w is None else w for w in cap.down_w]
+            self.metrics.set_capability(cap.horizons_s, up, down)
         svc = self.services.services
         self.metrics.set_services(
             self.services.hz,
