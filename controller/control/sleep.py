@@ -51,9 +51,16 @@ class SleepPlanner:
         self.set_order(order)
 
     def set_order(self, order: Rows) -> None:
-        """Merit order (filled first): wakes follow it, sleeps go the other way."""
-        self._wake_order = order
-        self._sleep_order = order[::-1].copy()
+        """Merit order (filled first): wakes follow it, sleeps go the other way. Within a
+        priority, the quickest first (to land asleep, or running again): a mixed fleet
+        sheds on its fastest sleepers and comes back on its fastest wakers."""
+        p = self.params
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))  # position in the merit order
+        prio = p.priority.astype(np.int64)
+        back_after = p.dead_time_s + p.wake_s
+        self._wake_order = np.lexsort((rank, back_after, -prio))
+        self._sleep_order = np.lexsort((-rank, self._asleep_after, prio))
 
     def observe(self, state: I8, on: Bool) -> None:
         """Follow what the devices report: a woken device seen ON is controllable again; a

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from controller.config import DeviceSpec
-from controller.control import Controller, Snapshot, StepResult
+from controller.control import Controller, FleetParams, Snapshot, StepResult
 from drivers.core.command import Commands, CommandShaper, Intent
 from drivers.core.state import DeviceState
 from drivers.sim.physics import SitePhysics
@@ -286,3 +286,30 @@ def test_commands_go_out_as_planned_sleep_typed_only_where_a_device_can_sleep() 
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-6)
     assert slept.any() and not (slept & ~p.sleepable).any()
     assert all(r.sleep is None or not (r.sleep & ~p.sleepable).any() for r in loop.results)
+
+
+def test_a_mixed_fleet_sleeps_its_quickest_sleepers_and_wakes_its_quickest_wakers_first() -> None:
+    from controller.control.allocate import merit_order
+    from controller.control.sleep import SleepPlanner
+
+    # Rows 0-1 sleep in 3 s (LuxOS-like), rows 2-3 in 5 s and wake later (Braiins-like): the
+    # same priority, so only speed tells them apart (index order alone would pick 2-3).
+    params = FleetParams.of(
+        p_min_w=[1750.0] * 4,
+        p_max_w=[3500.0] * 4,
+        p_idle_w=[20.0] * 4,
+        ramp_up_w_s=[50.0] * 4,
+        ramp_down_w_s=[100.0] * 4,
+        dead_time_s=[1.0, 1.0, 2.0, 2.0],
+        sleep_s=[2.0, 2.0, 3.0, 3.0],
+        wake_s=[120.0, 120.0, 90.0, 90.0],
+    )
+    planner = SleepPlanner(params, merit_order(params.priority))
+    ctrl = np.ones(4, dtype=np.bool_)
+    gain = np.full(4, 3480.0)
+    rows = planner.park(5000.0, ctrl, 0.0, np.full(4, 3500.0), gain)
+    assert sorted(rows.tolist()) == [0, 1]
+    state = np.full(4, DeviceState.SLEEPING, dtype=np.int8)
+    planner.parked[:] = True
+    woken = planner.unpark(3000.0, state)
+    assert woken.tolist() == [2]  # the 90 s wakers come back first
