@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from drivers.core.spec import DeviceSpec
 from drivers.core.state import DeviceState
-from drivers.sim.physics import Fault, SitePhysics
+from drivers.sim.physics import SitePhysics
 
 
 class MinerRows:
@@ -42,7 +42,7 @@ class MinerRows:
         # What this simulator last wrote into the physics commands; a difference is a reboot.
         self._sent_sp = physics.cmd_setpoint_w[self.rows].copy()
         self._sent_run = physics.cmd_run[self.rows].copy()
-        self._reboot_seen = np.zeros(n, dtype=np.bool_)
+        self._boots_seen = physics.boots[self.rows].copy()
 
     def _row(self, k: int) -> int:
         return int(self.rows[k])
@@ -66,12 +66,12 @@ class MinerRows:
     def check_reboot(self, k: int) -> None:
         """Notice a reboot of miner k (at each request): `_restarted`, the boot clock again."""
         ph, i = self.physics, self._row(k)
-        flagged = int(ph.fault[i]) == Fault.REBOOT
-        if not flagged:
-            self._reboot_seen[k] = False
+        # A restart counted by the physics (however fast its step cleared the flag), or
+        # commands this simulator did not write.
+        flagged = bool(ph.boots[i] != self._boots_seen[k])
         changed = ph.cmd_setpoint_w[i] != self._sent_sp[k] or ph.cmd_run[i] != self._sent_run[k]
-        if (flagged and not self._reboot_seen[k]) or changed:
-            self._reboot_seen[k] = flagged
+        if flagged or changed:
+            self._boots_seen[k] = ph.boots[i]
             self._restarted(k, flagged)
             self._sent_sp[k] = ph.cmd_setpoint_w[i]
             self._sent_run[k] = ph.cmd_run[i]

@@ -116,6 +116,8 @@ class SitePhysics:
         self._timer = np.zeros(n)
         self.reported_w = self.power_w.copy()
         self.fault: I8 = np.zeros(n, dtype=np.int8)
+        self.boots = np.zeros(n, dtype=np.int64)
+        """Restarts so far per device (`reboot`)."""
         self.meter_fault = Fault.NONE
 
         # Non-flexible load: mean, slow sinusoidal drift, and AR(1) noise with a 5 s memory.
@@ -158,8 +160,10 @@ class SitePhysics:
         self._job_left[i] = hold_s
 
     def reboot(self, i: Index) -> None:
-        """The device restarts at the next step: its setpoint returns to the default."""
+        """The device restarts at the next step: its setpoint returns to the default.
+        `boots` counts it at once, so a server sees the restart whatever the step does."""
         self.fault[i] = Fault.REBOOT
+        np.add.at(self.boots, np.asarray(i, dtype=np.intp), 1)
 
     # --- stepping ---
 
