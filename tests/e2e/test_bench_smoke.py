@@ -20,7 +20,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
-QUICK_DEVICES = {"modbus_load": 10, "antminer-s21-luxos": 100, "gpu_rack": 4}
+QUICK_DEVICES = {
+    "modbus_load": 10,
+    "antminer-s21-luxos": 100,
+    "antminer-s21-braiins": 25,
+    "whatsminer-m60s": 25,
+    "antminer-s21-stock": 25,
+    "gpu_rack": 4,
+    "feeder-breaker": 6,
+}
 RAMP_SCENARIOS = ["half range down", "reserve up", "reserve down", "half range up", "random 1"]
 
 
@@ -42,11 +50,12 @@ class Run:
 
 
 def _config(workdir: Path, first: int) -> Path:
-    """The reference site moved to 127.<first>..<first+2> (the benches' own 127.80-82 stay
-    free for a developer's run; the other tests use 127.61-69)."""
+    """The reference site moved from its 127.80-89 to 127.<first>..<first+9>: the benches'
+    own addresses stay free for a developer's run, and two runs never share one."""
     text = (REPO / "configs" / "bench-site.toml").read_text()
     for k in range(3):
         assert f'"127.{80 + k}.' in text
+    for k in range(10):
         text = text.replace(f'"127.{80 + k}.', f'"127.{first + k}.')
     workdir.mkdir(parents=True)
     path = workdir / "bench-site.toml"
@@ -74,9 +83,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     """Both benches at once (each on its own site and broker), waited for together."""
     root = tmp_path_factory.mktemp("bench")
     started = {
-        "ramp": _start(root / "ramp", "ramp", 70),
+        "ramp": _start(root / "ramp", "ramp", 40),
         # One 60 s block of the signal at x5 instead of --quick's two.
-        "regulation": _start(root / "regulation", "regulation", 73, "--minutes", "1"),
+        "regulation": _start(root / "regulation", "regulation", 50, "--minutes", "1"),
     }
     try:
         for run in started.values():
