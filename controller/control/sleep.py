@@ -10,7 +10,11 @@ ON and not parked; this planner moves devices between that set and sleep, by who
 - unpark when it lies above what the awake devices and the wakes under way can reach: first
   parked devices that have not fallen asleep yet (they are back at once), then sleeping ones
   are woken, highest merit first, at once, since a wake takes minutes: started early, it is
-  over early.
+  over early;
+- cancel wakes under way that the target no longer needs (a sleep command aborts a wake):
+  a woken device left to finish would come up minutes later into a site already at its
+  target, and would then have to be slept again, the slowest sleeper of a mixed fleet
+  setting how long the site stays above its target.
 
 The two thresholds are ``sum p_min`` and ``sum p_max`` of the awake set, a whole range apart,
 so the planner cannot chatter between them. Pure numpy, no I/O; O(N) on a cycle that
@@ -110,6 +114,22 @@ class SleepPlanner:
         """Power the wakes under way will add (woken rows still asleep or waking)."""
         rows = self.woken & ((state == SLEEPING) | (state == WAKING))
         return float(self._gain_up.sum(where=rows))
+
+    def cancel_wakes(self, surplus_w: float, state: I8) -> Rows:
+        """Put back to sleep woken rows not running yet whose capacity is surplus: the last
+        in the wake order first, never more than ``surplus_w`` (so the target cannot need
+        them again at once). Returns them; they count as asleep (they draw ``p_idle``)."""
+        pending = self.woken & ((state == SLEEPING) | (state == WAKING))
+        order = self._wake_order[::-1]
+        cand = pending[order]
+        cum = np.cumsum(np.where(cand, self._gain_up[order], 0.0))
+        k = int(np.searchsorted(cum, surplus_w + 1e-9, side="right"))
+        rows: Rows = order[:k][cand[:k]]
+        self.woken[rows] = False
+        self.parked[rows] = True
+        self.parked_at[rows] = -math.inf
+        self.parked_from_w[rows] = self.params.p_idle_w[rows]
+        return rows
 
     def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64, gain_w: F64) -> Rows:
         """Park just enough controllable sleepable rows (lowest merit first) to free

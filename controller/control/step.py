@@ -356,6 +356,12 @@ class Controller:
         other_w = self._observer.estimate_w + self._fixed_ss_w
         flex_ss = target_w - other_w - model.bias_sum
         hyst = max(self._hold.half_w, 1.0)
+        if planner.woken.any():
+            # Wakes beyond what the target needs above the awake devices' reserve top.
+            surplus = alloc.sum_d_max + planner.pending_up_w(snap.state) - flex_ss
+            if surplus > hyst:
+                rows = planner.cancel_wakes(surplus, snap.state)
+                self._last_out[rows] = p.p_idle_w[rows]
         # Cheap pre-check (O(1)): the target is below the awake floor, or below where the
         # site is predicted now (a down move under way).
         below_now = self._observer.estimate_w + self._last_pred_w - target_w > hyst

@@ -313,3 +313,19 @@ def test_a_mixed_fleet_sleeps_its_quickest_sleepers_and_wakes_its_quickest_waker
     planner.parked[:] = True
     woken = planner.unpark(3000.0, state)
     assert woken.tolist() == [2]  # the 90 s wakers come back first
+
+
+def test_wakes_the_target_no_longer_needs_are_called_off() -> None:
+    loop = Loop(fleet())
+    loop.run(loop.ph.truth(), 3.0)
+    loop.run(80e3, 20.0)  # every miner asleep
+    top = 2 * 250e3 + 40 * 3500.0 + 50e3
+    loop.run(top, 2.0)  # the sleepers are woken at once (a wake takes 8 s)
+    assert np.count_nonzero(loop.ph.state == DeviceState.WAKING) == 40
+    # Back down to what the loads alone hold: none of the wakes is needed any more, and a
+    # miner let finish its wake would come up above the target and have to sleep again.
+    start = len(loop.truth)
+    loop.run(300e3, 20.0)
+    assert np.count_nonzero(loop.ph.state == DeviceState.ON) == 2  # the loads only
+    settle = loop.settle_s(300e3, 0.02 * 300e3, start)
+    assert settle is not None and settle <= 5.0, settle
