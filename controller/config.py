@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from controller.market.economics import DeviceClass, Economics, device_classes
 from drivers.core import registry
 from drivers.core.spec import DeviceAccess as DeviceAccess
 from drivers.core.spec import DeviceSpec as DeviceSpec
@@ -222,6 +223,82 @@ class ReserveConfig(Strict):
     down_kw_5s: NonNegFloat = 0.0
 
 
+class EconomicsConfig(Strict):
+    """What mining earns: each miner class's breakeven power price follows from these and
+    its efficiency (hashprice / efficiency). Updated at run time over MQTT
+    (`<prefix>/<site>/economics`)."""
+
+    hashprice_usd_per_ph_day: PositiveFloat
+    """Mining revenue per PH/s per day (before the pool fee)."""
+    pool_fee: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class PricesConfig(Strict):
+    """Where real-time power prices come from: MQTT (`<prefix>/<site>/price`, always
+    listened to), and optionally a CSV file or an HTTP source polled every `poll_s`."""
+
+    csv: Path | None = None
+    """Rows `interval_start_utc,price_usd_per_mwh` (ISO 8601 UTC), as the ERCOT data."""
+    http: str | None = None
+    """A URL answering one price message (the MQTT payload) or a list of them."""
+    poll_s: PositiveFloat = 60.0
+    timeout_s: Annotated[float, Field(gt=0, le=30)] = 5.0
+    interval_s: PositiveFloat = 900.0
+    """Interval length of CSV rows (ERCOT real-time settlement: 15 min)."""
+    grace_s: NonNegFloat = 60.0
+    """A price is stale (flagged, ignored) once its interval has ended this long ago."""
+
+
+class PriceRuleConfig(Strict):
+    """Curtail a class at or above its strike (its breakeven, or its work value for GPU
+    racks) for `stop_after` consecutive intervals; at once at `high_strike_usd_per_mwh`;
+    resume after `resume_after` intervals below, no earlier than `min_stopped_s`, spread
+    over `resume_stagger_s`. Off while `enabled` is false."""
+
+    enabled: bool = True
+    stop_after: Annotated[int, Field(ge=1, le=96)] = 1
+    resume_after: Annotated[int, Field(ge=1, le=96)] = 1
+    high_strike_usd_per_mwh: PositiveFloat | None = None
+    min_stopped_s: NonNegFloat = 900.0
+    resume_stagger_s: NonNegFloat = 300.0
+
+
+class PeaksConfig(Strict):
+    """Coincident-peak avoidance: during a peak alert (MQTT `<prefix>/<site>/peak`) of at
+    least `min_probability`, or inside a configured window, the site goes to `peak_kw`.
+    Windows: `variant` 4cp (June-September) or 12cp (every month), the local `hours` that
+    start a window (`timezone`), weekdays only unless `weekends`."""
+
+    peak_kw: NonNegFloat | None = None
+    """None: peaks are not acted on."""
+    min_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    variant: Literal["none", "4cp", "12cp"] = "none"
+    hours: list[Annotated[int, Field(ge=0, le=23)]] = Field(default_factory=list)
+    timezone: str = "America/Chicago"
+    weekends: bool = False
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz_ok(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+
+class MvConfig(Strict):
+    """Measurement and verification of curtailment events: the baseline is the average of
+    the last `baseline_minutes` before the event (`recent`), or the average of the 4 highest
+    of the last 5 weekdays over the event's hours from the journal (`high_4_of_5`; falls
+    back to `recent` without five such days)."""
+
+    baseline: Literal["recent", "high_4_of_5"] = "recent"
+    baseline_minutes: Annotated[float, Field(gt=0, le=1440)] = 15.0
+
+
 class DeviceTemplate(Strict):
     """One device class: its protocol, limits and dynamics. Numbers in a template are sourced."""
 
@@ -254,11 +331,17 @@ class DeviceTemplate(Strict):
     """The device is a controller of its own (a rampd zone) that moves to a new setpoint as
     fast as it can: it gets its steady-state share at once, never a setpoint ramped cycle
     by cycle, which it would follow a dead time late."""
+    efficiency_j_per_th: PositiveFloat | None = None
+    """A miner's efficiency at the wall: its breakeven price is hashprice / efficiency."""
+    value_usd_per_mwh: PositiveFloat | None = None
+    """What the work of a non-mining load (a GPU rack) is worth per MWh: its price strike."""
     access: DeviceAccess = DeviceAccess()
     sim: SimParams = SimParams()
 
     @model_validator(mode="after")
     def _ordered(self) -> DeviceTemplate:
+        if self.efficiency_j_per_th is not None and self.value_usd_per_mwh is not None:
+            raise ValueError("give efficiency_j_per_th (miners) or value_usd_per_mwh, not both")
         if self.p_min_kw > self.p_max_kw:
             raise ValueError("p_min_kw must not exceed p_max_kw")
         if self.p_idle_kw > self.p_min_kw:
@@ -314,6 +397,11 @@ class SiteConfig(Strict):
     ramp_limits: RampLimitsConfig = RampLimitsConfig()
     journal: JournalConfig = JournalConfig()
     dispatch: DispatchConfig = DispatchConfig()
+    economics: EconomicsConfig | None = None
+    prices: PricesConfig = PricesConfig()
+    price_rule: PriceRuleConfig = PriceRuleConfig()
+    peaks: PeaksConfig = PeaksConfig()
+    mv: MvConfig = MvConfig()
     meter: MeterConfig
     devices: list[DeviceGroup] = Field(min_length=1)
     noncontrollable_kw: NonNegFloat = 0.0
@@ -350,6 +438,20 @@ class LoadedConfig:
             self.site.noncontrollable_kw * 1e3,
             nominal_hz=self.site.grid.nominal_hz,
         )
+
+    def device_classes(self) -> list[DeviceClass]:
+        """The fleet's classes by kind with their templates' economics."""
+        tpls = self.templates.values()
+        return device_classes(
+            self.devices,
+            {t.kind: t.efficiency_j_per_th for t in tpls},
+            {t.kind: t.value_usd_per_mwh for t in tpls},
+        )
+
+    @property
+    def economics(self) -> Economics | None:
+        e = self.site.economics
+        return None if e is None else Economics(e.hashprice_usd_per_ph_day, e.pool_fee)
 
     @property
     def topic_root(self) -> str:
