@@ -25,6 +25,8 @@ from controller.config import (
 )
 from controller.control import Controller, FleetParams
 from controller.cycle import ControlCycle, CycleOutput
+from controller.governor import TICK_S as RAILS_TICK_S
+from controller.governor import Governor
 from controller.grid.frequency import FrequencyMonitor, Sample
 from controller.grid.services import RESPONSE_AFTER_S, Deployment, GridServices
 from controller.intake import DispatchIntake, initial_target_w, resumable
@@ -33,6 +35,7 @@ from controller.journal import (
     Journal,
     TelemetrySample,
 )
+from controller.market.rails import RailName
 from controller.metrics import Metrics
 from controller.mqtt_link import MqttLink
 from controller.notify import Notifier
@@ -175,6 +178,7 @@ class Daemon:
         self.tracker = TargetTracker(
             site.site, site.failsafe, initial_w=initial_w, ramp_limits=site.ramp_limits
         )
+        self.governor = Governor(cfg, self.tracker, self.metrics, self.journal)
         self.ramps = (
             None
             if self.journal is None
@@ -213,6 +217,7 @@ class Daemon:
             cfg.topic_root,
             on_dispatch=self.on_dispatch,
             on_heartbeat=self.on_heartbeat,
+            inputs=self.governor.inputs(),
         )
         self.notifier = Notifier()
         self.readiness = Readiness(self.notifier, settle_heap=settle_heap)
@@ -228,6 +233,7 @@ class Daemon:
         )
         self.cycle.on_tick(self._after_tick)
         self.intake.resume(resume, now_unix)
+        self.governor.resume(site.site, cfg.dispatch_key, now_unix)
 
     # -- grid services ---------------------------------------------------------------------
     def _new_services(self, image: ProcessImage, old: GridServices | None = None) -> GridServices:
@@ -320,6 +326,8 @@ class Daemon:
             self.services.set_armed(name, armed_w)
         if d.mode == "recall":
             self.services.recall()
+        if d.mode == "commitment":
+            self.governor.add_commitment(d)
         self._adopt_dynamics()
         self._dispatched_at = time.monotonic()
         self.cycle.poke()
@@ -362,6 +370,7 @@ class Daemon:
             ramp_limit=ramp_limit_report(self.tracker, time.monotonic(), at),
             hz=self._fresh_hz(),
             services=self._service_reports(at),
+            rails=self.governor.report(at),
         )
 
     def _fresh_hz(self) -> float | None:
@@ -406,6 +415,34 @@ class Daemon:
         t = self.controller.physical_min_s(target_w, tol_w)
         t = max(t, self.tracker.limited_min_s(target_w))  # no faster than the ramp limits
         return round(t, 3) if math.isfinite(t) else None
+
+    def _upper_rail(self) -> tuple[RailName, str] | None:
+        """The rail above the lower ones in force now (failsafe, frequency, dispatch)."""
+        t = self.tracker
+        if t.mode == "failsafe" and self.cfg.site.failsafe.policy != "hold":
+            return "failsafe", t.failsafe_reason
+        deployed = [n.upper() for n, s in self.services.services.items() if s.deployment]
+        if deployed:
+            return "frequency", f"{' and '.join(deployed)} deployed"
+        d = t.active
+        if d is not None:
+            return "dispatch", f"{d.mode} {d.id} (seq {d.seq})"
+        return None
+
+    async def _rails_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RAILS_TICK_S)
+            out = self.cycle.last
+            if out is None:
+                continue
+            self.governor.tick(
+                time.time(),
+                time.monotonic(),
+                upper=self._upper_rail(),
+                site_w=out.meter_w if out.meter_fresh else None,
+                target_w=out.target_w,
+                full_w=out.capability.max_w,
+            )
 
     async def _telemetry_loop(self) -> None:
         while True:
@@ -529,6 +566,8 @@ class Daemon:
                 tg.create_task(self.link.run(), name="mqtt")
                 tg.create_task(self.cycle.run(), name="cycle")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
+                tg.create_task(self._rails_loop(), name="rails")
+                tg.create_task(self.governor.run_sources(), name="prices")
         finally:
             self.metrics.close()
             logging.getLogger("rampd").removeHandler(self.status.last_error)

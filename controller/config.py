@@ -440,12 +440,12 @@ class LoadedConfig:
         )
 
     def device_classes(self) -> list[DeviceClass]:
-        """The fleet's classes by kind with their templates' economics."""
-        tpls = self.templates.values()
+        """The fleet's classes by kind with their templates' economics (overrides applied)."""
+        econ = class_economics(self.site.devices, self.templates, self.path)
         return device_classes(
             self.devices,
-            {t.kind: t.efficiency_j_per_th for t in tpls},
-            {t.kind: t.value_usd_per_mwh for t in tpls},
+            {k: e for k, (e, _) in econ.items()},
+            {k: v for k, (_, v) in econ.items()},
         )
 
     @property
@@ -604,6 +604,25 @@ def _expand(
             )
 
 
+def class_economics(
+    groups: list[DeviceGroup], templates: dict[str, DeviceTemplate], path: Path
+) -> dict[str, tuple[float | None, float | None]]:
+    """(efficiency_j_per_th, value_usd_per_mwh) by device kind, overrides applied; one kind
+    with two different figures is a config error (a class has one breakeven)."""
+    out: dict[str, tuple[float | None, float | None]] = {}
+    for gi, group in enumerate(groups):
+        tpl = DeviceTemplate.model_validate(
+            {**templates[group.template].model_dump(), **group.overrides}
+        )
+        figures = (tpl.efficiency_j_per_th, tpl.value_usd_per_mwh)
+        if out.setdefault(tpl.kind, figures) != figures:
+            raise ConfigError(
+                f"{path}: devices.{gi}: kind {tpl.kind!r} has other economics in an earlier "
+                "group; give each class one efficiency_j_per_th or value_usd_per_mwh"
+            )
+    return out
+
+
 def poll_demand(devices: Sequence[DeviceSpec]) -> float:
     """Polls a second the devices ask for at their own periods. Zones are not counted:
     their telemetry is pushed, and reading it is local."""
@@ -657,6 +676,7 @@ def load_config(path: str | Path) -> LoadedConfig:
         if other != dev.name:
             raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")
     _check_poll_budget(p, site.site, devices)
+    class_economics(site.devices, templates, p)  # checked at load, not first at run time
     dispatch_key = read_hmac_key(p, site.dispatch.hmac_key_file)
     return LoadedConfig(
         path=p, site=site, templates=templates, devices=devices, dispatch_key=dispatch_key

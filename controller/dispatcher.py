@@ -235,6 +235,34 @@ class DispatcherClient:
             armed_w=None if services_kw is None else {k: v * 1e3 for k, v in services_kw.items()},
         )
 
+    def commitment(
+        self,
+        start_at: float,
+        end_at: float,
+        *,
+        reduce_to_kw: float | None = None,
+        reduce_by_kw: float | None = None,
+        ramp_down_s: float = 0.0,
+        ramp_up_s: float = 0.0,
+    ) -> Dispatch:
+        """A commitment: the site at `reduce_to_kw`, or `reduce_by_kw` below its baseline,
+        from `start_at` to `end_at` (unix s); not yet sent."""
+        if (reduce_to_kw is None) == (reduce_by_kw is None):
+            raise ValueError("give one of reduce_to_kw and reduce_by_kw")
+        seq = self.next_seq()
+        return Dispatch(
+            id=f"{self.id_prefix}-{seq}",
+            seq=seq,
+            issued_at=round(time.time(), 3),
+            mode="commitment",
+            target_w=0.0 if reduce_to_kw is None else reduce_to_kw * 1e3,
+            ramp_s=ramp_down_s,
+            start_at=start_at,
+            end_at=end_at,
+            reduce_by_w=None if reduce_by_kw is None else reduce_by_kw * 1e3,
+            ramp_up_s=ramp_up_s,
+        )
+
     async def publish(self, dispatch: Dispatch) -> Sent:
         """Publish `dispatch` (signed when the client has a key)."""
         payload = dispatch.encode(self.key)

@@ -308,6 +308,39 @@ class Metrics:
         self.service_deployments = Gauge(
             "rampd_service_deployments", "Deployments since start", ["service"], registry=r
         )
+        self.rail_governing = Gauge(
+            "rampd_rail_governing",
+            "1 for the rail that governs the site's target (precedence in DESIGN.md)",
+            ["rail"],
+            registry=r,
+        )
+        self.rail_wish = Gauge(
+            "rampd_rail_wish_watts",
+            "What each lower rail asks of the site (NaN: not active)",
+            ["rail"],
+            registry=r,
+        )
+        self.price = Gauge(
+            "rampd_price_usd_per_mwh", "The power price in force (NaN: none fresh)", registry=r
+        )
+        self.class_curtailed = Gauge(
+            "rampd_class_curtailed_ratio",
+            "Share of a device class the price rule curtails",
+            ["device_class"],
+            registry=r,
+        )
+        self.curtailments = Counter(
+            "rampd_curtailment_events",
+            "Curtailment events measured (M&V), by the rail that governed",
+            ["rail"],
+            registry=r,
+        )
+        self.inputs_rejected = Counter(
+            "rampd_inputs_rejected",
+            "Price, peak and economics messages rejected (bad or stale)",
+            ["input"],
+            registry=r,
+        )
         for name in STATE_NAMES:
             self.devices.labels(state=name)
         self.dispatches.labels(result="accepted", reason="")  # exists before the first one
@@ -355,6 +388,22 @@ class Metrics:
             self.service_armable.labels(service=name).set(armable_w[name])
             self.service_deployed.labels(service=name).set(1 if deployed[name] else 0)
             self.service_deployments.labels(service=name).set(deployments[name])
+
+    def set_rails(
+        self,
+        governing: str,
+        rails: Iterable[str],
+        wishes_w: dict[str, float | None],
+        price: float | None,
+        curtailed: dict[str, float],
+    ) -> None:
+        for rail in rails:
+            self.rail_governing.labels(rail=rail).set(1 if rail == governing else 0)
+        for rail, w in wishes_w.items():
+            self.rail_wish.labels(rail=rail).set(math.nan if w is None else w)
+        self.price.set(math.nan if price is None else price)
+        for kind, frac in curtailed.items():
+            self.class_curtailed.labels(device_class=kind).set(frac)
 
     def set_capability(
         self, horizons_s: Sequence[float], up_w: Sequence[float], down_w: Sequence[float]

@@ -1,9 +1,9 @@
 """The daemon's MQTT link: one aiomqtt connection kept alive for the life of the daemon.
 
-It subscribes to `<root>/dispatch` and `<root>/heartbeat` and hands payloads to sync
-callbacks, publishes from a bounded non-blocking out-queue, keeps the retained `<root>/status`
-(also the MQTT will), and reconnects with capped exponential backoff and jitter. What the
-messages mean is `controller.wire`'s.
+It subscribes to `<root>/dispatch`, `<root>/heartbeat` and any further inputs (price, peak,
+economics) and hands payloads to sync callbacks, publishes from a bounded non-blocking
+out-queue, keeps the retained `<root>/status` (also the MQTT will), and reconnects with
+capped exponential backoff and jitter. What the messages mean is `controller.wire`'s.
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class MqttLink:
         on_dispatch: PayloadHandler,
         on_heartbeat: PayloadHandler,
         *,
+        inputs: dict[str, PayloadHandler] | None = None,
         queue_max: int = 1000,
         timeout_s: float = 5.0,
         backoff_base_s: float = 0.25,
@@ -106,6 +107,8 @@ class MqttLink:
         self._root = topic_root.rstrip("/")
         self._on_dispatch = on_dispatch
         self._on_heartbeat = on_heartbeat
+        # Further inputs by topic suffix (price, peak, economics), each to its handler.
+        self._inputs = dict(inputs or {})
         self._queue_max = queue_max
         # Acks may overrun queue_max (they are never dropped for telemetry), up to this cap.
         self._hard_max = 4 * queue_max
@@ -276,7 +279,7 @@ class MqttLink:
         try:
             await client.publish(self.topic("status"), self._status("online"), qos=1, retain=True)
             self._status_dirty = False
-            topics = [self.topic("dispatch"), self.topic("heartbeat")]
+            topics = [self.topic(s) for s in ("dispatch", "heartbeat", *self._inputs)]
             granted = await client.subscribe([(t, 1) for t in topics], timeout=self._timeout_s)
             self._check_granted(topics, granted)
             self.connected = self._session_up = True
@@ -423,6 +426,7 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         dispatch_topic, heartbeat_topic = self.topic("dispatch"), self.topic("heartbeat")
+        inputs = {self.topic(s): h for s, h in self._inputs.items()}
         async for message in client.messages:
             topic = message.topic.value
             payload = message.payload
@@ -431,6 +435,8 @@ class MqttLink:
                 handler = self._on_dispatch
             elif topic == heartbeat_topic:
                 handler = self._on_heartbeat
+            elif topic in inputs:
+                handler = inputs[topic]
             else:
                 continue
             try:

@@ -284,7 +284,8 @@ class TargetTracker:
         `target_w + signal * band_w`. Everything is bounded to [min_kw, max_kw].
       * A dispatch with a future `start_at` waits; until then the trajectory in force goes on.
         The latest accepted dispatch supersedes anything not yet started.
-      * release, and any dispatch's `expires_at`: mode "released", ramp to the site maximum
+      * release, and any dispatch's `expires_at`: mode "released", ramp to the lower rails'
+        level (`set_base`: commitments, peaks, price; the site maximum by default)
         (release over its own `ramp_s`, expiry over `failsafe.ramp_s`).
       * Before the first dispatch the tracker holds `initial_w` (a bumpless start), mode
         "normal" with no active dispatch.
@@ -293,7 +294,7 @@ class TargetTracker:
     construction if given `now_mono`, else from the first call; then from the last message)
     -> mode "failsafe" and the policy:
       * hold: the trajectory in force goes on (an ongoing ramp completes, a scheduled start
-        still starts, an expiry still releases to the site maximum).
+        still starts, an expiry still releases to the lower rails).
       * baseline / min: ramp over `failsafe.ramp_s` to `baseline_kw` / `min_kw`; the active
         and any scheduled dispatch are dropped.
     Ending it:
@@ -356,6 +357,7 @@ class TargetTracker:
         self._reach_at: float | None = None
         self._limited_by: RampLimitName | None = None
         self._exempt_w = 0.0
+        self._base_w = self._max_w
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -408,6 +410,28 @@ class TargetTracker:
         if by is not None and reach is not None and abs(target_w - self._ramp.w1) <= 1.0:
             return reach - self._now
         return limited_min_s(self._limits, target_w - self._lim.y)
+
+    @property
+    def base_governed(self) -> bool:
+        """No grid dispatch sets the target (none yet, released or expired) and no failsafe
+        imposes its own: the lower rails' level (`set_base`) is followed."""
+        return self._active is None and not self._exempt()
+
+    @property
+    def base_w(self) -> float:
+        return self._base_w
+
+    def set_base(self, goal_w: float, ramp_s: float, now_mono: float) -> None:
+        """The lower rails' level (commitments, peaks, price; the site maximum by default),
+        reached over `ramp_s` under the ramp limits whenever no grid dispatch sets the target.
+        A release and an expiry go back to it instead of the site maximum."""
+        now = self._advance(now_mono)
+        goal = self._clamp(goal_w)
+        if abs(goal - self._base_w) < 1.0 and (ramp_s <= 0.0 or not self.base_governed):
+            return
+        self._base_w = goal
+        if self.base_governed and abs(goal - self._ramp.w1) >= 1.0:
+            self._ramp_to(now, goal, ramp_s, announce=False)
 
     @property
     def exempt_offset_w(self) -> float:
@@ -504,7 +528,7 @@ class TargetTracker:
         """The failsafe's own target (baseline / min) goes outside the limits."""
         return self._failsafe and self._fs.policy != "hold"
 
-    def _ramp_to(self, t: float, w: float, ramp_s: float) -> None:
+    def _ramp_to(self, t: float, w: float, ramp_s: float, *, announce: bool = True) -> None:
         lim = self._lim
         if lim is None:
             self._ramp = _Ramp(t, self._ramp.at(t), t + ramp_s, self._clamp(w))
@@ -514,7 +538,7 @@ class TargetTracker:
         self._reach_at, self._limited_by = (
             (None, None) if self._exempt() else _predict(lim, self._ramp, self._limits_cfg())
         )
-        if self._limited_by is not None and self._reach_at is not None:
+        if announce and self._limited_by is not None and self._reach_at is not None:
             self._log(
                 logging.INFO,
                 "target %.1f kW limited by %s: reached in %.1f s",
@@ -543,7 +567,7 @@ class TargetTracker:
         if d.mode == "release":
             self._active, self._active_expires = None, None
             self._released = True
-            self._ramp_to(t, self._max_w, d.ramp_s)
+            self._ramp_to(t, self._base_w, d.ramp_s)
         else:
             self._active, self._active_expires = d, expires
             self._released = False
@@ -593,9 +617,9 @@ class TargetTracker:
         d = self._active
         self._active, self._active_expires, self._in_force = None, None, None
         self._released = True
-        self._ramp_to(t, self._max_w, self._fs.ramp_s)
+        self._ramp_to(t, self._base_w, self._fs.ramp_s)
         name = f"{d.id} (seq {d.seq})" if d is not None else "dispatch"
-        self._log(logging.INFO, "%s expired; released to site maximum", name)
+        self._log(logging.INFO, "%s expired; released to the lower rails", name)
 
     def _enter_failsafe(self, t: float) -> None:
         self._failsafe = True

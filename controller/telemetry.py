@@ -17,6 +17,7 @@ from controller.wire.telemetry import (
     CapabilityReport,
     CycleReport,
     DeviceCounts,
+    RailsReport,
     RampLimitReport,
     ReserveReport,
     ServiceReport,
@@ -72,6 +73,7 @@ def build_telemetry(
     ramp_limit: RampLimitReport | None = None,
     hz: float | None = None,
     services: dict[str, ServiceReport] | None = None,
+    rails: RailsReport | None = None,
 ) -> Telemetry:
     """`out`: the latest cycle (None before the first: power is then not reported);
     `physical_min_s`: the fleet's least time to `out.target_w`, None when out of reach;
@@ -102,4 +104,5 @@ def build_telemetry(
         ramp_limit=ramp_limit,
         hz=hz,
         services=services,
+        rails=rails,
     )

@@ -20,10 +20,13 @@ from controller.wire.codec import (
 )
 from controller.wire.timestamps import rfc3339
 
-DispatchMode = Literal["setpoint", "regulation", "release", "recall"]
-MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release", "recall"})
+DispatchMode = Literal["setpoint", "regulation", "release", "recall", "commitment"]
+MODES: Final[frozenset[str]] = frozenset(
+    {"setpoint", "regulation", "release", "recall", "commitment"}
+)
 TARGET_MODES: Final[frozenset[str]] = frozenset({"setpoint", "regulation", "release"})
-"""Modes that set the site's target; `recall` only ends frequency deployments."""
+"""Modes that set the grid dispatch's target; `recall` only ends frequency deployments, and a
+`commitment` is a rail of its own below the grid dispatch (`controller/market/rails.py`)."""
 SERVICES: Final = ("ffr", "ufr")
 """Frequency services whose armed amount a dispatch may set (`"services": {"ffr_kw": X}`)."""
 
@@ -85,6 +88,10 @@ class Dispatch:
     encoder leaves it out). A `recall` ends the frequency deployments and leaves the target
     as it is (`target_w` is 0 and means nothing). `armed_w`: the armed amount per frequency
     service it sets (any mode; None: unchanged).
+
+    A `commitment` reduces the site between `start_at` and `end_at`: to `target_w`, or by
+    `reduce_by_w` below its baseline (then `target_w` is 0), reached over `ramp_s` (its
+    ramp-down) and left over `ramp_up_s`.
     """
 
     id: str
@@ -98,6 +105,9 @@ class Dispatch:
     signal: float | None = None
     band_w: float | None = None
     armed_w: dict[str, float] | None = None
+    end_at: float | None = None
+    reduce_by_w: float | None = None
+    ramp_up_s: float = 0.0
 
     @property
     def sets_target(self) -> bool:
@@ -111,6 +121,8 @@ class Dispatch:
             "issued_at": rfc3339(self.issued_at),
             "mode": self.mode,
         }
+        if self.mode == "commitment":
+            return body | self._commitment_wire()
         if self.mode in ("setpoint", "regulation"):
             body["target_kw"] = _kw(self.target_w)
         body["ramp_s"] = self.ramp_s
@@ -124,6 +136,17 @@ class Dispatch:
             body["signal"] = self.signal
         if self.armed_w is not None:
             body["services"] = {f"{k}_kw": _kw(w) for k, w in self.armed_w.items()}
+        return body
+
+    def _commitment_wire(self) -> dict[str, Any]:
+        assert self.start_at is not None and self.end_at is not None
+        body: dict[str, Any] = {"start_at": rfc3339(self.start_at), "end_at": rfc3339(self.end_at)}
+        if self.reduce_by_w is not None:
+            body["reduce_by_kw"] = _kw(self.reduce_by_w)
+        else:
+            body["reduce_to_kw"] = _kw(self.target_w)
+        body["ramp_down_s"] = self.ramp_s
+        body["ramp_up_s"] = self.ramp_up_s
         return body
 
     def encode(self, key: bytes | None = None) -> bytes:
@@ -260,7 +283,9 @@ def _decode(
     if mode is None:
         raise ctx.reject("mode missing", code="missing")
     if not isinstance(mode, str) or mode not in MODES:
-        raise ctx.reject("mode unknown (setpoint, regulation, release or recall)", code="bad_mode")
+        raise ctx.reject(
+            "mode unknown (setpoint, regulation, release, recall or commitment)", code="bad_mode"
+        )
 
     issued_at = _time(obj, "issued_at", ctx)
     age = 0.0 if replay else now_unix - issued_at
@@ -278,13 +303,9 @@ def _decode(
             f"seq {seq} not above last accepted {last_seq} (replayed or older)", code="replay"
         )
 
-    ramp_s = 0.0
-    if _present(obj, "ramp_s"):
-        ramp_s = _number(obj, "ramp_s", ctx)
-        if ramp_s < 0:
-            raise ctx.reject("ramp_s must not be negative", code="out_of_range")
-        if ramp_s > MAX_RAMP_S:
-            raise ctx.reject(f"ramp_s above {MAX_RAMP_S:.0f}", code="out_of_range")
+    if mode == "commitment":
+        return _commitment(obj, ctx, raw_id, seq, issued_at, now_unix, limits)
+    ramp_s = _ramp(obj, "ramp_s", ctx)
 
     start_at: float | None = None
     if _present(obj, "start_at"):
@@ -352,6 +373,69 @@ def _decode(
         signal=signal,
         band_w=band_w,
         armed_w=armed_w,
+    )
+
+
+def _ramp(obj: dict[str, Any], key: str, ctx: _Ctx) -> float:
+    if not _present(obj, key):
+        return 0.0
+    ramp_s = _number(obj, key, ctx)
+    if ramp_s < 0:
+        raise ctx.reject(f"{key} must not be negative", code="out_of_range")
+    if ramp_s > MAX_RAMP_S:
+        raise ctx.reject(f"{key} above {MAX_RAMP_S:.0f}", code="out_of_range")
+    return ramp_s
+
+
+def _commitment(
+    obj: dict[str, Any],
+    ctx: _Ctx,
+    id_: str,
+    seq: int,
+    issued_at: float,
+    now_unix: float,
+    limits: Limits,
+) -> Dispatch:
+    """`{"mode": "commitment", "start_at", "end_at", "reduce_to_kw" | "reduce_by_kw",
+    "ramp_down_s", "ramp_up_s"}`."""
+    start_at = _time(obj, "start_at", ctx)
+    if start_at - now_unix > MAX_START_AHEAD_S:
+        raise ctx.reject(f"start_at more than {MAX_START_AHEAD_S:.0f} s ahead", code="bad_schedule")
+    end_at = _time(obj, "end_at", ctx)
+    if end_at <= start_at:
+        raise ctx.reject("end_at not after start_at", code="bad_schedule")
+    if end_at <= now_unix:
+        raise ctx.reject("end_at already past", code="expired")
+    to, by = _present(obj, "reduce_to_kw"), _present(obj, "reduce_by_kw")
+    if to == by:
+        raise ctx.reject("give one of reduce_to_kw and reduce_by_kw", code="missing")
+    target_kw, reduce_by_w = 0.0, None
+    if to:
+        target_kw = _number(obj, "reduce_to_kw", ctx)
+        if not limits.min_kw <= target_kw <= limits.max_kw:
+            raise ctx.reject(
+                f"reduce_to_kw outside the site's {limits.min_kw}..{limits.max_kw}",
+                code="out_of_range",
+            )
+    else:
+        by_kw = _number(obj, "reduce_by_kw", ctx)
+        if not 0.0 < by_kw <= limits.max_kw:
+            raise ctx.reject(
+                f"reduce_by_kw must be above 0 and at most {limits.max_kw}", code="out_of_range"
+            )
+        reduce_by_w = by_kw * 1e3
+    return Dispatch(
+        id=id_,
+        seq=seq,
+        issued_at=issued_at,
+        mode="commitment",
+        target_w=target_kw * 1e3,
+        ramp_s=_ramp(obj, "ramp_down_s", ctx),
+        start_at=start_at,
+        end_at=end_at,
+        reduce_by_w=reduce_by_w,
+        ramp_up_s=_ramp(obj, "ramp_up_s", ctx),
+        armed_w=_services(obj, ctx),
     )
 
 

@@ -192,6 +192,74 @@ class ServiceReport:
 
 
 @dataclass(frozen=True, slots=True)
+class RailsReport:
+    """Which rail governs the target and why, what each rail asks (None: not active), the
+    power price in force and each class's breakeven and curtailed share."""
+
+    governing: str
+    reason: str
+    wishes_w: dict[str, float | None]
+    price_usd_per_mwh: float | None = None
+    price_interval_start: float | None = None
+    price_stale: bool = False
+    breakeven_usd_per_mwh: dict[str, float] = field(default_factory=dict)
+    curtailed: dict[str, float] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Top-level fields of the telemetry message."""
+        price = (
+            None
+            if self.price_usd_per_mwh is None
+            else {
+                "usd_per_mwh": self.price_usd_per_mwh,
+                "interval_start": None
+                if self.price_interval_start is None
+                else rfc3339(self.price_interval_start),
+                "stale": self.price_stale,
+            }
+        )
+        breakeven = {k: round(v, 2) for k, v in self.breakeven_usd_per_mwh.items()}
+        return {
+            "governing": self.governing,
+            "governing_reason": self.reason,
+            "rails": {k: kw(w) for k, w in self.wishes_w.items()},
+            "price": price,
+            "economics": {
+                "breakeven_usd_per_mwh": breakeven,
+                "curtailed": {k: round(v, 3) for k, v in self.curtailed.items()},
+            },
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Mapping[str, Any]) -> RailsReport | None:
+        governing = optional_str(obj, "governing")
+        if governing is None:
+            return None
+        rails = section(obj, "rails") or {}
+        price = section(obj, "price")
+        econ = section(obj, "economics") or {}
+        stale = False if price is None else price.get("stale")
+        if not isinstance(stale, bool):
+            raise WireError("price stale must be true or false", code="bad_type")
+        return cls(
+            governing=governing,
+            reason=optional_str(obj, "governing_reason") or "",
+            wishes_w={str(k): optional_w(rails, k) for k in rails},
+            price_usd_per_mwh=None if price is None else optional_number(price, "usd_per_mwh"),
+            price_interval_start=None if price is None else optional_time(price, "interval_start"),
+            price_stale=stale,
+            breakeven_usd_per_mwh=_numbers(econ, "breakeven_usd_per_mwh"),
+            curtailed=_numbers(econ, "curtailed"),
+        )
+
+
+def _numbers(obj: Mapping[str, Any], key: str) -> dict[str, float]:
+    inner = section(obj, key) or {}
+    out = {str(k): optional_number(inner, k) for k in inner}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
 class SleepReport:
     parked: int
     """Devices told to sleep (asleep or on their way)."""
@@ -251,6 +319,7 @@ class Telemetry:
     hz: float | None = None
     """Grid frequency, the latest plausible reading (None: no fresh one)."""
     services: dict[str, ServiceReport] | None = None
+    rails: RailsReport | None = None
 
     @property
     def started(self) -> bool:
@@ -282,7 +351,7 @@ class Telemetry:
             "services": None
             if self.services is None
             else {name: s.to_wire() for name, s in self.services.items()},
-        }
+        } | ({} if self.rails is None else self.rails.to_wire())
 
     def encode(self) -> bytes:
         return json.dumps(self.to_wire()).encode()
@@ -334,6 +403,7 @@ class Telemetry:
             services=None
             if services is None
             else {str(k): ServiceReport.from_wire(_obj(v, k)) for k, v in services.items()},
+            rails=RailsReport.from_wire(obj),
         )
 
 
