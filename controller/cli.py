@@ -30,6 +30,7 @@ from controller.journal import JournalError
 from controller.tools import TOOL_MODULES
 from controller.tools.commands import (
     DEFAULT_SIM_CONFIG,
+    add_backtest_parser,
     add_bench_parser,
     add_demo_parser,
     add_report_parser,
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc.set_defaults(func=_cmd_discover)
 
     add_report_parser(sub)
+    add_backtest_parser(sub)
     add_bench_parser(sub)
     return p
 

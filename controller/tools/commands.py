@@ -9,7 +9,7 @@ from pathlib import Path
 from controller.journal import default_journal_path
 from controller.tools.bench import add_parser as add_bench_parser
 
-__all__ = ["add_bench_parser", "add_demo_parser", "add_report_parser"]
+__all__ = ["add_backtest_parser", "add_bench_parser", "add_demo_parser", "add_report_parser"]
 
 DEFAULT_SIM_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sim-site.toml"
 
@@ -70,3 +70,51 @@ def add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("-o", "--out", help="PNG path (default RUN_DIR/report.png or ./rampd-*.png)")
     p.add_argument("--no-plot", action="store_true", help="text only")
     p.set_defaults(func=_run_report)
+
+
+def _run_backtest(args: argparse.Namespace) -> int:
+    from controller.tools.backtest import run_cli
+
+    return run_cli(args)
+
+
+def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `rampd backtest` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "backtest",
+        help="run the price rule over a price series for a site's fleet",
+        description="The daemon's price rule over a CSV of prices (interval_start_utc,"
+        "price_usd_per_mwh), fleet model only: energy used and curtailed, hours curtailed per "
+        "class, energy cost, revenue and net against running flat out; a PNG, or --json.",
+    )
+    p.add_argument(
+        "--prices", required=True, help="price CSV (interval_start_utc,price_usd_per_mwh)"
+    )
+    p.add_argument("--site", required=True, help="site TOML file (its fleet, [price_rule])")
+    p.add_argument(
+        "--hashprice", type=float, help="USD per PH/s per day (default: the site's [economics])"
+    )
+    p.add_argument("--pool-fee", type=float, help="0..1 (default: the site's, else 0)")
+    p.add_argument("--interval-s", type=float, help="CSV interval (default: [prices] interval_s)")
+    p.add_argument("--stop-after", type=int, help="override [price_rule] stop_after")
+    p.add_argument("--resume-after", type=int, help="override [price_rule] resume_after")
+    p.add_argument(
+        "--high-strike",
+        dest="high_strike_usd_per_mwh",
+        type=float,
+        help="override [price_rule] high_strike_usd_per_mwh",
+    )
+    p.add_argument("--min-stopped-s", type=float, help="override [price_rule] min_stopped_s")
+    p.add_argument(
+        "--stagger-s",
+        dest="resume_stagger_s",
+        type=float,
+        help="override [price_rule] resume_stagger_s",
+    )
+    p.add_argument(
+        "--other-kw", type=float, default=0.0, help="load the rule never moves (kW, default 0)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object (no plot)")
+    p.add_argument("--plot", help="PNG path (default ./rampd-backtest.png; with --json: none)")
+    p.add_argument("--no-plot", action="store_true", help="text only")
+    p.set_defaults(func=_run_backtest)
