@@ -9,13 +9,16 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Sequence
+from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
 from controller.journal import resume
 from controller.journal.schema import (
+    CURTAILMENT_COLUMNS,
     DISPATCH_COLUMNS,
     HORIZONS,
     RAMP_COLUMNS,
@@ -28,8 +31,14 @@ from controller.journal.schema import (
     RampRecord,
     TelemetrySeries,
     check_version,
+    curtailment_from_row,
     open_error,
 )
+from controller.market.mv import CurtailmentEvent, covered_s, window_length_s
+from drivers.core.state import F64
+
+_CURTAILMENTS_SINCE: Final = 4
+"""The schema version that added the curtailments table (an older journal has none)."""
 
 
 class JournalReader:
@@ -47,7 +56,7 @@ class JournalReader:
                 check_same_thread=False,
             )
             self._conn.execute("PRAGMA busy_timeout = 5000")
-            check_version(self._conn, self.path)
+            self._version = check_version(self._conn, self.path)
         except sqlite3.Error as exc:
             raise open_error(self.path, exc) from None
         self._lock = threading.Lock()
@@ -162,3 +171,84 @@ class JournalReader:
             mode=tuple(r[idx["mode"]] or "" for r in rows),
             measured_source=tuple(r[idx["measured_source"]] or "" for r in rows),
         )
+
+    # -- measurement and verification ------------------------------------------------
+
+    def curtailments(self, since: float, until: float) -> list[CurtailmentEvent]:
+        """Curtailment events overlapping [since, until], by start time."""
+        if self._version < _CURTAILMENTS_SINCE:
+            return []
+        rows = self._query(
+            f"SELECT {', '.join(CURTAILMENT_COLUMNS)} FROM curtailments "
+            "WHERE ended_at >= ? AND started_at <= ? ORDER BY started_at, rowid",
+            (since, until),
+        )
+        return [curtailment_from_row(r) for r in rows]
+
+    def site_power_days(
+        self,
+        before: float,
+        start_s_of_day: float,
+        end_s_of_day: float,
+        tz: str,
+        n_days: int = 5,
+        *,
+        lookback_days: int = 14,
+        min_coverage: float = 0.5,
+    ) -> list[tuple[F64, F64]]:
+        """The site's measured power (telemetry `measured_w`) over a local time-of-day
+        window on the last `n_days` usable weekdays before `before`, oldest first: the
+        series `controller.market.mv.high_4_of_5_baseline` averages.
+
+        Days are walked back from the day before `before`'s local date (a window crossing
+        midnight belongs to the day it starts), at most `lookback_days` of them (telemetry
+        retention is 14 days by default). Samples inside recorded curtailments are left out
+        (a curtailed period is never a baseline); a day whose remaining samples cover less
+        than `min_coverage` of the window (the daemon was down, or the site was curtailed)
+        is skipped. May return fewer than `n_days`. Blocks: run it in a thread.
+        """
+        zone = ZoneInfo(tz)
+        length_s = window_length_s(start_s_of_day, end_s_of_day)
+        start_s = start_s_of_day % 86400.0
+        need_s = min_coverage * length_s
+        first_day = datetime.fromtimestamp(before, zone).date()
+
+        def window(d: date) -> tuple[float, float]:
+            # Wall-clock arithmetic on an aware datetime: local times, DST included.
+            midnight = datetime(d.year, d.month, d.day, tzinfo=zone)
+            t0 = (midnight + timedelta(seconds=start_s)).timestamp()
+            t1 = (midnight + timedelta(seconds=start_s + length_s)).timestamp()
+            return t0, t1
+
+        candidates = [
+            d
+            for k in range(1, lookback_days + 1)
+            if (d := first_day - timedelta(days=k)).weekday() < 5
+        ]
+        if not candidates:
+            return []
+        curtailed = [
+            (ev.started_at, ev.ended_at)
+            for ev in self.curtailments(window(candidates[-1])[0], before)
+        ]
+        out: list[tuple[F64, F64]] = []
+        for d in candidates:
+            t0, t1 = window(d)
+            if t1 > before:
+                continue
+            rows = self._query(
+                "SELECT at, measured_w FROM telemetry "
+                "WHERE at >= ? AND at < ? AND measured_w IS NOT NULL ORDER BY at",
+                (t0, t1),
+            )
+            arr = np.array(rows, dtype=np.float64).reshape(-1, 2)
+            t, w = arr[:, 0], arr[:, 1]
+            keep = np.isfinite(w)
+            for c0, c1 in curtailed:
+                keep &= (t < c0) | (t >= c1)
+            t, w = t[keep], w[keep]
+            if covered_s(t) >= need_s:
+                out.append((t, w))
+                if len(out) == n_days:
+                    break
+        return out[::-1]

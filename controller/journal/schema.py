@@ -7,14 +7,17 @@ a newer one is refused rather than touched.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from controller.market.mv import CurtailmentEvent
 from controller.ramp_score import RampOutcome, RampRecord
 from controller.wire.telemetry import Telemetry
 from drivers.core.state import F64
@@ -22,7 +25,7 @@ from drivers.core.state import F64
 log = logging.getLogger("rampd.journal")
 
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 DEFAULT_FILENAME: Final = "journal.sqlite"
 # Without $STATE_DIRECTORY (systemd StateDirectory=rampd) this is where the unit would put it.
 DEFAULT_STATE_DIR: Final = Path("/var/lib/rampd")
@@ -37,6 +40,7 @@ __all__ = [
     "EVENT_DISPATCH_DROPPED",
     "SCHEMA_VERSION",
     "AckRow",
+    "CurtailmentEvent",
     "DispatchRow",
     "Event",
     "JournalError",
@@ -100,6 +104,19 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX deployments_at ON deployments (at);
     """,
+    # Curtailment events' measurement and verification (the evidence for settlement).
+    """
+    CREATE TABLE curtailments (
+        rail TEXT NOT NULL, started_at REAL NOT NULL, ended_at REAL NOT NULL,
+        baseline_w REAL, baseline_method TEXT NOT NULL, target_w REAL,
+        energy_curtailed_kwh REAL, avg_reduction_kw REAL, min_reduction_kw REAL,
+        met INTEGER, met_fraction REAL,
+        cost_avoided_usd REAL, revenue_forgone_usd REAL, priced_fraction REAL,
+        samples TEXT NOT NULL,            -- JSON [[t, site_kw, target_kw], ...], null for NaN
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX curtailments_started_at ON curtailments (started_at);
+    """,
 )
 
 HORIZONS: Final = ("1s", "5s", "60s")
@@ -121,6 +138,11 @@ RAMP_COLUMNS: Final = (
 DEPLOYMENT_COLUMNS: Final = (
     "service", "at", "trigger_hz", "armed_w", "devices", "expected_w", "before_w",
     "after_0_25s_w", "after_0_5s_w", "after_1s_w", "end_w", "duration_s", "ended_by",
+)  # fmt: skip
+CURTAILMENT_COLUMNS: Final = (
+    "rail", "started_at", "ended_at", "baseline_w", "baseline_method", "target_w",
+    "energy_curtailed_kwh", "avg_reduction_kw", "min_reduction_kw", "met", "met_fraction",
+    "cost_avoided_usd", "revenue_forgone_usd", "priced_fraction", "samples", "detail",
 )  # fmt: skip
 DISPATCH_COLUMNS: Final = (
     "received_at", "payload", "payload_len", "id", "seq", "mode", "target_w", "band_w", "signal",
@@ -241,6 +263,55 @@ class TelemetrySeries:
         return int(self.at.size)
 
 
+def _real(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _nan(x: object) -> float:
+    return math.nan if x is None else float(x)  # type: ignore[arg-type]
+
+
+def curtailment_row(ev: CurtailmentEvent) -> tuple[Any, ...]:
+    """An event as a `curtailments` row (NaN and infinities as NULL)."""
+    if not (math.isfinite(ev.started_at) and math.isfinite(ev.ended_at)):
+        raise ValueError("a curtailment needs finite start and end times")
+    samples = json.dumps(
+        [[_real(x) for x in s] for s in ev.samples], separators=(",", ":"), allow_nan=False
+    )
+    return (
+        str(ev.rail), float(ev.started_at), float(ev.ended_at), _real(ev.baseline_w),
+        str(ev.baseline_method), _real(ev.target_w), _real(ev.energy_curtailed_kwh),
+        _real(ev.avg_reduction_kw), _real(ev.min_reduction_kw),
+        None if ev.met is None else int(bool(ev.met)), _real(ev.met_fraction),
+        _real(ev.cost_avoided_usd), _real(ev.revenue_forgone_usd), _real(ev.priced_fraction),
+        samples, str(ev.detail),
+    )  # fmt: skip
+
+
+def curtailment_from_row(r: Sequence[Any]) -> CurtailmentEvent:
+    """The event of a `curtailments` row, in `CURTAILMENT_COLUMNS` order (NULL as NaN)."""
+    raw = json.loads(r[14]) if r[14] else []
+    samples = tuple((_nan(s[0]), _nan(s[1]), _nan(s[2])) for s in raw)
+    return CurtailmentEvent(
+        rail=r[0],
+        started_at=r[1],
+        ended_at=r[2],
+        baseline_w=_nan(r[3]),
+        baseline_method=r[4],
+        target_w=r[5],
+        energy_curtailed_kwh=_nan(r[6]),
+        avg_reduction_kw=_nan(r[7]),
+        min_reduction_kw=_nan(r[8]),
+        met=None if r[9] is None else bool(r[9]),
+        met_fraction=r[10],
+        cost_avoided_usd=_nan(r[11]),
+        revenue_forgone_usd=_nan(r[12]),
+        priced_fraction=r[13],
+        samples=samples,
+        detail=r[15],
+    )
+
+
 # --- paths and versions ------------------------------------------------------------------
 
 
@@ -303,7 +374,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
         log.info("journal %s: schema version %d", path, v + 1)
 
 
-def check_version(conn: sqlite3.Connection, path: Path) -> None:
+def check_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The journal's schema version, if this rampd reads it (JournalError otherwise)."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version == 0:
         raise JournalError(f"{path} is not a rampd journal (schema version 0)")
@@ -312,3 +384,4 @@ def check_version(conn: sqlite3.Connection, path: Path) -> None:
             f"journal {path} has schema version {version}, newer than this rampd "
             f"understands ({SCHEMA_VERSION})"
         )
+    return version

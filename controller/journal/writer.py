@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from controller.journal.reader import JournalReader
 from controller.journal.schema import (
+    CURTAILMENT_COLUMNS,
     DEPLOYMENT_COLUMNS,
     DISPATCH_COLUMNS,
     RAMP_COLUMNS,
@@ -32,10 +33,12 @@ from controller.journal.schema import (
     RampRecord,
     TelemetrySample,
     check_directory,
+    curtailment_row,
     insert_sql,
     migrate,
     open_error,
 )
+from controller.market.mv import CurtailmentEvent
 from controller.wire.codec import MAX_PAYLOAD_BYTES
 from controller.wire.dispatch import MAX_SEQ, Dispatch, DispatchRejected
 
@@ -50,6 +53,7 @@ _SQL_RAMP: Final = insert_sql("ramps", RAMP_COLUMNS)
 _SQL_TELEMETRY: Final = insert_sql("telemetry", TELEMETRY_COLUMNS)
 _SQL_EVENT: Final = insert_sql("events", ("at", "kind", "text"))
 _SQL_DEPLOYMENT: Final = insert_sql("deployments", DEPLOYMENT_COLUMNS)
+_SQL_CURTAILMENT: Final = insert_sql("curtailments", CURTAILMENT_COLUMNS)
 _SQL_LAST_SEQ: Final = (
     "INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
     "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
@@ -296,6 +300,14 @@ class Journal(JournalReader):
             self._put(((_SQL_DEPLOYMENT, row),))
         except (TypeError, ValueError, OverflowError) as exc:
             self._bad_row("deployment", exc)
+
+    def record_curtailment(self, ev: CurtailmentEvent) -> None:
+        """A curtailment event's M&V figures, once it ended (kept for settlement: retention
+        does not prune them, like deployments)."""
+        try:
+            self._put(((_SQL_CURTAILMENT, curtailment_row(ev)),))
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("curtailment", exc)
 
     def record_event(self, kind: str, text: str, at: float | None = None) -> None:
         """An operator-relevant event: start, stop, mode change, failsafe, replay, ..."""

@@ -69,6 +69,12 @@ def add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--to", dest="t_to", default="now", help="end: RFC3339, -10m, now (default)")
     p.add_argument("-o", "--out", help="PNG path (default RUN_DIR/report.png or ./rampd-*.png)")
     p.add_argument("--no-plot", action="store_true", help="text only")
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="curtailment events (M&V) of the window instead: one line each, and a PNG each "
+        "into --out DIR (default ./rampd-events/)",
+    )
     p.set_defaults(func=_run_report)
 
 

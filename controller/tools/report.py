@@ -2,6 +2,9 @@
 
 * Journal: `rampd report [--journal FILE] --from -1h --to now` prints every dispatch, ack, ramp
   and event of the window, one line each, and plots target, measured power and capability.
+* Curtailment events: `rampd report --events [--from --to] [--journal FILE]` prints each
+  curtailment event's measurement and verification (baseline, energy curtailed, reductions,
+  target met, value) and writes a PNG per event into `--out DIR` (default ./rampd-events/).
 * Bench run: `rampd report RUN_DIR` plots a run directory: the simulator's ground truth
   (`truth.jsonl`, `{"t": unix s, "site_kw": kW}` per line) against the dispatches listed in
   `run.json` (format below, written with `write_run`), with each step's figures.
@@ -42,6 +45,7 @@ import numpy as np
 
 from controller.journal import (
     AckRow,
+    CurtailmentEvent,
     DispatchRow,
     Event,
     JournalError,
@@ -573,6 +577,148 @@ def report_from_journal(
     return "\n".join(lines)
 
 
+# --- curtailment events (measurement and verification) ----------------------------------
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m{sec:02d}s"
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+def _usd(x: float) -> str:
+    return "?" if math.isnan(x) else f"{'-' if x < 0 else ''}${abs(x):,.2f}"
+
+
+def _met(ev: CurtailmentEvent) -> str:
+    if ev.met is None:
+        return "-"
+    share = "" if ev.met_fraction is None else f" ({ev.met_fraction:.1%})"
+    return f"{'yes' if ev.met else 'NO'}{share}"
+
+
+def curtailment_line(ev: CurtailmentEvent) -> str:
+    """One event's M&V figures on one line."""
+    target = "-" if ev.target_w is None else f"{_kw(ev.target_w)} kW"
+    priced = ev.priced_fraction
+    unpriced = "" if priced is None or priced >= 0.9995 else f" (priced {priced:.0%})"
+    line = (
+        f"{rfc3339(ev.started_at)}  {ev.rail:<10} {_duration(ev.duration_s):>9}  "
+        f"baseline {_kw(ev.baseline_w)} kW ({ev.baseline_method})  target {target}  "
+        f"curtailed {ev.energy_curtailed_kwh:.1f} kWh  "
+        f"reduction avg {ev.avg_reduction_kw:.1f} / min {ev.min_reduction_kw:.1f} kW  "
+        f"met {_met(ev)}  cost avoided {_usd(ev.cost_avoided_usd)}{unpriced}  "
+        f"revenue forgone {_usd(ev.revenue_forgone_usd)}"
+    )
+    return f"{line}  {ev.detail}" if ev.detail else line
+
+
+def render_event_plot(ev: CurtailmentEvent, out_png: Path) -> Path:
+    """Site power, the rail's target and the baseline over one event; the curtailed energy
+    shaded. Writes a PNG."""
+    from matplotlib import dates as mdates
+    from matplotlib.figure import Figure
+
+    pts = np.array(ev.samples, dtype=np.float64).reshape(-1, 3)
+    t = np.append(pts[:, 0], ev.ended_at)
+    site = np.append(pts[:, 1], np.nan)
+    target = np.append(pts[:, 2], pts[-1, 2] if len(pts) else np.nan)
+    x = (t * 1e3).astype("datetime64[ms]")
+    base_kw = ev.baseline_w / 1e3
+
+    fig = Figure(figsize=(12.8, 6.0), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    if np.isfinite(base_kw):
+        ax.axhline(
+            base_kw, color="tab:orange", lw=1.3, ls="--", label=f"baseline ({ev.baseline_method})"
+        )
+        below = np.isfinite(site) & (site < base_kw)
+        ax.fill_between(
+            x, site, base_kw, where=below, step="post", color="tab:green", alpha=0.2, lw=0,
+            label="curtailed",
+        )  # fmt: skip
+    ax.plot(x, site, color="tab:blue", lw=1.5, drawstyle="steps-post", label="site", zorder=3)
+    if np.isfinite(target).any():
+        ax.plot(x, target, color="black", lw=1.2, ls="--", drawstyle="steps-post", label="target")
+    if len(pts) == 1:
+        ax.plot(x[:1], site[:1], marker="o", color="tab:blue")
+    if not (site < 0).any() and not (target < 0).any():
+        ax.set_ylim(bottom=0.0)  # the reduction at its true size against the whole load
+    ax.set_ylabel("site power (kW)")
+    ax.grid(True, color="0.9", lw=0.8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8.5, frameon=False)
+    locator = mdates.AutoDateLocator(minticks=5, maxticks=12)  # type: ignore[no-untyped-call]
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+    ax.set_xlabel("time (UTC)")
+    target_txt = "" if ev.target_w is None else f", target {_kw(ev.target_w)} kW"
+    fig.suptitle(
+        f"{ev.rail} curtailment {rfc3339(ev.started_at)} ({_duration(ev.duration_s)})"
+        f"{target_txt}",
+        x=0.01, ha="left", fontsize=12.5, weight="bold",
+    )  # fmt: skip
+    figures = (
+        f"{ev.energy_curtailed_kwh:.1f} kWh curtailed | reduction avg "
+        f"{ev.avg_reduction_kw:.1f} kW, min {ev.min_reduction_kw:.1f} kW | met {_met(ev)} | "
+        f"cost avoided {_usd(ev.cost_avoided_usd)}, revenue forgone "
+        f"{_usd(ev.revenue_forgone_usd)}"
+    )
+    if ev.detail:
+        figures += f"\n{ev.detail}"
+    # A bare "$" starts matplotlib's mathtext.
+    ax.set_title(figures.replace("$", r"\$"), fontsize=10, loc="left")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png")
+    return out_png
+
+
+def report_events(db: Path | JournalReader, t0: float, t1: float, out_dir: Path | None) -> str:
+    """The curtailment events overlapping the window, one line each, with totals; a PNG per
+    event into `out_dir` (unless None). Returns the text."""
+    reader = db if isinstance(db, JournalReader) else JournalReader(db)
+    try:
+        events = reader.curtailments(t0, t1)
+    finally:
+        if reader is not db:
+            reader.close()
+    lines = [f"journal {reader.path}: curtailment events {rfc3339(t0)} .. {rfc3339(t1)}"]
+    if not events:
+        lines.append("no curtailment events in this window")
+        return "\n".join(lines)
+    kwh = math.fsum(e.energy_curtailed_kwh for e in events if math.isfinite(e.energy_curtailed_kwh))
+    cost = math.fsum(e.cost_avoided_usd for e in events if math.isfinite(e.cost_avoided_usd))
+    rev = math.fsum(e.revenue_forgone_usd for e in events if math.isfinite(e.revenue_forgone_usd))
+    judged = [e for e in events if e.met is not None]
+    missed = sum(not e.met for e in judged)
+    lines += [
+        f"{len(events)} events: {kwh:.1f} kWh curtailed, cost avoided {_usd(cost)}, revenue "
+        f"forgone {_usd(rev)}, net {_usd(cost - rev)}; "
+        f"{len(judged) - missed} of {len(judged)} commitments and peaks met",
+        "",
+        *(curtailment_line(e) for e in events),
+    ]
+    if out_dir is not None:
+        lines.append("")
+        taken: set[str] = set()
+        for e in events:
+            stamp = datetime.fromtimestamp(e.started_at, UTC).strftime("%Y%m%dT%H%M%SZ")
+            name = f"event-{stamp}-{e.rail}"
+            k = 2
+            while name in taken:
+                name = f"event-{stamp}-{e.rail}-{k}"
+                k += 1
+            taken.add(name)
+            if not e.samples:
+                lines.append(f"{name}: no samples, no plot")
+                continue
+            lines.append(f"plot: {render_event_plot(e, Path(out_dir) / f'{name}.png')}")
+    return "\n".join(lines)
+
+
 # --- from a bench run ----------------------------------------------------------------------
 
 
@@ -792,6 +938,17 @@ def report_from_run(run_dir: Path, out_png: Path | None = None) -> str:
 def run_cli(args: argparse.Namespace) -> int:
     try:
         source = Path(args.source) if args.source else None
+        if getattr(args, "events", False):
+            if source is not None and source.is_dir():
+                raise ReportError("--events reads a journal file, not a bench run directory")
+            db = source or (Path(args.journal) if args.journal else default_journal_path())
+            now = time.time()
+            t0, t1 = parse_when(args.t_from, now), parse_when(args.t_to, now)
+            if t1 <= t0:
+                raise ReportError(f"--to ({rfc3339(t1)}) is not after --from ({rfc3339(t0)})")
+            out_dir = None if args.no_plot else Path(args.out or "rampd-events")
+            print(report_events(db, t0, t1, out_dir))
+            return 0
         if source is not None and source.is_dir():
             out = None if args.no_plot else Path(args.out or source / "report.png")
             if out is None:
