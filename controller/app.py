@@ -573,6 +573,7 @@ class Daemon:
             logging.getLogger("rampd").removeHandler(self.status.last_error)
             if self.ramps is not None:
                 self.ramps.stop(time.time())
+            self.governor.finish(time.time())
             if self.journal is not None:
                 self.journal.record_event("stop", "stopped; devices keep their last setpoints")
                 self.journal.close(timeout_s=5.0)  # at most 5 s, at shutdown only

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 from collections import defaultdict
@@ -27,6 +28,7 @@ from controller.config import (
 )
 from controller.fdlimit import raise_fd_limit
 from controller.journal import JournalError
+from controller.market.economics import merit_order
 from controller.tools import TOOL_MODULES
 from controller.tools.commands import (
     DEFAULT_SIM_CONFIG,
@@ -107,7 +109,31 @@ def summarize(cfg: LoadedConfig) -> str:
         lines.append(f"{kind:<20} {protocol:<10} {count:>7} {lo / 1e3:>12.1f} {hi / 1e3:>12.1f}")
         total = [total[0] + count, total[1] + lo, total[2] + hi]
     lines.append(f"{'total':<31} {total[0]:>7} {total[1] / 1e3:>12.1f} {total[2] / 1e3:>12.1f}")
-    return "\n".join(lines)
+    return "\n".join(lines + _economics_lines(cfg))
+
+
+def _economics_lines(cfg: LoadedConfig) -> list[str]:
+    """Each class's price strike (breakeven, or work value), least efficient first."""
+    econ = cfg.economics
+    classes = merit_order(cfg.device_classes(), econ)
+    priced = [c for c in classes if math.isfinite(c.strike_usd_per_mwh(econ))]
+    if not priced:
+        return []
+    head = (
+        "economics: no [economics]: miners have no breakeven"
+        if econ is None
+        else f"economics: hashprice {econ.hashprice_usd_per_ph_day:g} USD/PH/day, "
+        f"pool fee {econ.pool_fee:.1%}"
+    )
+    lines = ["", head, f"{'class (curtailed first)':<26} {'strike USD/MWh':>15}  from"]
+    for c in priced:
+        src = (
+            f"work value {c.value_usd_per_mwh:g} USD/MWh"
+            if c.value_usd_per_mwh is not None
+            else f"breakeven at {c.efficiency_j_per_th:g} J/TH"
+        )
+        lines.append(f"{c.kind:<26} {c.strike_usd_per_mwh(econ):>15.2f}  {src}")
+    return lines
 
 
 def _polls_line(cfg: LoadedConfig) -> str:

@@ -297,6 +297,8 @@ class MvConfig(Strict):
 
     baseline: Literal["recent", "high_4_of_5"] = "recent"
     baseline_minutes: Annotated[float, Field(gt=0, le=1440)] = 15.0
+    ramp_allowance_s: NonNegFloat = 60.0
+    """A commitment or peak is judged met from this long after it starts (or its level drops)."""
 
 
 class DeviceTemplate(Strict):

@@ -14,16 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 
 from controller.config import ConfigError, LoadedConfig, SiteLimits
 from controller.journal import Journal
 from controller.market.economics import Economics
-from controller.market.mv import EventMeter
+from controller.market.mv import (
+    METHOD_HIGH_4_OF_5,
+    METHOD_RECENT_FALLBACK,
+    EventMeter,
+    high_4_of_5_baseline,
+)
 from controller.market.peaks import Peaks, parse_alert
 from controller.market.price_rule import PriceRule, RuleEvent
 from controller.market.prices import PriceQuote, parse_quote, parse_quotes, read_price_csv
@@ -42,6 +50,9 @@ TICK_S = 1.0
 EVENT_BASELINE = "commitment_baseline"
 """Journal event: a `reduce_by` commitment's baseline was fixed ("<id> <W>")."""
 RESUME_LOOKBACK_S = 7 * 86400.0
+BASELINE_WINDOW_S = 3600.0
+"""A high-4-of-5 baseline averages the hour an event starts in (its end is not known yet)."""
+LOOKUP_TIMEOUT_S = 30.0
 """Commitments accepted this long before a restart are looked at again."""
 
 
@@ -90,10 +101,16 @@ class Governor:
         self.rails = Rails(full_w=site.site.max_kw * 1e3, peaks=self.peaks, price=self.rule)
         site_max_w = site.site.max_kw * 1e3
         self.meter = EventMeter(
-            site.mv.baseline_minutes, tolerance_w(site_max_w, site_max_w)
+            site.mv.baseline_minutes,
+            tolerance_w(site_max_w, site_max_w),
+            site.mv.ramp_allowance_s,
         )
         self._schedule = price_csv(cfg)
         self._fed: float | None = None  # interval start of the schedule's last quote fed
+        self._baseline_method = site.mv.baseline
+        self._tz = site.peaks.timezone
+        self._chain_seen: float | None = None
+        self._lookups: set[asyncio.Task[None]] = set()
         self.governing: RailName = "default"
         self.decision = Decision("default", site_max_w, {"default": site_max_w}, "full power")
         self.reason = "full power"
@@ -284,10 +301,51 @@ class Governor:
                 )
                 if self._journal is not None:
                     self._journal.record_curtailment(ev)
+        self._high_4_of_5()
         self._metrics.set_rails(
             governing, RAILS, {str(k): w for k, w in d.wishes.items()}, price,
             self.rule.curtailed_fraction(),
         )
+
+    def _high_4_of_5(self) -> None:
+        """A new event chain under `mv.baseline = high_4_of_5`: its baseline from the journal's
+        last 5 weekdays over the hour it starts in, looked up in a thread (a read of up to
+        two weeks of telemetry) while the event goes on with the recent one."""
+        ongoing = self.meter.ongoing
+        chain = None if ongoing is None else ongoing.chain_started_at
+        if chain is None or chain == self._chain_seen:
+            return
+        self._chain_seen = chain
+        if self._baseline_method != "high_4_of_5" or self._journal is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._lookup(chain))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
+    async def _lookup(self, chain: float) -> None:
+        journal = self._journal
+        assert journal is not None
+        tz = ZoneInfo(self._tz)
+        start = datetime.fromtimestamp(chain, tz)
+        s0 = start.hour * 3600.0 + start.minute * 60.0 + start.second
+        s1 = min(s0 + BASELINE_WINDOW_S, 86400.0)
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                days = await asyncio.to_thread(journal.site_power_days, chain, s0, s1, self._tz)
+            w = high_4_of_5_baseline(days, s0, s1)
+        except (TimeoutError, sqlite3.Error, ValueError) as exc:
+            log.warning("high 4 of 5 baseline not found (%s): recent one kept", exc)
+            w = None
+        if w is None:
+            self.meter.set_baseline(None, METHOD_RECENT_FALLBACK, chain_started_at=chain)
+        else:
+            self.meter.set_baseline(w, METHOD_HIGH_4_OF_5, chain_started_at=chain)
+
+    def finish(self, now_unix: float) -> None:
+        """At shutdown: the event in progress is measured up to now and journalled."""
+        ev = self.meter.finish(now_unix)
+        if ev is not None and self._journal is not None:
+            self._journal.record_curtailment(ev)
 
     def _price_now(self, now: float) -> float | None:
         q = self.rule.last_quote
