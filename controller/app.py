@@ -38,6 +38,8 @@ from controller.journal import (
 from controller.market.rails import RailName
 from controller.metrics import Metrics
 from controller.mqtt_link import MqttLink
+from controller.northbound import context as northbound
+from controller.northbound.context import NorthboundContext
 from controller.notify import Notifier
 from controller.ramp_score import tolerance_w
 from controller.ramp_watch import RampWatch
@@ -230,6 +232,15 @@ class Daemon:
             journal=self.journal,
             failsafe_policy=site.failsafe.policy,
             has_meter=not isinstance(self.meter, NoMeter),
+        )
+        self.northbound = northbound.build(
+            NorthboundContext(
+                cfg=cfg,
+                rails=self.governor.rails,
+                telemetry=self.telemetry,
+                journal=self.journal,
+                metrics=self.metrics,
+            )
         )
         self.cycle.on_tick(self._after_tick)
         self.intake.resume(resume, now_unix)
@@ -568,6 +579,8 @@ class Daemon:
                 tg.create_task(self._telemetry_loop(), name="telemetry")
                 tg.create_task(self._rails_loop(), name="rails")
                 tg.create_task(self.governor.run_sources(), name="prices")
+                for nb in self.northbound:
+                    tg.create_task(nb.run(), name=nb.name)
         finally:
             self.metrics.close()
             logging.getLogger("rampd").removeHandler(self.status.last_error)

@@ -23,6 +23,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from controller.market.economics import DeviceClass, Economics, device_classes
+from controller.northbound.dsx_flex.config import DsxFlexConfig
+from controller.northbound.openadr.config import OpenAdrConfig
 from drivers.core import registry
 from drivers.core.spec import DeviceAccess as DeviceAccess
 from drivers.core.spec import DeviceSpec as DeviceSpec
@@ -404,6 +406,8 @@ class SiteConfig(Strict):
     price_rule: PriceRuleConfig = PriceRuleConfig()
     peaks: PeaksConfig = PeaksConfig()
     mv: MvConfig = MvConfig()
+    dsx_flex: DsxFlexConfig | None = None
+    openadr: OpenAdrConfig | None = None
     meter: MeterConfig
     devices: list[DeviceGroup] = Field(min_length=1)
     noncontrollable_kw: NonNegFloat = 0.0

@@ -1,8 +1,9 @@
 """Arbitration of everything that sets the site's target: the rails.
 
 Precedence, highest first: the failsafe (its own target), frequency deployments (an offset
-on top of whatever governs), the grid dispatch (setpoint, regulation), commitments, peaks,
-price, and the default: full power. The upper three set the target outright and are judged by
+on top of whatever governs), the grid dispatch (setpoint, regulation), the northbound
+standards' targets (DSX Flex, OpenADR), commitments, peaks, price, and the default: full
+power. The upper three set the target outright and are judged by
 the daemon (`TargetTracker`, `FrequencyServices`); this module decides among the lower ones.
 
 The lower rails all ask the site to stay *at or below* a level: a commitment to reduce to 5 MW
@@ -25,17 +26,39 @@ from typing import Final, Literal, Protocol
 from controller.market.peaks import Peaks
 from controller.wire.dispatch import Dispatch
 
-RailName = Literal["failsafe", "frequency", "dispatch", "commitment", "peak", "price", "default"]
+RailName = Literal[
+    "failsafe",
+    "frequency",
+    "dispatch",
+    "dsx_flex",
+    "openadr",
+    "commitment",
+    "peak",
+    "price",
+    "default",
+]
 RAILS: Final[tuple[RailName, ...]] = (
     "failsafe",
     "frequency",
     "dispatch",
+    "dsx_flex",
+    "openadr",
     "commitment",
     "peak",
     "price",
     "default",
 )
-LOWER: Final[tuple[RailName, ...]] = ("commitment", "peak", "price", "default")
+LOWER: Final[tuple[RailName, ...]] = (
+    "dsx_flex",
+    "openadr",
+    "commitment",
+    "peak",
+    "price",
+    "default",
+)
+CEILINGS: Final[tuple[RailName, ...]] = ("dsx_flex", "openadr")
+"""Rails whose level a northbound interface sets (`Rails.set_ceiling`): a DSX Flex load
+target, an OpenADR event's capacity limit or setpoint."""
 MAX_COMMITMENTS: Final = 256
 
 
@@ -109,6 +132,7 @@ class Rails:
         self.peaks = peaks
         self.price = price
         self._commitments: list[_Commitment] = []
+        self._ceilings: dict[RailName, tuple[float, str]] = {}
         self.fixed: list[tuple[str, float]] = []
         """(id, baseline W) of `reduce_by` commitments whose baseline was fixed, for the
         caller to journal (a restart puts them back with `set_baseline`); it empties it."""
@@ -126,6 +150,17 @@ class Rails:
         for c in self._commitments:
             if c.d.id == d_id:
                 c.baseline_w = baseline_w
+
+    def set_ceiling(self, rail: RailName, level_w: float | None, reason: str = "") -> None:
+        """A northbound interface's level for its rail (None: it asks nothing now)."""
+        if rail not in CEILINGS:
+            raise ValueError(f"{rail} is not a northbound rail ({', '.join(CEILINGS)})")
+        if level_w is None:
+            self._ceilings.pop(rail, None)
+        elif not math.isfinite(level_w):
+            raise ValueError(f"{rail} level must be finite, got {level_w!r}")
+        else:
+            self._ceilings[rail] = (max(level_w, 0.0), reason)
 
     @property
     def commitments(self) -> Iterable[Dispatch]:
@@ -151,6 +186,11 @@ class Rails:
         wishes["peak"] = self.peaks.target_w if peak is not None else None
         if peak is not None:
             reasons["peak"] = peak
+        for rail in CEILINGS:
+            level = self._ceilings.get(rail)
+            wishes[rail] = None if level is None else level[0]
+            if level is not None:
+                reasons[rail] = level[1] or rail
         below = min(w for w in wishes.values() if w is not None)
         self._commitments = [c for c in self._commitments if c.over > t]
         best: tuple[float, _Commitment] | None = None
