@@ -131,6 +131,14 @@ class SleepPlanner:
         self.parked_from_w[rows] = self.params.p_idle_w[rows]
         return rows
 
+    def lands_after_s(self, deficit_w: float, ctrl: Bool, gain_w: F64) -> float:
+        """When the last of the rows `park` would pick for ``deficit_w`` lands asleep
+        (seconds after the command; inf when they cannot cover it)."""
+        rows, covered = _first_covering(self._sleep_order, ctrl & self.sleepable, gain_w, deficit_w)
+        if covered < deficit_w - 1e-9 or not rows.size:
+            return math.inf
+        return float(self._asleep_after[rows].max())
+
     def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64, gain_w: F64) -> Rows:
         """Park just enough controllable sleepable rows (lowest merit first) to free
         ``deficit_w``, each freeing ``gain_w``; returns them."""

@@ -377,15 +377,24 @@ class Controller:
             # sleep only hands their slice back: a batch per cycle, since each landing is
             # a step they can only ramp to meet, and a small one stays inside the band.
             need_w = other_w + float(low_ss.sum()) - target_w
+            gain = low_ss - p.p_idle_w
             if need_w > hyst and alloc.reserve:  # without one, the two floors are the same
                 low = self._low_at_sleep(pred, alloc.p_min_e)
-                if other_w + float(low.sum()) - target_w <= hyst:
+                need_min_w = other_w + float(low.sum()) - target_w
+                if need_min_w <= hyst:
                     # The next batch waits for the last one's acknowledgement: batches
                     # sent while a command burst drains would land together.
                     unacked = planner.unacknowledged()
                     need_w = 0.0 if unacked else min(need_w, 0.5 * self._hold_above_w)
+                elif planner.lands_after_s(need_min_w, alloc.ctrl, gain) < planner.lands_after_s(
+                    need_w, alloc.ctrl, gain
+                ):
+                    # Keeping the reserve slice would take slower sleepers (a mixed fleet):
+                    # sleep what reaches the target with the fast devices in their slice,
+                    # landing sooner; later batches hand the slice back (the branch above).
+                    need_w = need_min_w
             if need_w > hyst:
-                low_ss -= p.p_idle_w
+                low_ss = gain
                 rows = planner.park(need_w, alloc.ctrl, snap.t, pred, low_ss)
                 self._last_out[rows] = p.p_idle_w[rows]  # planned power asleep (StepResult.sleep)
         elif planner.parked.any():

@@ -8,6 +8,7 @@ every cycle.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -329,3 +330,29 @@ def test_wakes_the_target_no_longer_needs_are_called_off() -> None:
     assert np.count_nonzero(loop.ph.state == DeviceState.ON) == 2  # the loads only
     settle = loop.settle_s(300e3, 0.02 * 300e3, start)
     assert settle is not None and settle <= 5.0, settle
+
+
+def slow_miner(i: int) -> DeviceSpec:
+    """Braiins-like: the pause lands 5 s after the command (a LuxOS-like one: 3 s)."""
+    return dataclasses.replace(miner(i), name=f"s{i}", dead_time_s=2.0, sleep_s=3.0, wake_s=90.0)
+
+
+def test_a_deep_step_is_not_held_back_for_slower_sleepers_to_keep_the_reserve() -> None:
+    # Reaching 175 kW needs the loads at their floor and the quick miners asleep (3 s); with
+    # the loads kept out of their down-reserve slice it would also need the slow miners
+    # (5 s). The step goes at the quick miners' speed; the slice comes back after.
+    specs = fleet(n_miners=40, n_loads=2) + [slow_miner(i) for i in range(20)]
+    loop = Loop(specs, reserve_down_w=150e3)
+    loop.run(loop.ph.truth(), 3.0)
+    start = len(loop.truth)
+    target = 175e3
+    loop.run(target, 30.0)
+    settle = loop.settle_s(target, 10e3, start)
+    assert settle is not None and settle <= 4.0, settle
+    # The slice is handed back in the end: the slow miners sleep too, and the loads hold
+    # all they can above their floor as the down reserve.
+    slow = np.arange(42, 62)
+    assert np.all(loop.ph.state[slow] == DeviceState.SLEEPING)
+    room = float(loop.ph.power_w[:2].sum()) - 2 * 25e3
+    assert room > 50e3
+    assert loop.ctl.capability((5.0,)).down_w[0] >= 0.9 * room
