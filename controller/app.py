@@ -29,7 +29,7 @@ from controller.governor import TICK_S as RAILS_TICK_S
 from controller.governor import Governor
 from controller.grid.frequency import FrequencyMonitor, Sample
 from controller.grid.services import RESPONSE_AFTER_S, Deployment, GridServices
-from controller.intake import DispatchIntake, initial_target_w, resumable
+from controller.intake import DispatchIntake, HeartbeatGate, initial_target_w, resumable
 from controller.journal import (
     DEFAULT_FILENAME,
     Journal,
@@ -214,6 +214,7 @@ class Daemon:
             publish_ack=lambda body: self.link.publish("ack", body),
             on_accepted=self._accepted,
         )
+        self.heartbeats = HeartbeatGate(cfg.dispatch_key, site.site, self.metrics)
         self.link = MqttLink(
             mqtt_cfg,
             cfg.topic_root,
@@ -349,6 +350,8 @@ class Daemon:
             )
 
     def on_heartbeat(self, payload: bytes) -> None:
+        if not self.heartbeats.accept(payload):  # unsigned, forged or replayed (dispatch.keys)
+            return
         self.tracker.heartbeat(time.monotonic())
         self.metrics.heartbeat_seen()
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import (
     Field,
     ValidationError,
@@ -25,6 +28,7 @@ from pydantic_core import ErrorDetails
 from controller.market.economics import DeviceClass, Economics, device_classes
 from controller.northbound.dsx_flex.config import DsxFlexConfig
 from controller.northbound.openadr.config import OpenAdrConfig
+from controller.wire.jws import KID, KeyRing, VerifyKey
 from drivers.core import registry
 from drivers.core.spec import DeviceAccess as DeviceAccess
 from drivers.core.spec import DeviceSpec as DeviceSpec
@@ -382,9 +386,36 @@ MIN_HMAC_KEY_BYTES = 16
 
 
 class DispatchConfig(Strict):
+    keys: dict[str, Path] = Field(default_factory=dict)
+    """JWS keys by `kid` (1-64 of letters, digits and `. _ : -`): a shared-secret file (HS256,
+    at least 16 bytes, one trailing newline ignored) or a PEM EC P-256 public key (ES256).
+    When any is set, every dispatch and heartbeat must be a JWS from one of them; two at once
+    is a rotation."""
+    accept_legacy_sig: bool = False
+    """With `keys`: also accept the legacy `sig` dispatches (keyed with `hmac_key_file`) and
+    unsigned heartbeats, for one release while dispatchers move to JWS."""
     hmac_key_file: Path | None = None
-    """Shared HMAC-SHA256 key (at least 16 bytes; one trailing newline is ignored). When set,
-    every dispatch must carry a valid `sig`; when unset, a `sig` field is ignored."""
+    """Legacy shared HMAC-SHA256 key (at least 16 bytes; one trailing newline is ignored).
+    Alone (no `keys`): every dispatch must carry a valid `sig`, heartbeats are not checked.
+    Without any key, a `sig` field is ignored and a JWS refused."""
+
+    @field_validator("keys")
+    @classmethod
+    def _kids_ok(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for kid in v:
+            if not KID.fullmatch(kid):
+                raise ValueError(f"kid {kid!r}: use 1-64 of letters, digits and . _ : -")
+        return v
+
+    @model_validator(mode="after")
+    def _legacy_ok(self) -> DispatchConfig:
+        if self.accept_legacy_sig and (self.hmac_key_file is None or not self.keys):
+            raise ValueError("accept_legacy_sig needs both keys and hmac_key_file")
+        if self.keys and self.hmac_key_file is not None and not self.accept_legacy_sig:
+            raise ValueError(
+                "hmac_key_file is unused beside keys: remove it, or set accept_legacy_sig = true"
+            )
+        return self
 
 
 class SiteConfig(Strict):
@@ -427,8 +458,9 @@ class LoadedConfig:
     site: SiteConfig
     templates: dict[str, DeviceTemplate]
     devices: tuple[DeviceSpec, ...]
-    dispatch_key: bytes | None = field(default=None, repr=False)
-    """The HMAC key read from `dispatch.hmac_key_file` at load; None: dispatches unsigned."""
+    dispatch_key: KeyRing | None = field(default=None, repr=False)
+    """The keys read from `dispatch.keys` and `dispatch.hmac_key_file` at load; None:
+    dispatches and heartbeats unsigned."""
 
     @property
     def poll_stretch(self) -> float:
@@ -498,15 +530,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def read_hmac_key(config_path: Path, key_file: Path | None) -> bytes | None:
+def read_hmac_key(
+    config_path: Path, key_file: Path | None, what: str = "dispatch.hmac_key_file"
+) -> bytes | None:
     """The dispatch HMAC key from its file, or None when none is configured.
 
     One trailing newline (LF or CRLF) is stripped; anything else is part of the key. A file
-    that is missing, unreadable, empty or shorter than MIN_HMAC_KEY_BYTES is a ConfigError.
+    that is missing, unreadable, empty or shorter than MIN_HMAC_KEY_BYTES is a ConfigError
+    naming `what` (the setting).
     """
     if key_file is None:
         return None
-    where = f"{config_path}: dispatch.hmac_key_file"
+    where = f"{config_path}: {what}"
     try:
         key = key_file.read_bytes()
     except FileNotFoundError:
@@ -524,6 +559,49 @@ def read_hmac_key(config_path: Path, key_file: Path | None) -> bytes | None:
             f"{where}: key in {key_file} too short ({len(key)} < {MIN_HMAC_KEY_BYTES} bytes)"
         )
     return key
+
+
+def read_dispatch_keys(config_path: Path, cfg: DispatchConfig) -> KeyRing | None:
+    """The site's dispatch keys (`dispatch.keys`, `dispatch.hmac_key_file`), or None when
+    none is configured. A kid's file holding a PEM is an ES256 public key, anything else an
+    HS256 secret (as `read_hmac_key` reads it). A bad file is a ConfigError naming the kid."""
+    legacy = read_hmac_key(config_path, cfg.hmac_key_file)
+    keys: dict[str, VerifyKey] = {}
+    for kid, key_file in cfg.keys.items():
+        what = f"dispatch.keys.{kid}"
+        try:
+            head = key_file.read_bytes()[:64]
+        except OSError:
+            head = b""  # read_hmac_key says what is wrong with the file
+        if head.lstrip().startswith(b"-----BEGIN"):
+            keys[kid] = _read_es256_key(config_path, key_file, what)
+        else:
+            secret = read_hmac_key(config_path, key_file, what)
+            assert secret is not None  # a file was named
+            keys[kid] = VerifyKey.hs256(secret)
+    if not keys and legacy is None:
+        return None
+    return KeyRing(keys, legacy_key=legacy, accept_legacy=cfg.accept_legacy_sig)
+
+
+def _read_es256_key(config_path: Path, key_file: Path, what: str) -> VerifyKey:
+    where = f"{config_path}: {what}: {key_file}"
+    pem = key_file.read_bytes()
+    if b"PRIVATE KEY" in pem:
+        # The site verifies only; its private half belongs with the dispatcher.
+        raise ConfigError(
+            f"{where} holds a private key: give the public one (openssl ec -in KEY -pubout)"
+        )
+    try:
+        public = serialization.load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{where}: not a PEM public key ({exc})") from None
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ConfigError(f"{where}: not an EC public key (ES256 needs EC P-256)")
+    try:
+        return VerifyKey.es256(public)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def template_dirs(config_path: Path) -> list[Path]:
@@ -683,7 +761,7 @@ def load_config(path: str | Path) -> LoadedConfig:
             raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")
     _check_poll_budget(p, site.site, devices)
     class_economics(site.devices, templates, p)  # checked at load, not first at run time
-    dispatch_key = read_hmac_key(p, site.dispatch.hmac_key_file)
+    dispatch_key = read_dispatch_keys(p, site.dispatch)
     return LoadedConfig(
         path=p, site=site, templates=templates, devices=devices, dispatch_key=dispatch_key
     )

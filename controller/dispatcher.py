@@ -1,8 +1,9 @@
 """A dispatcher's side of the protocol: the one client the demo, the benches and the tests use
 to talk to a rampd as a grid dispatcher would.
 
-It publishes typed dispatches (increasing `seq`, signed when given the daemon's key) and
-heartbeats, and keeps what the daemon says (acks, telemetry, status) decoded into
+It publishes typed dispatches (increasing `seq`; signed as a JWS when given a `Signer`, or
+with the legacy `sig` when given the daemon's legacy key) and heartbeats (signed with the
+`Signer` too), and keeps what the daemon says (acks, telemetry, status) decoded into
 `controller.wire`'s models. A message that does not decode is counted in `bad`, not kept.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 import aiomqtt
 
 from controller.wire import Ack, Dispatch, DispatchMode, Heartbeat, Status, Telemetry
+from controller.wire.jws import Signer
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,10 @@ class DispatcherClient:
     """`async with DispatcherClient(host, port, root) as d:` connected and subscribed to the
     daemon's `ack`, `telemetry` and `status`, until the block ends.
 
-    `key`: sign every dispatch (the daemon's `dispatch.hmac_key_file` bytes).
+    `signer`: sign every dispatch and heartbeat as a JWS (`Signer.hs256(kid, secret)` or
+    `Signer.es256(kid, private_key)`: a kid of the daemon's `dispatch.keys`).
+    `key`: the legacy form instead: `sig` in every dispatch (the daemon's
+    `dispatch.hmac_key_file` bytes); heartbeats go unsigned.
     `heartbeat_s`: publish a heartbeat this often (None: only when `heartbeat()` is called).
     `connect_within`: keep trying a broker that is still starting for this long.
     `on_telemetry`: called with each telemetry message as it arrives, and its raw bytes.
@@ -47,6 +52,7 @@ class DispatcherClient:
         root: str,
         *,
         key: bytes | None = None,
+        signer: Signer | None = None,
         id_prefix: str = "dispatcher",
         identifier: str | None = None,
         heartbeat_s: float | None = None,
@@ -55,7 +61,10 @@ class DispatcherClient:
     ) -> None:
         self.host, self.port = host, port
         self.root = root.rstrip("/")
+        if key is not None and signer is not None:
+            raise ValueError("give a JWS signer or a legacy key, not both")
         self.key = key
+        self.signer = signer
         self.id_prefix = id_prefix
         self._identifier = identifier or f"{id_prefix}-{os.getpid()}-{time.monotonic_ns()}"
         self._heartbeat_s = heartbeat_s
@@ -264,8 +273,8 @@ class DispatcherClient:
         )
 
     async def publish(self, dispatch: Dispatch) -> Sent:
-        """Publish `dispatch` (signed when the client has a key)."""
-        payload = dispatch.encode(self.key)
+        """Publish `dispatch` (signed when the client has a signer or a key)."""
+        payload = self.encode(dispatch)
         t = time.time()
         await self.client.publish(self.topic("dispatch"), payload, qos=1)
         return Sent(dispatch, t)
@@ -292,10 +301,18 @@ class DispatcherClient:
         """Publish bytes as they are: for hostile and malformed traffic in tests."""
         await self.client.publish(self.topic(suffix), payload, qos=1)
 
+    def encode(self, dispatch: Dispatch) -> bytes:
+        """What `publish` sends: a JWS over the dispatch's JSON, or the JSON (legacy `sig`
+        with a key)."""
+        if self.signer is not None:
+            return self.signer.sign(dispatch.encode())
+        return dispatch.encode(self.key)
+
     async def heartbeat(self) -> None:
-        await self.client.publish(
-            self.topic("heartbeat"), Heartbeat(self.id_prefix, time.time()).encode(), qos=0
-        )
+        payload = Heartbeat(self.id_prefix, time.time()).encode()
+        if self.signer is not None:
+            payload = self.signer.sign(payload)
+        await self.client.publish(self.topic("heartbeat"), payload, qos=0)
 
     async def _beat(self, every_s: float) -> None:
         while True:

@@ -41,6 +41,7 @@ from controller.ramp_score import tolerance_w
 from controller.target import TargetTracker
 from controller.wire.codec import WireError, decode_object, optional_number
 from controller.wire.dispatch import Dispatch, DispatchRejected
+from controller.wire.jws import KeyRing
 from controller.wire.telemetry import RailsReport
 
 log = logging.getLogger("rampd.rails")
@@ -159,7 +160,7 @@ class Governor:
     def add_commitment(self, d: Dispatch) -> None:
         self.rails.add_commitment(d)
 
-    def resume(self, limits: SiteLimits, hmac_key: bytes | None, now_unix: float) -> int:
+    def resume(self, limits: SiteLimits, hmac_key: KeyRing | None, now_unix: float) -> int:
         """Put back the journal's commitments not over yet, with the baselines fixed for
         them before the restart; returns how many."""
         j = self._journal

@@ -1,4 +1,5 @@
-"""Dispatches coming into force: from the broker while running, and from the journal at start.
+"""Dispatches coming into force: from the broker while running, and from the journal at start;
+and which heartbeats count (signed ones only, when the site has `dispatch.keys`).
 
 Every dispatch from the broker is decoded against the site's limits and the last accepted seq
 and answered with one ack, accepted or with the reason; each is journalled as received. A
@@ -9,6 +10,7 @@ restart puts the journal's last valid dispatches back, decoded by the same rules
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -16,7 +18,9 @@ from controller.config import SiteLimits
 from controller.journal import Journal
 from controller.metrics import Metrics
 from controller.target import TargetTracker, resume_from_w, resumed
-from controller.wire import Ack, Dispatch, DispatchRejected
+from controller.wire import Ack, Dispatch, DispatchRejected, rfc3339
+from controller.wire.heartbeat import Heartbeat, HeartbeatRejected
+from controller.wire.jws import KeyRing, is_compact
 
 log = logging.getLogger("rampd")
 
@@ -26,7 +30,7 @@ def _max_seq(a: int | None, b: int | None) -> int | None:
 
 
 def resumable(
-    journal: Journal | None, limits: SiteLimits, hmac_key: bytes | None, now_unix: float
+    journal: Journal | None, limits: SiteLimits, hmac_key: KeyRing | None, now_unix: float
 ) -> list[Dispatch]:
     """The journal's last valid dispatch(es) that still decode: the first is the one in
     force, or the pending one if none is. One that no longer decodes (a rotated key, changed
@@ -68,14 +72,20 @@ class DispatchIntake:
         *,
         tracker: TargetTracker,
         limits: SiteLimits,
-        hmac_key: bytes | None,
+        hmac_key: KeyRing | None,
         journal: Journal | None,
         metrics: Metrics,
         publish_ack: Callable[[bytes], None],
         on_accepted: Callable[[Dispatch, float], None],
     ) -> None:
-        """`on_accepted(dispatch, now_unix)`: after the tracker took it and it is journalled,
+        """`hmac_key`: the site's dispatch keys (`LoadedConfig.dispatch_key`; None: unsigned).
+        `on_accepted(dispatch, now_unix)`: after the tracker took it and it is journalled,
         before its ack goes out."""
+        if hmac_key is not None and hmac_key.kids and hmac_key.legacy_accepted:
+            log.warning(
+                "dispatch.accept_legacy_sig: legacy sig dispatches and unsigned heartbeats "
+                "still accepted; turn it off once every dispatcher sends JWS"
+            )
         self._tracker = tracker
         self._limits = limits
         self._key = hmac_key
@@ -136,3 +146,63 @@ class DispatchIntake:
         reach_at = None if reach_mono is None else now_unix + (reach_mono - now)
         ack = Ack(d.id, d.seq, True, "", now_unix, limited_by=limited_by, reach_at=reach_at)
         self._publish_ack(ack.encode())
+
+
+HEARTBEAT_LOG_EVERY_S = 60.0
+"""Ignored heartbeats are logged at most this often (each is counted in the metric)."""
+
+
+class HeartbeatGate:
+    """Which heartbeats restart the failsafe's silence timer.
+
+    Without JWS keys, all of them (any payload, as before). With `dispatch.keys`, only a
+    JWS from a configured kid whose `at` is fresh (`site.max_issued_age_s`) and later than
+    the last one accepted from that kid: a client that can publish on the broker, but holds
+    no key, cannot keep the failsafe off, not even by replaying a recorded heartbeat. Under
+    `dispatch.accept_legacy_sig`, a heartbeat that is not a JWS still counts (legacy
+    dispatchers never signed theirs). `accepted` and `ignored` count them since start.
+    """
+
+    def __init__(self, keys: KeyRing | None, limits: SiteLimits, metrics: Metrics) -> None:
+        self._keys = keys if keys is not None and keys.kids else None
+        self._max_age_s = limits.max_issued_age_s
+        self._metrics = metrics
+        self._last_at: dict[str, float] = {}
+        self._logged_at = -math.inf
+        self._unlogged = 0
+        self.accepted = 0
+        self.ignored = 0
+
+    def accept(self, payload: bytes, now_unix: float | None = None) -> bool:
+        """True when this heartbeat counts; an ignored one is counted and logged (rarely)."""
+        keys = self._keys
+        if keys is None or (keys.legacy_accepted and not is_compact(payload)):
+            self.accepted += 1
+            return True
+        now = time.time() if now_unix is None else now_unix
+        try:
+            hb, kid = Heartbeat.verify(payload, keys, now_unix=now, max_age_s=self._max_age_s)
+            assert hb.at is not None  # verify requires it
+            last = self._last_at.get(kid)
+            if last is not None and hb.at <= last:
+                raise HeartbeatRejected(
+                    f"heartbeat at {rfc3339(hb.at)} not after the last from kid {kid!r} "
+                    f"({rfc3339(last)}): replayed?"
+                )
+        except HeartbeatRejected as exc:
+            self._ignored(str(exc))
+            return False
+        self._last_at[kid] = hb.at
+        self.accepted += 1
+        return True
+
+    def _ignored(self, reason: str) -> None:
+        self.ignored += 1
+        self._metrics.heartbeats_rejected.inc()
+        now = time.monotonic()
+        if now - self._logged_at < HEARTBEAT_LOG_EVERY_S:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more ignored since the last line)" if self._unlogged else ""
+        log.warning("heartbeat ignored: %s%s", reason, more)
+        self._logged_at, self._unlogged = now, 0

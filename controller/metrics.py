@@ -261,6 +261,11 @@ class Metrics:
             ["result", "reason"],
             registry=r,
         )
+        self.heartbeats_rejected = Counter(
+            "rampd_heartbeats_rejected_total",
+            "Heartbeats ignored: not a JWS from a configured dispatch key, stale or replayed",
+            registry=r,
+        )
         self.last_dispatch = Gauge(
             "rampd_last_dispatch_timestamp_seconds",
             "Unix time of the last accepted dispatch (0: none since start)",

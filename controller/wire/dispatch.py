@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, cast
 
-from controller.wire import signing
+from controller.wire import jws, signing
 from controller.wire.codec import (
     WireError,
     decode_object,
@@ -36,7 +36,7 @@ REJECT_CODES: Final[frozenset[str]] = frozenset(
         "missing", "bad_type", "not_finite", "out_of_range",  # a field
         "bad_id", "bad_mode", "bad_time",
         "stale", "future", "replay", "expired", "bad_schedule",  # timing and ordering
-        "bad_signature",  # HMAC missing or wrong (only with dispatch.hmac_key_file)
+        "bad_signature",  # JWS or legacy sig missing, malformed or wrong (dispatch.keys)
     }
 )  # fmt: skip
 
@@ -163,7 +163,7 @@ class Dispatch:
         last_seq: int | None,
         limits: Limits,
         replay: bool = False,
-        hmac_key: bytes | None = None,
+        hmac_key: bytes | jws.KeyRing | None = None,
     ) -> Dispatch:
         """Validate one wire dispatch (kW, RFC3339) into a `Dispatch` (W, unix seconds).
 
@@ -172,9 +172,11 @@ class Dispatch:
         as absent. `replay=True` (resuming from the journal at start) skips the `issued_at`
         freshness checks: the payload was fresh when it was accepted. Everything else is
         checked again against the current config and clock (an expired or now out-of-range
-        dispatch is still rejected). With `hmac_key`, the `sig` field must be the HMAC-SHA256
-        of `signing.canonical_bytes(obj)`; it is checked right after decoding, before any
-        other field (code `bad_signature`). Without a key, `sig` is ignored.
+        dispatch is still rejected). `hmac_key`: the site's keys (`jws.KeyRing`: a JWS from a
+        configured kid, or a legacy `sig` where the ring accepts it) or a legacy key (bytes:
+        `sig` must be the HMAC-SHA256 of `signing.canonical_bytes(obj)`). Authenticity is
+        checked before any field (code `bad_signature`). Without keys, `sig` is ignored and a
+        JWS is refused.
         """
         return _decode(
             payload,
@@ -237,11 +239,16 @@ def _decode(
     last_seq: int | None,
     limits: Limits,
     replay: bool,
-    hmac_key: bytes | None,
+    hmac_key: bytes | jws.KeyRing | None,
 ) -> Dispatch:
+    # A JWS's payload is decoded as signed (unverified when `error` is set: then only to name
+    # the dispatch in the ack below).
+    opened = jws.open_signed(payload, hmac_key)
     try:
-        obj = decode_object(payload)
+        obj = decode_object(opened.payload)
     except WireError as exc:
+        if opened.error is not None:
+            raise DispatchRejected(opened.error, code="bad_signature") from None
         raise DispatchRejected(exc.reason, code=exc.code) from None
     ctx = _Ctx()
 
@@ -255,11 +262,10 @@ def _decode(
 
     # Authenticity before anything else: an unsigned payload is not judged on its content.
     # (id and seq above are only read, to name the dispatch in the ack.)
-    if hmac_key is not None:
-        try:
-            signing.verify(obj, hmac_key)
-        except signing.SignatureError as exc:
-            raise ctx.reject(str(exc), code="bad_signature") from None
+    try:
+        opened.check(obj)
+    except signing.SignatureError as exc:
+        raise ctx.reject(str(exc), code="bad_signature") from None
 
     if raw_id is None:
         raise ctx.reject("id missing", code="missing")

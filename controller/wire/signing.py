@@ -1,4 +1,7 @@
-"""The dispatch signature: HMAC-SHA256 over canonical JSON (README "Dispatch protocol").
+"""The legacy dispatch signature: HMAC-SHA256 over canonical JSON (README "Dispatch protocol").
+
+Superseded by JWS over the raw bytes (`jws.py`); accepted for one more release
+(`dispatch.hmac_key_file` alone, or with `dispatch.accept_legacy_sig`).
 
 The signed bytes are the object without `sig`, serialised with sorted keys, no spaces and
 non-ASCII as raw UTF-8. Dispatchers in other languages reproduce exactly these bytes, so this

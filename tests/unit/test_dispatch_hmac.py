@@ -261,7 +261,10 @@ def test_key_file_read(tmp_path: Path, content: bytes, key: bytes) -> None:
     kf = tmp_path / "dispatch.key"
     kf.write_bytes(content)
     cfg = load_config(site_with_key(tmp_path, kf))
-    assert cfg.dispatch_key == key
+    # The legacy mode: this key's `sig` on every dispatch, no JWS kids.
+    assert cfg.dispatch_key is not None
+    assert cfg.dispatch_key.legacy_key == key and cfg.dispatch_key.legacy_accepted
+    assert cfg.dispatch_key.kids == ()
     assert str(KEY) not in repr(cfg)  # the key stays out of logs
 
 
