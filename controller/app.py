@@ -15,6 +15,7 @@ from pathlib import Path
 
 import controller.protocols  # noqa: F401  (registers the built-in drivers)
 from controller import heap
+from controller.clock import ClockWatch
 from controller.config import (
     ConfigError,
     JournalConfig,
@@ -35,6 +36,9 @@ from controller.journal import (
     Journal,
     TelemetrySample,
 )
+from controller.journal.recover import open_for_daemon
+from controller.liveness import LivenessRecorder, start_w
+from controller.liveness import restore as restore_liveness
 from controller.market.rails import RailName
 from controller.metrics import Metrics
 from controller.mqtt_link import MqttLink
@@ -85,7 +89,9 @@ def rampd_version() -> str:
 def open_journal(cfg: JournalConfig) -> Journal | None:
     """The configured journal, or $STATE_DIRECTORY/journal.sqlite under systemd, or None.
 
-    Raises JournalError (a clear message) when the journal cannot be opened.
+    A corrupt journal is moved aside and a fresh one begun; one that cannot be written opens
+    anyway and counts the rows it drops (`controller.journal.recover`). Raises JournalError
+    (a clear message) for a configuration problem only.
     """
     path = cfg.path
     if path is None:
@@ -94,8 +100,9 @@ def open_journal(cfg: JournalConfig) -> Journal | None:
             log.warning("no journal: set [journal] path, or run under systemd (StateDirectory=)")
             return None
         path = Path(state) / DEFAULT_FILENAME
-    return Journal(
+    return open_for_daemon(
         path,
+        time.time(),
         retention_days=cfg.retention_days,
         telemetry_retention_days=cfg.telemetry_retention_days,
     )
@@ -171,12 +178,18 @@ class Daemon:
         self.shaper = CommandShaper(self.image.p_idle_w, self.image.deadband_w)
         self.journal = open_journal(site.journal)
         if self.journal is not None:
+            self.metrics.watch_journal(self.journal)
             self.journal.record_event(
                 "start", f"rampd {rampd_version()}: site {site.site_id}, {self.image.n} devices"
             )
         now_unix = time.time()
         resume = resumable(self.journal, site.site, cfg.dispatch_key, now_unix)
         initial_w = initial_target_w(self.journal, resume, site.site.max_kw * 1e3, now_unix)
+        # The failsafe's state from before a restart (`controller.liveness`).
+        alive = None if self.journal is None else self.journal.liveness()
+        initial_w = start_w(
+            self.journal, alive, site.failsafe, now_unix, resumed=bool(resume), default_w=initial_w
+        )
         self.tracker = TargetTracker(
             site.site, site.failsafe, initial_w=initial_w, ramp_limits=site.ramp_limits
         )
@@ -189,8 +202,13 @@ class Daemon:
                 self.tracker,
                 site_max_w=site.site.max_kw * 1e3,
                 physical_min_s=self._physical_min_s,
+                mono=time.monotonic,
             )
         )
+        self.liveness = (
+            None if self.journal is None else LivenessRecorder(self.journal, self.tracker)
+        )
+        self.clock = ClockWatch(on_step=self._clock_stepped)
         self.cycle = ControlCycle(
             image=self.image,
             controller=self.controller,
@@ -245,6 +263,9 @@ class Daemon:
         )
         self.cycle.on_tick(self._after_tick)
         self.intake.resume(resume, now_unix)
+        if self.journal is not None and alive is not None:
+            restore_liveness(self.tracker, self.journal, alive, time.monotonic(), now_unix)
+            self.metrics.dispatcher_last_seen.set(alive.last_heard)
         self.governor.resume(site.site, cfg.dispatch_key, now_unix)
 
     # -- grid services ---------------------------------------------------------------------
@@ -356,8 +377,16 @@ class Daemon:
         self.metrics.heartbeat_seen()
 
     # -- out -------------------------------------------------------------------------------
+    def _clock_stepped(self, step_s: float, now_unix: float) -> None:
+        self.metrics.clock_stepped(step_s)
+        if self.journal is not None:
+            self.journal.record_event("clock", f"wall clock stepped {step_s:+.3f} s", at=now_unix)
+
     def _after_tick(self, out: CycleOutput) -> None:
         self.notifier.kick(out.t)
+        self.clock.check()
+        if self.liveness is not None:
+            self.liveness.tick(out.t, time.time())
         if out.t - self._dispatched_at >= ADOPT_IDLE_S:
             self._adopt_dynamics()
         meter_ok = out.meter_fresh or isinstance(self.meter, NoMeter)
@@ -590,6 +619,8 @@ class Daemon:
             if self.ramps is not None:
                 self.ramps.stop(time.time())
             self.governor.finish(time.time())
+            if self.liveness is not None:
+                self.liveness.flush(time.monotonic(), time.time())
             if self.journal is not None:
                 self.journal.record_event("stop", "stopped; devices keep their last setpoints")
                 self.journal.close(timeout_s=5.0)  # at most 5 s, at shutdown only

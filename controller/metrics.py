@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, get_args, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, get_args, runtime_checkable
 from wsgiref.simple_server import WSGIServer
 
 import numpy as np
@@ -40,6 +40,9 @@ from prometheus_client.metrics_core import Metric
 from controller.target import TrackerMode
 from drivers.core.image import ProcessImage
 from drivers.core.state import F64, STATE_NAMES
+
+if TYPE_CHECKING:
+    from controller.journal import Journal
 
 # Cycle work is sub-millisecond to tens of ms; command round trips 1 ms to the 1 s timeout.
 _CYCLE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -188,6 +191,50 @@ class LoopCollector:
         if loop is not None and not loop.is_closed():
             family.add_metric([], len(asyncio.all_tasks(loop)))
         return (family,)
+
+
+class JournalCollector:
+    """The journal's counters and health, read from its own counters at scrape time (the
+    writer thread counts anyway; nothing is added to recording)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily | GaugeMetricFamily, ...]:
+        return (
+            CounterMetricFamily("rampd_journal_rows_written", "Journal rows committed since start"),
+            CounterMetricFamily(
+                "rampd_journal_rows_dropped",
+                "Journal rows lost: the disk full, read-only or failing, the writer behind, "
+                "a row the database refused",
+            ),
+            CounterMetricFamily(
+                "rampd_journal_write_errors", "Journal write transactions that failed"
+            ),
+            GaugeMetricFamily(
+                "rampd_journal_healthy",
+                "1 while journal rows are written, 0 while they are dropped (the reason is in "
+                "the log and the status detail)",
+            ),
+            CounterMetricFamily(
+                "rampd_journal_moved_aside",
+                "Corrupt journals moved aside at start (a fresh one was begun)",
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        j = self._journal
+        s = j.stats
+        moved = int(j.moved_aside is not None)
+        families = self._families()
+        values = (s.written, s.dropped, s.write_errors, int(s.healthy), moved)
+        for family, value in zip(families, values, strict=True):
+            family.add_metric([], value)
+        return families
 
 
 class Metrics:
@@ -346,6 +393,17 @@ class Metrics:
             ["input"],
             registry=r,
         )
+        self.clock_steps = Counter(
+            "rampd_clock_steps",
+            "Wall-clock steps noticed (over 1 s off the monotonic clock within a second): "
+            "NTP or manual steps, a resume from suspend",
+            registry=r,
+        )
+        self.clock_last_step = Gauge(
+            "rampd_clock_last_step_seconds",
+            "The latest wall-clock step (positive: ahead); 0: none since start",
+            registry=r,
+        )
         for name in STATE_NAMES:
             self.devices.labels(state=name)
         self.dispatches.labels(result="accepted", reason="")  # exists before the first one
@@ -355,6 +413,7 @@ class Metrics:
         r.register(self._loop_collector)
         self._driver_collector: DriverCollector | None = None
         self._device_collector: DeviceCollector | None = None
+        self._journal_collector: JournalCollector | None = None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -456,6 +515,19 @@ class Metrics:
             self.registry.unregister(self._device_collector)
         self._device_collector = DeviceCollector(image, planned_w)
         self.registry.register(self._device_collector)
+
+    def watch_journal(self, journal: Journal) -> None:
+        """Export the journal's rows written and dropped, write errors, health, and whether a
+        corrupt one was moved aside at start."""
+        if self._journal_collector is not None:
+            self.registry.unregister(self._journal_collector)
+        self._journal_collector = JournalCollector(journal)
+        self.registry.register(self._journal_collector)
+
+    def clock_stepped(self, step_s: float) -> None:
+        """A wall-clock step (`controller.clock.ClockWatch`)."""
+        self.clock_steps.inc()
+        self.clock_last_step.set(step_s)
 
     # -- exposition -------------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ class SiteStatus:
         last = self._cycle.last
         if last is not None and not last.meter_fresh and self._has_meter:
             parts.append("site meter stale: controlling on device telemetry")
+        if self._journal is not None:  # "" while its rows are written
+            parts.append(self._journal.problem)
         return "; ".join(p for p in parts if p)
 
     def update(self) -> None:

@@ -291,7 +291,8 @@ class TargetTracker:
         "normal" with no active dispatch.
 
     Failsafe: no dispatch and no heartbeat for `failsafe.dispatch_timeout_s` (counted from
-    construction if given `now_mono`, else from the first call; then from the last message)
+    construction if given `now_mono`, else from the first call; then from the last message;
+    after a restart, `restore` carries the timer and a failsafe that was on over the outage)
     -> mode "failsafe" and the policy:
       * hold: the trajectory in force goes on (an ongoing ramp completes, a scheduled start
         still starts, an expiry still releases to the lower rails).
@@ -350,6 +351,8 @@ class TargetTracker:
         self._last_seq: int | None = None
         self._last_msg: float | None = now_mono  # None until the first call fixes the origin
         self._failsafe = False
+        self._failsafe_since: float | None = None
+        self._failsafe_note = ""  # said after the reason: a failsafe restored at a restart
         self._released = False
         lims = ramp_limits
         self._limits = lims if lims is not None and lims != RampLimitsConfig() else None
@@ -455,7 +458,23 @@ class TargetTracker:
         if not self._failsafe:
             return ""
         fs = self._fs
-        return f"no dispatch or heartbeat for {fs.dispatch_timeout_s:g} s; policy {fs.policy}"
+        return (
+            f"no dispatch or heartbeat for {fs.dispatch_timeout_s:g} s{self._failsafe_note}; "
+            f"policy {fs.policy}"
+        )
+
+    @property
+    def failsafe_since(self) -> float | None:
+        """Monotonic instant the failsafe began (before this tracker existed, if restored);
+        None when it is off."""
+        return self._failsafe_since if self._failsafe else None
+
+    @property
+    def last_heard(self) -> float | None:
+        """Monotonic instant the silence timer counts from: the last dispatch or heartbeat,
+        else the timer's origin (construction, or what `restore` set); None before the
+        first call."""
+        return self._last_msg
 
     def failsafe_at(self) -> float | None:
         """Monotonic instant the failsafe will start if nothing arrives; None if latched."""
@@ -477,6 +496,7 @@ class TargetTracker:
         self._last_msg = now
         if self._failsafe and self._fs.policy == "hold":
             self._failsafe = False
+            self._failsafe_note = ""
             self._log(logging.INFO, "failsafe ended by heartbeat (policy hold); mode %s", self.mode)
 
     def accept(self, d: Dispatch, now_mono: float, now_unix: float) -> None:
@@ -488,6 +508,7 @@ class TargetTracker:
         self._last_msg = now
         if self._failsafe:
             self._failsafe = False
+            self._failsafe_note = ""
             self._log(logging.INFO, "failsafe ended by dispatch %s (seq %d)", d.id, d.seq)
         if not d.sets_target:  # a recall: the target stays as it is
             return
@@ -513,6 +534,44 @@ class TargetTracker:
         journal's resume replays a recorded failsafe this way); no-op if already in it."""
         now = self._advance(now_mono)
         if not self._failsafe:
+            self._enter_failsafe(now)
+
+    def restore(
+        self,
+        now_mono: float,
+        *,
+        last_heard_ago_s: float | None,
+        failsafe_for_s: float | None = None,
+    ) -> None:
+        """Carry the failsafe's state over a restart (after resumed dispatches are accepted:
+        their acceptance is not the dispatcher speaking, so the timer is set again here).
+
+        `last_heard_ago_s`: how long ago, on the wall clock, the dispatcher was last heard
+        (or the silence timer of the previous run began); the outage counts as silence, so
+        the timer goes on from there and trips when it would have without the restart, at
+        once if that instant passed during the outage. `failsafe_for_s`: how long the
+        failsafe has been on, when it was on at the stop: it stays on, with the policy's
+        effect (baseline / min: what is in force is dropped; a failsafe ramp still under way
+        ends when it would have, from the target in force now). Negative durations (the
+        wall clock stepped back across the restart) count as 0.
+        """
+        now = self._advance(now_mono)
+        if last_heard_ago_s is not None:
+            self._last_msg = now - max(0.0, last_heard_ago_s)
+        if failsafe_for_s is not None:
+            since = now - max(0.0, failsafe_for_s)
+            self._failsafe_note = " (since before the restart)"
+            if self._failsafe:
+                self._failsafe_since = min(since, self._failsafe_since or now)
+            else:
+                ramp_s = max(0.0, since + self._fs.ramp_s - now)
+                self._enter_failsafe(now, ramp_s=ramp_s, since=since)
+            return
+        heard = self._last_msg
+        if not self._failsafe and heard is not None and heard + self._fs.dispatch_timeout_s <= now:
+            # The timer ran out during the outage: the failsafe starts now, not at that
+            # instant (a ramp begun in the past would make the target jump).
+            self._failsafe_note = " (across the restart)"
             self._enter_failsafe(now)
 
     # -- internals ------------------------------------------------------------------------
@@ -621,8 +680,13 @@ class TargetTracker:
         name = f"{d.id} (seq {d.seq})" if d is not None else "dispatch"
         self._log(logging.INFO, "%s expired; released to the lower rails", name)
 
-    def _enter_failsafe(self, t: float) -> None:
+    def _enter_failsafe(
+        self, t: float, *, ramp_s: float | None = None, since: float | None = None
+    ) -> None:
+        """The failsafe from `t` (it began at `since`, default `t`), its ramp over `ramp_s`
+        (default `failsafe.ramp_s`)."""
         self._failsafe = True
+        self._failsafe_since = t if since is None else since
         policy = self._fs.policy
         self._log(logging.WARNING, "failsafe: %s", self.failsafe_reason)
         if policy == "hold":
@@ -631,4 +695,4 @@ class TargetTracker:
         self._in_force = None
         self._released = False
         goal = (self._fs.baseline_kw or 0.0) * 1e3 if policy == "baseline" else self._min_w
-        self._ramp_to(t, goal, self._fs.ramp_s)
+        self._ramp_to(t, goal, self._fs.ramp_s if ramp_s is None else ramp_s)

@@ -13,7 +13,9 @@ answers three questions:
   past days' load a high-4-of-5 baseline averages (`site_power_days`).
 
 `schema` holds the tables, migrations and row types; `writer` the daemon's `Journal` (writing
-never blocks the event loop); `reader` the read-only `JournalReader` the report opens.
+never blocks the event loop); `reader` the read-only `JournalReader` the report opens;
+`recover` how the daemon opens its journal whatever state the file is in (corrupt: moved
+aside; read-only or full: run on, counting the rows dropped).
 """
 
 from controller.journal.reader import JournalReader
@@ -26,7 +28,10 @@ from controller.journal.schema import (
     CurtailmentEvent,
     DispatchRow,
     Event,
+    JournalCorrupt,
     JournalError,
+    JournalUnwritable,
+    Liveness,
     RampOutcome,
     RampRecord,
     TelemetrySample,
@@ -45,9 +50,12 @@ __all__ = [
     "DispatchRow",
     "Event",
     "Journal",
+    "JournalCorrupt",
     "JournalError",
     "JournalReader",
     "JournalStats",
+    "JournalUnwritable",
+    "Liveness",
     "RampOutcome",
     "RampRecord",
     "TelemetrySample",

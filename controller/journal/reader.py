@@ -28,6 +28,7 @@ from controller.journal.schema import (
     DispatchRow,
     Event,
     JournalError,
+    Liveness,
     RampRecord,
     TelemetrySeries,
     check_version,
@@ -44,26 +45,51 @@ _CURTAILMENTS_SINCE: Final = 4
 class JournalReader:
     """Read-only access to a journal (no writer, no migration). Queries block the caller."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, open_now: bool = True) -> None:
+        """`open_now=False`: no connection yet (`_open_read` later); queries answer nothing
+        meanwhile (the daemon's journal, when its file cannot be read)."""
         self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._version = 0
+        if open_now:
+            self._open_read()
+
+    def _open_read(self, *, immutable: bool = False) -> None:
+        """Connect read-only. `immutable`: on a read-only filesystem, where SQLite cannot
+        create the WAL index a WAL database is otherwise read through (nothing can write
+        there, so nothing changes under the reader)."""
         if not self.path.is_file():
             raise JournalError(f"no journal at {self.path}")
+        flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+        conn: sqlite3.Connection | None = None
         try:
-            self._conn = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro",
+            conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?{flags}",
                 uri=True,
                 isolation_level=None,
                 check_same_thread=False,
             )
-            self._conn.execute("PRAGMA busy_timeout = 5000")
-            self._version = check_version(self._conn, self.path)
-        except sqlite3.Error as exc:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            version = check_version(conn, self.path)
+        except (sqlite3.Error, JournalError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, JournalError):
+                raise
             raise open_error(self.path, exc) from None
-        self._lock = threading.Lock()
+        with self._lock:
+            self._conn, self._version = conn, version
+
+    @property
+    def readable(self) -> bool:
+        """Queries read the journal (False: they answer nothing)."""
+        return self._conn is not None
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
 
     def __enter__(self) -> JournalReader:
         return self
@@ -73,6 +99,8 @@ class JournalReader:
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
+            if self._conn is None:
+                return []
             return self._conn.execute(sql, params).fetchall()
 
     # -- restart (see `controller.journal.resume`) -----------------------------------------
@@ -84,6 +112,11 @@ class JournalReader:
     def last_target(self) -> tuple[float, float] | None:
         """(at, target_w) of the latest telemetry row with a target: where to resume from."""
         return resume.last_target(self._query)
+
+    def liveness(self) -> Liveness | None:
+        """When the dispatcher was last heard and whether the failsafe was on, as the last
+        run recorded them (None: never recorded). See `resume.liveness`."""
+        return resume.liveness(self._query)
 
     def last_valid_dispatch(self, now_unix: float) -> tuple[bytes, ...] | None:
         """Raw payloads to replay, in order, to restore the target in force at `now_unix`:

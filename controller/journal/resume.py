@@ -15,7 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from controller.config import FailsafeConfig, SiteLimits
-from controller.journal.schema import EVENT_DISPATCH_DROPPED
+from controller.journal.schema import (
+    EVENT_DISPATCH_DROPPED,
+    META_FAILSAFE_SINCE,
+    META_LAST_HEARD,
+    Liveness,
+)
 from controller.target import TargetTracker
 from controller.wire.dispatch import Dispatch, DispatchMode
 
@@ -43,6 +48,36 @@ def last_target(query: Query) -> tuple[float, float] | None:
         (),
     )
     return (float(rows[0][0]), float(rows[0][1])) if rows else None
+
+
+def liveness(query: Query) -> Liveness | None:
+    """When the dispatcher was last heard and whether the failsafe was on, as the previous
+    run last recorded them; None from a journal that never recorded them (written by an
+    older rampd: its silence timer starts afresh, as it did then).
+
+    The record is throttled, so an accepted dispatch journalled after it is newer news:
+    it was heard then, and it ended any failsafe begun before it.
+    """
+    rows = dict(
+        query(
+            "SELECT key, value FROM meta WHERE key IN (?, ?)",
+            (META_LAST_HEARD, META_FAILSAFE_SINCE),
+        )
+    )
+    heard = rows.get(META_LAST_HEARD)
+    if heard is None:
+        return None
+    since = rows.get(META_FAILSAFE_SINCE)
+    last = query(
+        "SELECT max(received_at) FROM dispatches WHERE decision = 'accepted' AND received_at > ?",
+        (float(heard),),
+    )
+    accepted = None if not last or last[0][0] is None else float(last[0][0])
+    if accepted is not None:
+        heard = accepted
+        if since is not None and float(since) <= accepted:
+            since = None
+    return Liveness(float(heard), None if since is None else float(since))
 
 
 def in_force(query: Query, now_unix: float) -> tuple[bytes, ...] | None:

@@ -34,6 +34,11 @@ DEFAULT_STATE_DIR: Final = Path("/var/lib/rampd")
 # (failsafe under policy baseline or min): nothing from before it is resumed after a restart.
 EVENT_DISPATCH_DROPPED: Final = "dispatch_dropped"
 
+# The `meta` rows that carry the failsafe over a restart (unix seconds; failsafe_since NULL
+# while it is off). Rows of `meta` need no migration: an older journal simply has none.
+META_LAST_HEARD: Final = "dispatcher_last_heard"
+META_FAILSAFE_SINCE: Final = "failsafe_since"
+
 __all__ = [
     "DEFAULT_FILENAME",
     "DEFAULT_STATE_DIR",
@@ -43,7 +48,10 @@ __all__ = [
     "CurtailmentEvent",
     "DispatchRow",
     "Event",
+    "JournalCorrupt",
     "JournalError",
+    "JournalUnwritable",
+    "Liveness",
     "RampOutcome",
     "RampRecord",
     "TelemetrySample",
@@ -158,6 +166,31 @@ class JournalError(Exception):
     """The journal cannot be opened (raised at open only; never by `record_*`)."""
 
 
+class JournalCorrupt(JournalError):
+    """The file is not a database, or its pages are malformed (SQLite says so). The daemon
+    moves it aside and starts a fresh journal (`controller.journal.recover`)."""
+
+
+class JournalUnwritable(JournalError):
+    """The journal cannot be written: a read-only directory, file or filesystem, a full
+    disk, an I/O error. The daemon runs on without it, counting the rows it drops."""
+
+
+# SQLite's primary result codes (sqlite3.h) that say what kind of trouble an error is.
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
+_SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
+_CORRUPT_CODES: Final = frozenset({_SQLITE_CORRUPT, _SQLITE_NOTADB})
+_UNWRITABLE_CODES: Final = frozenset(
+    {_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN}
+)
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """SQLite says the file is not a database or is malformed."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _CORRUPT_CODES
+
+
 # --- rows --------------------------------------------------------------------------------
 
 
@@ -239,6 +272,17 @@ class Event:
     at: float
     kind: str
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """What the failsafe needs from before a restart (unix seconds)."""
+
+    last_heard: float
+    """The last dispatch or heartbeat, or the start of the silence if none came since the
+    previous run began."""
+    failsafe_since: float | None
+    """When the failsafe began, if it was on at the stop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,16 +381,38 @@ def check_directory(path: Path) -> None:
         os.close(fd)
         probe.unlink()
     except OSError as exc:
-        raise JournalError(
+        raise JournalUnwritable(
             f"journal directory {parent} is not writable by uid {os.geteuid()}: "
             f"{exc.strerror or exc}"
         ) from None
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
-        raise JournalError(f"journal {path} is not readable and writable by uid {os.geteuid()}")
+        raise JournalUnwritable(
+            f"journal {path} is not readable and writable by uid {os.geteuid()}"
+        )
 
 
 def open_error(path: Path, exc: BaseException) -> JournalError:
-    return JournalError(f"cannot open journal {path}: {exc}")
+    """The error to raise for an SQLite error at open, of the kind SQLite's code says."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    kind = (
+        JournalCorrupt
+        if primary in _CORRUPT_CODES
+        else JournalUnwritable
+        if primary in _UNWRITABLE_CODES
+        else JournalError
+    )
+    return kind(f"cannot open journal {path}: {exc}")
+
+
+def read_only_filesystem(path: Path) -> bool:
+    """The filesystem holding `path` (or its directory) is mounted read-only."""
+    for p in (path, path.parent):
+        try:
+            return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            continue
+    return False
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:

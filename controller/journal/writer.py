@@ -6,6 +6,11 @@ each). A full queue or a failing disk drops rows, counts them (`stats`) and logs
 of state (failing -> recovered), never per row. Retention runs in the writer thread every
 `retention_interval_s`, in bounded chunks. `close()` flushes what is queued (with a timeout) and
 checkpoints the WAL.
+
+The daemon opens its journal with `unwritable_ok=True`: a journal that cannot be written at
+start (read-only, full disk) is not a reason to stop controlling the site. It comes up without
+a write connection (reading what it can, for the restart), drops and counts every row, and
+tries to open again every `REOPEN_S`.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from controller.journal.schema import (
     CURTAILMENT_COLUMNS,
     DEPLOYMENT_COLUMNS,
     DISPATCH_COLUMNS,
+    META_FAILSAFE_SINCE,
+    META_LAST_HEARD,
     RAMP_COLUMNS,
     STATES,
     TELEMETRY_COLUMNS,
     JournalError,
+    JournalUnwritable,
     RampRecord,
     TelemetrySample,
     check_directory,
@@ -37,6 +45,7 @@ from controller.journal.schema import (
     insert_sql,
     migrate,
     open_error,
+    read_only_filesystem,
 )
 from controller.market.mv import CurtailmentEvent
 from controller.wire.codec import MAX_PAYLOAD_BYTES
@@ -46,6 +55,8 @@ log = logging.getLogger("rampd.journal")
 
 _DAY_S: Final = 86400.0
 _PRUNE_CHUNK: Final = 10_000
+REOPEN_S: Final = 30.0
+"""How often a journal that could not be opened for writing tries again."""
 
 _SQL_DISPATCH: Final = insert_sql("dispatches", DISPATCH_COLUMNS)
 _SQL_ACK: Final = insert_sql("acks", ("at", "id", "seq", "accepted", "reason"))
@@ -57,6 +68,10 @@ _SQL_CURTAILMENT: Final = insert_sql("curtailments", CURTAILMENT_COLUMNS)
 _SQL_LAST_SEQ: Final = (
     "INSERT INTO meta (key, value) VALUES ('last_seq', ?) "
     "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
+)
+_SQL_META: Final = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 
 # Errors of one row, not of the database: the other rows of the batch are still written.
@@ -125,12 +140,45 @@ class _Stop:
 _Item = tuple[_Stmt, ...] | _Barrier | _Stop
 
 
+def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    """The write connection, in WAL mode, migrated; JournalError (or its JournalCorrupt,
+    JournalUnwritable kinds) with a clear message otherwise."""
+    check_directory(path)
+    try:
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
+        )
+    except sqlite3.Error as exc:
+        raise open_error(path, exc) from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        if mode.lower() != "wal":
+            raise JournalError(
+                f"journal {path}: SQLite refused WAL mode (got {mode!r}); "
+                "is the state directory on a network filesystem?"
+            )
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # Keep the -wal file small after checkpoints (it is reused, not truncated).
+        conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
+        migrate(conn, path)
+    except (sqlite3.Error, JournalError) as exc:
+        conn.close()
+        if isinstance(exc, JournalError):
+            raise
+        raise open_error(path, exc) from None
+    return conn
+
+
 class Journal(JournalReader):
     """The daemon's journal: non-blocking `record_*`, a writer thread, and the reader queries.
 
     Opening is synchronous and raises `JournalError` with a clear message (missing or
-    read-only directory, not a journal, a newer schema, no WAL support). After that nothing
-    raises into the caller: `record_*` drop and count on trouble, see `stats`.
+    read-only directory, not a journal, a newer schema, no WAL support; `JournalCorrupt`
+    when SQLite finds the file corrupt). With `unwritable_ok`, a journal that cannot be
+    written (`JournalUnwritable`: read-only, disk full) opens anyway, without writing (see
+    the module's doc). After that nothing raises into the caller: `record_*` drop and count
+    on trouble, see `stats` and `problem`.
     """
 
     def __init__(
@@ -143,40 +191,43 @@ class Journal(JournalReader):
         queue_max: int = 10_000,
         max_batch: int = 2_000,
         busy_timeout_s: float = 5.0,
+        unwritable_ok: bool = False,
+        unusable: str | None = None,
+        reopen_s: float = REOPEN_S,
     ) -> None:
+        """`unusable`: why the file is known to be beyond use (a corrupt journal that could
+        not be moved aside): nothing is opened, every row is dropped and counted. `reopen_s`:
+        how often a journal opened without writing tries again."""
         path = Path(path)
         if retention_days <= 0 or telemetry_retention_days <= 0:
             raise ValueError("retention must be positive")
-        check_directory(path)
-        try:
-            conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
-            )
-        except sqlite3.Error as exc:
-            raise open_error(path, exc) from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-            if mode.lower() != "wal":
-                raise JournalError(
-                    f"journal {path}: SQLite refused WAL mode (got {mode!r}); "
-                    "is the state directory on a network filesystem?"
-                )
-            conn.execute("PRAGMA synchronous = NORMAL")
-            # Keep the -wal file small after checkpoints (it is reused, not truncated).
-            conn.execute(f"PRAGMA journal_size_limit = {64 * 1024 * 1024}")
-            migrate(conn, path)
-        except (sqlite3.Error, JournalError) as exc:
-            conn.close()
-            if isinstance(exc, JournalError):
+        self._busy_timeout_s = busy_timeout_s
+        self._problem = ""  # why writes fail, while they do
+        self.moved_aside: Path | None = None
+        """Where a corrupt journal found at start was moved (`controller.journal.recover`)."""
+        conn: sqlite3.Connection | None = None
+        if unusable is not None:
+            self._problem = unusable
+        else:
+            try:
+                conn = _connect(path, busy_timeout_s)
+            except JournalUnwritable as exc:
+                if not unwritable_ok:
+                    raise
+                self._problem = str(exc)
+        if conn is not None:
+            try:
+                super().__init__(path)
+            except JournalError:
+                conn.close()
                 raise
-            raise open_error(path, exc) from None
-        try:
-            super().__init__(path)
-        except JournalError:
-            conn.close()
-            raise
+        else:
+            super().__init__(path, open_now=False)
+            if unusable is None:
+                self._open_read_degraded()
         self._wconn = conn
+        self._reopen_s = reopen_s
+        self._next_open = time.monotonic() + reopen_s
         self._retention: tuple[tuple[str, str, float], ...] = (
             ("dispatches", "received_at", retention_days),
             ("acks", "at", retention_days),
@@ -198,16 +249,42 @@ class Journal(JournalReader):
         self._dropped_closed = 0  # callers
         self._dropped_bad = 0  # callers: a row that could not be built
         self._refused = 0  # writer: rows the database refused
-        self._healthy = True
+        self._healthy = conn is not None
         self._overflowing = False
         self._thread = threading.Thread(target=self._run, name="rampd-journal", daemon=True)
         self._thread.start()
+        if conn is None:
+            log.error(
+                "journal cannot be written (%s); control goes on: journal rows are dropped "
+                "and counted (rampd_journal_rows_dropped_total); trying again every %g s",
+                self._problem,
+                reopen_s,
+            )
+            return
         log.info(
             "journal %s open (retention %g d, telemetry %g d)",
             path,
             retention_days,
             telemetry_retention_days,
         )
+
+    def _open_read_degraded(self) -> None:
+        """What a journal that cannot be written can still be read for (the restart's
+        queries): read-only, else immutable on a read-only filesystem; else nothing."""
+        if not self.path.is_file():
+            return
+        try:
+            self._open_read()
+            return
+        except JournalError as exc:
+            error = exc
+        if read_only_filesystem(self.path):
+            try:
+                self._open_read(immutable=True)
+                return
+            except JournalError as exc:
+                error = exc
+        log.warning("journal cannot be read either (%s): nothing is resumed from it", error)
 
     # -- recording (sync, O(1), never raises) -------------------------------------------
 
@@ -309,6 +386,19 @@ class Journal(JournalReader):
         except (TypeError, ValueError, OverflowError) as exc:
             self._bad_row("curtailment", exc)
 
+    def record_liveness(self, last_heard: float, failsafe_since: float | None) -> None:
+        """When the dispatcher was last heard, and since when the failsafe is on (None: it
+        is off), unix seconds: what a restart needs to carry the failsafe over
+        (`JournalReader.liveness`). Overwrites the previous record."""
+        try:
+            heard = _req(last_heard)
+            since = None if failsafe_since is None else _req(failsafe_since)
+            self._put(
+                ((_SQL_META, (META_LAST_HEARD, heard)), (_SQL_META, (META_FAILSAFE_SINCE, since)))
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._bad_row("liveness", exc)
+
     def record_event(self, kind: str, text: str, at: float | None = None) -> None:
         """An operator-relevant event: start, stop, mode change, failsafe, replay, ..."""
         try:
@@ -341,6 +431,13 @@ class Journal(JournalReader):
         self._dropped_bad += 1
 
     # -- state --------------------------------------------------------------------------
+
+    @property
+    def problem(self) -> str:
+        """Why journal rows are being dropped, for the status; "" while writes succeed."""
+        if self._healthy:
+            return ""
+        return f"journal not written ({self._problem or 'writer stopped'}): rows dropped"
 
     @property
     def stats(self) -> JournalStats:
@@ -421,7 +518,7 @@ class Journal(JournalReader):
                 stop = self._write(batch)
                 if stop and self._q.empty():
                     return
-                if self._healthy:
+                if self._healthy or self._wconn is None:  # nothing to retry without one
                     backoff = 0.0
                 else:
                     backoff = min(30.0, max(0.5, 2 * backoff))
@@ -436,8 +533,11 @@ class Journal(JournalReader):
     def _write(self, batch: list[_Item]) -> bool:
         stmts = [x for x in batch if isinstance(x, tuple)]
         ok = True
-        if stmts:
-            conn = self._wconn
+        conn = self._wconn if self._wconn is not None else self._reopen()
+        if conn is None:
+            self._lost += len(stmts)  # no database to write to: counted, never queued up
+            ok = not stmts
+        elif stmts:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for item in stmts:
@@ -455,6 +555,7 @@ class Journal(JournalReader):
                 self._written += len(stmts)
                 if not self._healthy:
                     self._healthy = True
+                    self._problem = ""
                     log.warning("journal writes recovered (%d rows lost while failing)", self._lost)
         stop = False
         for x in batch:
@@ -465,14 +566,37 @@ class Journal(JournalReader):
                 stop = True
         return stop
 
+    def _reopen(self) -> sqlite3.Connection | None:
+        """A journal opened without writing: try again every REOPEN_S (the disk may have been
+        freed, the filesystem remounted read-write). Writer thread only."""
+        now = time.monotonic()
+        if now < self._next_open or self._stopping.is_set():
+            return None
+        self._next_open = now + self._reopen_s
+        try:
+            conn = _connect(self.path, self._busy_timeout_s)
+        except JournalError as exc:
+            self._problem = str(exc)
+            return None
+        self._wconn = conn
+        if not self.readable:
+            with contextlib.suppress(JournalError):
+                self._open_read()
+        # `_write` says "recovered" once the first rows are committed.
+        return conn
+
     def _rollback(self) -> None:
+        conn = self._wconn
+        if conn is None:
+            return
         with contextlib.suppress(sqlite3.Error):
-            if self._wconn.in_transaction:
-                self._wconn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def _salvage(self, stmts: list[tuple[_Stmt, ...]], first: BaseException) -> bool:
         """Write the records one transaction each; drop (and count) the refused ones."""
         conn = self._wconn
+        assert conn is not None
         bad = 0
         for item in stmts:
             try:
@@ -500,6 +624,7 @@ class Journal(JournalReader):
         self._write_errors += 1
         self._lost += rows
         if self._healthy:
+            self._problem = str(exc)
             self._healthy = False
             log.error("journal write failed: %s; records are dropped until it recovers", exc)
 
@@ -508,6 +633,8 @@ class Journal(JournalReader):
         more = False
         now = time.time()
         conn = self._wconn
+        if conn is None:
+            return False
         for table, column, days in self._retention:
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -526,6 +653,8 @@ class Journal(JournalReader):
 
     def _finish(self) -> None:
         conn = self._wconn
+        if conn is None:
+            return
         with contextlib.suppress(sqlite3.Error):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -80,3 +80,31 @@ def test_the_ramp_open_at_shutdown_is_recorded(tmp_path: Path) -> None:
     (rec,) = ramps(db, t0)
     assert rec.outcome == "interrupted" and rec.from_w is None and rec.physical_min_s == 0.0
     assert rec.ended_at == t0 + 2
+
+
+@pytest.mark.parametrize("step_s", [30.0, -30.0])
+def test_a_wall_clock_step_during_a_ramp_changes_neither_its_timing_nor_its_outcome(
+    tmp_path: Path, step_s: float
+) -> None:
+    db = tmp_path / "journal.sqlite"
+    t0 = float(int(time.time()))
+    clock = {"mono": 50.0}
+    tracker = TargetTracker(LIMITS, FailsafeConfig(), MAX_W, now_mono=clock["mono"])
+    with Journal(db) as j:
+        watch = RampWatch(
+            j, tracker, site_max_w=MAX_W, physical_min_s=lambda w: 2.0,
+            scorer=RampScorer(confirm_s=3.0), mono=lambda: clock["mono"],
+        )  # fmt: skip
+        tracker.accept(dispatch(1, 1000.0, t0, ramp_s=4.0), clock["mono"], t0)
+        watch.check(t0, 3e6)
+        for k in range(1, 101):  # 10 Hz for 10 s; the wall clock steps at 2 s
+            clock["mono"] = 50.0 + k / 10
+            wall = t0 + k / 10 + (step_s if k >= 20 else 0.0)
+            meter = 3e6 - 2e6 * min(1.0, k / 40)  # in the band from 4 s on
+            watch.tick(wall, meter)
+    (rec,) = ramps(db, t0)
+    assert rec.outcome == "settled" and rec.started_at == t0
+    # In the band 4 s after the start on the monotonic clock, not 4 s plus or minus the
+    # step; confirmed 3 s later; the record's times are the start's wall clock plus those.
+    assert rec.settle_s == pytest.approx(4.0)
+    assert rec.settled_at == pytest.approx(t0 + 4.0) and rec.ended_at == pytest.approx(t0 + 7.0)
