@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from controller.config import FailsafeConfig, SiteLimits
-from controller.journal import Journal, Liveness, TelemetrySample
+from controller.journal import Event, Journal, Liveness, TelemetrySample
 from controller.journal.recover import EVENT_JOURNAL, open_for_daemon
 from controller.liveness import LivenessRecorder, restore, start_w
 from controller.metrics import Metrics
@@ -82,9 +82,10 @@ def test_liveness_round_trip_and_a_later_dispatch_is_newer_news(tmp_path: Path) 
 
 def run_then_restart(
     db: Path, failsafe: FailsafeConfig, silent_s: float, outage_s: float
-) -> TargetTracker:
+) -> tuple[TargetTracker, list[Event]]:
     """A first run whose dispatcher dispatches once and falls silent for `silent_s`, stops;
-    a second run `outage_s` later (wall clock), on a new monotonic axis, restored."""
+    a second run `outage_s` later (wall clock), on a new monotonic axis, restored: its
+    tracker and the events journalled at its start."""
     u0, m0 = time.time() - silent_s - outage_s, 1000.0
     with Journal(db) as j:
         t = TargetTracker(LIMITS, failsafe, 8e6, now_mono=m0)
@@ -108,13 +109,12 @@ def run_then_restart(
         t2 = TargetTracker(LIMITS, failsafe, w, now_mono=m1)
         restore(t2, j, lv, m1, u1)
         assert j.flush()
-        t2.events = j.events_between(u1 - 1, u1 + 1)  # type: ignore[attr-defined]
-    return t2
+        return t2, j.events_between(u1 - 1, u1 + 1)
 
 
 def test_a_dispatcher_silent_across_a_restart_trips_the_failsafe_on_time(tmp_path: Path) -> None:
     fs = FailsafeConfig(dispatch_timeout_s=60.0, policy="min", ramp_s=0.0)
-    t = run_then_restart(tmp_path / "journal.sqlite", fs, silent_s=30.0, outage_s=20.0)
+    t, _ = run_then_restart(tmp_path / "journal.sqlite", fs, silent_s=30.0, outage_s=20.0)
     assert t.mode == "normal"
     at = t.failsafe_at()
     assert at is not None and at == pytest.approx(3.0 + 10.0, abs=0.5)  # not 60 s after start
@@ -123,9 +123,9 @@ def test_a_dispatcher_silent_across_a_restart_trips_the_failsafe_on_time(tmp_pat
 
 def test_a_timer_run_out_during_the_outage_trips_at_start(tmp_path: Path) -> None:
     fs = FailsafeConfig(dispatch_timeout_s=60.0, policy="min", ramp_s=0.0)
-    t = run_then_restart(tmp_path / "journal.sqlite", fs, silent_s=30.0, outage_s=45.0)
+    t, events = run_then_restart(tmp_path / "journal.sqlite", fs, silent_s=30.0, outage_s=45.0)
     assert t.mode == "failsafe" and "(across the restart)" in t.failsafe_reason
-    (ev,) = t.events  # type: ignore[attr-defined]
+    (ev,) = events
     assert ev.kind == "failsafe" and "last heard 75 s ago" in ev.text
 
 
@@ -133,13 +133,13 @@ def test_a_failsafe_on_at_the_stop_is_on_at_start_from_where_the_site_was(
     tmp_path: Path,
 ) -> None:
     fs = FailsafeConfig(dispatch_timeout_s=10.0, policy="baseline", baseline_kw=3000.0)
-    t = run_then_restart(tmp_path / "journal.sqlite", fs, silent_s=60.0, outage_s=5.0)
+    t, events = run_then_restart(tmp_path / "journal.sqlite", fs, silent_s=60.0, outage_s=5.0)
     assert t.mode == "failsafe" and "(since before the restart)" in t.failsafe_reason
     since = t.failsafe_since
     assert since is not None and since == pytest.approx(3.0 - 55.0, abs=0.5)
     # The site was at the baseline when it stopped: the target starts there, not at max.
     assert t.target_w(3.0) == 3e6
-    (ev,) = t.events  # type: ignore[attr-defined]
+    (ev,) = events
     assert ev.kind == "failsafe" and "on since before the restart" in ev.text
 
 
@@ -210,7 +210,8 @@ def test_malformed_pages_found_by_reading_what_a_restart_reads(tmp_path: Path) -
     j = open_for_daemon(db, now)
     try:
         assert j.moved_aside is not None and j.last_seq() is None
-        (ev,) = j.events_between(now - 1, now + 1) if j.flush() else []
+        assert j.flush()
+        (ev,) = j.events_between(now - 1, now + 1)
         assert "malformed" in ev.text
     finally:
         j.close()
