@@ -18,77 +18,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import aiomqtt
-import jsonschema
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
-from referencing import Registry
-from referencing.jsonschema import DRAFT7
 
+from controller.northbound.dsx_flex import schema
 from controller.wire.timestamps import rfc3339
 
-SPEC = Path(__file__).resolve().parent.parent / "configs/standards/dsx-flex/dsx-flex.yaml"
-URI = "urn:nvidia:dsx-flex:1.7.0"
-
-
-# -- the schemas ------------------------------------------------------------------------------
-
-
-@cache
-def spec() -> dict[str, Any]:
-    with SPEC.open() as fh:
-        doc = yaml.safe_load(fh)
-    assert doc["info"]["version"] == "1.7.0", doc["info"]
-    return dict(doc)
-
-
-@cache
-def _format_checker() -> jsonschema.FormatChecker:
-    # AsyncAPI schemas are JSON Schema draft 7 plus; `uuid` (a 2019-09 format) is used
-    # throughout, so it is checked too (as draft 2020-12's checker does).
-    checker = jsonschema.FormatChecker()
-    for name, func in jsonschema.Draft7Validator.FORMAT_CHECKER.checkers.items():
-        checker.checkers[name] = func
-    checker.checkers["uuid"] = jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers["uuid"]
-    return checker
-
-
-@cache
-def validator(schema: str) -> jsonschema.Draft7Validator:
-    """A validator of `components.schemas.<schema>`."""
-    assert schema in spec()["components"]["schemas"], schema
-    registry: Registry[Any] = Registry().with_resource(URI, DRAFT7.create_resource(spec()))
-    return jsonschema.Draft7Validator(
-        {"$ref": f"{URI}#/components/schemas/{schema}"},
-        registry=registry,
-        format_checker=_format_checker(),
-    )
-
-
-def errors(schema: str, instance: Any) -> list[str]:
-    """Every schema error of `instance` (empty: valid)."""
-    return [
-        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-        for e in validator(schema).iter_errors(instance)
-    ]
-
-
-EVENT_SCHEMAS = {
-    "grid.loadtarget.set.v1": ("LoadTargetSetEvent", "SetLoadTargetData"),
-    "grid.powerstate.status.v1": ("PowerStateStatusEvent", "PowerStateStatusData"),
-    "grid.powerbreach.alert.v1": ("PowerBreachAlertEvent", "PowerBreachAlertData"),
-    "grid.powerbreach.enforcement.v1": (
-        "PowerBreachEnforcementEvent",
-        "PowerBreachEnforcementData",
-    ),
-}
+# The official schemas, as the agent itself applies them at run time.
+spec, validator, errors, EVENT_SCHEMAS = (
+    schema.spec,
+    schema.validator,
+    schema.errors,
+    schema.EVENT_SCHEMAS,
+)
 
 
 def check_event(

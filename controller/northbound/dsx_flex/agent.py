@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import math
 import time
@@ -34,7 +35,7 @@ from pydantic import ValidationError
 
 from controller.config import ConfigError
 from controller.northbound.context import NorthboundContext
-from controller.northbound.dsx_flex import envelope
+from controller.northbound.dsx_flex import envelope, schema
 from controller.northbound.dsx_flex.breach import (
     Alert,
     BreachWatch,
@@ -89,6 +90,12 @@ class DsxFlexAgent:
             raise ValueError("the site file has no [dsx_flex]")
         self.ctx = ctx
         self.cfg: DsxFlexConfig = cfg
+        try:  # the official document, read at start: without it nothing is validated
+            for names in schema.EVENT_SCHEMAS.values():
+                for name in names:
+                    schema.validator(name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{ctx.cfg.path}: dsx_flex: {schema.SPEC}: {exc}") from None
         site = ctx.cfg.site
         self.feeds = cfg.feed_map(site.site_id)
         self._site_min_w = site.site.min_kw * 1e3
@@ -208,6 +215,13 @@ class DsxFlexAgent:
             self.on_enforcement(parts[3], payload, time.time())
 
     def _verified_data(self, env: Envelope) -> Any:
+        data = self._payload_of(env)
+        wrong = schema.first_error(schema.EVENT_SCHEMAS[str(env.event["type"])][1], data)
+        if wrong is not None:
+            raise Refusal("payload", f"not what dsx-flex.yaml says: {wrong}")
+        return data
+
+    def _payload_of(self, env: Envelope) -> Any:
         if isinstance(env.data, str):
             try:
                 _, payload = self.verifier.verify(env.data)
@@ -226,6 +240,9 @@ class DsxFlexAgent:
             env = envelope.decode(payload, type_)
         except EnvelopeError as exc:
             raise Refusal("envelope", exc.reason) from None
+        wrong = schema.first_error(schema.EVENT_SCHEMAS[type_][0], json.loads(payload))
+        if wrong is not None:
+            raise Refusal("envelope", f"not what dsx-flex.yaml says: {wrong}")
         if env.role != role or env.sender != sender:
             raise Refusal("envelope", f"source {env.source} is not the topic's {role} {sender}")
         age = now - env.time
