@@ -123,8 +123,11 @@ async def test_a_device_that_does_not_move_is_unresponsive_until_it_follows_agai
         await telemetry_where(
             d, lambda t: t.devices.unresponsive == 0 and t.devices.on == N_KEPT + N_SPARE, 40.0
         )
-        assert site.daemon_log.count("UNRESPONSIVE") == 1  # one line per change
-        assert "follows commands again" in site.daemon_log
+        lines = site.daemon_log.splitlines()
+        # One line per change of the stuck device's state (another device's own changes,
+        # if a busy machine made one miss a check, are not its).
+        assert sum("row-0003: UNRESPONSIVE" in ln for ln in lines) == 1
+        assert any("row-0003: follows commands again" in ln for ln in lines)
 
 
 async def test_sighup_reloads_the_site_file_removing_and_adding_devices(site: Site) -> None:
