@@ -197,7 +197,7 @@ async def test_a_burst_of_10000_dispatches_loses_nothing(site: Site, tmp_path: P
 
         tel = await until(
             lambda: d.telemetry and wire_kw(d.telemetry[-1].target_w) == last_valid.target_kw,
-            10.0,
+            120.0,  # telemetry queued behind the acks drains at the host's pace
             what=f"telemetry target {last_valid.target_kw} kW",
         )
         assert tel
@@ -208,7 +208,7 @@ async def test_a_burst_of_10000_dispatches_loses_nothing(site: Site, tmp_path: P
         assert all(a.reason for a in acks if not a.accepted)
 
     site.daemon.send_signal(signal.SIGTERM)  # the journal flushes on a clean stop
-    assert await asyncio.to_thread(site.daemon.wait, 15) == 0
+    assert await asyncio.to_thread(site.daemon.wait, 60) == 0
     with JournalReader(tmp_path / "journal.sqlite") as journal:
         rows = [r for r in journal.dispatches_between(0, math.inf) if not _probe(r.id)]
         ack_rows = [r for r in journal.acks_between(0, math.inf) if not _probe(r.id)]
