@@ -12,6 +12,7 @@ rejected with a log line and a metric and change nothing.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import sqlite3
@@ -106,7 +107,8 @@ class Governor:
             tolerance_w(site_max_w, site_max_w),
             site.mv.ramp_allowance_s,
         )
-        self._schedule = price_csv(cfg)
+        self._schedule = sorted(price_csv(cfg), key=lambda q: q.interval_start)
+        self._starts = [q.interval_start for q in self._schedule]
         self._fed: float | None = None  # interval start of the schedule's last quote fed
         self._baseline_method = site.mv.baseline
         self._tz = site.peaks.timezone
@@ -225,12 +227,13 @@ class Governor:
                 await session.close()
 
     def _feed_schedule(self, now: float) -> None:
-        for q in self._schedule:  # a few thousand rows, once a second: cheap
-            if q.interval_start <= now < q.end:
-                if self._fed != q.interval_start:
-                    self._fed = q.interval_start
-                    self._take_quote(q, now)
-                return
+        i = bisect.bisect_right(self._starts, now) - 1  # the schedule is sorted by start
+        if i < 0:
+            return
+        q = self._schedule[i]
+        if now < q.end and self._fed != q.interval_start:
+            self._fed = q.interval_start
+            self._take_quote(q, now)
 
     async def _poll_http(self, session: aiohttp.ClientSession, url: str, timeout_s: float) -> None:
         try:

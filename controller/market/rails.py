@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, get_args
 
 from controller.market.peaks import Peaks
 from controller.wire.dispatch import Dispatch
@@ -37,25 +37,10 @@ RailName = Literal[
     "price",
     "default",
 ]
-RAILS: Final[tuple[RailName, ...]] = (
-    "failsafe",
-    "frequency",
-    "dispatch",
-    "dsx_flex",
-    "openadr",
-    "commitment",
-    "peak",
-    "price",
-    "default",
-)
-LOWER: Final[tuple[RailName, ...]] = (
-    "dsx_flex",
-    "openadr",
-    "commitment",
-    "peak",
-    "price",
-    "default",
-)
+RAILS: Final[tuple[RailName, ...]] = get_args(RailName)
+"""Every rail, in precedence order (highest first)."""
+LOWER: Final[tuple[RailName, ...]] = RAILS[RAILS.index("dsx_flex") :]
+"""The rails below the grid dispatch: levels the site stays at or below."""
 CEILINGS: Final[tuple[RailName, ...]] = ("dsx_flex", "openadr")
 """Rails whose level a northbound interface sets (`Rails.set_ceiling`): a DSX Flex load
 target, an OpenADR event's capacity limit or setpoint."""
