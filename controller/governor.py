@@ -36,7 +36,7 @@ from controller.market.mv import (
 from controller.market.peaks import Peaks, parse_alert
 from controller.market.price_rule import PriceRule, RuleEvent
 from controller.market.prices import PriceQuote, parse_quote, parse_quotes, read_price_csv
-from controller.market.rails import RAILS, Decision, RailName, Rails
+from controller.market.rails import RAILS, Decision, RailName, Rails, SteadyFull
 from controller.metrics import Metrics
 from controller.ramp_score import tolerance_w
 from controller.target import TargetTracker
@@ -101,6 +101,7 @@ class Governor:
         self.rule = PriceRule(self.classes, site.price_rule, self.econ, grace_s=site.prices.grace_s)
         self.peaks = Peaks(site.peaks)
         self.rails = Rails(full_w=site.site.max_kw * 1e3, peaks=self.peaks, price=self.rule)
+        self._full = SteadyFull()
         site_max_w = site.site.max_kw * 1e3
         self.meter = EventMeter(
             site.mv.baseline_minutes,
@@ -266,7 +267,8 @@ class Governor:
         self._log_rule(self.rule.update(now_unix))
         ongoing = self.meter.ongoing  # a curtailed period is never a baseline
         baseline = self.meter.recent_baseline_w() if ongoing is None else ongoing.baseline_w
-        d = self.rails.decide(now_unix, baseline_w=baseline, full_w=full_w)
+        full = self._full.update(now_mono, full_w)
+        d = self.rails.decide(now_unix, baseline_w=baseline, full_w=full)
         # Over one tick to the new level: the tracker then moves smoothly along a rail's own
         # ramp (a commitment's ramp-down, a staggered resumption) sampled once a second.
         self._tracker.set_base(d.wish_w, TICK_S, now_mono)

@@ -19,6 +19,7 @@ Pure: no I/O, no clock; callers pass unix time. Evaluated about once a second.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol, get_args
@@ -45,12 +46,38 @@ CEILINGS: Final[tuple[RailName, ...]] = ("dsx_flex", "openadr")
 """Rails whose level a northbound interface sets (`Rails.set_ceiling`): a DSX Flex load
 target, an OpenADR event's capacity limit or setpoint."""
 MAX_COMMITMENTS: Final = 256
+FULL_HOLD_S: Final = 60.0
+"""How long the site's highest power at full is held for the price rule's level."""
 
 
 class PriceSource(Protocol):
     """What the rails need of the price rule (`controller.market.price_rule.PriceRule`)."""
 
     def shed_w(self) -> float: ...
+
+
+class SteadyFull:
+    """The site's power at full as the price rule's level takes it: the highest reported
+    over the last `window_s` (a sliding maximum). The instantaneous figure dips while devices
+    go to sleep or wake (the non-flexible estimate takes up their motion for a few cycles);
+    a price level following it would fall below a peak's or a commitment's and take the
+    rail over for seconds. A device lost for good lowers it after `window_s`."""
+
+    def __init__(self, window_s: float = FULL_HOLD_S) -> None:
+        if not window_s > 0:
+            raise ValueError("window_s must be > 0")
+        self.window_s = window_s
+        self._q: deque[tuple[float, float]] = deque()  # (t, W), W decreasing
+
+    def update(self, t: float, full_w: float | None) -> float | None:
+        """Add the figure at `t` (None or NaN: none now); the held maximum (None: none yet)."""
+        if full_w is not None and math.isfinite(full_w):
+            while self._q and self._q[-1][1] <= full_w:
+                self._q.pop()
+            self._q.append((t, full_w))
+        while self._q and self._q[0][0] <= t - self.window_s:
+            self._q.popleft()
+        return self._q[0][1] if self._q else None
 
 
 @dataclass(slots=True)
@@ -166,7 +193,7 @@ class Rails:
         shed = self.price.shed_w() if self.price is not None else 0.0
         wishes["price"] = top - shed if shed > 0.0 else None
         if shed > 0.0:
-            reasons["price"] = f"price curtails {shed / 1e3:.0f} kW"
+            reasons["price"] = f"price curtails {shed / 1e3:.0f} kW of {top / 1e3:.0f} kW"
         peak = self.peaks.active(t)
         wishes["peak"] = self.peaks.target_w if peak is not None else None
         if peak is not None:

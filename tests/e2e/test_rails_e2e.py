@@ -51,6 +51,7 @@ max_kw = 2000.0
 deadband_kw = 5.0
 [failsafe]
 dispatch_timeout_s = 600
+ramp_s = 5  # an expiry hands back over this (the default 30 s is the whole settle bound)
 [journal]
 path = "{journal}"
 [metrics]
@@ -186,10 +187,11 @@ async def test_price_peak_dispatch_and_commitment_each_govern_in_turn(site: Site
         await settles(truth, FULL_KW, 30.0, "resumed")
         await until(lambda: governing(d) == "default", 10.0, interval=0.2, what="default")
 
-        # A commitment: to 600 kW from in 2 s for 6 s, ramping down over 2 s.
+        # A commitment: to 600 kW from in 2 s for 10 s, ramping down over 2 s (the M&V ramp-in
+        # allowance, 4 s from the last drop of the target, leaves about 4 s judged).
         start = time.time() + 2.0
         sent = await d.publish(
-            d.commitment(start, start + 6.0, reduce_to_kw=600.0, ramp_down_s=2.0, ramp_up_s=2.0)
+            d.commitment(start, start + 10.0, reduce_to_kw=600.0, ramp_down_s=2.0, ramp_up_s=2.0)
         )
         ack = await d.ack_for(sent.dispatch.id)
         assert ack.accepted, ack.reason

@@ -11,7 +11,7 @@ import pytest
 
 from controller.config import FailsafeConfig, PeaksConfig, RampLimitsConfig, SiteLimits
 from controller.market.peaks import Peaks, parse_alert
-from controller.market.rails import Rails
+from controller.market.rails import Rails, SteadyFull
 from controller.target import TargetTracker
 from controller.wire.dispatch import Dispatch, DispatchRejected
 from controller.wire.timestamps import rfc3339
@@ -187,3 +187,32 @@ def test_the_rails_level_keeps_to_the_ramp_limits() -> None:
     t.set_base(9e6, 0.0, 0.0)
     assert t.target_w(10.0) == pytest.approx(9.9e6, abs=1e3)
     assert t.target_w(100.0) == pytest.approx(9e6)
+
+
+def test_steady_full_holds_the_highest_over_its_window() -> None:
+    full = SteadyFull(window_s=60.0)
+    assert full.update(0.0, None) is None
+    assert full.update(1.0, 1_100e3) == 1_100e3
+    # A sleep transition dips the figure for a few seconds: the level does not follow.
+    assert full.update(2.0, 843e3) == 1_100e3
+    assert full.update(3.0, float("nan")) == 1_100e3
+    assert full.update(4.0, 1_098e3) == 1_100e3
+    # A device lost for good: the level comes down once the window has passed the old high.
+    assert full.update(61.5, 850e3) == 1_098e3
+    assert full.update(64.5, 850e3) == 850e3
+
+
+def test_price_level_holds_through_a_dip_so_a_peak_keeps_governing() -> None:
+    class Shed:
+        def shed_w(self) -> float:
+            return 450e3
+
+    peaks = Peaks(PeaksConfig(peak_kw=400.0, min_probability=0.5))
+    peaks.on_alert(parse_alert(_alert(0.0, 60.0, 0.8)), 0.0)
+    rails = Rails(full_w=2_000e3, peaks=peaks, price=Shed())
+    full = SteadyFull()
+    for t, reported in ((1.0, 1_100e3), (2.0, 843e3), (3.0, 700e3), (4.0, 1_098e3)):
+        d = rails.decide(t, baseline_w=None, full_w=full.update(t, reported))
+        assert d.rail == "peak", (t, d)
+    # Without the hold the dip would hand the rail to the price rule.
+    assert rails.decide(3.0, baseline_w=None, full_w=700e3).rail == "price"
