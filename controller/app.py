@@ -30,7 +30,13 @@ from controller.governor import TICK_S as RAILS_TICK_S
 from controller.governor import Governor
 from controller.grid.frequency import FrequencyMonitor, Sample
 from controller.grid.services import RESPONSE_AFTER_S, Deployment, GridServices
-from controller.intake import DispatchIntake, HeartbeatGate, initial_target_w, resumable
+from controller.intake import (
+    DispatchIntake,
+    HeartbeatGate,
+    TokenBucket,
+    initial_target_w,
+    resumable,
+)
 from controller.journal import (
     DEFAULT_FILENAME,
     Journal,
@@ -231,6 +237,7 @@ class Daemon:
             metrics=self.metrics,
             publish_ack=lambda body: self.link.publish("ack", body),
             on_accepted=self._accepted,
+            bucket=TokenBucket(site.dispatch.max_per_s, site.dispatch.burst),
         )
         self.heartbeats = HeartbeatGate(cfg.dispatch_key, site.site, self.metrics)
         self.link = MqttLink(
@@ -239,6 +246,7 @@ class Daemon:
             on_dispatch=self.on_dispatch,
             on_heartbeat=self.on_heartbeat,
             inputs=self.governor.inputs(),
+            admit_dispatch=self.intake.admit,
         )
         self.notifier = Notifier()
         self.readiness = Readiness(self.notifier, settle_heap=settle_heap)
@@ -351,7 +359,8 @@ class Daemon:
 
     # -- dispatch in ---------------------------------------------------------------------
     def on_dispatch(self, payload: bytes) -> None:
-        self.intake.on_dispatch(payload)
+        """A dispatch the rate limit admitted as it was read (`intake.admit`)."""
+        self.intake.decide(payload)
         self.status.update()
 
     def _accepted(self, d: Dispatch, now_unix: float) -> None:
@@ -610,6 +619,7 @@ class Daemon:
                 tg.create_task(self.cycle.run(), name="cycle")
                 tg.create_task(self._telemetry_loop(), name="telemetry")
                 tg.create_task(self._rails_loop(), name="rails")
+                tg.create_task(self.intake.run(), name="intake")
                 tg.create_task(self.governor.run_sources(), name="prices")
                 for nb in self.northbound:
                     tg.create_task(nb.run(), name=nb.name)
@@ -621,6 +631,7 @@ class Daemon:
             self.governor.finish(time.time())
             if self.liveness is not None:
                 self.liveness.flush(time.monotonic(), time.time())
+            self.intake.flush(final=True)
             if self.journal is not None:
                 self.journal.record_event("stop", "stopped; devices keep their last setpoints")
                 self.journal.close(timeout_s=5.0)  # at most 5 s, at shutdown only

@@ -398,6 +398,11 @@ class DispatchConfig(Strict):
     """Legacy shared HMAC-SHA256 key (at least 16 bytes; one trailing newline is ignored).
     Alone (no `keys`): every dispatch must carry a valid `sig`, heartbeats are not checked.
     Without any key, a `sig` field is ignored and a JWS refused."""
+    max_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 20.0
+    """Dispatches taken a second on average; beyond it (and `burst`) a dispatch is refused
+    `rate_limited` before any other check, so a flood costs the daemon little."""
+    burst: Annotated[int, Field(ge=1)] = 40
+    """Dispatches taken at once above the rate (the token bucket's size)."""
 
     @field_validator("keys")
     @classmethod

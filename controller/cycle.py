@@ -270,6 +270,9 @@ class ControlCycle:
                     await self._poke.wait()
             except TimeoutError:
                 early = False
+                # Starvation shows here, not in the cycle's work time: a busy loop runs the
+                # tick late, however quick the tick itself is.
+                self.metrics.cycle_lateness.observe(max(0.0, self.clock() - next_t))
             else:
                 early = True
                 next_t = self.clock()

@@ -161,8 +161,9 @@ class DispatcherClient:
         return self.telemetry[-1] if self.telemetry else None
 
     def ack_seen(self, dispatch_id: str) -> Ack | None:
+        """The latest ack answering `dispatch_id` (a grouped one among them: `Ack.more`)."""
         for ack in reversed(self.acks):
-            if ack.id == dispatch_id:
+            if ack.answers(dispatch_id):
                 return ack
         return None
 

@@ -5,24 +5,85 @@ Every dispatch from the broker is decoded against the site's limits and the last
 and answered with one ack, accepted or with the reason; each is journalled as received. A
 restart puts the journal's last valid dispatches back, decoded by the same rules (less the
 `issued_at` freshness a journalled dispatch cannot have).
+
+A flood cannot take the daemon's time: beyond `dispatch.max_per_s` (a token bucket of
+`dispatch.burst`) a dispatch is refused `rate_limited` before anything costly (no signature
+check, no decode; its id and seq are only peeked at for the ack). Those refusals are acked in
+groups (one ack names up to a thousand, `more`), published every ACK_EVERY_S (`run`) or when
+a group is full, and journalled as one summary event a second: neither the out-queue nor the
+journal grows with the flood. Dispatches within the rate go through every check as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
 
 from controller.config import SiteLimits
 from controller.journal import Journal
 from controller.metrics import Metrics
 from controller.target import TargetTracker, resume_from_w, resumed
 from controller.wire import Ack, Dispatch, DispatchRejected, rfc3339
+from controller.wire.ack import MAX_MORE, Name
+from controller.wire.dispatch import peek_name
 from controller.wire.heartbeat import Heartbeat, HeartbeatRejected
 from controller.wire.jws import KeyRing, is_compact
 
 log = logging.getLogger("rampd")
+
+RATE_LIMITED: Final = "rate_limited"
+ACK_GROUP_MAX_BYTES: Final = 32 * 1024
+"""A group of rate_limited refusals is acked at once when its names reach about this size:
+well under the 64 KiB any of rampd's decoders reads, even with 128-character ids."""
+ACK_EVERY_S: Final = 0.1
+"""Dispatches refused for rate are acked this often, in groups (at once when one is full)."""
+SUMMARY_EVERY_S: Final = 1.0
+"""Refusals for rate are journalled as one summary event this often (not a row each)."""
+
+
+class TokenBucket:
+    """`rate_per_s` tokens a second, at most `burst` held; each dispatch takes one.
+    `clock`: monotonic seconds (injected in tests)."""
+
+    def __init__(
+        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not (rate_per_s > 0 and math.isfinite(rate_per_s)) or burst < 1:
+            raise ValueError("a token bucket needs a positive rate and a burst of at least 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._t = clock()
+
+    def take(self) -> bool:
+        """One token if there is one (True); False: over the rate, nothing taken."""
+        now = self._clock()
+        elapsed = max(0.0, now - self._t)  # a clock that went back adds nothing
+        tokens = min(float(self.burst), self._tokens + elapsed * self.rate_per_s)
+        self._t = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        return False
+
+
+@dataclass(slots=True)
+class _Flood:
+    """Dispatches refused for rate, from the first refusal until a second passes without."""
+
+    since: float  # unix time of the first refusal
+    summary_at: float  # unix time of the last summary (the first refusal before any)
+    first: Name  # the first and last refused since the last summary
+    last: Name
+    count: int = 0  # refused since the last summary
+    total: int = 0  # refused since `since`
 
 
 def _max_seq(a: int | None, b: int | None) -> int | None:
@@ -77,10 +138,12 @@ class DispatchIntake:
         metrics: Metrics,
         publish_ack: Callable[[bytes], None],
         on_accepted: Callable[[Dispatch, float], None],
+        bucket: TokenBucket | None = None,
     ) -> None:
         """`hmac_key`: the site's dispatch keys (`LoadedConfig.dispatch_key`; None: unsigned).
         `on_accepted(dispatch, now_unix)`: after the tracker took it and it is journalled,
-        before its ack goes out."""
+        before its ack goes out. `bucket`: the dispatch rate limit (None: none); then run
+        `run` (or call `flush` now and then), which acks the refused ones."""
         if hmac_key is not None and hmac_key.kids and hmac_key.legacy_accepted:
             log.warning(
                 "dispatch.accept_legacy_sig: legacy sig dispatches and unsigned heartbeats "
@@ -95,6 +158,19 @@ class DispatchIntake:
         self._on_accepted = on_accepted
         # Seqs accepted before a restart stay refused even if nothing is resumed.
         self._seq_floor = journal.last_seq() if journal is not None else None
+        self._bucket = bucket
+        self._limit = (
+            ""
+            if bucket is None
+            else f"over dispatch.max_per_s {bucket.rate_per_s:g}/s (burst {bucket.burst})"
+        )
+        # Refused for rate and not yet acked: their names, the group's size, the latest time.
+        self._refused: list[Name] = []
+        self._refused_bytes = 0
+        self._refused_at = 0.0
+        self._flood: _Flood | None = None
+        self.rate_limited = 0
+        """Dispatches refused for rate since start."""
 
     def resume(self, dispatches: list[Dispatch], now_unix: float) -> None:
         """Put the dispatches from `resumable` back in force."""
@@ -106,9 +182,30 @@ class DispatchIntake:
             if self._journal is not None:
                 self._journal.record_event("resume", text, at=now_unix)
 
-    def on_dispatch(self, payload: bytes) -> None:
+    def on_dispatch(self, payload: bytes) -> bool:
+        """`admit`, then `decide`: one dispatch from the broker, as it comes. False: refused
+        for rate (acked at the next `flush`); True: decoded and acked."""
+        if not self.admit(payload):
+            return False
+        self.decide(payload)
+        return True
+
+    def admit(self, payload: bytes) -> bool:
+        """As a dispatch is read, before it waits its turn (`MqttLink(admit_dispatch=...)`):
+        within the rate (True: `decide` on it), or refused here and now, cheaply (False: acked
+        at the next `flush`). The limit counts arrivals: were it checked as dispatches are
+        handled, a flood would pass it whenever handling falls behind the rate."""
+        if self._bucket is None or self._bucket.take():
+            return True
+        self._refuse(payload)
+        return False
+
+    def decide(self, payload: bytes) -> None:
+        """Decode one admitted dispatch, act on it, journal it and ack it."""
         now_unix, now = time.time(), time.monotonic()
         journal = self._journal
+        # Acks go out in the order dispatches came: refused ones waiting for a flush first.
+        self._ack_refused()
         try:
             d = Dispatch.decode(
                 payload,
@@ -146,6 +243,82 @@ class DispatchIntake:
         reach_at = None if reach_mono is None else now_unix + (reach_mono - now)
         ack = Ack(d.id, d.seq, True, "", now_unix, limited_by=limited_by, reach_at=reach_at)
         self._publish_ack(ack.encode())
+
+    # -- the rate limit ------------------------------------------------------------------
+
+    def _refuse(self, payload: bytes) -> None:
+        """Over the rate: remember the dispatch's name for its ack; nothing else. This runs
+        for every message of a flood, so it does as little as it can."""
+        name = peek_name(payload)
+        now_unix = time.time()
+        self._refused.append(name)
+        self._refused_bytes += len(name[0] or "") + 48  # {"id":"","seq":<19 digits>},
+        self._refused_at = now_unix
+        self.rate_limited += 1
+        f = self._flood
+        if f is None:
+            assert self._bucket is not None
+            f = self._flood = _Flood(since=now_unix, summary_at=now_unix, first=name, last=name)
+            log.warning(
+                "dispatches %s: the excess is refused (%s), acked in groups, journalled "
+                "once a second",
+                self._limit,
+                RATE_LIMITED,
+            )
+        elif f.count == 0:
+            f.first = name
+        f.count += 1
+        f.total += 1
+        f.last = name
+        if self._refused_bytes >= ACK_GROUP_MAX_BYTES or len(self._refused) > MAX_MORE:
+            self._ack_refused()
+
+    def _ack_refused(self) -> None:
+        """One grouped ack for the dispatches refused since the last one."""
+        refused = self._refused
+        if not refused:
+            return
+        self._refused, self._refused_bytes = [], 0
+        (first_id, first_seq), *more = refused
+        reason = f"{RATE_LIMITED}: {self._limit}; not decoded, nothing changed"
+        ack = Ack(first_id, first_seq, False, reason, self._refused_at, more=tuple(more))
+        self._publish_ack(ack.encode())
+        self._metrics.dispatches.labels(result="rejected", reason=RATE_LIMITED).inc(len(refused))
+
+    async def run(self) -> None:
+        """The daemon's task: `flush` every ACK_EVERY_S, outside the control cycle's time."""
+        while True:
+            await asyncio.sleep(ACK_EVERY_S)
+            self.flush()
+
+    def flush(self, now_unix: float | None = None, *, final: bool = False) -> None:
+        """Every ACK_EVERY_S (and at the stop, `final`): ack what was refused for rate
+        since the last call; once a second, journal how many were refused; a second without
+        any ends the flood (logged with its total)."""
+        self._ack_refused()
+        f = self._flood
+        if f is None:
+            return
+        now = time.time() if now_unix is None else now_unix
+        if now - f.summary_at < SUMMARY_EVERY_S and not final:
+            return
+        if f.count and self._journal is not None:
+            self._journal.record_event(
+                RATE_LIMITED,
+                f"{f.count} dispatches refused in {now - f.summary_at:.1f} s, {self._limit}: "
+                f"first {f.first[0]} seq {f.first[1]}, last {f.last[0]} seq {f.last[1]}",
+                at=now,
+            )
+        if f.count and not final:
+            f.summary_at, f.count = now, 0
+            return
+        log.info(
+            "dispatch rate back within dispatch.max_per_s: %d refused (%s) over %.1f s",
+            f.total,
+            RATE_LIMITED,
+            self._refused_at - f.since,
+        )
+        self._flood = None
 
 
 HEARTBEAT_LOG_EVERY_S = 60.0

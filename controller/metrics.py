@@ -285,6 +285,13 @@ class Metrics:
             buckets=_CYCLE_BUCKETS,
             registry=r,
         )
+        self.cycle_lateness = Histogram(
+            "rampd_cycle_lateness_seconds",
+            "How late each scheduled control cycle started: the event loop busy elsewhere "
+            "(a dispatch flood, a burst of device I/O)",
+            buckets=_CYCLE_BUCKETS,
+            registry=r,
+        )
         self.cycle_overruns = Counter(
             "rampd_cycle_overruns_total", "Cycles that missed their deadline", registry=r
         )

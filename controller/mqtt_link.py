@@ -4,6 +4,15 @@ It subscribes to `<root>/dispatch`, `<root>/heartbeat` and any further inputs (p
 economics) and hands payloads to sync callbacks, publishes from a bounded non-blocking
 out-queue, keeps the retained `<root>/status` (also the MQTT will), and reconnects with
 capped exponential backoff and jitter. What the messages mean is `controller.wire`'s.
+
+Incoming messages go from paho's read callback into the link's own bounded in-queue, and one
+task hands them to the callbacks in arrival order, as many as fit in `_SLICE_S`, then gives
+the event loop its turn: a flood (thousands a second) never keeps the control cycle waiting
+longer than a slice and a read, costs no task per message (aiomqtt's iterator makes one,
+which was half the cost of a message), and reading stays apart from handling, so the PUBACKs
+of our own publishes are read at once, not after every dispatch before them is handled.
+A dispatch first passes `admit_dispatch` as it is read (the rate limit): one refused there
+never waits in the in-queue, so the limit counts arrivals, not what handling keeps up with.
 """
 
 from __future__ import annotations
@@ -36,6 +45,17 @@ _NEVER_DROP: Final = "ack"
 # QoS 1 publishes awaiting their PUBACK at once (paho's in-flight limit is set to match).
 _PUBLISH_WINDOW: Final = 64
 _PUBACK_GRACE_S: Final = 0.5
+_IN_MAX: Final = 10_000
+"""Messages read and not yet handed over. Beyond it an incoming message is dropped (counted,
+logged): the broker has its PUBACK already, as with aiomqtt's own queue of the same size.
+Dispatches refused for rate cost microseconds each, so only dispatches let through in
+thousands (a lifted `dispatch.max_per_s`) can fill it."""
+_SLICE_S: Final = 0.005
+"""Hand messages over for at most this long at a time, then let the event loop run."""
+_GAP_S: Final = 0.001
+"""After a slice that left messages waiting, the loop pauses this long: the daemon's threads
+get the GIL (the journal writer gives it up for every SQLite call and, against a loop that
+never blocks, waits a switch interval to get it back each time: a burst would outrun it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +69,11 @@ class _Out:
 # CONNACK refusals that mean "not these credentials": MQTT 3.1.1 codes 4 and 5, and the
 # MQTT 5 reason codes paho maps them to (mosquitto answers a wrong password with 5).
 _AUTH_REFUSED: Final = frozenset({4, 5, 0x86, 0x87})
+
+
+def _data(message: aiomqtt.Message) -> bytes:
+    payload = message.payload
+    return payload if isinstance(payload, bytes) else str(payload or "").encode()
 
 
 def _code(rc: int | ReasonCode | None) -> int | None:
@@ -97,6 +122,7 @@ class MqttLink:
         on_heartbeat: PayloadHandler,
         *,
         inputs: dict[str, PayloadHandler] | None = None,
+        admit_dispatch: Callable[[bytes], bool] | None = None,
         queue_max: int = 1000,
         timeout_s: float = 5.0,
         backoff_base_s: float = 0.25,
@@ -107,17 +133,34 @@ class MqttLink:
         self._root = topic_root.rstrip("/")
         self._on_dispatch = on_dispatch
         self._on_heartbeat = on_heartbeat
+        # Called as each dispatch is read (cheap, never blocking); False: dealt with there,
+        # not queued for `on_dispatch`.
+        self._admit = admit_dispatch
+        self._dispatch_topic = self.topic("dispatch")
         # Further inputs by topic suffix (price, peak, economics), each to its handler.
         self._inputs = dict(inputs or {})
+        self._handlers: dict[str, PayloadHandler] = {
+            self.topic("dispatch"): on_dispatch,
+            self.topic("heartbeat"): on_heartbeat,
+        } | {self.topic(s): h for s, h in self._inputs.items()}
         self._queue_max = queue_max
         # Acks may overrun queue_max (they are never dropped for telemetry), up to this cap.
         self._hard_max = 4 * queue_max
         self._timeout_s = timeout_s
+        # A PUBACK arrives behind everything the broker has already sent us: under a flood
+        # that is megabytes of dispatches in the socket buffers, seconds to read. A connection
+        # that is behind is not lost (paho closes one silent for twice the keepalive), so a
+        # publish waits that long, not `timeout_s`, before it ends the session.
+        self._puback_timeout_s = timeout_s + 2.0 * cfg.keepalive_s
         self._backoff_base_s = backoff_base_s
         self._password = read_password(cfg)
         self._tls = tls_params(cfg)
 
         self._out: deque[_Out] = deque()
+        self._out_qos0 = 0  # of them QoS 0 (telemetry): these may pass a full window
+        self._in: deque[aiomqtt.Message] = deque()
+        self._in_ready = asyncio.Event()
+        self._in_full = False
         self._wake = asyncio.Event()
         self._mode: str = "starting"
         self._detail = ""
@@ -131,6 +174,8 @@ class MqttLink:
         self.reconnects = 0  # successful connections after the first
         self.dropped = 0
         self.published = 0
+        self.received = 0  # incoming messages read
+        self.in_dropped = 0  # incoming messages dropped: the in-queue was full
 
     # -- topics ---------------------------------------------------------------------------
 
@@ -161,6 +206,7 @@ class MqttLink:
             self._count_drop(suffix)
             return
         self._out.append(_Out(suffix, payload, qos, retain))
+        self._out_qos0 += qos == 0
         self._wake.set()
         if self._dropping and len(self._out) <= self._queue_max // 2:
             self._dropping = False
@@ -181,6 +227,7 @@ class MqttLink:
                     continue
                 if victim_class is None or item.suffix == victim_class:
                     del self._out[i]
+                    self._out_qos0 -= item.qos == 0
                     self._count_drop(item.suffix)
                     return True
         # Only acks queued: an ack still goes in, up to the hard cap; anything else is dropped.
@@ -199,6 +246,15 @@ class MqttLink:
     # -- the connection -------------------------------------------------------------------
 
     def _client(self) -> aiomqtt.Client:
+        take = self._take
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's incoming queue, short-circuited: paho's read callback puts each
+            message here, and it goes into the link's in-queue (module docstring)."""
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                take(item)
+
         client = aiomqtt.Client(
             self._cfg.host,
             self._cfg.port,
@@ -215,8 +271,7 @@ class MqttLink:
             keepalive=self._cfg.keepalive_s,
             timeout=self._timeout_s,
             tls_params=self._tls,
-            # Bounded so a flooding dispatcher cannot eat memory; far above any sane rate.
-            max_queued_incoming_messages=10_000,
+            queue_type=Inbox,
             max_inflight_messages=_PUBLISH_WINDOW,
         )
         # aiomqtt warns on every publish while more than this await their PUBACK.
@@ -225,6 +280,16 @@ class MqttLink:
 
     async def run(self) -> None:
         """Connect, serve, reconnect; forever, until cancelled (then publish offline)."""
+        # Across sessions: what was read (and PUBACKed) is handed over even if the
+        # connection drops meanwhile.
+        hand_over = asyncio.create_task(self._hand_over(), name="mqtt-hand-over")
+        try:
+            await self._connect_forever()
+        finally:
+            hand_over.cancel()
+            await asyncio.gather(hand_over, return_exceptions=True)
+
+    async def _connect_forever(self) -> None:
         failures = 0
         last_reason: str | None = None
         where = f"{self._cfg.host}:{self._cfg.port}"
@@ -357,13 +422,19 @@ class MqttLink:
         """Publish the out-queue in order, up to `_PUBLISH_WINDOW` awaiting their PUBACK at
         once: one round trip per message would cap acks at a few hundred a second, below what
         a dispatch burst needs. Whatever is not known to be delivered when the session ends
-        goes back to the head of the queue, in order, and is sent again after reconnect."""
+        goes back to the head of the queue, in order, and is sent again after reconnect.
+
+        QoS 0 messages (telemetry) await no PUBACK: with the window full they go ahead of
+        the acks waiting for it, so telemetry keeps its pace while PUBACKs are slow (under a
+        flood they arrive behind seconds of dispatches)."""
         inflight: deque[tuple[_Out, asyncio.Task[None]]] = deque()
+        awaiting = 0  # of those in flight, the ones with QoS > 0: the window counts these
         try:
             while True:
                 stop_if_cancelled()  # aiomqtt's wait_for may have swallowed it
                 while inflight and inflight[0][1].done():
                     item, task = inflight.popleft()
+                    awaiting -= item.qos > 0
                     if not self._settled(item, task):
                         inflight.appendleft((item, task))  # undelivered: the finally requeues it
                         task.result()  # re-raises the MqttError that ends the session
@@ -371,20 +442,29 @@ class MqttLink:
                     self._status_dirty = False
                     try:
                         await client.publish(
-                            self.topic("status"), self._status("online"), qos=1, retain=True
+                            self.topic("status"),
+                            self._status("online"),
+                            qos=1,
+                            retain=True,
+                            timeout=self._puback_timeout_s,
                         )
                     except BaseException:
                         self._status_dirty = True  # republished on reconnect anyway
                         raise
                     continue
-                if self._out and len(inflight) < _PUBLISH_WINDOW:
-                    item = self._out.popleft()
+                out = self._next_out(window_full=awaiting >= _PUBLISH_WINDOW)
+                if out is not None:
+                    awaiting += out.qos > 0
                     # The task hands the message to paho on its first step: tasks start in
-                    # creation order, so messages go out in queue order.
+                    # creation order, so messages go out in queue order (QoS 0 aside).
                     send = client.publish(
-                        self.topic(item.suffix), item.payload, qos=item.qos, retain=item.retain
+                        self.topic(out.suffix),
+                        out.payload,
+                        qos=out.qos,
+                        retain=out.retain,
+                        timeout=self._puback_timeout_s,
                     )
-                    inflight.append((item, asyncio.create_task(send)))
+                    inflight.append((out, asyncio.create_task(send)))
                     continue
                 self._wake.clear()
                 wake = asyncio.ensure_future(self._wake.wait())
@@ -411,6 +491,20 @@ class MqttLink:
                 if not delivered and item.qos > 0:
                     self._out.appendleft(item)
 
+    def _next_out(self, *, window_full: bool) -> _Out | None:
+        """The next message to send: the queue's head, or with the window full the first
+        QoS 0 one (looked for only when there is one: the queue may hold thousands)."""
+        if not window_full and self._out:
+            item = self._out.popleft()
+        elif self._out_qos0:
+            i = next(i for i, item in enumerate(self._out) if item.qos == 0)
+            item = self._out[i]
+            del self._out[i]
+        else:
+            return None
+        self._out_qos0 -= item.qos == 0
+        return item
+
     def _settled(self, item: _Out, task: asyncio.Task[None]) -> bool:
         """Count a finished publish. False: not delivered, the session is over (MqttError)."""
         exc = task.exception()
@@ -425,21 +519,59 @@ class MqttLink:
         return True
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        dispatch_topic, heartbeat_topic = self.topic("dispatch"), self.topic("heartbeat")
-        inputs = {self.topic(s): h for s, h in self._inputs.items()}
-        async for message in client.messages:
-            topic = message.topic.value
-            payload = message.payload
-            data = payload if isinstance(payload, bytes) else str(payload or "").encode()
-            if topic == dispatch_topic:
-                handler = self._on_dispatch
-            elif topic == heartbeat_topic:
-                handler = self._on_heartbeat
-            elif topic in inputs:
-                handler = inputs[topic]
-            else:
-                continue
+        """Ends, with the MqttError that says why, when the connection does. No message ever
+        comes out of this iteration: `Inbox` has taken each already."""
+        async for _ in client.messages:
+            pass
+
+    def _take(self, message: aiomqtt.Message) -> None:
+        """In paho's read callback: a dispatch past `admit_dispatch`, then into the in-queue;
+        nothing more (reading stays quick)."""
+        self.received += 1
+        if self._admit is not None and message.topic.value == self._dispatch_topic:
             try:
-                handler(data)
-            except Exception:
-                log.exception("mqtt handler for %s failed; link continues", topic)
+                if not self._admit(_data(message)):
+                    return
+            except Exception:  # paho's read callback must not see it; queued as it came
+                log.exception("mqtt admit_dispatch failed; the dispatch is handled as it is")
+        if len(self._in) >= _IN_MAX:
+            self.in_dropped += 1
+            if not self._in_full:
+                self._in_full = True
+                log.error(
+                    "mqtt in-queue full (%d messages not yet handled): dropping incoming "
+                    "messages, which get no answer",
+                    _IN_MAX,
+                )
+            return
+        self._in.append(message)
+        self._in_ready.set()
+
+    async def _hand_over(self) -> None:
+        """Hand the in-queue to the callbacks in arrival order, `_SLICE_S` at a time."""
+        inbox = self._in
+        while True:
+            if not inbox:
+                self._in_ready.clear()
+                await self._in_ready.wait()
+            deadline = time.monotonic() + _SLICE_S
+            while inbox:
+                self._deliver(inbox.popleft())
+                if time.monotonic() >= deadline:
+                    break
+            if self._in_full and len(inbox) <= _IN_MAX // 2:
+                self._in_full = False
+                log.warning("mqtt in-queue below half again; %d dropped so far", self.in_dropped)
+            # The event loop's turn (the cycle, reads, PUBACKs); with work left, a real pause.
+            await asyncio.sleep(_GAP_S if inbox else 0)
+
+    def _deliver(self, message: aiomqtt.Message) -> None:
+        """One incoming message to its handler; a handler that raises is logged."""
+        topic = message.topic.value
+        handler = self._handlers.get(topic)
+        if handler is None:
+            return
+        try:
+            handler(_data(message))
+        except Exception:
+            log.exception("mqtt handler for %s failed; link continues", topic)

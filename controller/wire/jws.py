@@ -236,6 +236,12 @@ def _peek(token: bytes) -> bytes:
         return b""
 
 
+def unverified_payload(token: bytes) -> bytes:
+    """A JWS's payload as sent, NOT verified (b"" when unreadable): only ever to name the
+    message (a dispatch refused before its signature is checked, in its ack)."""
+    return _peek(token)
+
+
 def open_signed(payload: bytes, keys: bytes | KeyRing | None) -> Opened:
     """`KeyRing.open` for what `Dispatch.decode` is given: a ring, a legacy key (bytes) or
     nothing (unsigned site: a JWS is refused, since nothing here could verify it)."""

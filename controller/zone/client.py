@@ -190,9 +190,10 @@ class ZoneDriver(PerDeviceDriver[Reading]):
                 self._poll_now(local)  # an offline zone is a fault now, not at the next poll
             else:
                 ack = Ack.decode(data)
-                fut = self._acks.get((local, ack.id or ""))
-                if fut is not None and not fut.done():
-                    fut.set_result((ack.accepted, ack.reason))
+                for ident, _ in ack.names():  # a grouped ack (rate_limited) names several
+                    fut = self._acks.get((local, ident or ""))
+                    if fut is not None and not fut.done():
+                        fut.set_result((ack.accepted, ack.reason))
         except ValueError as exc:
             # A bad message changes nothing; said once per zone until a good one arrives.
             self.bad_messages += 1
