@@ -144,8 +144,9 @@ class MqttLink:
             self.topic("heartbeat"): on_heartbeat,
         } | {self.topic(s): h for s, h in self._inputs.items()}
         self._queue_max = queue_max
-        # Acks may overrun queue_max (they are never dropped for telemetry), up to this cap.
-        self._hard_max = 4 * queue_max
+        # Acks are never dropped for telemetry and do not count against queue_max (a burst of
+        # dispatches must not push telemetry out); they have a cap of their own.
+        self._acks_max = 10 * queue_max
         self._timeout_s = timeout_s
         # A PUBACK arrives behind everything the broker has already sent us: under a flood
         # that is megabytes of dispatches in the socket buffers, seconds to read. A connection
@@ -158,6 +159,7 @@ class MqttLink:
 
         self._out: deque[_Out] = deque()
         self._out_qos0 = 0  # of them QoS 0 (telemetry): these may pass a full window
+        self._out_acks = 0
         self._in: deque[aiomqtt.Message] = deque()
         self._in_ready = asyncio.Event()
         self._in_full = False
@@ -202,13 +204,18 @@ class MqttLink:
             raise ValueError(f"bad qos {qos}")
         if not suffix or any(c in suffix for c in "#+\0"):
             raise ValueError(f"bad topic suffix {suffix!r}")
-        if len(self._out) >= self._queue_max and not self._make_room(suffix):
+        if suffix == _NEVER_DROP:
+            if self._out_acks >= self._acks_max:
+                self._count_drop(suffix)
+                return
+        elif len(self._out) - self._out_acks >= self._queue_max and not self._make_room():
             self._count_drop(suffix)
             return
         self._out.append(_Out(suffix, payload, qos, retain))
         self._out_qos0 += qos == 0
+        self._out_acks += suffix == _NEVER_DROP
         self._wake.set()
-        if self._dropping and len(self._out) <= self._queue_max // 2:
+        if self._dropping and len(self._out) - self._out_acks <= self._queue_max // 2:
             self._dropping = False
             log.info("mqtt out-queue below half again; %d messages dropped so far", self.dropped)
 
@@ -219,8 +226,9 @@ class MqttLink:
             self._status_dirty = True
             self._wake.set()
 
-    def _make_room(self, suffix: str) -> bool:
-        """Drop one queued message to fit a new one. False: drop the new one instead."""
+    def _make_room(self) -> bool:
+        """Drop one queued message (never an ack) to fit a new one. False: drop the new one
+        instead."""
         for victim_class in (_DROP_FIRST, None):
             for i, item in enumerate(self._out):
                 if item.suffix == _NEVER_DROP:
@@ -230,8 +238,7 @@ class MqttLink:
                     self._out_qos0 -= item.qos == 0
                     self._count_drop(item.suffix)
                     return True
-        # Only acks queued: an ack still goes in, up to the hard cap; anything else is dropped.
-        return suffix == _NEVER_DROP and len(self._out) < self._hard_max
+        return False
 
     def _count_drop(self, suffix: str) -> None:
         self.dropped += 1
@@ -490,6 +497,7 @@ class MqttLink:
                 delivered = not task.cancelled() and task.exception() is None
                 if not delivered and item.qos > 0:
                     self._out.appendleft(item)
+                    self._out_acks += item.suffix == _NEVER_DROP
 
     def _next_out(self, *, window_full: bool) -> _Out | None:
         """The next message to send: the queue's head, or with the window full the first
@@ -503,6 +511,7 @@ class MqttLink:
         else:
             return None
         self._out_qos0 -= item.qos == 0
+        self._out_acks -= item.suffix == _NEVER_DROP
         return item
 
     def _settled(self, item: _Out, task: asyncio.Task[None]) -> bool:

@@ -304,15 +304,26 @@ async def test_full_queue_drops_oldest_telemetry_never_acks_and_survives_until_c
         link.publish("ack", f"ack{i}".encode())
     for i in range(20):
         link.publish("telemetry", f"tel{i}".encode(), qos=0)
-    assert link.queued == 10 and link.dropped == 15
-    for i in range(5, 20):  # acks go in even when only acks could make room
+    # Acks do not count against queue_max: ten telemetry messages fit beside them.
+    assert link.queued == 15 and link.dropped == 10
+    for i in range(5, 20):  # a burst of acks pushes no telemetry out
         link.publish("ack", f"ack{i}".encode())
-    assert link.dropped == 20  # the five remaining telemetry messages
+    assert link.queued == 30 and link.dropped == 10
     async with Dispatcher(mosquitto) as grid, running(link):
         await until(has(lambda: grid.payloads("ack"), 20), 10.0, what="every ack")
+        await until(has(lambda: grid.payloads("telemetry"), 10), 10.0, what="the telemetry")
         assert grid.payloads("ack") == [f"ack{i}".encode() for i in range(20)]
-        assert grid.payloads("telemetry") == []
+        assert grid.payloads("telemetry") == [f"tel{i}".encode() for i in range(10, 20)]
     assert link.queued == 0
+
+
+def test_acks_have_a_cap_of_their_own() -> None:
+    link = MqttLink(MqttConfig(), ROOT, lambda p: None, lambda p: None, queue_max=2)
+    for i in range(25):
+        link.publish("ack", f"ack{i}".encode())
+    assert link.queued == 20 and link.dropped == 5  # 10 x queue_max
+    link.publish("telemetry", b"t", qos=0)
+    assert link.queued == 21 and link.dropped == 5
 
 
 def test_password_file_is_read_and_a_missing_one_is_a_config_error(tmp_path: Path) -> None:
