@@ -49,11 +49,12 @@ from controller.market.rails import RailName
 from controller.metrics import Metrics
 from controller.mqtt_link import MqttLink
 from controller.northbound import context as northbound
-from controller.northbound.context import NorthboundContext
+from controller.northbound.context import DeviceView, NorthboundContext
 from controller.notify import Notifier
 from controller.ramp_score import tolerance_w
 from controller.ramp_watch import RampWatch
 from controller.readiness import Readiness
+from controller.row_ceilings import RowCeilings
 from controller.status import SiteStatus
 from controller.target import TargetTracker
 from controller.telemetry import build_telemetry, ramp_limit_report
@@ -215,6 +216,7 @@ class Daemon:
             None if self.journal is None else LivenessRecorder(self.journal, self.tracker)
         )
         self.clock = ClockWatch(on_step=self._clock_stepped)
+        self.ceilings = RowCeilings()  # caps on single rows: a DSX Flex zone feed's target
         self.cycle = ControlCycle(
             image=self.image,
             controller=self.controller,
@@ -228,6 +230,7 @@ class Daemon:
             meter_max_age_s=site.control.meter_max_age_s,
             has_meter=not isinstance(self.meter, NoMeter),
             services=self.services,
+            ceilings=self.ceilings,
         )
         self.intake = DispatchIntake(
             tracker=self.tracker,
@@ -267,6 +270,8 @@ class Daemon:
                 telemetry=self.telemetry,
                 journal=self.journal,
                 metrics=self.metrics,
+                ceilings=self.ceilings,
+                device=self.device_view,
             )
         )
         self.cycle.on_tick(self._after_tick)
@@ -424,6 +429,12 @@ class Daemon:
             services=self._service_reports(at),
             rails=self.governor.report(at),
         )
+
+    def device_view(self, name: str) -> DeviceView | None:
+        """A device as the daemon sees it now (the current image, after any reload)."""
+        max_age_s = self.cfg.site.site.telemetry_max_age_s
+        now = time.monotonic()
+        return DeviceView.of(self.image, self.cycle.planned_w, name, now, max_age_s)
 
     def _fresh_hz(self) -> float | None:
         f = self.frequency

@@ -765,6 +765,9 @@ def load_config(path: str | Path) -> LoadedConfig:
         if other != dev.name:
             raise ConfigError(f"{p}: devices: {dev.name} and {other} share {dev.host}:{dev.port}")
     _check_poll_budget(p, site.site, devices)
+    zones_wrong = None if site.dsx_flex is None else site.dsx_flex.zone_problem(devices)
+    if zones_wrong is not None:  # a zone feed names a device of this site that is a zone
+        raise ConfigError(f"{p}: dsx_flex.{zones_wrong}")
     class_economics(site.devices, templates, p)  # checked at load, not first at run time
     dispatch_key = read_dispatch_keys(p, site.dispatch)
     return LoadedConfig(

@@ -19,6 +19,7 @@ import numpy as np
 
 from controller.control import Capability, Controller, Snapshot, StepResult
 from controller.metrics import Metrics
+from controller.row_ceilings import RowCeilings
 from controller.target import TargetTracker
 from drivers.base import Driver
 from drivers.core.command import CommandShaper, Intent
@@ -83,8 +84,10 @@ class ControlCycle:
         clock: Callable[[], float] = time.monotonic,
         has_meter: bool = True,
         services: Services | None = None,
+        ceilings: RowCeilings | None = None,
     ) -> None:
-        """``drivers[i]`` owns the rows of ``image.protocols[i]`` (its port's)."""
+        """``drivers[i]`` owns the rows of ``image.protocols[i]`` (its port's);
+        ``ceilings``: caps on single devices set from outside (a zone feed's target)."""
         if [d.port.protocol for d in drivers] != list(image.protocols):
             raise ValueError("drivers must be given in the order of image.protocols")
         self.image = image
@@ -101,6 +104,7 @@ class ControlCycle:
         self.services = services
         """Grid services: the rows they hold, and what they add to the target."""
         """False: no site meter by design (a parent of zones); its absence is not news."""
+        self.ceilings = ceilings
         self.clock = clock
         self.cycles = 0
         self.overruns = 0
@@ -201,6 +205,7 @@ class ControlCycle:
             delivered_w=image.acked_w.copy(),
             acked_sleep=image.acked_intent == Intent.SLEEP,
             held=None if self.services is None else self.services.held,
+            row_ceiling_w=None if self.ceilings is None else self.ceilings.array(image.names),
         )
         target_w = self.tracker.target_w(now)
         if self.services is not None:

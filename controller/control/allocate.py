@@ -12,6 +12,13 @@ Per cycle, O(N) after a priority sort that is cached until priorities change:
     back as the slow ones arrive, because each cycle restarts from D;
 (d) a target outside ``[sum(R_lo), sum(R_hi)]`` puts everyone on that bound (saturated).
 
+Row ceilings. A ceiling set on a row from outside (``Snapshot.row_ceiling_w``: a zone capped
+by its own feed's target) lowers the top of that row's desire D to ``max(ceiling, D_lo)``, so
+the fill passes the rest to the next rows in merit order (and either tier plans with the
+capped row where it will be), and the top of its window R to ``max(ceiling, R_lo)``: it
+comes down at its own ramp rate, never below p_min. Ceilings change rarely (a new target):
+a change rebuilds the cached fill, O(N), like new priorities.
+
 Tiers. When the controllable devices do not share one dead time, step (c) runs per tier:
 the *fast* tier (the shortest dead time, in cycles) and the *slow* tier (the rest). The slow
 tier closes its own gap against ``F - sum(D_fast)`` in setpoints, so the fleet still moves in
@@ -85,10 +92,13 @@ class Allocator:
         # reserve keeps a slice at either end free; transients may still use it.
         d_min, d_max = desire_bounds or (params.p_min_w, params.p_max_w)
         self.reserve = desire_bounds is not None
+        self._narrow = self.reserve
+        """D's bounds lie inside the devices' (a reserve, or row ceilings): clip D to them."""
         self._p_min = d_min
         self._p_min_dev = params.p_min_w
         self._range = d_max - d_min
         self._d_max = d_max
+        self._d_max_free = d_max  # without row ceilings
         # Controllable-masked arrays (0 on other rows), kept up to date sparsely.
         self.ctrl = np.zeros(n, dtype=np.bool_)
         self.ctrl_f: F64 = np.zeros(n)
@@ -147,6 +157,8 @@ class Allocator:
         self._up: F64 = np.zeros(n)
         self._down: F64 = np.zeros(n)
         self._coef: F64 = np.zeros(n)
+        self._ceil: F64 = np.zeros(n)
+        self._row_ceiling: F64 | None = None
         # Quantization (static). Continuous rows get a power-of-two micro-step (2**-20 W):
         # exact in binary, far below any meter, and it spares two passes per cycle.
         quantized = params.step_w > 0
@@ -167,6 +179,25 @@ class Allocator:
         self._order = order
         self._inv = np.empty_like(order)
         self._inv[order] = np.arange(self.n)
+        self._fill()
+
+    def set_row_ceilings(self, row_ceiling_w: F64 | None) -> None:
+        """Ceilings on single rows changed (+inf: none; None: none at all): D's top becomes
+        ``max(ceiling, D_lo)`` under its own, and the cumulative ranges are rebuilt (O(N))."""
+        top = self._d_max_free
+        if row_ceiling_w is not None:
+            top = np.minimum(top, np.maximum(row_ceiling_w, self._p_min))
+        self._d_max = top
+        self._narrow = self.reserve or row_ceiling_w is not None
+        self._range = top - self._p_min
+        self._d_max_all = float(top.sum())
+        np.multiply(top, self.ctrl_f, out=self.d_max_e)
+        self._recount()
+        self._fill()
+
+    def _fill(self) -> None:
+        """The merit-order cumulative ranges and what depends on them."""
+        order = self._order
         self._rng_s: F64 = self._range[order]
         self._cum_s: F64 = np.cumsum(self._rng_s)  # inclusive, merit order, whole fleet
         # base = p_min - range filled before the row; D = clip(level + base, p_min, p_max).
@@ -304,22 +335,33 @@ class Allocator:
             filled -= float(self._fx_fast[j]) * part
         return self._fast_p_min + filled
 
-    def allocate(self, flex_w: float, prev_w: F64, slow_ahead_w: float) -> int:
+    def allocate(
+        self,
+        flex_w: float,
+        prev_w: F64,
+        slow_ahead_w: float,
+        row_ceiling_w: F64 | None = None,
+    ) -> int:
         """(a)-(d) into ``self.share``; returns the saturation flag (-1, 0, +1).
 
         ``prev_w``: internal setpoints of the previous cycle, 0 on rows not controllable.
         ``slow_ahead_w``: the slow tier's predicted setpoint-model power when the fast tier's
-        command lands (ignored with one tier).
+        command lands (ignored with one tier). ``row_ceiling_w``: per row, a ceiling from
+        outside (+inf: none), or None.
         """
         lo, hi, s = self.lo, self.hi, self.share
         np.add(prev_w, self.win_up_e, out=hi)
         np.minimum(hi, self.p_max_e, out=hi)
         np.subtract(prev_w, self.win_down_e, out=lo)
         np.maximum(lo, self.p_min_e, out=lo)
+        self._row_ceiling = row_ceiling_w
+        if row_ceiling_w is not None:
+            # The top of the window, not below its bottom: ramp limits and p_min still hold.
+            np.minimum(hi, np.maximum(row_ceiling_w, lo, out=self._ceil), out=hi)
         # (a)+(b): S = clip(D, R) = clip(level + base, R).
         level = self._level(flex_w - self.sum_p_min)
         np.add(self._base, level, out=s)
-        if self.reserve:  # D's bounds are inside R's then: clip to them first
+        if self._narrow:  # D's bounds are inside R's then: clip to them first
             np.maximum(s, self.d_min_e, out=s)
             np.minimum(s, self.d_max_e, out=s)
         np.maximum(s, lo, out=s)
@@ -461,9 +503,13 @@ class Allocator:
             self._bump(out, d_slow - g_slow, self.ctrl & (self.slow_f > 0.0))
 
     def _bump(self, out: F64, deficit: float, rows: Bool) -> None:
-        """Rare (few continuous devices): raise quantized ``rows`` one step while it fits."""
+        """Rare (few continuous devices): raise quantized ``rows`` one step while it fits
+        (under p_max and any row ceiling)."""
         bump = np.floor(self.share * self._inv_step + _QEPS) * self._step + self._step
-        cand = rows & self._is_q & (bump <= self._p_max) & (bump > out)
+        top = self._p_max
+        if self._row_ceiling is not None:
+            top = np.minimum(top, np.maximum(self._row_ceiling, self.lo))
+        cand = rows & self._is_q & (bump <= top) & (bump > out)
         inc = np.where(cand, bump - out, 0.0)
         fits = cand & (np.cumsum(inc) <= deficit + _tol(deficit))
         np.copyto(out, bump, where=fits)

@@ -170,6 +170,7 @@ class Controller:
         self._dt = math.nan
         self._started = False
         self._state: I8 | None = None
+        self._row_ceiling: F64 | None = None
 
     # -- public API -----------------------------------------------------------------------
 
@@ -188,7 +189,12 @@ class Controller:
         self._planner.set_order(self._alloc.order)
 
     def capability(self, horizons_s: tuple[float, ...] = (1.0, 5.0, 60.0)) -> Capability:
-        """Reachable power from the last step's state (nothing offered before the first)."""
+        """Reachable power from the last step's state (nothing offered before the first);
+        a row under a ceiling offers up to it only."""
+        p_hi = self._model.ceilings()
+        rc = self._row_ceiling
+        if rc is not None:
+            p_hi = rc if p_hi is None else np.minimum(p_hi, rc)
         return _capability(
             self.params,
             self._model.pred,
@@ -198,7 +204,7 @@ class Controller:
             horizons_s,
             wakeable_w=self._wakeable_w,
             asleep_floor_w=self._fixed_ss_w,
-            p_hi_w=self._model.ceilings(),
+            p_hi_w=p_hi,
         )
 
     def physical_min_s(self, target_w: float, tol_w: float) -> float:
@@ -210,6 +216,8 @@ class Controller:
         model = self._model
         p_hi = np.full(self.params.n, np.nan)
         p_hi[model.capped_rows] = np.where(np.isfinite(model.ceiling_w), model.ceiling_w, np.nan)
+        if self._row_ceiling is not None:  # NaN: no bound (fmin takes the other)
+            p_hi = np.fmin(p_hi, np.where(np.isinf(self._row_ceiling), np.nan, self._row_ceiling))
         return _physical_min_s(
             self.fleet_params,
             model.pred,
@@ -231,6 +239,12 @@ class Controller:
 
         measured = snap.measured_w  # read only where it is used: polled, fixed, new rows
         self._state = snap.state
+        rc = snap.row_ceiling_w
+        if rc is not self._row_ceiling:  # a new array: new ceilings (rare)
+            if rc is not None and rc.shape != (p.n,):
+                raise ValueError("snapshot row ceilings do not match the fleet size")
+            alloc.set_row_ceilings(rc)
+            self._row_ceiling = rc
         ctrl = snap.state == ON
         if snap.held is not None:
             ctrl &= ~snap.held
@@ -313,7 +327,7 @@ class Controller:
             slow_ahead = model.ahead_sum(
                 alloc.fast_delay + 1, alloc.slow_f, alloc.up_e, alloc.neg_down_e
             )
-        saturated = alloc.allocate(flex, self._cmd, slow_ahead)
+        saturated = alloc.allocate(flex, self._cmd, slow_ahead, rc)
         out = model.next_row()
         alloc.quantize(out)
 

@@ -43,6 +43,11 @@ class Snapshot:
     held: Bool | None = None
     """Rows a grid service holds (feeders kept closed for the armed response, loads a
     deployment shed): fixed at their power, out of control, like FAULT rows (None: none)."""
+    row_ceiling_w: F64 | None = None
+    """Per device, a ceiling on its setpoint from outside the control law (a zone capped by
+    its own DSX Flex feed's target; +inf: none), or None: no row capped. The row is brought
+    under it at its own ramp rate, never below its p_min; the others take up what it cannot
+    (`controller.row_ceilings`)."""
 
 
 @dataclass(frozen=True, slots=True)

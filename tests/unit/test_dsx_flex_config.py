@@ -85,7 +85,10 @@ def test_a_broker_of_its_own(tmp_path: Path) -> None:
     [
         ("", "require_signature needs at least one key"),
         ('[dsx_flex.keys]\nk1 = "/nonexistent.pem"', "keys.k1: /nonexistent.pem: file not found"),
-        ('require_signature = false\n[dsx_flex.feeds]\nmain = "zone:a"', "not supported yet"),
+        (
+            'require_signature = false\n[dsx_flex.feeds]\nmain = "zone:a"',
+            "feeds.main: no device is named 'a' (zones: none: this site has no zone devices)",
+        ),
         (
             'require_signature = false\n[dsx_flex.feeds]\na = "site"\nb = "site"',
             "one feed per place",

@@ -12,10 +12,12 @@ payload valid and its feeds known. Anything else is refused: logged, counted
 (same source and id) is ignored.
 
 Every half second the agent evaluates each feed: the schedule's winner becomes the DSX Flex
-rail's level (`Rails.set_ceiling`), a change of level starts a ramp event, an arrival ends it,
-the breach watch judges the measured load, and the periodic status goes out when due. No
-target ack exists in DSX Flex: the status snapshot (event `target_set`, echoing the
-correlation id) is the answer.
+rail's level (`Rails.set_ceiling`) on the site's feed, the ceiling of the zone's row in this
+parent's allocation (`RowCeilings`) on a zone's feed; a change of level starts a ramp event,
+an arrival ends it, the breach watch judges the feed's measured load (the site's, or the
+zone's from its telemetry), and the periodic status goes out when due. No target ack exists
+in DSX Flex: the status snapshot (event `target_set`, echoing the correlation id) is the
+answer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from prometheus_client import Counter
@@ -42,7 +44,7 @@ from controller.northbound.dsx_flex.breach import (
     infrastructure_actions,
     shed_hints,
 )
-from controller.northbound.dsx_flex.config import DsxFlexConfig
+from controller.northbound.dsx_flex.config import DsxFlexConfig, zone_of
 from controller.northbound.dsx_flex.enforcement import decode_enforcement
 from controller.northbound.dsx_flex.envelope import Envelope, EnvelopeError, Trace
 from controller.northbound.dsx_flex.link import DsxLink, Subscription
@@ -53,11 +55,13 @@ from controller.northbound.dsx_flex.signing import SignatureError, Verifier
 from controller.northbound.dsx_flex.status import (
     Bounds,
     Event,
+    FeedPower,
     FeedState,
     RampTracker,
-    calculated_load_w,
+    site_power,
     status_data,
     tolerance_w,
+    zone_power,
 )
 from controller.wire.codec import WireError, decode_object, encode_object
 from controller.wire.telemetry import Telemetry
@@ -98,6 +102,8 @@ class DsxFlexAgent:
             raise ConfigError(f"{ctx.cfg.path}: dsx_flex: {schema.SPEC}: {exc}") from None
         site = ctx.cfg.site
         self.feeds = cfg.feed_map(site.site_id)
+        self.zones = {t: z for t, place in self.feeds.items() if (z := zone_of(place)) is not None}
+        """Feed tag -> the zone device it feeds (the other feed, if any, is the site's)."""
         self._site_min_w = site.site.min_kw * 1e3
         self._site_max_w = site.site.max_kw * 1e3
         self._has_breakers = any(d.protocol == "breaker" for d in ctx.cfg.devices)
@@ -105,7 +111,7 @@ class DsxFlexAgent:
         self.schedule = Schedule(self.feeds)
         self.ramps = {f: RampTracker() for f in self.feeds}
         self.breaches = {f: BreachWatch(cfg.breach, f) for f in self.feeds}
-        self.metrics = DsxMetrics(ctx.metrics.registry)
+        self.metrics = DsxMetrics(ctx.metrics.registry, list(self.zones.values()))
         base = f"grid/v1/{cfg.role}/{cfg.agent_id}"
         self.source = f"//grid/v1/{cfg.role}/{cfg.agent_id}"
         self.status_topic = f"{base}/powerstate/status"
@@ -356,20 +362,20 @@ class DsxFlexAgent:
             winner = self.schedule.winner(feed, now)
             level = None if winner is None else winner.level_w
             ramp = self.ramps[feed]
+            power = self._power(feed, tel, level)
             if level != ramp.level_w:
                 events[feed] = ramp.change(level, now)
                 self._apply(feed, level, winner, now)
             else:
-                bounds = Bounds.of(tel, self._site_min_w, self._site_max_w)
-                calc = calculated_load_w(tel, level, bounds)
-                end = ramp.judge(tel.measured_w, calc, self._tolerance(calc))
+                heading = power.heading_w
+                end = ramp.judge(power.measured_w, heading, self._tolerance(heading))
                 if end is not None:
                     events[feed] = end
-            alert = self.breaches[feed].step(now, tel.measured_w, winner)
+            alert = self.breaches[feed].step(now, power.measured_w, winner)
             if alert is not None:
                 self._publish_breach(now, alert)
         if events:
-            self._publish_status(now, tel, events, Trace.new(), self._correlation(now))
+            self._publish_status(now, tel, events, Trace.new(), self._correlation(now, events))
         elif now >= self._next_periodic:
             self._publish_status(now, tel, {}, Trace.new(), self._correlation(now))
 
@@ -377,28 +383,45 @@ class DsxFlexAgent:
         b = self.cfg.breach
         return tolerance_w(level_w, b.tolerance_pct, b.tolerance_kw * 1e3)
 
+    def _power(self, feed: str, tel: Telemetry, level: float | None) -> FeedPower:
+        """The feed's place now: the site (telemetry), or its zone (the zone's row)."""
+        zone = self.zones.get(feed)
+        if zone is None:
+            return site_power(tel, level, self._site_min_w, self._site_max_w)
+        v = self.ctx.device(zone)
+        if v is None:  # not in the image (cannot be: a reload that drops it is refused)
+            return FeedPower(None, Bounds(0.0, 0.0, 0.0), 0.0, 0.0)
+        return zone_power(v.measured_w, v.planned_w, v.min_w, v.max_w, v.rated_w, level)
+
     def _apply(self, feed: str, level: float | None, winner: Target | None, now: float) -> None:
-        if self.feeds[feed] != "site":
-            return
+        zone = self.zones.get(feed)
+        place = "the site" if zone is None else f"zone {zone}"
+        ceiling: float | None = None
         if level is None or winner is None or winner.constraint is None:
-            reason = "DSX Flex: no constraint"
-            self.ctx.rails.set_ceiling("dsx_flex", None, reason)
-            self.metrics.ceiling.set(math.nan)
+            reason = f"DSX Flex: no constraint on {feed} ({place})"
         else:
-            c = winner.constraint
+            ceiling, c = level, winner.constraint
             reason = (
-                f"DSX Flex {winner.isv} {c.value:g} {c.unit} on {feed} "
-                f"(correlation {winner.correlation_id})"
+                f"DSX Flex {winner.isv} {c.value:g} {c.unit} on {feed} ({place}, "
+                f"correlation {winner.correlation_id})"
             )
-            self.ctx.rails.set_ceiling("dsx_flex", level, reason)
-            self.metrics.ceiling.set(level)
+        gauge = math.nan if ceiling is None else ceiling
+        if zone is None:
+            self.ctx.rails.set_ceiling("dsx_flex", ceiling, reason)
+            self.metrics.ceiling.set(gauge)
+        else:
+            # The zone's row in this parent's allocation, not the site's rail: the site
+            # target stands, and the other rows take up what the zone may not.
+            self.ctx.ceilings.set(zone, ceiling)
+            self.metrics.zone_ceiling.labels(zone).set(gauge)
         log.info("dsx flex: %s", reason)
         self._journal("dsx_ceiling", reason, now)
 
-    def _correlation(self, now: float) -> str | None:
+    def _correlation(self, now: float, changed: Iterable[str] = ()) -> str | None:
         """The correlation id of the target in force (a null one too: it restored the
-        default), for the status it causes."""
-        for feed in self.feeds:
+        default), for the status it causes: on a feed that `changed` first (with several
+        feeds, the one whose ramp event the status reports)."""
+        for feed in (*changed, *self.feeds):
             w = self.schedule.winner(feed, now)
             if w is not None:
                 return w.correlation_id
@@ -409,18 +432,23 @@ class DsxFlexAgent:
     def feed_state(self, feed: str, tel: Telemetry, event: Event, now: float) -> FeedState:
         winner = self.schedule.winner(feed, now)
         ramp = self.ramps[feed]
-        bounds = Bounds.of(tel, self._site_min_w, self._site_max_w)
-        calc = calculated_load_w(tel, ramp.level_w, bounds)
+        power = self._power(feed, tel, ramp.level_w)
+        calc = power.calculated_w
         level = None if winner is None else winner.level_w
+        # The site's calculated load is where it is heading (exact); a zone's is its
+        # measured power, within the tolerance a breach is judged with.
+        slack = (
+            COMPLIANT_EPS_W if feed not in self.zones or level is None else self._tolerance(level)
+        )
         return FeedState(
             targets=self.schedule.targets(feed),
             active=winner,
-            bounds=bounds,
+            bounds=power.bounds,
             calculated_w=calc,
             in_flight=ramp.in_flight,
             event=event,
             event_start=ramp.event_start,
-            compliant=level is None or calc <= level + COMPLIANT_EPS_W,
+            compliant=level is None or calc <= level + slack,
         )
 
     def _data(self, obj: dict[str, Any]) -> str | dict[str, Any]:
@@ -450,8 +478,14 @@ class DsxFlexAgent:
         self._next_periodic = now + self.cfg.status_period_s
 
     def _publish_breach(self, now: float, alert: Alert) -> None:
-        hints = shed_hints(self.ctx.cfg.devices, alert.excess_w)
-        actions = infrastructure_actions(alert.status, alert.severity, self._has_breakers)
+        if alert.feed in self.zones:
+            # The zone's devices are its own rampd's (its own agent's hints): none here, and
+            # this parent's breakers do not feed it.
+            hints: list[dict[str, Any]] = []
+            actions = infrastructure_actions(alert.status, alert.severity, False)
+        else:
+            hints = shed_hints(self.ctx.cfg.devices, alert.excess_w)
+            actions = infrastructure_actions(alert.status, alert.severity, self._has_breakers)
         body = envelope.encode(
             source=self.source,
             type_=envelope.POWERBREACH_ALERT,

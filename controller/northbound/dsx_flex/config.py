@@ -1,19 +1,26 @@
 """`[dsx_flex]` in the site file: who the agent is, whom it listens to, the keys it trusts,
 its feeds, when a breach is one, and the DSX broker (the site's `[mqtt]` where not given).
 
+Feeds map a feed tag to a place: `"site"` (the whole site's meter; its target is the
+`dsx_flex` rail) or `"zone:<device name>"` (a zone of this parent, a `zone` device row: the
+zone's measured power, from its telemetry; its target caps that row). One feed per place; a
+site feed and zone feeds may coexist. Whether a named zone is a zone device of this site is
+checked once the devices are expanded (`zone_problem`).
+
 This module is imported by `controller.config`: it must not import it back at load time
 (`DsxMqtt.resolve` imports it when called).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from controller.northbound.dsx_flex.signing import PublicKey, Signer, load_public_key, load_signer
-from drivers.core.spec import Port, PositiveFloat, Strict
+from drivers.core.spec import DeviceSpec, Port, PositiveFloat, Strict
 
 if TYPE_CHECKING:
     from controller.config import MqttConfig
@@ -22,7 +29,25 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Role = Literal["dsx-flex-agent", "poweragent"]
 """The agent's role in its topics and `source`: DSX Flex 1.7 says `dsx-flex-agent`, older
 deployments `poweragent` (whose `source` the 1.7 schema's pattern no longer admits)."""
-SITE: Literal["site"] = "site"
+SITE: Final = "site"
+ZONE_PREFIX: Final = "zone:"
+"""`"zone:<device name>"`: a feed of a zone of this parent (a `zone` device row)."""
+
+
+def zone_of(place: str) -> str | None:
+    """The zone device a feed's place names (None: the site)."""
+    return place[len(ZONE_PREFIX) :] if place.startswith(ZONE_PREFIX) else None
+
+
+def _place(tag: str, place: str) -> str:
+    if place == SITE:
+        return place
+    zone = zone_of(place)
+    if zone is None or not zone or zone != zone.strip():
+        raise ValueError(
+            f'{tag} = {place!r}: a place is "site" or "zone:<device name>" (a zone of this parent)'
+        )
+    return place
 
 
 def _topic_level(v: str) -> str:
@@ -106,8 +131,11 @@ class DsxFlexConfig(Strict):
     max_event_age_s: PositiveFloat = 300.0
     """A load target whose `time` is older than this (or this far ahead) is refused: a
     replayed signed target must not come back into force."""
-    feeds: dict[str, Literal["site"]] = Field(default_factory=dict)
-    """Feed tag -> the place it feeds. Empty: one feed named after the site."""
+    feeds: dict[str, str] = Field(default_factory=dict)
+    """Feed tag -> the place it feeds: `"site"` (the site's meter: its target is the
+    `dsx_flex` rail) or `"zone:<device name>"` (that zone's measured power: its target caps
+    the zone's row in this parent's allocation). One feed per place. Empty: one feed named
+    after the site."""
     breach: BreachConfig = BreachConfig()
     mqtt: DsxMqtt = DsxMqtt()
 
@@ -128,29 +156,26 @@ class DsxFlexConfig(Strict):
             raise ValueError("listed twice")
         return v
 
-    @field_validator("feeds", mode="before")
+    @field_validator("feeds")
     @classmethod
-    def _places(cls, v: object) -> object:
-        if isinstance(v, dict):
-            for tag, place in v.items():
-                if isinstance(place, str) and place.startswith("zone"):
-                    raise ValueError(
-                        f"{tag} = {place!r}: feeds of a parent's zones are not supported yet "
-                        '(the rails have one site-wide ceiling); map the feed to "site"'
-                    )
+    def _places(cls, v: dict[str, str]) -> dict[str, str]:
+        for tag, place in v.items():
+            _topic_level(tag)
+            _place(tag, place)
+        # One meter per place: rampd cannot tell two feeds of one place apart.
+        seen: dict[str, str] = {}
+        for tag, place in v.items():
+            if place in seen:
+                raise ValueError(f"{seen[place]} and {tag} both feed {place!r}: one feed per place")
+            seen[place] = tag
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> DsxFlexConfig:
         if self.require_signature and not self.keys:
             raise ValueError("require_signature needs at least one key in keys")
-        if len(self.feeds) > 1:
-            # One meter per place: rampd cannot tell two feeds of one place apart.
-            raise ValueError("one feed per place: the site has one meter (list one feed tag)")
         if (self.sign_key_file is None) != (self.sign_kid is None):
             raise ValueError("sign_key_file and sign_kid go together")
-        for tag in self.feeds:
-            _topic_level(tag)
         for kid, path in self.keys.items():
             try:
                 self._public[kid] = load_public_key(kid, path)
@@ -172,5 +197,23 @@ class DsxFlexConfig(Strict):
     def signer(self) -> Signer | None:
         return self._signer
 
-    def feed_map(self, site_id: str) -> dict[str, Literal["site"]]:
+    def feed_map(self, site_id: str) -> dict[str, str]:
+        """Feed tag -> place, the default feed (the site, tagged with its id) if none."""
         return dict(self.feeds) if self.feeds else {site_id: SITE}
+
+    def zone_problem(self, devices: Sequence[DeviceSpec]) -> str | None:
+        """What is wrong with the zones the feeds name, given the site's devices, as
+        `feeds.<tag>: <problem>` (None: every one is a zone device of this site)."""
+        protocol = {d.name: d.protocol for d in devices}
+        zones = sorted(n for n, p in protocol.items() if p == "zone")
+        for tag, place in self.feeds.items():
+            zone = zone_of(place)
+            if zone is None or protocol.get(zone) == "zone":
+                continue
+            if zone in protocol:
+                what = f"{zone!r} is a {protocol[zone]} device, not a zone"
+            else:
+                what = f"no device is named {zone!r}"
+            known = ", ".join(zones) if zones else "none: this site has no zone devices"
+            return f"feeds.{tag}: {what} (zones: {known})"
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -31,7 +32,8 @@ BREACH_STATUSES: Final = ("active", "escalated", "resolved")
 
 
 class DsxMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, zones: Sequence[str] = ()) -> None:
+        """`zones`: the zone devices the feeds name (the label's values)."""
         self.targets = Counter(
             "rampd_dsx_flex_targets_total",
             "DSX Flex load target messages: applied, duplicate (ignored) or refused and why",
@@ -66,6 +68,14 @@ class DsxMetrics:
             "The DSX Flex rail's level in force (NaN: no constraint)",
             registry=registry,
         )
+        self.zone_ceiling = Gauge(
+            "rampd_dsx_flex_zone_ceiling_watts",
+            "The ceiling a DSX Flex zone feed's target puts on its zone (NaN: none)",
+            ["zone"],
+            registry=registry,
+        )
+        for z in zones:
+            self.zone_ceiling.labels(z).set(float("nan"))
         for r in TARGET_RESULTS:
             self.targets.labels(r)
         for r in ENFORCEMENT_RESULTS:

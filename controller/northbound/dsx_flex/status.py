@@ -10,6 +10,11 @@ reach (telemetry's minimum and maximum). `compliant`: the calculated load is wit
 active constraint (true without one). A *power event* runs from the first constraint until
 the ramp up after the last one ends.
 
+A zone feed (a zone of this parent) reports the zone: its bounds from its reported
+capability, its measured power as the calculated load (where the zone is heading, the
+parent's setpoint for it under the feed's level, before a fresh reading), and its ramps end
+when its measured power arrives there.
+
 Pure: no I/O, no clock (callers pass unix time).
 """
 
@@ -78,6 +83,43 @@ class Bounds:
         lo = site_min_w if tel.min_w is None else tel.min_w
         hi = site_max_w if tel.max_w is None else tel.max_w
         return cls(min(lo, hi), hi, site_max_w)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPower:
+    """A feed's place now: its measured power (None: no fresh reading), its bounds, where
+    it is heading with the feed's level in force (ramp ends are judged against it), and the
+    calculated load its status reports."""
+
+    measured_w: float | None
+    bounds: Bounds
+    heading_w: float
+    calculated_w: float
+
+
+def site_power(
+    tel: Telemetry, level_w: float | None, site_min_w: float, site_max_w: float
+) -> FeedPower:
+    bounds = Bounds.of(tel, site_min_w, site_max_w)
+    heading = calculated_load_w(tel, level_w, bounds)
+    return FeedPower(tel.measured_w, bounds, heading, heading)
+
+
+def zone_power(
+    measured_w: float | None,
+    planned_w: float,
+    min_w: float,
+    max_w: float,
+    rated_w: float,
+    level_w: float | None,
+) -> FeedPower:
+    """A zone of this parent: `planned_w` its parent's latest setpoint for it, `min_w` and
+    `max_w` its bounds as its capability says, `rated_w` its configured maximum (the
+    feed's default constraint)."""
+    bounds = Bounds(min(min_w, max_w), max_w, rated_w)
+    heading = planned_w if level_w is None else min(planned_w, level_w)
+    heading = min(max(heading, bounds.min_w), bounds.max_w)
+    return FeedPower(measured_w, bounds, heading, heading if measured_w is None else measured_w)
 
 
 def calculated_load_w(tel: Telemetry, level_w: float | None, bounds: Bounds) -> float:
