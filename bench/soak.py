@@ -48,8 +48,18 @@ from controller.tools.bench.site_run import (
 
 # The reference site's addresses, each to 127.92.<offset + k>.x in this bench's own loopback
 # block: meter (k 0), Modbus rows (1), LuxOS miners (10; 2,000 span 10.1 .. 17.208), Redfish
-# racks (30).
-ADDRESSES = {"127.80.0.1": 0, "127.80.1.1": 1, "127.81.0.1": 10, "127.82.0.1": 30}
+# racks (30), and --full's other firmwares and feeders (40-43: Braiins, Whatsminer, stock
+# Antminer, breakers), so no soak shares an address with another bench or test.
+ADDRESSES = {
+    "127.80.0.1": 0,
+    "127.80.1.1": 1,
+    "127.81.0.1": 10,
+    "127.82.0.1": 30,
+    "127.86.0.1": 40,
+    "127.87.0.1": 41,
+    "127.88.0.1": 42,
+    "127.89.0.1": 43,
+}
 MAX_NET_OFFSET = 255 - max(ADDRESSES.values())
 SERIES = {
     "rss": "process_resident_memory_bytes",
@@ -288,7 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--full",
         action="store_true",
-        help="the whole reference campus (2,070 devices) instead of its --quick form (114)",
+        help="the whole reference campus (2,540 devices) instead of its --quick form (195)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -1,5 +1,5 @@
 """Benchmarks on a simulated site run as separate processes: `rampd bench ramp | regulation |
-fanout`.
+fanout | frequency | chaos`.
 
 They print their figures and the command that reproduces them; timing is never a test. The
 arguments live here so the CLI can list them without importing the benches themselves.
@@ -147,12 +147,77 @@ def _run_frequency(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+CHAOS_KINDS = ("device", "rack", "meter", "broker", "daemon")
+
+
+def _seconds_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("MIN,MAX in seconds, e.g. 60,180") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError("need 0 < MIN <= MAX")
+    return lo, hi
+
+
+def _chaos_kinds(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in CHAOS_KINDS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(CHAOS_KINDS)}")
+    return list(dict.fromkeys(names))
+
+
+def add_chaos_arguments(p: argparse.ArgumentParser) -> None:
+    """`rampd bench chaos`'s arguments (here: the parser must not import the bench)."""
+    p.add_argument("-c", "--config", default=str(DEFAULT_CONFIG), help="site TOML file")
+    p.add_argument("--out", help="output directory (default bench-runs/<timestamp>-chaos)")
+    p.add_argument("--quick", action="store_true", help="the small site (see ramp --quick)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
+    p.add_argument("--minutes", type=float, default=30.0, help="minutes of replay (default 30)")
+    p.add_argument(
+        "--compress",
+        type=int,
+        default=1,
+        help="replay the signal K times faster; samples, blocks and delays K times shorter "
+        "(default 1: real time, 5-minute blocks)",
+    )
+    p.add_argument(
+        "--fault-every-s",
+        type=_seconds_range,
+        default=(60.0, 180.0),
+        metavar="MIN,MAX",
+        help="wall seconds between fault starts, uniform (default 60,180; a 2-minute run: "
+        "20,40); faults are cut to end 10 s before the next",
+    )
+    p.add_argument(
+        "--first-fault-s", type=float, help="first fault this long after the replay starts "
+        "(default: the --fault-every-s minimum)",
+    )  # fmt: skip
+    p.add_argument(
+        "--kinds",
+        type=_chaos_kinds,
+        default=list(CHAOS_KINDS),
+        help=f"fault kinds drawn, each once before any repeats (default {','.join(CHAOS_KINDS)})",
+    )
+    p.add_argument("--day", default="8/1/2017", help="signal column (a day of the CSV)")
+    p.add_argument("--start", default="22:00:00", help="time of day the signal starts at")
+    p.add_argument("--signal", help="PJM regulation CSV (default bench/data/pjm_rega_*)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress: stderr)")
+
+
+def _run_chaos(args: argparse.Namespace) -> int:
+    from controller.tools.bench.chaos import run_cli
+
+    return run_cli(args)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `rampd bench ramp | regulation | fanout | frequency` on the CLI's
+    """Register `rampd bench ramp | regulation | fanout | frequency | chaos` on the CLI's
     subparsers."""
     p = sub.add_parser(
         "bench",
-        help="benchmarks on a simulated site (ramp, regulation, fanout, frequency)",
+        help="benchmarks on a simulated site (ramp, regulation, fanout, frequency, chaos)",
         description="Start a broker, the simulated site and the daemon as processes, drive "
         "them like a grid dispatcher and score the simulator's ground truth.",
     )
@@ -173,3 +238,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     add_frequency_arguments(q)
     q.set_defaults(func=_run_frequency)
+    c = benches.add_parser(
+        "chaos", help="replay RegA while devices, meter, broker and daemon fail: PJM score, goals"
+    )
+    add_chaos_arguments(c)
+    c.set_defaults(func=_run_chaos)
