@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import platform
 import random
 import shlex
@@ -86,15 +85,11 @@ from controller.tools.bench.chaos_judge import (
 from controller.tools.bench.chaos_link import Link
 from controller.tools.bench.chaos_procs import ChaosBroker, DaemonSupervisor
 from controller.tools.bench.regulation import (
-    BAND_FRACTION,
-    DEFAULT_SIGNAL,
-    PJM_BLOCK_S,
-    PJM_MAX_DELAY_S,
-    PJM_SAMPLE_S,
     REST_HOLD_S,
-    _capability_at_rest,
-    _put_mid,
-    signal_slice,
+    capability_at_rest,
+    offer_band,
+    put_mid,
+    replay_plan,
 )
 from controller.tools.bench.site_run import (
     BenchError,
@@ -125,17 +120,6 @@ def command_line(args: argparse.Namespace) -> str:
     if args.quick:
         parts.append("--quick")
     return shlex.join(parts)
-
-
-def _offer_band(site: Site, base: float, lo: float, hi: float, rest: dict[str, float]) -> float:
-    """The regulation bench's offer: 0.9 x the smaller 5 s capability, inside the limits."""
-    limits = site.cfg.site.site
-    band = BAND_FRACTION * min(rest["up_kw_5s"], rest["down_kw_5s"])
-    band = min(band, base - max(limits.min_kw, lo), min(limits.max_kw, hi) - base)
-    band = math.floor(band * 10) / 10
-    if band <= 0:
-        raise BenchError(f"no band to offer at {base} kW (capability at rest: {rest})")
-    return band
 
 
 def _names(site: Site) -> dict[str, list[str]]:
@@ -181,20 +165,10 @@ async def run_bench(args: argparse.Namespace) -> tuple[int, str]:
     """Run, judge, write OUT; (exit code, what to print on stdout)."""
     out = Path(args.out)
     source = Path(args.config)
-    k = args.compress
-    sample_s, block_s, max_delay_s = PJM_SAMPLE_S / k, PJM_BLOCK_S / k, PJM_MAX_DELAY_S / k
-    n_blocks = int(args.minutes * 60.0 / block_s + 1e-9)
-    if n_blocks < 1:
-        raise BenchError(
-            f"--minutes {args.minutes:g} is shorter than one block "
-            f"({block_s:g} s at --compress {k})"
-        )
-    wall_s = n_blocks * block_s
-    signal_path = Path(args.signal) if args.signal else DEFAULT_SIGNAL
-    try:
-        sig_t, sig = signal_slice(signal_path, args.day, args.start, wall_s * k)
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"signal: {exc}") from None
+    replay = replay_plan(args)
+    k, block_s, n_blocks, wall_s = replay.k, replay.block_s, replay.n_blocks, replay.wall_s
+    sample_s, max_delay_s = replay.sample_s, replay.max_delay_s
+    signal_path, sig_t, sig = replay.signal_path, replay.sig_t, replay.sig
     sig_wall_s = sig_t / k
     main = asyncio.current_task()
     if main is not None:  # SIGTERM stops every process the bench started, as Ctrl-C does
@@ -212,9 +186,9 @@ async def run_bench(args: argparse.Namespace) -> tuple[int, str]:
         ) as site,
     ):
         say(f"  {site.n_devices} devices ON")
-        base, lo, hi = await _put_mid(site, REST_HOLD_S)
-        rest = await _capability_at_rest(site)
-        band = _offer_band(site, base, lo, hi, rest)
+        base, lo, hi = await put_mid(site, REST_HOLD_S)
+        rest = await capability_at_rest(site)
+        band = offer_band(site, base, lo, hi, rest)
         say(f"  offer: base {base:.1f} kW, band +-{band:.1f} kW")
         names = _names(site)
         protocols = [p for p in DEVICE_PROTOCOLS if p in names]

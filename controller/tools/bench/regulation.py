@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +51,7 @@ from controller.tools.report import ReportError, RunDispatch, RunSpec, report_fr
 from controller.tools.truth import tolerance_kw
 from controller.wire import Telemetry
 from controller.wire.timestamps import rfc3339
+from drivers.core.state import F64
 
 DESCRIPTION: Final = "Regulation bench: replay a PJM RegA signal, score with the PJM score."
 DEFAULT_SIGNAL: Final = REPO / "bench" / "data" / "pjm_rega_2017-08_2s.csv"
@@ -89,7 +90,7 @@ def _first_time_of_day(path: Path) -> float:
     return float(h * 3600 + m * 60 + s)
 
 
-async def _capability_at_rest(site: Site, n: int = 3) -> dict[str, float]:
+async def capability_at_rest(site: Site, n: int = 3) -> dict[str, float]:
     """Median of the next n telemetry messages' range and 5 s capability."""
     msgs = [await fresh_telemetry(site.d, within=5.0) for _ in range(n)]
 
@@ -135,7 +136,7 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-async def _put_mid(site: Site, hold_s: float) -> tuple[float, float, float]:
+async def put_mid(site: Site, hold_s: float) -> tuple[float, float, float]:
     """Dispatch the middle of the flexible range and wait until the site rests there."""
     tel = await fresh_telemetry(site.d)
     limits = site.cfg.site.site
@@ -158,11 +159,27 @@ async def _put_mid(site: Site, hold_s: float) -> tuple[float, float, float]:
     return mid, lo, hi
 
 
-async def run_bench(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    source = Path(args.config)
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    """What a replay of the RegA signal covers: whole PJM blocks, K times faster."""
+
+    k: int
+    sample_s: float
+    block_s: float
+    max_delay_s: float
+    n_blocks: int
+    wall_s: float
+    signal_path: Path
+    sig_t: F64
+    """Signal sample times (s from the start, at the signal's own pace: divide by k)."""
+    sig: F64
+
+
+def replay_plan(args: argparse.Namespace) -> ReplayPlan:
+    """The blocks `--minutes` holds at `--compress`, and the signal slice they replay;
+    BenchError when no whole block fits or the signal cannot be read."""
     k = args.compress
-    sample_s, block_s, max_delay_s = PJM_SAMPLE_S / k, PJM_BLOCK_S / k, PJM_MAX_DELAY_S / k
+    block_s = PJM_BLOCK_S / k
     n_blocks = int(args.minutes * 60.0 / block_s + 1e-9)
     if n_blocks < 1:
         raise BenchError(
@@ -170,13 +187,38 @@ async def run_bench(args: argparse.Namespace) -> int:
             f"--compress {k})"
         )
     wall_s = n_blocks * block_s
-    if not math.isclose(wall_s, args.minutes * 60.0):
-        print(f"  (replaying {wall_s:g} s: a whole number of {block_s:g} s blocks)")
     signal_path = Path(args.signal) if args.signal else DEFAULT_SIGNAL
     try:
-        sig_t, sig_s = signal_slice(signal_path, args.day, args.start, wall_s * k)
+        sig_t, sig = signal_slice(signal_path, args.day, args.start, wall_s * k)
     except (OSError, ValueError) as exc:
         raise BenchError(f"signal: {exc}") from None
+    return ReplayPlan(
+        k, PJM_SAMPLE_S / k, block_s, PJM_MAX_DELAY_S / k, n_blocks, wall_s, signal_path,
+        sig_t, sig,
+    )  # fmt: skip
+
+
+def offer_band(site: Site, base: float, lo: float, hi: float, rest: dict[str, float]) -> float:
+    """The regulation offer's band: BAND_FRACTION of the smaller 5 s capability at rest,
+    inside the site's limits and range, to 0.1 kW; BenchError when there is none."""
+    limits = site.cfg.site.site
+    band = BAND_FRACTION * min(rest["up_kw_5s"], rest["down_kw_5s"])
+    band = min(band, base - max(limits.min_kw, lo), min(limits.max_kw, hi) - base)
+    band = math.floor(band * 10) / 10
+    if band <= 0:
+        raise BenchError(f"no band to offer at {base} kW (capability at rest: {rest})")
+    return band
+
+
+async def run_bench(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    source = Path(args.config)
+    replay = replay_plan(args)
+    k, block_s, n_blocks, wall_s = replay.k, replay.block_s, replay.n_blocks, replay.wall_s
+    sample_s, max_delay_s = replay.sample_s, replay.max_delay_s
+    signal_path, sig_t, sig_s = replay.signal_path, replay.sig_t, replay.sig
+    if not math.isclose(wall_s, args.minutes * 60.0):
+        print(f"  (replaying {wall_s:g} s: a whole number of {block_s:g} s blocks)")
     started = time.time()
     print(
         f"rampd bench regulation: {source}{' (quick)' if args.quick else ''} -> {out}; "
@@ -186,14 +228,9 @@ async def run_bench(args: argparse.Namespace) -> int:
     sent: list[Sent] = []
     async with start_site(source, out, quick=args.quick, mqtt=args.mqtt, seed=args.seed) as site:
         print(f"  {site.n_devices} devices ON")
-        base, lo, hi = await _put_mid(site, REST_HOLD_S)
-        rest = await _capability_at_rest(site)
-        limits = site.cfg.site.site
-        band = BAND_FRACTION * min(rest["up_kw_5s"], rest["down_kw_5s"])
-        band = min(band, base - max(limits.min_kw, lo), min(limits.max_kw, hi) - base)
-        band = math.floor(band * 10) / 10
-        if band <= 0:
-            raise BenchError(f"no band to offer at {base} kW (capability at rest: {rest})")
+        base, lo, hi = await put_mid(site, REST_HOLD_S)
+        rest = await capability_at_rest(site)
+        band = offer_band(site, base, lo, hi, rest)
         print(
             f"  offer: base {base:.1f} kW, band +-{band:.1f} kW (0.9 x min of 5 s capability "
             f"up {rest['up_kw_5s']:.0f} / down {rest['down_kw_5s']:.0f} kW)"
