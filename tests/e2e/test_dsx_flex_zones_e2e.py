@@ -36,7 +36,7 @@ from controller.wire import Dispatch
 from tests.dsx_isv import IsvKey, Received, agent_signing_key, feed, isv_on, kw, load_target_event
 from tests.dsx_isv import target as dsx_target
 from tests.e2e.harness import Site, http_get, run_site, spawn, stop
-from tests.e2e.test_hierarchy_e2e import Watch
+from tests.e2e.test_hierarchy_e2e import Watch, bridge_conf
 from tests.helpers import Mosquitto, until
 
 pytestmark = pytest.mark.e2e
@@ -123,20 +123,6 @@ overrides = {{ p_max_kw = 1100.0 }}
 """
 
 
-def bridge_conf(parent: Mosquitto) -> list[str]:
-    """The zones' broker bridged to the parent's: zone news out, dispatches in."""
-    lines = [
-        "connection zones-to-parent",
-        f"address {parent.host}:{parent.port}",
-        "cleansession true",
-        "restart_timeout 1 2",
-    ]
-    for zone in ZONES:
-        lines += [f"topic rampd/{zone}/{t} out 1" for t in ("status", "telemetry", "ack")]
-        lines += [f"topic rampd/{zone}/{t} in 1" for t in ("dispatch", "heartbeat")]
-    return lines
-
-
 @dataclass
 class Campus:
     zones: dict[str, Site]
@@ -179,7 +165,7 @@ def campus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campus]:
         parent_broker.start()
         stack.callback(parent_broker.stop)
         zone_broker = Mosquitto(
-            exe, work / "zone-broker", host=BROKERS[1], extra_conf=bridge_conf(parent_broker)
+            exe, work / "zone-broker", host=BROKERS[1], extra_conf=bridge_conf(parent_broker, ZONES)
         )
         zone_broker.workdir.mkdir()
         zone_broker.start()

@@ -17,7 +17,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +97,7 @@ protocol = "none"
 """
 
 
-def bridge_conf(parent: Mosquitto) -> list[str]:
+def bridge_conf(parent: Mosquitto, zones: Iterable[str] = ZONES) -> list[str]:
     """The zones' broker bridged to the parent's: zone news out, dispatches in, per zone."""
     lines = [
         "connection zones-to-parent",
@@ -105,7 +105,7 @@ def bridge_conf(parent: Mosquitto) -> list[str]:
         "cleansession true",
         "restart_timeout 1 2",
     ]
-    for zone in ZONES:
+    for zone in zones:
         lines += [f"topic rampd/{zone}/{t} out 1" for t in ("status", "telemetry", "ack")]
         lines += [f"topic rampd/{zone}/{t} in 1" for t in ("dispatch", "heartbeat")]
     return lines
