@@ -10,12 +10,15 @@ own /metrics is sampled: resident memory (process_resident_memory_bytes), live a
 * no task leak: the median task count of the last quarter is not above the maximum of the
   first quarter (both after warm-up);
 * cycle overruns after warm-up stay under --max-overrun-pct (default 1%) of cycles;
+* the cycle's p99 after warm-up is under --max-cycle-p99-ms (default 50 ms), read from the
+  daemon's own cycle-duration histogram (at least 99% of the cycles in buckets up to it);
+* no file-descriptor leak: judged like the tasks, on process_open_fds;
 * every dispatch sent is acked.
 
 Exit code 0 when every goal is met, 1 when one fails, 2 when the run itself fails. Figures
 depend on the machine and its load: not a test (tests/e2e/test_soak_short.py runs a short one).
 
-Reproduce: python bench/soak.py --minutes 30 --out /tmp/soak30
+Reproduce: python bench/soak.py --full --minutes 30 --out /tmp/soak30
 """
 
 from __future__ import annotations
@@ -66,17 +69,21 @@ SERIES = {
     "tasks": "rampd_asyncio_tasks",
     "cycles": "rampd_cycle_duration_seconds_count",
     "overruns": "rampd_cycle_overruns_total",
+    "fds": "process_open_fds",
 }
+CYCLE_BUCKET = "rampd_cycle_duration_seconds_bucket"
 
 
 MAX_RSS_GROWTH_PCT = 10.0
 MAX_OVERRUN_PCT = 1.0
+MAX_CYCLE_P99_MS = 50.0
 
 
 @dataclass(frozen=True, slots=True)
 class Goals:
     max_rss_growth_pct: float = MAX_RSS_GROWTH_PCT
     max_overrun_pct: float = MAX_OVERRUN_PCT
+    max_cycle_p99_ms: float = MAX_CYCLE_P99_MS
 
 
 @dataclass(slots=True)
@@ -86,6 +93,8 @@ class Sample:
     tasks: float
     cycles: float
     overruns: float
+    fds: float
+    cycle_buckets: dict[float, float]  # upper bound (s) -> cumulative count; +Inf as inf
 
 
 @dataclass(slots=True)
@@ -108,25 +117,27 @@ def site_file(out: Path, net_offset: int = 0) -> Path:
     return path
 
 
-async def scrape(url: str) -> dict[str, float]:
+async def scrape(url: str, t: float) -> Sample:
     text = await asyncio.to_thread(http_json, url)
     wanted = set(SERIES.values())
     values: dict[str, float] = {}
+    buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name in wanted:
                 values[s.name] = float(s.value)
+            elif s.name == CYCLE_BUCKET:
+                buckets[float(s.labels["le"])] = float(s.value)
     missing = wanted - values.keys()
-    if missing:
-        raise BenchError(f"{url} does not serve {sorted(missing)}")
-    return values
+    if missing or not buckets:
+        raise BenchError(f"{url} does not serve {sorted(missing) or [CYCLE_BUCKET]}")
+    return Sample(t, *(values[SERIES[k]] for k in SERIES), cycle_buckets=buckets)
 
 
 async def sampler(site: Site, url: str, t0: float, every_s: float, out: list[Sample]) -> None:
     while True:
         site.check_alive()
-        v = await scrape(url)
-        out.append(Sample(time.monotonic() - t0, *(v[SERIES[k]] for k in SERIES)))
+        out.append(await scrape(url, time.monotonic() - t0))
         await asyncio.sleep(every_s)
 
 
@@ -158,6 +169,33 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def cycle_p99_s(first: Sample, last: Sample) -> tuple[float, float] | None:
+    """The p99 of the cycles between two samples from the histogram's bucket deltas: the
+    upper bound of the bucket it falls in, and a linear estimate within that bucket (as
+    Prometheus' histogram_quantile). None when no cycle ran."""
+    bounds = sorted(last.cycle_buckets)
+    counts = [last.cycle_buckets[b] - first.cycle_buckets.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return None
+    rank = 0.99 * total
+    lower, below = 0.0, 0.0
+    for bound, cum in zip(bounds, counts, strict=True):
+        if cum >= rank:
+            if bound == float("inf"):
+                return bound, lower
+            inside = cum - below
+            return bound, lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, cum
+    return None  # cumulative counts end at the total: unreachable
+
+
+def flat(xs: list[float]) -> tuple[float, float]:
+    """(first-quarter max, last-quarter median): a leak shows as the second above the first."""
+    q = max(1, len(xs) // 4)
+    return max(xs[:q]), _median(xs[-q:])
+
+
 def figures(samples: list[Sample], warmup_s: float, tally: Tally, acked: int) -> dict[str, Any]:
     after = [s for s in samples if s.t >= warmup_s]
     if len(after) < 4:
@@ -165,11 +203,12 @@ def figures(samples: list[Sample], warmup_s: float, tally: Tally, acked: int) ->
     k = max(1, min(3, len(after) // 4))
     rss_warm = _median([s.rss for s in after[:k]])
     rss_end = _median([s.rss for s in after[-k:]])
-    q = max(1, len(after) // 4)
     tasks = [s.tasks for s in after]
+    fds = [s.fds for s in after]
     first, last = after[0], after[-1]
     cycles = last.cycles - first.cycles
     overruns = last.overruns - first.overruns
+    p99 = cycle_p99_s(first, last)
     return {
         "duration_s": round(samples[-1].t, 1),
         "warmup_s": warmup_s,
@@ -179,8 +218,14 @@ def figures(samples: list[Sample], warmup_s: float, tally: Tally, acked: int) ->
         "rss_growth_pct": round(100.0 * (rss_end - rss_warm) / rss_warm, 2),
         "tasks_min": int(min(tasks)),
         "tasks_max": int(max(tasks)),
-        "tasks_first_quarter_max": int(max(tasks[:q])),
-        "tasks_last_quarter_median": _median(tasks[-q:]),
+        "tasks_first_quarter_max": int(flat(tasks)[0]),
+        "tasks_last_quarter_median": flat(tasks)[1],
+        "fds_min": int(min(fds)),
+        "fds_max": int(max(fds)),
+        "fds_first_quarter_max": int(flat(fds)[0]),
+        "fds_last_quarter_median": flat(fds)[1],
+        "cycle_p99_bucket_ms": round(p99[0] * 1e3, 3) if p99 else None,
+        "cycle_p99_est_ms": round(p99[1] * 1e3, 3) if p99 else None,
         "cycles": int(last.cycles),
         "cycles_after_warmup": int(cycles),
         "overruns": int(last.overruns),
@@ -200,6 +245,10 @@ def verdicts(fig: dict[str, Any], goals: Goals) -> dict[str, bool]:
         f"rss growth < {goals.max_rss_growth_pct:g}%": fig["rss_growth_pct"]
         < goals.max_rss_growth_pct,
         "no task growth": fig["tasks_last_quarter_median"] <= fig["tasks_first_quarter_max"],
+        "no file-descriptor growth": fig["fds_last_quarter_median"] <= fig["fds_first_quarter_max"],
+        # The bucket's upper bound, not the estimate: 99% of cycles provably within the goal.
+        f"cycle p99 < {goals.max_cycle_p99_ms:g} ms": fig["cycle_p99_bucket_ms"] is not None
+        and fig["cycle_p99_bucket_ms"] <= goals.max_cycle_p99_ms,
         f"overruns < {goals.max_overrun_pct:g}%": fig["overrun_pct"] is not None
         and fig["overrun_pct"] < goals.max_overrun_pct,
         "every dispatch acked": fig["dispatches_acked"] == fig["dispatches_sent"],
@@ -247,8 +296,7 @@ async def run_soak(
             await ack_of(site.d, tally.last)
         seen = {a.id for a in site.d.acks}
         acked = sum(1 for i in tally.ids if i in seen)
-        v = await scrape(url)
-        samples.append(Sample(time.monotonic() - t0, *(v[SERIES[k]] for k in SERIES)))
+        samples.append(await scrape(url, time.monotonic() - t0))
     fig = figures(samples, warmup_s, tally, acked)
     ok = verdicts(fig, goals)
     (out / "results.json").write_text(
@@ -275,6 +323,11 @@ def report(fig: dict[str, Any], ok: dict[str, bool]) -> str:
         f"asyncio tasks after warm-up: min {fig['tasks_min']}, max {fig['tasks_max']} "
         f"(first-quarter max {fig['tasks_first_quarter_max']}, "
         f"last-quarter median {fig['tasks_last_quarter_median']:g})",
+        f"open file descriptors after warm-up: min {fig['fds_min']}, max {fig['fds_max']} "
+        f"(first-quarter max {fig['fds_first_quarter_max']}, "
+        f"last-quarter median {fig['fds_last_quarter_median']:g})",
+        f"cycle p99 after warm-up {fig['cycle_p99_est_ms']} ms "
+        f"(in the histogram bucket up to {fig['cycle_p99_bucket_ms']} ms)",
         f"cycles {fig['cycles']} ({fig['cycles_after_warmup']} after warm-up), overruns "
         f"{fig['overruns_after_warmup']} after warm-up = {fig['overrun_pct']}% "
         f"(whole run {fig['overruns']} = {fig['overrun_pct_whole_run']}%)",
@@ -310,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output directory")
     p.add_argument("--max-rss-growth-pct", type=float, default=MAX_RSS_GROWTH_PCT)
     p.add_argument("--max-overrun-pct", type=float, default=MAX_OVERRUN_PCT)
+    p.add_argument("--max-cycle-p99-ms", type=float, default=MAX_CYCLE_P99_MS)
     return p.parse_args(argv)
 
 
@@ -322,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: --net-offset must be within 0..{MAX_NET_OFFSET}", file=sys.stderr)
         return 2
     warmup_s = args.warmup_s if args.warmup_s is not None else min(300.0, args.minutes * 12.0)
-    goals = Goals(args.max_rss_growth_pct, args.max_overrun_pct)
+    goals = Goals(args.max_rss_growth_pct, args.max_overrun_pct, args.max_cycle_p99_ms)
     out: Path = args.out or default_out("soak")
     out.mkdir(parents=True, exist_ok=True)
     try:
