@@ -297,9 +297,9 @@ class PeaksConfig(Strict):
 
 class MvConfig(Strict):
     """Measurement and verification of curtailment events: the baseline is the average of
-    the last `baseline_minutes` before the event (`recent`), or the average of the 4 highest
-    of the last 5 weekdays over the event's hours from the journal (`high_4_of_5`; falls
-    back to `recent` without five such days)."""
+    the last `baseline_minutes` before the event (`recent`), or from the journal's like days
+    over the hour it starts in (`high_4_of_5`: the 4 highest of the last 5 weekdays, on a
+    weekend the 2 highest of the last 3 weekend days; falls back to `recent` without them)."""
 
     baseline: Literal["recent", "high_4_of_5"] = "recent"
     baseline_minutes: Annotated[float, Field(gt=0, le=1440)] = 15.0

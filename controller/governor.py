@@ -28,10 +28,11 @@ from controller.config import ConfigError, LoadedConfig, SiteLimits
 from controller.journal import Journal
 from controller.market.economics import Economics
 from controller.market.mv import (
+    METHOD_HIGH_2_OF_3,
     METHOD_HIGH_4_OF_5,
     METHOD_RECENT_FALLBACK,
     EventMeter,
-    high_4_of_5_baseline,
+    high_k_of_n_baseline,
 )
 from controller.market.peaks import Peaks, parse_alert
 from controller.market.price_rule import PriceRule, RuleEvent
@@ -53,7 +54,7 @@ EVENT_BASELINE = "commitment_baseline"
 """Journal event: a `reduce_by` commitment's baseline was fixed ("<id> <W>")."""
 RESUME_LOOKBACK_S = 7 * 86400.0
 BASELINE_WINDOW_S = 3600.0
-"""A high-4-of-5 baseline averages the hour an event starts in (its end is not known yet)."""
+"""A like-day baseline averages the hour an event starts in (its end is not known yet)."""
 LOOKUP_TIMEOUT_S = 30.0
 """Commitments accepted this long before a restart are looked at again."""
 
@@ -246,9 +247,15 @@ class Governor:
             self._reject("price", f"HTTP source {url}: {exc or type(exc).__name__}")
             return
         now = time.time()
-        for q in sorted(quotes, key=lambda x: x.interval_start):
-            if not q.is_stale(now, self._prices_cfg.grace_s):
-                self._log_rule(self.rule.on_price(q, now))
+        fresh = [q for q in quotes if not q.is_stale(now, self._prices_cfg.grace_s)]
+        if quotes and not fresh:  # a source stuck on old data: said once a poll
+            last = max(quotes, key=lambda x: x.interval_start)
+            self._reject(
+                "price", f"HTTP source {url}: stale: latest interval "
+                f"{_span(last.interval_start, last.end)} is over",
+            )  # fmt: skip
+        for q in sorted(fresh, key=lambda x: x.interval_start):
+            self._log_rule(self.rule.on_price(q, now))
 
     # -- the decision, once a second --------------------------------------------------------
 
@@ -315,8 +322,9 @@ class Governor:
 
     def _high_4_of_5(self) -> None:
         """A new event chain under `mv.baseline = high_4_of_5`: its baseline from the journal's
-        last 5 weekdays over the hour it starts in, looked up in a thread (a read of up to
-        two weeks of telemetry) while the event goes on with the recent one."""
+        like days over the hour it starts in (the 4 highest of the last 5 weekdays; on a
+        weekend the 2 highest of the last 3 weekend days), looked up in a thread (a read of up
+        to two weeks of telemetry) while the event goes on with the recent one."""
         ongoing = self.meter.ongoing
         chain = None if ongoing is None else ongoing.chain_started_at
         if chain is None or chain == self._chain_seen:
@@ -335,17 +343,20 @@ class Governor:
         start = datetime.fromtimestamp(chain, tz)
         s0 = start.hour * 3600.0 + start.minute * 60.0 + start.second
         s1 = min(s0 + BASELINE_WINDOW_S, 86400.0)
+        k, n, method = (
+            (2, 3, METHOD_HIGH_2_OF_3) if start.weekday() >= 5 else (4, 5, METHOD_HIGH_4_OF_5)
+        )
         try:
             async with asyncio.timeout(LOOKUP_TIMEOUT_S):
-                days = await asyncio.to_thread(journal.site_power_days, chain, s0, s1, self._tz)
-            w = high_4_of_5_baseline(days, s0, s1)
+                days = await asyncio.to_thread(journal.site_power_days, chain, s0, s1, self._tz, n)
+            w = high_k_of_n_baseline(days, s0, s1, k=k, n=n)
         except (TimeoutError, sqlite3.Error, ValueError) as exc:
-            log.warning("high 4 of 5 baseline not found (%s): recent one kept", exc)
+            log.warning("%s baseline not found (%s): recent one kept", method, exc)
             w = None
         if w is None:
             self.meter.set_baseline(None, METHOD_RECENT_FALLBACK, chain_started_at=chain)
         else:
-            self.meter.set_baseline(w, METHOD_HIGH_4_OF_5, chain_started_at=chain)
+            self.meter.set_baseline(w, method, chain_started_at=chain)
 
     def finish(self, now_unix: float) -> None:
         """At shutdown: the event in progress is measured up to now and journalled."""

@@ -230,8 +230,9 @@ class JournalReader:
         min_coverage: float = 0.5,
     ) -> list[tuple[F64, F64]]:
         """The site's measured power (telemetry `measured_w`) over a local time-of-day
-        window on the last `n_days` usable weekdays before `before`, oldest first: the
-        series `controller.market.mv.high_4_of_5_baseline` averages.
+        window on the last `n_days` usable like days before `before` (weekdays for a
+        weekday, Saturdays and Sundays for a weekend day), oldest first: the series
+        `controller.market.mv.high_k_of_n_baseline` averages.
 
         Days are walked back from the day before `before`'s local date (a window crossing
         midnight belongs to the day it starts), at most `lookback_days` of them (telemetry
@@ -245,6 +246,7 @@ class JournalReader:
         start_s = start_s_of_day % 86400.0
         need_s = min_coverage * length_s
         first_day = datetime.fromtimestamp(before, zone).date()
+        weekend = first_day.weekday() >= 5
 
         def window(d: date) -> tuple[float, float]:
             # Wall-clock arithmetic on an aware datetime: local times, DST included.
@@ -256,7 +258,7 @@ class JournalReader:
         candidates = [
             d
             for k in range(1, lookback_days + 1)
-            if (d := first_day - timedelta(days=k)).weekday() < 5
+            if ((d := first_day - timedelta(days=k)).weekday() >= 5) == weekend
         ]
         if not candidates:
             return []

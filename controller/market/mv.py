@@ -49,7 +49,9 @@ JUDGED_RAILS: Final = frozenset({"commitment", "peak"})
 
 METHOD_RECENT: Final = "recent"
 METHOD_HIGH_4_OF_5: Final = "high_4_of_5"
-METHOD_RECENT_FALLBACK: Final = "recent (no 5 days)"
+METHOD_HIGH_2_OF_3: Final = "high_2_of_3"
+"""A weekend event's like-day baseline (`[mv] baseline = "high_4_of_5"` on a weekend)."""
+METHOD_RECENT_FALLBACK: Final = "recent (no like days)"
 METHOD_FIRST_SAMPLE: Final = "first sample (no history)"
 
 MAX_EVENT_SAMPLES: Final = 720
@@ -74,7 +76,8 @@ class CurtailmentEvent:
     ended_at: float
     baseline_w: float
     baseline_method: str
-    """``recent``, ``high_4_of_5``, ``recent (no 5 days)`` or ``first sample (no history)``."""
+    """``recent``, ``high_4_of_5``, ``high_2_of_3``, ``recent (no like days)`` or ``first
+    sample (no history)``."""
     target_w: float | None
     """The lowest target the rail asked during the event (None: it never named one)."""
     energy_curtailed_kwh: float
@@ -429,14 +432,35 @@ def high_4_of_5_baseline(
     min_coverage: float = 0.5,
 ) -> float | None:
     """The average of the 4 highest of 5 days' average load (W) over the event's time-of-day
-    window: the baseline utilities use for a day's events ("high 4 of 5").
+    window: the baseline utilities use for a weekday's events ("high 4 of 5"). None with
+    fewer than 5 usable days; see `high_k_of_n_baseline`."""
+    return high_k_of_n_baseline(
+        days, start_s_of_day, end_s_of_day, k=4, n=5, tz=tz, min_coverage=min_coverage
+    )
 
-    `days`: one (t unix s, W) series per past day, the caller's choice of days (weekdays
+
+def high_k_of_n_baseline(
+    days: Sequence[tuple[F64, F64]],
+    start_s_of_day: float,
+    end_s_of_day: float,
+    *,
+    k: int,
+    n: int,
+    tz: str | tzinfo | None = None,
+    min_coverage: float = 0.5,
+) -> float | None:
+    """The average of the `k` highest of the `n` latest days' average load (W) over the
+    event's time-of-day window: 4 of 5 like weekdays, 2 of 3 like weekend days (PJM's
+    customer baseline for weekends and holidays).
+
+    `days`: one (t unix s, W) series per past day, the caller's choice of days (like days
     without events, as `JournalReader.site_power_days` picks them). With `tz`, each series is
     first cut to the local window; None takes them as already cut. A day counts when its
-    finite samples cover at least `min_coverage` of the window; of those, the 5 latest are
-    used. None with fewer than 5.
+    finite samples cover at least `min_coverage` of the window; of those, the `n` latest are
+    used. None with fewer than `n`.
     """
+    if not 0 < k <= n:
+        raise ValueError(f"high k of n baseline: need 0 < k <= n, got k={k}, n={n}")
     zone = ZoneInfo(tz) if isinstance(tz, str) else tz
     need_s = min_coverage * window_length_s(start_s_of_day, end_s_of_day)
     scored: list[tuple[float, float]] = []  # (latest sample, the day's average)
@@ -449,8 +473,8 @@ def high_4_of_5_baseline(
         t, w = t[keep], w[keep]
         if t.size and covered_s(t) >= need_s:
             scored.append((float(t.max()), float(w.mean())))
-    if len(scored) < 5:
+    if len(scored) < n:
         return None
-    last5 = sorted(scored)[-5:]
-    top4 = sorted(avg for _, avg in last5)[1:]
-    return math.fsum(top4) / 4.0
+    latest = sorted(scored)[-n:]
+    top = sorted(avg for _, avg in latest)[n - k :]
+    return math.fsum(top) / k

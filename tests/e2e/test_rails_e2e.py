@@ -11,8 +11,10 @@ governs and that the site goes where it says, not how fast.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ PEAK_KW = 400.0
 FULL_KW = 4 * LOAD_KW + OTHER_KW
 PRICE_SHED_KW = 2 * (LOAD_KW - IDLE_KW)  # the old class only
 TOL_KW = 40.0
+RAILS = ("price", "peak", "dispatch", "commitment")
 
 
 def site_config(journal: Path) -> str:
@@ -199,6 +202,20 @@ async def test_price_peak_dispatch_and_commitment_each_govern_in_turn(site: Site
         assert governing(d) == "commitment"
         await settles(truth, FULL_KW, 20.0, "after the commitment")
 
+        # New economics over MQTT move every breakeven (telemetry shows them); junk does not.
+        await d.publish_raw(b'{"hashprice_usd_per_ph_day": "lots"}', suffix="economics")
+        await d.publish_raw(
+            json.dumps({"hashprice_usd_per_ph_day": 2 * HASHPRICE}).encode(), suffix="economics"
+        )
+
+        def breakeven_doubled() -> bool:
+            tel = d.latest()
+            got = None if tel is None or tel.rails is None else tel.rails.breakeven_usd_per_mwh
+            return got is not None and abs(got["s19-rows"] - 2 * old_be) < 0.01
+
+        await until(breakeven_doubled, 10.0, interval=0.2, what="the new breakevens")
+        assert 'rampd_inputs_rejected_total{input="economics"} 1.0' in _metrics(site)
+
     # Every event is measured and kept in the journal, with the rails' changes.
     events = await until(lambda: _curtailments(site, 6), 15.0, interval=0.5, what="6 events")
     assert [e["rail"] for e in events] == [
@@ -220,6 +237,23 @@ async def test_price_peak_dispatch_and_commitment_each_govern_in_turn(site: Site
     for change in ("default -> price", "price -> peak", "peak -> price", "price -> dispatch",
                    "dispatch -> price", "price -> default", "default -> commitment"):  # fmt: skip
         assert any(t.startswith(change) for t in changes), (change, changes)
+
+    # What settlement reads: `rampd report --events` over the daemon's journal, as a user runs
+    # it (a line per event in the order above, then the summary).
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller.cli", "report", "--events", "--no-plot",
+        "--journal", str(site.logs / "journal.sqlite"), "--from", "-1h",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out_b, err_b = await asyncio.wait_for(proc.communicate(), 60.0)
+    report = out_b.decode()
+    print(report)
+    assert proc.returncode == 0, err_b.decode()
+    lines = [x for x in report.splitlines() if " kW (" in x and "curtailed" in x]
+    assert [next(r for r in RAILS if f" {r} " in x) for x in lines] == [
+        e["rail"] for e in events
+    ], report
+    assert any(x.startswith("6 events") for x in report.splitlines()), report
 
 
 def _metrics(site: Site) -> str:

@@ -143,3 +143,28 @@ def test_curtailing_at_once_never_loses(prices: list[float]) -> None:
     assert r.energy_mwh + r.curtailed_mwh == pytest.approx(r.flat_out_energy_mwh)
     above = np.array(prices) >= S_NEW
     assert r.curtailed_hours["s21"] == pytest.approx(above.sum() * IV / 3600.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prices=prices_st)
+def test_a_one_class_fleet_equals_its_closed_form(prices: list[float]) -> None:
+    """One class curtailed at once and resumed at once: each interval runs at full below the
+    strike and idles at or above it, so every figure of the JSON output is a sum over the
+    intervals, written here from the model's definition rather than from the code."""
+    r = backtest(series(prices), (OLD,), cfg(), ECON)
+    # Breakeven by hand: 1 PH/s at 29.5 J/TH draws 29.5 kW, 0.708 MWh a day, and earns 50
+    # USD a day less the 2% pool fee.
+    strike = 50.0 * (1 - 0.02) / (29.5e3 * 24 / 1e6)
+    assert r.strikes == {"s19jpro": pytest.approx(strike)}
+    p = np.array(prices)
+    off = p >= strike
+    w = np.where(off, OLD.idle_w, OLD.full_w)
+    mwh = w * IV / MWH
+    flat_mwh = OLD.full_w * IV / MWH
+    assert r.curtailed_hours == {"s19jpro": pytest.approx(off.sum() * IV / 3600.0)}
+    assert r.energy_mwh == pytest.approx(mwh.sum())
+    assert r.curtailed_mwh == pytest.approx(off.sum() * OLD.shed_w * IV / MWH)
+    assert r.energy_cost_usd == pytest.approx((mwh * p).sum(), abs=1e-6)
+    assert r.mining_revenue_usd == pytest.approx(mwh.sum() * strike)
+    assert r.net_usd == pytest.approx(mwh.sum() * strike - (mwh * p).sum(), abs=1e-6)
+    assert r.flat_out_net_usd == pytest.approx((flat_mwh * (strike - p)).sum(), abs=1e-6)

@@ -217,3 +217,29 @@ def test_a_stretch_that_would_leave_readings_stale_fails_at_start(tmp_path: Path
     # The same devices with readings allowed to age 20 s pass.
     ok = _many(1000, 1.0, "max_polls_per_s = 100", "telemetry_max_age_s = 20")
     assert load_config(write(tmp_path, ok)).poll_stretch == pytest.approx(10.0)
+
+
+def test_check_config_lists_each_class_strike_least_efficient_first(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The shipped simulated site's classes with their breakevens, worked out here from the
+    templates' efficiencies: hashprice x (1 - pool fee) / (MWh a PH/s draws a day)."""
+    site = Path(__file__).resolve().parents[2] / "configs" / "sim-site.toml"
+    assert main(["check-config", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "economics: hashprice 50 USD/PH/day, pool fee 2.0%" in out
+    rows = out[out.index("class (curtailed first)") :].splitlines()[1:]
+    strikes = {r.split()[0]: float(r.split()[1]) for r in rows if r.strip()}
+
+    def breakeven(j_per_th: float) -> float:
+        return round(50.0 * 0.98 / (j_per_th * 24 / 1e3), 2)
+
+    assert strikes == {
+        "whatsminer-m50s": breakeven(26.0),
+        "whatsminer-m60s": breakeven(18.5),
+        "antminer-s21-luxos": breakeven(17.5),
+        "antminer-s21-braiins": breakeven(17.5),
+        "antminer-s21-stock": breakeven(17.5),
+        "gpu_rack": 2000.0,  # its work value, not a breakeven
+    }
+    assert list(strikes) == sorted(strikes, key=strikes.__getitem__)  # merit order

@@ -5,17 +5,21 @@ taken or rejected, and the tracker following the rails' level."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import numpy as np
 import pytest
 
 from controller.config import load_config
 from controller.governor import Governor
-from controller.journal import Journal
+from controller.journal import Journal, TelemetrySample
 from controller.metrics import Metrics
 from controller.target import TargetTracker
 from controller.wire.dispatch import Dispatch
 from controller.wire.timestamps import rfc3339
+from tests.helpers import until
 
 SITE = """
 site_id = "gov"
@@ -40,9 +44,11 @@ overrides = { kind = "old", efficiency_j_per_th = 30.0 }
 """
 
 
-def governor(tmp_path: Path, journal: Journal) -> tuple[Governor, TargetTracker, Metrics]:
+def governor(
+    tmp_path: Path, journal: Journal | None, extra: str = ""
+) -> tuple[Governor, TargetTracker, Metrics]:
     cfg_path = tmp_path / "site.toml"
-    cfg_path.write_text(SITE)
+    cfg_path.write_text(SITE + extra)
     cfg = load_config(cfg_path)
     tracker = TargetTracker(cfg.site.site, cfg.site.failsafe, 2e6, now_mono=time.monotonic())
     metrics = Metrics("test")
@@ -123,3 +129,58 @@ def test_price_peak_and_economics_messages_are_taken_or_rejected(tmp_path: Path)
         rails = [e.text for e in j.events_between(now - 1, now + 10) if e.kind == "rail"]
         assert [r.split(":")[0] for r in rails] == ["default -> price", "price -> dispatch"]
         assert tracker.base_governed
+
+
+@pytest.mark.parametrize(
+    ("day", "method", "expected_kw"),
+    [
+        # Wednesday 12 June 2024: the last 5 weekdays are 5-7, 10, 11; the 4 highest of them.
+        (12, "high_4_of_5", (600 + 700 + 1000 + 1100) / 4),
+        # Sunday 16 June: the last 3 weekend days are 8, 9, 15; the 2 highest.
+        (16, "high_2_of_3", (900 + 1500) / 2),
+    ],
+)
+async def test_a_new_event_takes_its_like_day_baseline_from_the_journal(
+    tmp_path: Path, day: int, method: str, expected_kw: float
+) -> None:
+    tz = ZoneInfo("America/Chicago")  # [peaks] timezone's default, the M&V's local time
+
+    def local(d: int, hour: float) -> float:
+        return datetime(2024, 6, d, tzinfo=tz).timestamp() + hour * 3600.0
+
+    with Journal(tmp_path / "journal.sqlite") as j:
+        # Each past day 13:00-16:00 local, every 10 s, at its date x 100 kW.
+        for d in range(1, day):
+            for t in np.arange(local(d, 13), local(d, 16), 10.0):
+                j.record_telemetry(
+                    TelemetrySample(at=float(t), measured_w=d * 100e3, measured_source="meter")
+                )
+            assert j.flush()  # a day at a time: the writer's queue is bounded
+        gov, _, _ = governor(tmp_path, j, '[mv]\nbaseline = "high_4_of_5"\n')
+        at = local(day, 14.0)
+        gov.tick(
+            at, time.monotonic(), upper=("dispatch", "setpoint d1"), site_w=400e3,
+            target_w=400e3, full_w=2e6,
+        )  # fmt: skip
+        ongoing = gov.meter.ongoing
+        assert ongoing is not None and ongoing.chain_started_at == at
+
+        def looked_up() -> bool:
+            o = gov.meter.ongoing
+            return o is not None and o.baseline_method == method
+
+        await until(looked_up, 10.0, what=f"the {method} baseline")
+        o = gov.meter.ongoing
+        assert o is not None and o.baseline_w == pytest.approx(expected_kw * 1e3)
+        # Without like days in the journal the event says it fell back.
+        gov2, _, _ = governor(tmp_path, j, '[mv]\nbaseline = "high_4_of_5"\n')
+        gov2.tick(
+            local(3, 14.0), time.monotonic(), upper=("dispatch", "setpoint d1"),
+            site_w=400e3, target_w=400e3, full_w=2e6,
+        )  # fmt: skip
+
+        def fell_back() -> bool:
+            o = gov2.meter.ongoing
+            return o is not None and o.baseline_method == "recent (no like days)"
+
+        await until(fell_back, 10.0, what="the fallback to recent")

@@ -21,7 +21,7 @@ from controller.journal import (
     TelemetrySample,
 )
 from controller.journal.schema import MIGRATIONS
-from controller.market.mv import EventMeter, high_4_of_5_baseline
+from controller.market.mv import EventMeter, high_4_of_5_baseline, high_k_of_n_baseline
 
 T0 = 1_717_243_200.0  # 2024-06-01T12:00:00Z
 TZ = "America/Chicago"
@@ -209,3 +209,24 @@ def test_site_power_days_takes_weekdays_without_curtailments(journal: Journal) -
     assert [round(float(w[0]) / 1e5) for _, w in few] == [7, 10, 11]
     assert high_4_of_5_baseline(few, 14 * 3600.0, 15 * 3600.0) is None
     assert len(journal.site_power_days(before, 14 * 3600.0, 15 * 3600.0, TZ, n_days=2)) == 2
+
+
+def test_a_weekend_event_takes_weekend_days(journal: Journal) -> None:
+    # June 2024, 13:00-16:00 local every 10 s at the day's date x 100 kW: weekends 1-2, 8-9,
+    # 15-16; the weekdays in between at 9999 kW, which a weekend baseline must never see.
+    for d in range(1, 16):
+        weekend = datetime(2024, 6, d).weekday() >= 5
+        kw = d * 100.0 if weekend else 9999.0
+        for t in np.arange(local(d, 13), local(d, 16), 10.0):
+            journal.record_telemetry(
+                TelemetrySample(at=float(t), measured_w=kw * 1e3, measured_source="meter")
+            )
+        assert journal.flush()
+    before = local(16, 14)  # Sunday the 16th
+    days = journal.site_power_days(before, 14 * 3600.0, 15 * 3600.0, TZ, n_days=3)
+    assert [round(float(w[0]) / 1e5) for _, w in days] == [8, 9, 15]
+    got = high_k_of_n_baseline(days, 14 * 3600.0, 15 * 3600.0, k=2, n=3)
+    assert got == pytest.approx((900 + 1500) / 2 * 1e3)
+    # A weekday event the same week takes the weekdays (Monday the 17th: 10-14, all 9999).
+    monday = journal.site_power_days(local(17, 14), 14 * 3600.0, 15 * 3600.0, TZ)
+    assert len(monday) == 5 and all(np.all(w == 9999e3) for _, w in monday)

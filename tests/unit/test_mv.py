@@ -18,6 +18,7 @@ from controller.market.mv import (
     CurtailmentEvent,
     EventMeter,
     high_4_of_5_baseline,
+    high_k_of_n_baseline,
 )
 
 T0 = 1_717_243_200.0  # 2024-06-01T12:00:00Z
@@ -328,6 +329,15 @@ def test_high_4_of_5_averages_the_four_highest_days() -> None:
     older = day_series(10, 9000)
     assert high_4_of_5_baseline([older, *days], start, end) == pytest.approx(3500e3)
 
+
+
+def test_high_2_of_3_for_weekends_and_bad_k_of_n() -> None:
+    days = [day_series(d, kw) for d, kw in zip((9, 8, 2), (500, 3000, 2000), strict=True)]
+    start, end = 14 * 3600.0, 16 * 3600.0
+    assert high_k_of_n_baseline(days, start, end, k=2, n=3) == pytest.approx(2500e3)
+    assert high_k_of_n_baseline(days[1:], start, end, k=2, n=3) is None
+    with pytest.raises(ValueError, match="0 < k <= n"):
+        high_k_of_n_baseline(days, start, end, k=4, n=3)
 
 def test_high_4_of_5_cuts_whole_days_to_the_local_window() -> None:
     tz = ZoneInfo("America/Chicago")

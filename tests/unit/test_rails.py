@@ -145,6 +145,20 @@ def test_peak_alerts_below_the_threshold_and_windows_out_of_season_do_nothing() 
     assert p.active(july_weekday_12h + 900) is None
 
 
+def test_a_12cp_window_counts_every_month_and_weekends_only_when_configured() -> None:
+    cfg = PeaksConfig(peak_kw=500.0, variant="12cp", hours=[17], timezone="America/New_York")
+    p = Peaks(cfg)
+    tz = ZoneInfo("America/New_York")
+    for month in range(1, 13):
+        day = next(d for d in range(1, 8) if datetime(2025, month, d).weekday() < 5)
+        at = datetime(2025, month, day, 17, 5, tzinfo=tz).timestamp()
+        assert p.active(at) == "12CP window 17:00 America/New_York", month
+        assert p.active(at - 3600.0) is None  # 16:05: not a configured hour
+    saturday = datetime(2025, 1, 4, 17, 5, tzinfo=tz).timestamp()
+    assert p.active(saturday) is None
+    assert Peaks(cfg.model_copy(update={"weekends": True})).active(saturday) is not None
+
+
 def test_peak_alerts_are_checked() -> None:
     for bad, why in [
         (b"nope", "JSON"),
@@ -187,6 +201,14 @@ def test_the_rails_level_keeps_to_the_ramp_limits() -> None:
     t.set_base(9e6, 0.0, 0.0)
     assert t.target_w(10.0) == pytest.approx(9.9e6, abs=1e3)
     assert t.target_w(100.0) == pytest.approx(9e6)
+    # And back up (a price resumption, a commitment's end) at the up limit.
+    u = _tracker(RampLimitsConfig(down_kw_per_min=600.0, up_kw_per_min=300.0))  # 5 kW/s up
+    u.target_w(0.0)
+    u.set_base(9e6, 0.0, 0.0)
+    assert u.target_w(100.0) == pytest.approx(9e6)
+    u.set_base(10e6, 0.0, 100.0)
+    assert u.target_w(110.0) == pytest.approx(9.05e6, abs=1e3)
+    assert u.target_w(300.0) == pytest.approx(10e6)
 
 
 def test_steady_full_holds_the_highest_over_its_window() -> None:
