@@ -492,6 +492,18 @@ class Daemon:
             return "dispatch", f"{d.mode} {d.id} (seq {d.seq})"
         return None
 
+    def _upper_wishes(self) -> dict[RailName, float | None]:
+        """The level each rail above the lower ones asks now (None: not active): where the
+        failsafe or the grid dispatch takes the site, and that plus the frequency offset."""
+        t = self.tracker
+        failsafe = t.mode == "failsafe" and self.cfg.site.failsafe.policy != "hold"
+        deployed = any(s.deployment for s in self.services.services.values())
+        return {
+            "failsafe": t.ramp_end_w if failsafe else None,
+            "frequency": t.ramp_end_w + t.exempt_offset_w if deployed else None,
+            "dispatch": t.ramp_end_w if t.active is not None and not failsafe else None,
+        }
+
     async def _rails_loop(self) -> None:
         while True:
             await asyncio.sleep(RAILS_TICK_S)
@@ -505,6 +517,7 @@ class Daemon:
                 site_w=out.meter_w if out.meter_fresh else None,
                 target_w=out.target_w,
                 full_w=out.capability.max_w,
+                upper_wishes=self._upper_wishes(),
             )
 
     async def _telemetry_loop(self) -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -116,6 +116,7 @@ class Governor:
         self._tz = site.peaks.timezone
         self._chain_seen: float | None = None
         self._lookups: set[asyncio.Task[None]] = set()
+        self._upper_wishes: dict[RailName, float | None] = {}
         self.governing: RailName = "default"
         self.decision = Decision("default", site_max_w, {"default": site_max_w}, "full power")
         self.reason = "full power"
@@ -268,9 +269,12 @@ class Governor:
         site_w: float | None,
         target_w: float,
         full_w: float | None,
+        upper_wishes: Mapping[RailName, float | None] | None = None,
     ) -> None:
         """Decide the lower rails, hand their level to the tracker, and follow which rail
-        governs (`upper`: the failsafe, frequency or dispatch rail in force, and why)."""
+        governs (`upper`: the failsafe, frequency or dispatch rail in force, and why;
+        `upper_wishes`: the level each of those asks, None where not active, for telemetry)."""
+        self._upper_wishes = dict(upper_wishes or {})
         self._log_rule(self.rule.update(now_unix))
         ongoing = self.meter.ongoing  # a curtailed period is never a baseline
         baseline = self.meter.recent_baseline_w() if ongoing is None else ongoing.baseline_w
@@ -316,9 +320,13 @@ class Governor:
                     self._journal.record_curtailment(ev)
         self._high_4_of_5()
         self._metrics.set_rails(
-            governing, RAILS, {str(k): w for k, w in d.wishes.items()}, price,
-            self.rule.curtailed_fraction(),
+            governing, RAILS, self._wishes(), price, self.rule.curtailed_fraction()
         )
+
+    def _wishes(self) -> dict[str, float | None]:
+        """What every rail asks, highest precedence first."""
+        asks = {**self._upper_wishes, **self.decision.wishes}
+        return {str(r): asks[r] for r in RAILS if r in asks}
 
     def _high_4_of_5(self) -> None:
         """A new event chain under `mv.baseline = high_4_of_5`: its baseline from the journal's
@@ -393,7 +401,7 @@ class Governor:
         return RailsReport(
             governing=self.governing,
             reason=self.reason,
-            wishes_w={str(k): w for k, w in self.decision.wishes.items()},
+            wishes_w=self._wishes(),
             price_usd_per_mwh=None if q is None else q.usd_per_mwh,
             price_interval_start=None if q is None else q.interval_start,
             price_stale=q is not None and q.is_stale(now_unix, self._prices_cfg.grace_s),

@@ -182,6 +182,13 @@ async def test_price_peak_dispatch_and_commitment_each_govern_in_turn(site: Site
         assert ack.accepted, ack.reason
         await settles(truth, 1000.0, 10.0, "grid dispatch")
         assert governing(d) == "dispatch"
+        tel = d.latest()
+        assert tel is not None and tel.rails is not None
+        # What each rail asks: the dispatch's level above the price's, which still stands.
+        asks = tel.rails.wishes_w
+        assert asks["dispatch"] == pytest.approx(1000e3, abs=1.0), asks
+        assert asks["price"] == pytest.approx((FULL_KW - PRICE_SHED_KW) * 1e3, abs=TOL_KW * 1e3)
+        assert asks["failsafe"] is None and asks["frequency"] is None, asks
         await settles(truth, FULL_KW - PRICE_SHED_KW, 30.0, "handed back to price")
         await until(lambda: governing(d) == "price", 5.0, interval=0.2, what="price after it")
 

@@ -15,6 +15,7 @@ import pytest
 from controller.config import load_config
 from controller.governor import Governor
 from controller.journal import Journal, TelemetrySample
+from controller.market.rails import RAILS
 from controller.metrics import Metrics
 from controller.target import TargetTracker
 from controller.wire.dispatch import Dispatch
@@ -125,6 +126,17 @@ def test_price_peak_and_economics_messages_are_taken_or_rejected(tmp_path: Path)
             target_w=150e3, full_w=600e3,
         )  # fmt: skip
         assert gov.governing == "dispatch"
+        gov.tick(
+            now + 3, time.monotonic(), upper=("dispatch", "setpoint d1"), site_w=150e3,
+            target_w=150e3, full_w=600e3,
+            upper_wishes={"failsafe": None, "frequency": None, "dispatch": 150e3},
+        )  # fmt: skip
+        asks = gov.report(now + 3).wishes_w
+        assert list(asks) == [r for r in RAILS if r in asks]  # highest precedence first
+        assert list(asks)[:3] == ["failsafe", "frequency", "dispatch"]
+        assert asks["dispatch"] == 150e3 and asks["peak"] == 300e3 and asks["failsafe"] is None
+        wish = metrics.registry.get_sample_value("rampd_rail_wish_watts", {"rail": "dispatch"})
+        assert wish == 150e3
         assert j.flush()
         rails = [e.text for e in j.events_between(now - 1, now + 10) if e.kind == "rail"]
         assert [r.split(":")[0] for r in rails] == ["default -> price", "price -> dispatch"]
