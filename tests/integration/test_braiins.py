@@ -495,3 +495,33 @@ async def test_channels_reconnect_after_the_miners_api_restarts(rig: Rig) -> Non
     assert drv.relogins == 20  # the new API knew none of the tokens
     drv.submit(cmd(np.arange(20), np.full(20, 2200.0)))
     await until(lambda: bool((ph.cmd_setpoint_w == 2200.0).all()), 3, what="commands")
+
+
+async def test_channels_are_renewed_after_their_calls_and_the_old_ones_closed() -> None:
+    """A held channel is replaced after `channel_max_calls` (h2 keeps every closed stream of
+    a connection): polls and commands go on across the renewals with the same tokens, and
+    the replaced connections are closed, not left open beside the new ones."""
+    site = await start_site(20, token_ttl_s=3600.0)
+
+    def driver(image: ProcessImage, commands: CommandLog) -> BraiinsDriver:
+        return BraiinsDriver(
+            image.port("braiins"), on_command=commands, readback_every=2, backoff_cap_s=1.0,
+            channel_max_calls=4,
+        )  # fmt: skip
+
+    async with driving(site, driver) as rig:
+        fleet, drv, servers = rig.image, rig.driver, rig.site.servers
+        await until(lambda: drv.adopting == 0, 5, what="miners adopted")
+        await until(lambda: bool((servers.accepted >= 4).all()), 20, what="channels renewed")
+        assert bool((fleet.state == DeviceState.ON).all())
+        assert drv.channel_renewals >= 3 * 20
+        assert drv.logins == 20 and drv.relogins == 0  # a token outlives its channel
+        # Replaced channels are closed once their calls are over: most of them already.
+        await until(
+            lambda: len(servers.transports) < int(servers.accepted.sum()) // 2,
+            10,
+            what="old connections closed",
+        )
+        drv.submit(cmd(np.arange(20), np.full(20, 2300.0)))
+        ph = rig.physics
+        await until(lambda: bool((ph.cmd_setpoint_w == 2300.0).all()), 3, what="commands")
