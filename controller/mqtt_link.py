@@ -30,7 +30,6 @@ from typing import Final, Literal
 import aiomqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from controller import mqtt_read_ahead as read_ahead
 from controller.config import ConfigError, MqttConfig
 from controller.wire.status import Status
 from drivers.core.cancellation import stop_if_cancelled
@@ -284,7 +283,6 @@ class MqttLink:
         )
         # aiomqtt warns on every publish while more than this await their PUBACK.
         client.pending_calls_threshold = 2 * _PUBLISH_WINDOW
-        read_ahead.install(client)  # a flood read in chunks, not a packet per loop turn
         return client
 
     async def run(self) -> None:
