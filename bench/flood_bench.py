@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiomqtt
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.tools.bench.histogram import quantile
 from controller.tools.bench.site_run import BenchError, Site, default_out, http_json, start_site
 from controller.tools.broker import free_port
 from controller.wire import Telemetry
@@ -135,20 +135,6 @@ async def scrape(url: str) -> dict[str, Any]:
                     key = f"{s.name}:{s.labels.get('result')}:{s.labels.get('reason')}"
                 out[key] = out.get(key, 0.0) + s.value
     return out
-
-
-def quantile(q: float, a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """histogram_quantile(q) over the observations between scrapes a and b."""
-    counts = [(le, cb - ca) for (le, cb), (_, ca) in zip(b, a, strict=True)]
-    total = counts[-1][1]
-    if total <= 0:
-        return math.nan
-    rank, lo, below = q * total, 0.0, 0.0
-    for le, c in counts:
-        if c >= rank:
-            return lo if math.isinf(le) else lo + (le - lo) * (rank - below) / max(c - below, 1e-9)
-        lo, below = le, c
-    return lo
 
 
 def window(a: dict[str, Any], b: dict[str, Any], wall_s: float) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.dispatcher import Sent
 from controller.tools.bench import DEFAULT_CONFIG
+from controller.tools.bench.histogram import Buckets, locate
 from controller.tools.bench.site_run import (
     BenchError,
     Site,
@@ -94,7 +95,7 @@ class Sample:
     cycles: float
     overruns: float
     fds: float
-    cycle_buckets: dict[float, float]  # upper bound (s) -> cumulative count; +Inf as inf
+    cycle_buckets: Buckets
 
 
 @dataclass(slots=True)
@@ -121,17 +122,17 @@ async def scrape(url: str, t: float) -> Sample:
     text = await asyncio.to_thread(http_json, url)
     wanted = set(SERIES.values())
     values: dict[str, float] = {}
-    buckets: dict[float, float] = {}
+    buckets: Buckets = []
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name in wanted:
                 values[s.name] = float(s.value)
             elif s.name == CYCLE_BUCKET:
-                buckets[float(s.labels["le"])] = float(s.value)
+                buckets.append((float(s.labels["le"]), float(s.value)))
     missing = wanted - values.keys()
     if missing or not buckets:
         raise BenchError(f"{url} does not serve {sorted(missing) or [CYCLE_BUCKET]}")
-    return Sample(t, *(values[SERIES[k]] for k in SERIES), cycle_buckets=buckets)
+    return Sample(t, *(values[SERIES[k]] for k in SERIES), cycle_buckets=sorted(buckets))
 
 
 async def sampler(site: Site, url: str, t0: float, every_s: float, out: list[Sample]) -> None:
@@ -169,27 +170,6 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def cycle_p99_s(first: Sample, last: Sample) -> tuple[float, float] | None:
-    """The p99 of the cycles between two samples from the histogram's bucket deltas: the
-    upper bound of the bucket it falls in, and a linear estimate within that bucket (as
-    Prometheus' histogram_quantile). None when no cycle ran."""
-    bounds = sorted(last.cycle_buckets)
-    counts = [last.cycle_buckets[b] - first.cycle_buckets.get(b, 0.0) for b in bounds]
-    total = counts[-1]
-    if total <= 0:
-        return None
-    rank = 0.99 * total
-    lower, below = 0.0, 0.0
-    for bound, cum in zip(bounds, counts, strict=True):
-        if cum >= rank:
-            if bound == float("inf"):
-                return bound, lower
-            inside = cum - below
-            return bound, lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
-        lower, below = bound, cum
-    return None  # cumulative counts end at the total: unreachable
-
-
 def flat(xs: list[float]) -> tuple[float, float]:
     """(first-quarter max, last-quarter median): a leak shows as the second above the first."""
     q = max(1, len(xs) // 4)
@@ -208,7 +188,9 @@ def figures(samples: list[Sample], warmup_s: float, tally: Tally, acked: int) ->
     first, last = after[0], after[-1]
     cycles = last.cycles - first.cycles
     overruns = last.overruns - first.overruns
-    p99 = cycle_p99_s(first, last)
+    p99 = locate(0.99, first.cycle_buckets, last.cycle_buckets)
+    tasks_max, tasks_end = flat(tasks)
+    fds_max, fds_end = flat(fds)
     return {
         "duration_s": round(samples[-1].t, 1),
         "warmup_s": warmup_s,
@@ -218,14 +200,14 @@ def figures(samples: list[Sample], warmup_s: float, tally: Tally, acked: int) ->
         "rss_growth_pct": round(100.0 * (rss_end - rss_warm) / rss_warm, 2),
         "tasks_min": int(min(tasks)),
         "tasks_max": int(max(tasks)),
-        "tasks_first_quarter_max": int(flat(tasks)[0]),
-        "tasks_last_quarter_median": flat(tasks)[1],
+        "tasks_first_quarter_max": int(tasks_max),
+        "tasks_last_quarter_median": tasks_end,
         "fds_min": int(min(fds)),
         "fds_max": int(max(fds)),
-        "fds_first_quarter_max": int(flat(fds)[0]),
-        "fds_last_quarter_median": flat(fds)[1],
-        "cycle_p99_bucket_ms": round(p99[0] * 1e3, 3) if p99 else None,
-        "cycle_p99_est_ms": round(p99[1] * 1e3, 3) if p99 else None,
+        "fds_first_quarter_max": int(fds_max),
+        "fds_last_quarter_median": fds_end,
+        "cycle_p99_bucket_ms": round(p99.upper * 1e3, 3) if p99 else None,
+        "cycle_p99_est_ms": round(p99.estimate * 1e3, 3) if p99 else None,
         "cycles": int(last.cycles),
         "cycles_after_warmup": int(cycles),
         "overruns": int(last.overruns),

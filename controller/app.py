@@ -482,7 +482,7 @@ class Daemon:
     def _upper_rail(self) -> tuple[RailName, str] | None:
         """The rail above the lower ones in force now (failsafe, frequency, dispatch)."""
         t = self.tracker
-        if t.mode == "failsafe" and self.cfg.site.failsafe.policy != "hold":
+        if self._failsafe_governs():
             return "failsafe", t.failsafe_reason
         deployed = [n.upper() for n, s in self.services.services.items() if s.deployment]
         if deployed:
@@ -492,11 +492,15 @@ class Daemon:
             return "dispatch", f"{d.mode} {d.id} (seq {d.seq})"
         return None
 
+    def _failsafe_governs(self) -> bool:
+        """In failsafe under a policy that moves the site (`hold` leaves the rails below)."""
+        return self.tracker.mode == "failsafe" and self.cfg.site.failsafe.policy != "hold"
+
     def _upper_wishes(self) -> dict[RailName, float | None]:
         """The level each rail above the lower ones asks now (None: not active): where the
         failsafe or the grid dispatch takes the site, and that plus the frequency offset."""
         t = self.tracker
-        failsafe = t.mode == "failsafe" and self.cfg.site.failsafe.policy != "hold"
+        failsafe = self._failsafe_governs()
         deployed = any(s.deployment for s in self.services.services.values())
         return {
             "failsafe": t.ramp_end_w if failsafe else None,

@@ -318,7 +318,7 @@ class Governor:
                 )
                 if self._journal is not None:
                     self._journal.record_curtailment(ev)
-        self._high_4_of_5()
+        self._like_day_baseline()
         self._metrics.set_rails(
             governing, RAILS, self._wishes(), price, self.rule.curtailed_fraction()
         )
@@ -328,7 +328,7 @@ class Governor:
         asks = {**self._upper_wishes, **self.decision.wishes}
         return {str(r): asks[r] for r in RAILS if r in asks}
 
-    def _high_4_of_5(self) -> None:
+    def _like_day_baseline(self) -> None:
         """A new event chain under `mv.baseline = high_4_of_5`: its baseline from the journal's
         like days over the hour it starts in (the 4 highest of the last 5 weekdays; on a
         weekend the 2 highest of the last 3 weekend days), looked up in a thread (a read of up

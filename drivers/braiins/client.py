@@ -191,7 +191,8 @@ class BraiinsDriver(PerDeviceDriver[_MinerReading]):
         """Logins after the miner refused a token (its restart, a lapse we did not foresee)."""
         self.channel_renewals = 0
         """Channels replaced after CHANNEL_MAX_CALLS calls."""
-        self._retired: dict[int, tuple[asyncio.TimerHandle, Channel]] = {}
+        self._retired: dict[Channel, asyncio.TimerHandle] = {}
+        """Replaced channels, each with the timer that closes it."""
 
     @property
     def adopting(self) -> int:
@@ -210,7 +211,7 @@ class BraiinsDriver(PerDeviceDriver[_MinerReading]):
                 if held is not None:
                     held.channel.close()
                     self._apis[k] = None
-            for handle, channel in self._retired.values():
+            for channel, handle in self._retired.items():
                 handle.cancel()
                 channel.close()
             self._retired.clear()
@@ -232,15 +233,14 @@ class BraiinsDriver(PerDeviceDriver[_MinerReading]):
 
     def _retire(self, local: int, held: _Api) -> None:
         self.channel_renewals += 1
-        key = id(held.channel)
+        channel = held.channel
 
         def close() -> None:
-            self._retired.pop(key, None)
-            held.channel.close()
+            del self._retired[channel]
+            channel.close()
 
         delay = self._specs[local].timeout_s + 1.0
-        handle = asyncio.get_running_loop().call_later(delay, close)
-        self._retired[key] = (handle, held.channel)
+        self._retired[channel] = asyncio.get_running_loop().call_later(delay, close)
 
     async def _wire(
         self, local: int, name: str, call: Callable[[float], Coroutine[Any, Any, Rep]]

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.dispatcher import DispatcherClient
 from controller.journal import JournalReader
+from controller.tools.bench.histogram import Buckets, locate
 from controller.wire import Telemetry
 from controller.wire.jws import Signer
 from tests.e2e.harness import Site, run_site, wire_kw
@@ -90,12 +91,12 @@ def site(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Site]:
         yield s
 
 
-Buckets = dict[str, list[tuple[float, float]]]
+Scrape = dict[str, Buckets]
 
 
-def histograms(text: str) -> Buckets:
+def histograms(text: str) -> Scrape:
     """The cycle histograms' cumulative buckets, (le, count) in order, from /metrics."""
-    out: Buckets = {}
+    out: Scrape = {}
     for family in text_string_to_metric_families(text):
         if family.name in CYCLE_SERIES:
             out[family.name] = [
@@ -106,17 +107,11 @@ def histograms(text: str) -> Buckets:
     return out
 
 
-def p99(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> float:
+def p99(before: Buckets, after: Buckets) -> float:
     """histogram_quantile(0.99) over what was observed between two scrapes."""
-    counts = [(le, c1 - c0) for (le, c1), (_, c0) in zip(after, before, strict=True)]
-    total = counts[-1][1]
-    assert total > 0
-    rank, lo, below = 0.99 * total, 0.0, 0.0
-    for le, c in counts:
-        if c >= rank:
-            return lo if math.isinf(le) else lo + (le - lo) * (rank - below) / max(c - below, 1e-9)
-        lo, below = le, c
-    return lo
+    at = locate(0.99, before, after)
+    assert at is not None, "no cycle between the scrapes"
+    return at.estimate
 
 
 async def run_flood(site: Site, out: Path) -> dict[str, Any]:
