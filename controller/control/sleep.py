@@ -52,6 +52,9 @@ class SleepPlanner:
         """Predicted power when parked: drawn until the sleep takes effect."""
         self._gain_up: F64 = np.maximum(params.p_max_w - params.p_idle_w, 0.0)
         self._asleep_after: F64 = params.dead_time_s + params.sleep_s
+        self.landings: F64 = _landing_times(self._asleep_after[self.sleepable])
+        """When a sleep decided now could land (s after the command), fastest first: the
+        distinct sleep latencies of the fleet (at most MAX_LANDINGS of them)."""
         self.set_order(order)
 
     def set_order(self, order: Rows) -> None:
@@ -131,18 +134,27 @@ class SleepPlanner:
         self.parked_from_w[rows] = self.params.p_idle_w[rows]
         return rows
 
-    def lands_after_s(self, deficit_w: float, ctrl: Bool, gain_w: F64) -> float:
-        """When the last of the rows `park` would pick for ``deficit_w`` lands asleep
-        (seconds after the command; inf when they cannot cover it)."""
-        rows, covered = _first_covering(self._sleep_order, ctrl & self.sleepable, gain_w, deficit_w)
-        if covered < deficit_w - 1e-9 or not rows.size:
-            return math.inf
-        return float(self._asleep_after[rows].max())
+    def covers(self, deficit_w: float, ctrl: Bool, gain_w: F64, by_s: float) -> bool:
+        """The controllable sleepable rows whose sleep lands within ``by_s`` of the command
+        can free ``deficit_w`` between them, each freeing ``gain_w``."""
+        rows = ctrl & self.sleepable & (self._asleep_after <= by_s)
+        return float(gain_w.sum(where=rows)) >= deficit_w - 1e-9
 
-    def park(self, deficit_w: float, ctrl: Bool, t: float, pred_w: F64, gain_w: F64) -> Rows:
-        """Park just enough controllable sleepable rows (lowest merit first) to free
-        ``deficit_w``, each freeing ``gain_w``; returns them."""
-        rows, _ = _first_covering(self._sleep_order, ctrl & self.sleepable, gain_w, deficit_w)
+    def park(
+        self,
+        deficit_w: float,
+        ctrl: Bool,
+        t: float,
+        pred_w: F64,
+        gain_w: F64,
+        by_s: float = math.inf,
+    ) -> Rows:
+        """Park just enough controllable sleepable rows whose sleep lands within ``by_s``
+        (lowest merit first) to free ``deficit_w``, each freeing ``gain_w``; returns them."""
+        cand = ctrl & self.sleepable
+        if by_s < math.inf:
+            cand &= self._asleep_after <= by_s
+        rows, _ = _first_covering(self._sleep_order, cand, gain_w, deficit_w)
         self.parked[rows] = True
         self.woken[rows] = False
         self.parked_at[rows] = np.inf  # until the driver acknowledges (note_delivery)
@@ -165,6 +177,23 @@ class SleepPlanner:
         self.parked[rows] = False
         self.parked_at[rows] = np.nan
         return woken
+
+
+MAX_LANDINGS = 8
+"""Landing times the planner weighs at most: a fleet has a few firmwares, each with its own
+sleep latency; learned per-device latencies are thinned to quantiles (the slowest kept)."""
+
+
+def _landing_times(asleep_after: F64) -> F64:
+    """The distinct values of ``asleep_after`` (to the millisecond), ascending; at most
+    MAX_LANDINGS of them, always the largest."""
+    if not asleep_after.size:
+        return np.zeros(0)
+    values = np.unique(np.round(asleep_after, 3))
+    if values.size > MAX_LANDINGS:
+        q = np.linspace(0.0, 1.0, MAX_LANDINGS)
+        values = np.unique(np.quantile(values, q, method="higher"))
+    return values
 
 
 def _first_covering(order: Rows, candidate: Bool, gain_w: F64, need_w: float) -> tuple[Rows, float]:

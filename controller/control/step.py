@@ -140,10 +140,12 @@ class Controller:
         self.reserve_up_w = reserve_up_w
         self.reserve_down_w = reserve_down_w
         self._planner = SleepPlanner(params, self._alloc.order)
-        # How far each device ramps down by the time the slowest sleep lands.
-        sleep_h = params.dead_time_s + params.sleep_s
-        horizon = float(sleep_h[params.sleepable].max()) if self._planner.any else 0.0
-        self._sleep_moving_w = params.ramp_down_w_s * np.maximum(horizon - params.dead_time_s, 0.0)
+        # How far each device ramps down by each time a sleep could land (the fleet's
+        # distinct sleep latencies): a mixed fleet's sleepers land seconds or minutes out.
+        self._sleep_moving_w = [
+            params.ramp_down_w_s * np.maximum(by_s - params.dead_time_s, 0.0)
+            for by_s in self._planner.landings.tolist()
+        ]
         if noncontrollable_range_w is None:
             span = 2.0 * max(float(params.p_max_w.sum()), 1.0)
             noncontrollable_range_w = (-span, span)
@@ -380,36 +382,11 @@ class Controller:
         # site is predicted now (a down move under way).
         below_now = self._observer.estimate_w + self._last_pred_w - target_w > hyst
         if below_now or target_w - other_w < alloc.sum_p_min + abs(model.bias_sum) - hyst:
-            # Sleep against the awake devices' lowest power when a sleep would land, not
-            # their steady-state floor: slow profiles would otherwise hold the site above
-            # the target for tens of seconds, even where they could reach it in the end.
             pred = model.model + model.bias
-            low_ss = self._low_at_sleep(pred, alloc.d_min_e)
-            # Where ramping alone cannot reach the target by the time a sleep would land,
-            # sleep at once what reaches it there with the fast devices out of their down
-            # reserve slice. Where ramping can, the fast devices get there first, and
-            # sleep only hands their slice back: a batch per cycle, since each landing is
-            # a step they can only ramp to meet, and a small one stays inside the band.
-            need_w = other_w + float(low_ss.sum()) - target_w
-            gain = low_ss - p.p_idle_w
-            if need_w > hyst and alloc.reserve:  # without one, the two floors are the same
-                low = self._low_at_sleep(pred, alloc.p_min_e)
-                need_min_w = other_w + float(low.sum()) - target_w
-                if need_min_w <= hyst:
-                    # The next batch waits for the last one's acknowledgement: batches
-                    # sent while a command burst drains would land together.
-                    unacked = planner.unacknowledged()
-                    need_w = 0.0 if unacked else min(need_w, 0.5 * self._hold_above_w)
-                elif planner.lands_after_s(need_min_w, alloc.ctrl, gain) < planner.lands_after_s(
-                    need_w, alloc.ctrl, gain
-                ):
-                    # Keeping the reserve slice would take slower sleepers (a mixed fleet):
-                    # sleep what reaches the target with the fast devices in their slice,
-                    # landing sooner; later batches hand the slice back (the branch above).
-                    need_w = need_min_w
-            if need_w > hyst:
-                low_ss = gain
-                rows = planner.park(need_w, alloc.ctrl, snap.t, pred, low_ss)
+            choice = self._sleep_choice(pred, other_w, target_w, hyst)
+            if choice is not None:
+                need_w, gain, by_s = choice
+                rows = planner.park(need_w, alloc.ctrl, snap.t, pred, gain, by_s)
                 self._last_out[rows] = p.p_idle_w[rows]  # planned power asleep (StepResult.sleep)
         elif planner.parked.any():
             # Above what the awake devices hold while keeping the fast reserve: wake now (a
@@ -419,16 +396,59 @@ class Controller:
                 woken = planner.unpark(excess, snap.state)
                 self._last_out[woken] = p.p_max_w[woken]  # a RUN command wakes it
 
-    def _low_at_sleep(self, pred: F64, floor: F64) -> F64:
+    def _sleep_choice(
+        self, pred: F64, other_w: float, target_w: float, hyst: float
+    ) -> tuple[float, F64, float] | None:
+        """What to sleep now: (power to free, each row's gain, latest landing allowed), or
+        None. The earliest landing time wins at which either ramping alone reaches the
+        target or the sleepers landing by then do. Each time is judged against where the
+        awake devices can be by then: against their floors at the slowest sleeper's landing
+        (minutes on stock firmware), the fast sleepers would be sized short and the site
+        would sit above the target until feedback slept the rest, seconds later.
+
+        Where ramping can get there first, the fast devices do, and sleep only hands their
+        down-reserve slice back: a batch per cycle, since each landing is a step they can
+        only ramp to meet, and a small one stays inside the band. Where it cannot, the
+        sleepers that land in time take the site there keeping the slice if they can, else
+        with the fast devices in it (later batches hand it back). Where none can, all of
+        them go, fastest first.
+        """
+        alloc, planner, p = self._alloc, self._planner, self.params
+        best: tuple[float, F64, float] | None = None
+        for by_s, moving in zip(planner.landings.tolist(), self._sleep_moving_w, strict=True):
+            low = self._low_at_sleep(pred, alloc.d_min_e, moving)
+            need_w = other_w + float(low.sum()) - target_w
+            if need_w <= hyst:
+                return None  # ramping keeping the slice gets there by then
+            gain = low - p.p_idle_w
+            best = (need_w, gain, math.inf)
+            if alloc.reserve:  # without one, the two floors are the same
+                low_min = self._low_at_sleep(pred, alloc.p_min_e, moving)
+                need_min_w = other_w + float(low_min.sum()) - target_w
+                if need_min_w <= hyst:
+                    # The next batch waits for the last one's acknowledgement: batches
+                    # sent while a command burst drains would land together.
+                    if planner.unacknowledged():
+                        return None
+                    return min(need_w, 0.5 * self._hold_above_w), gain, math.inf
+            if planner.covers(need_w, alloc.ctrl, gain, by_s):
+                return need_w, gain, by_s
+            if alloc.reserve:
+                gain_min = low_min - p.p_idle_w
+                if planner.covers(need_min_w, alloc.ctrl, gain_min, by_s):
+                    return need_min_w, gain_min, by_s
+        return best
+
+    def _low_at_sleep(self, pred: F64, floor: F64, moving: F64) -> F64:
         """Each controllable device's lowest power when a sleep decided now would land,
-        ramping down towards ``floor``: it keeps its offset there, and a capped one draws
-        min(floor, demand). Zero on the other rows."""
+        ramping down by ``moving`` towards ``floor``: it keeps its offset there, and a
+        capped one draws min(floor, demand). Zero on the other rows."""
         model, alloc = self._model, self._alloc
-        low = np.subtract(pred, self._sleep_moving_w)
+        low = np.subtract(pred, moving)
         np.maximum(low, np.add(floor, model.bias), out=low)
         r = model.capped_rows
         if r.size:
-            at = np.maximum(model.model[r] - self._sleep_moving_w[r], floor[r])
+            at = np.maximum(model.model[r] - moving[r], floor[r])
             low[r] = np.minimum(at, model.ceiling_w)
         low *= alloc.ctrl_f
         return low

@@ -316,6 +316,49 @@ def test_a_mixed_fleet_sleeps_its_quickest_sleepers_and_wakes_its_quickest_waker
     assert woken.tolist() == [2]  # the 90 s wakers come back first
 
 
+def test_the_planner_weighs_each_sleep_latency_and_parks_only_what_lands_in_time() -> None:
+    from controller.control.allocate import merit_order
+    from controller.control.sleep import MAX_LANDINGS, SleepPlanner
+
+    # Rows 0-1 land 3 s out, rows 2-3 5 s, row 4 120 s (stock firmware); row 5 cannot sleep.
+    params = FleetParams.of(
+        p_min_w=[1750.0] * 6,
+        p_max_w=[3500.0] * 6,
+        p_idle_w=[20.0] * 5 + [1750.0],
+        ramp_up_w_s=[50.0] * 6,
+        ramp_down_w_s=[100.0] * 6,
+        dead_time_s=[1.0, 1.0, 2.0, 2.0, 60.0, 1.0],
+        sleep_s=[2.0, 2.0, 3.0, 3.0, 60.0, 0.0],
+        wake_s=[120.0] * 5 + [0.0],
+    )
+    planner = SleepPlanner(params, merit_order(params.priority))
+    assert planner.landings.tolist() == [3.0, 5.0, 120.0]
+    ctrl = np.ones(6, dtype=np.bool_)
+    gain = np.full(6, 3480.0)
+    assert planner.covers(2 * 3480.0, ctrl, gain, 3.0)
+    assert not planner.covers(3 * 3480.0, ctrl, gain, 3.0)
+    assert planner.covers(5 * 3480.0, ctrl, gain, 120.0)
+    assert not planner.covers(6 * 3480.0, ctrl, gain, 1e9)  # row 5 never sleeps
+    # More than it can cover by 3 s: it parks what lands by then, nothing slower.
+    rows = planner.park(4 * 3480.0, ctrl, 0.0, np.full(6, 3500.0), gain, 3.0)
+    assert sorted(rows.tolist()) == [0, 1]
+    # A fleet with a latency per device weighs a few of them, the slowest always.
+    many = FleetParams.of(
+        p_min_w=[1.0] * 50,
+        p_max_w=[2.0] * 50,
+        p_idle_w=[0.0] * 50,
+        ramp_up_w_s=[1.0] * 50,
+        ramp_down_w_s=[1.0] * 50,
+        dead_time_s=np.linspace(1.0, 50.0, 50),
+        sleep_s=[1.0] * 50,
+        wake_s=[10.0] * 50,
+    )
+    landings = SleepPlanner(many, merit_order(many.priority)).landings
+    assert 2 <= landings.size <= MAX_LANDINGS
+    assert landings[0] == 2.0 and landings[-1] == 51.0
+    assert np.all(np.diff(landings) > 0)
+
+
 def test_wakes_the_target_no_longer_needs_are_called_off() -> None:
     loop = Loop(fleet())
     loop.run(loop.ph.truth(), 3.0)
@@ -356,3 +399,39 @@ def test_a_deep_step_is_not_held_back_for_slower_sleepers_to_keep_the_reserve() 
     room = float(loop.ph.power_w[:2].sum()) - 2 * 25e3
     assert room > 50e3
     assert loop.ctl.capability((5.0,)).down_w[0] >= 0.9 * room
+
+
+def stock_miner(i: int) -> DeviceSpec:
+    """Stock-firmware-like: presets only (normal and low power), and a mode change takes a
+    minute before power moves and another before the boards stop (asleep 120 s out)."""
+    return dataclasses.replace(
+        miner(i),
+        name=f"st{i}",
+        p_min_w=2625.0,
+        step_w=875.0,
+        dead_time_s=60.0,
+        sleep_s=60.0,
+        wake_s=120.0,
+    )
+
+
+def test_a_deep_step_sizes_its_quick_sleepers_against_where_the_rest_is_when_they_land() -> None:
+    # 40 quick miners (asleep 3 s after the command) and 10 stock ones (120 s). At 150 kW the
+    # loads are at their floor (50 kW) and the stock miners still at 3.5 kW when the quick
+    # ones land, so at most 4 quick miners may stay awake:
+    # 50 + 50 (non-flexible) + 35 + k x 3.3 <= 150 + 3 (the band). Sized against where
+    # everyone could be when the stock miners land (each at its floor), 27 would sleep and
+    # the site would sit ~28 kW above the band until feedback slept more, 3 s later.
+    specs = fleet(n_miners=40, n_loads=2) + [stock_miner(i) for i in range(10)]
+    loop = Loop(specs)
+    loop.run(loop.ph.truth(), 3.0)
+    start = len(loop.truth)
+    target = 150e3
+    loop.run(target, 10.0)
+    in_band = np.abs(np.array(loop.truth[start:]) - target) <= 0.02 * target
+    assert in_band.any(), f"never in the band; at {loop.truth[-1] / 1e3:.1f} kW"
+    first = int(np.argmax(in_band))
+    assert (first + 1) * DT <= 4.0, (first + 1) * DT
+    assert in_band[first:].all()  # and it stays there
+    quick = np.arange(2, 42)
+    assert np.count_nonzero(loop.ph.state[quick] == DeviceState.SLEEPING) >= 36
