@@ -55,6 +55,9 @@ class SleepPlanner:
         self.landings: F64 = _landing_times(self._asleep_after[self.sleepable])
         """When a sleep decided now could land (s after the command), fastest first: the
         distinct sleep latencies of the fleet (at most MAX_LANDINGS of them)."""
+        self._lands_by: dict[float, Bool] = {
+            by_s: self.sleepable & (self._asleep_after <= by_s) for by_s in self.landings.tolist()
+        }
         self.set_order(order)
 
     def set_order(self, order: Rows) -> None:
@@ -134,11 +137,17 @@ class SleepPlanner:
         self.parked_from_w[rows] = self.params.p_idle_w[rows]
         return rows
 
+    def _landing_by(self, by_s: float) -> Bool:
+        """Sleepable rows whose sleep lands within ``by_s`` of the command."""
+        mask = self._lands_by.get(by_s)
+        if mask is None:
+            mask = self.sleepable & (self._asleep_after <= by_s)
+        return mask
+
     def covers(self, deficit_w: float, ctrl: Bool, gain_w: F64, by_s: float) -> bool:
         """The controllable sleepable rows whose sleep lands within ``by_s`` of the command
         can free ``deficit_w`` between them, each freeing ``gain_w``."""
-        rows = ctrl & self.sleepable & (self._asleep_after <= by_s)
-        return float(gain_w.sum(where=rows)) >= deficit_w - 1e-9
+        return float(gain_w.sum(where=ctrl & self._landing_by(by_s))) >= deficit_w - 1e-9
 
     def park(
         self,
@@ -151,9 +160,7 @@ class SleepPlanner:
     ) -> Rows:
         """Park just enough controllable sleepable rows whose sleep lands within ``by_s``
         (lowest merit first) to free ``deficit_w``, each freeing ``gain_w``; returns them."""
-        cand = ctrl & self.sleepable
-        if by_s < math.inf:
-            cand &= self._asleep_after <= by_s
+        cand = ctrl & self._landing_by(by_s)
         rows, _ = _first_covering(self._sleep_order, cand, gain_w, deficit_w)
         self.parked[rows] = True
         self.woken[rows] = False

@@ -422,6 +422,7 @@ class Controller:
                 return None  # ramping keeping the slice gets there by then
             gain = low - p.p_idle_w
             best = (need_w, gain, math.inf)
+            in_slice: tuple[float, F64] | None = None  # the fast devices in their slice
             if alloc.reserve:  # without one, the two floors are the same
                 low_min = self._low_at_sleep(pred, alloc.p_min_e, moving)
                 need_min_w = other_w + float(low_min.sum()) - target_w
@@ -431,10 +432,11 @@ class Controller:
                     if planner.unacknowledged():
                         return None
                     return min(need_w, 0.5 * self._hold_above_w), gain, math.inf
+                in_slice = (need_min_w, low_min - p.p_idle_w)
             if planner.covers(need_w, alloc.ctrl, gain, by_s):
                 return need_w, gain, by_s
-            if alloc.reserve:
-                gain_min = low_min - p.p_idle_w
+            if in_slice is not None:
+                need_min_w, gain_min = in_slice
                 if planner.covers(need_min_w, alloc.ctrl, gain_min, by_s):
                     return need_min_w, gain_min, by_s
         return best
